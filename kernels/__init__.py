@@ -1,0 +1,1 @@
+"""Compute kernels: numpy references (reference) and numba CPU kernels (cpu)."""

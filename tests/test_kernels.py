@@ -1,0 +1,325 @@
+"""Test kernels.cpu against kernels.reference, and the references against FD."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from kernels import cpu
+from kernels import reference as ref
+
+D = 13
+K = 4
+MLP_SIZES = [(D, 8, K), (D, 8, 6, K)]
+KINDS = ["linear", "logistic", "softmax", "mlp3", "mlp4"]
+
+# cpu and reference differ only in summation order on float64 sums of exactly
+# representable float32 products, so they agree to a few ulps times log(n).
+RTOL = 1e-11
+
+
+def _close(
+    actual: np.ndarray | float, expected: np.ndarray | float, rtol: float = RTOL
+) -> None:
+    """Assert elementwise closeness, with an absolute floor of rtol * max |expected|."""
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def _sizes(kind: str) -> tuple[int, ...]:
+    """Return the MLP layer widths for an mlp kind."""
+    return MLP_SIZES[0] if kind == "mlp3" else MLP_SIZES[1]
+
+
+def _problem(
+    kind: str, n: int, seed: int = 0, dtype: type = np.float32
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return random (X, y, params) for a model kind: no zeros, labels of its sort."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, D)).astype(dtype)
+    if kind == "linear":
+        y = rng.standard_normal(n).astype(np.float32)
+        p = 0.5 * rng.standard_normal(D + 1)
+    elif kind == "logistic":
+        y = (rng.random(n) < 0.5).astype(np.float32)
+        p = 0.5 * rng.standard_normal(D + 1)
+    elif kind == "softmax":
+        y = rng.integers(0, K, n).astype(np.float32)
+        p = 0.5 * rng.standard_normal((D + 1) * K)
+    else:
+        y = rng.integers(0, K, n).astype(np.float32)
+        p = 0.5 * rng.standard_normal(ref.mlp_param_count(_sizes(kind)))
+    return X, y, p
+
+
+def _ref_loss_grad(
+    kind: str, X: np.ndarray, y: np.ndarray, p: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """Return the reference (loss sum, gradient sum) for a model kind."""
+    if kind == "linear":
+        return ref.linear_loss_grad(X, y, p)
+    if kind == "logistic":
+        return ref.logistic_loss_grad(X, y, p)
+    if kind == "softmax":
+        return ref.softmax_loss_grad(X, y, p, K)
+    return ref.mlp_loss_grad(X, y, p, _sizes(kind))
+
+
+def _cpu_loss_grad(
+    kind: str, X: np.ndarray, y: np.ndarray, p: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """Return the cpu kernel's (loss sum, gradient sum); g_out starts as NaN garbage."""
+    g = np.full_like(p, np.nan)
+    if kind == "linear":
+        loss = cpu.linear_grad(X, y, p, g)
+    elif kind == "logistic":
+        loss = cpu.logistic_grad(X, y, p, g)
+    elif kind == "softmax":
+        loss = cpu.softmax_grad(X, y, p, K, g)
+    else:
+        loss = cpu.mlp_grad(X, y, p, _sizes(kind), g)
+    assert isinstance(loss, float)
+    return loss, g
+
+
+def _central_diff(
+    f: Callable[[np.ndarray], float], p: np.ndarray, h: float = 1e-6
+) -> np.ndarray:
+    """Return the central finite-difference gradient of f at p, step h."""
+    g = np.empty_like(p)
+    for i in range(p.size):
+        q = p.copy()
+        q[i] = p[i] + h
+        up = f(q)
+        q[i] = p[i] - h
+        g[i] = (up - f(q)) / (2.0 * h)
+    return g
+
+
+def _fd_close(fd: np.ndarray, g: np.ndarray) -> None:
+    """Assert an analytic gradient matches finite differences within rounding noise."""
+    # Loss sums are O(100); rounding in f costs ~eps*|f|/h ~ 1e-8 per coordinate and
+    # truncation ~h^2 is smaller still, so 1e-6 relative to the largest entry is honest.
+    _close(fd, g, rtol=1e-6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compiled() -> None:
+    """Compile every kernel once so individual tests time only their own work."""
+    cpu.warmup()
+
+
+# ------------------------------------------------------------------ cpu vs reference
+
+
+@pytest.mark.parametrize("n", [257, 1])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_matches_reference(kind: str, n: int) -> None:
+    X, y, p = _problem(kind, n, seed=n)
+    loss, g = _cpu_loss_grad(kind, X, y, p)
+    loss_ref, g_ref = _ref_loss_grad(kind, X, y, p)
+    assert loss > 0.0
+    _close(loss, loss_ref)
+    _close(g, g_ref)
+    if kind.startswith("mlp"):
+        # Dead ReLU units legitimately zero some weights; the output bias never is.
+        assert np.all(ref.mlp_unpack(g, _sizes(kind))[-1][1] != 0.0)
+    else:
+        assert np.all(g != 0.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_batch_gives_zero_loss_and_gradient(kind: str) -> None:
+    X, y, p = _problem(kind, 0)
+    loss, g = _cpu_loss_grad(kind, X, y, p)
+    loss_ref, g_ref = _ref_loss_grad(kind, X, y, p)
+    assert loss == 0.0 and loss_ref == 0.0
+    assert np.array_equal(g, np.zeros_like(p))
+    assert np.array_equal(g_ref, np.zeros_like(p))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_is_sum_over_rows(kind: str) -> None:
+    X, y, p = _problem(kind, 40, seed=3)
+    loss, g = _cpu_loss_grad(kind, X, y, p)
+    parts = [
+        _cpu_loss_grad(kind, X[i : i + 1].copy(), y[i : i + 1].copy(), p)
+        for i in range(40)
+    ]
+    _close(loss, sum(lp for lp, _ in parts))
+    _close(g, np.sum([gp for _, gp in parts], axis=0))
+
+
+def test_twopass_baseline_matches_reference() -> None:
+    X, y, w = _problem("logistic", 257, seed=4)
+    loss, g = ref.logistic_loss_grad_twopass(X, y, w)
+    loss_ref, g_ref = ref.logistic_loss_grad(X, y, w)
+    _close(loss, loss_ref)
+    _close(g, g_ref)
+
+
+# ------------------------------------------------------------ finite differences
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_gradient_matches_finite_differences(kind: str) -> None:
+    X, y, p = _problem(kind, 257, seed=5, dtype=np.float64)
+    _, g = _ref_loss_grad(kind, X, y, p)
+    fd = _central_diff(lambda q: _ref_loss_grad(kind, X, y, q)[0], p)
+    _fd_close(fd, g)
+
+
+def test_mlp_fd_points_are_away_from_relu_kinks() -> None:
+    # FD across a kink would be meaningless; make sure the test above does not do that.
+    X, _, p = _problem("mlp4", 257, seed=5, dtype=np.float64)
+    a = X
+    for W, b in ref.mlp_unpack(p, _sizes("mlp4"))[:-1]:
+        pre = a @ W + b
+        assert np.min(np.abs(pre)) > 1e-4
+        a = np.maximum(pre, 0.0)
+
+
+def test_finite_difference_check_catches_a_small_error() -> None:
+    X, y, p = _problem("softmax", 257, seed=6, dtype=np.float64)
+    _, g = ref.softmax_loss_grad(X, y, p, K)
+    fd = _central_diff(lambda q: ref.softmax_loss_grad(X, y, q, K)[0], p)
+    bad = g.copy()
+    bad[7] *= 1.0 + 1e-4
+    with pytest.raises(AssertionError):
+        _fd_close(fd, bad)
+
+
+# ---------------------------------------------------------------------- stability
+
+
+def test_logistic_is_finite_for_huge_logits() -> None:
+    # Rows chosen so that z = +-800: exp(800) overflows, a naive formula gives inf/nan.
+    X = np.zeros((4, 2), dtype=np.float32)
+    X[:, 0] = [800.0, 800.0, -800.0, -800.0]
+    X[:, 1] = [1.0, -1.0, 1.0, -1.0]  # not all-zero columns
+    y = np.array([1.0, 0.0, 1.0, 0.0], dtype=np.float32)
+    w = np.array([1.0, 0.0, 0.0])
+    g = np.empty(3)
+    loss = cpu.logistic_grad(X, y, w, g)
+    loss_ref, g_ref = ref.logistic_loss_grad(X, y, w)
+    # Rows 2 and 3 are confidently wrong (loss 800, residual +-1); 1 and 4 are right.
+    assert loss == pytest.approx(1600.0, rel=1e-15)
+    np.testing.assert_allclose(g, [1600.0, -2.0, 0.0], rtol=1e-15)
+    assert np.isfinite(loss_ref) and loss_ref == pytest.approx(loss, rel=1e-15)
+    np.testing.assert_allclose(g_ref, g, rtol=1e-15)
+    p = np.empty(4)
+    cpu.logistic_predict_proba(X, w, p)
+    np.testing.assert_array_equal(p, [1.0, 1.0, 0.0, 0.0])
+
+
+def test_softmax_is_finite_for_huge_logits() -> None:
+    rng = np.random.default_rng(7)
+    X, y, W = _problem("softmax", 64, seed=7)
+    W = W * 2000.0 + rng.standard_normal(
+        W.size
+    )  # logits of order 1e4, wrong class far below
+    g = np.empty_like(W)
+    loss = cpu.softmax_grad(X, y, W, K, g)
+    loss_ref, g_ref = ref.softmax_loss_grad(X, y, W, K)
+    assert np.isfinite(loss) and np.all(np.isfinite(g))
+    assert loss > 1e3
+    _close(loss, loss_ref)
+    _close(g, g_ref)
+
+
+# -------------------------------------------------------------------- predictions
+
+
+@pytest.mark.parametrize("n", [257, 1, 0])
+def test_predictions_match_reference(n: int) -> None:
+    X, _, w = _problem("linear", n, seed=8)
+    out = np.full(n, np.nan)
+    cpu.linear_predict(X, w, out)
+    _close(out, ref.linear_predict(X, w))
+
+    X, _, w = _problem("logistic", n, seed=9)
+    cpu.logistic_predict_proba(X, w, out)
+    _close(out, ref.logistic_predict_proba(X, w))
+
+    X, _, W = _problem("softmax", n, seed=10)
+    out2 = np.full((n, K), np.nan)
+    cpu.softmax_predict_proba(X, W, K, out2)
+    _close(out2, ref.softmax_predict_proba(X, W, K))
+    _close(out2.sum(axis=1), np.ones(n))
+
+    for kind in ("mlp3", "mlp4"):
+        X, _, p = _problem(kind, n, seed=11)
+        out2[...] = np.nan
+        cpu.mlp_predict_proba(X, p, _sizes(kind), out2)
+        _close(out2, ref.mlp_predict_proba(X, p, _sizes(kind)))
+        _close(out2.sum(axis=1), np.ones(n))
+
+
+# ------------------------------------------------------------------ mlp layout
+
+
+def test_mlp_param_count_and_views() -> None:
+    assert ref.mlp_param_count((13, 8, 4)) == 13 * 8 + 8 + 8 * 4 + 4
+    assert ref.mlp_param_count((13, 8, 6, 4)) == 13 * 8 + 8 + 8 * 6 + 6 + 6 * 4 + 4
+    p = np.arange(ref.mlp_param_count((3, 2, 2)), dtype=np.float64)
+    (W1, b1), (W2, b2) = ref.mlp_unpack(p, (3, 2, 2))
+    np.testing.assert_array_equal(W1, [[0, 1], [2, 3], [4, 5]])
+    np.testing.assert_array_equal(b1, [6, 7])
+    np.testing.assert_array_equal(W2, [[8, 9], [10, 11]])
+    np.testing.assert_array_equal(b2, [12, 13])
+    for a in (W1, b1, W2, b2):
+        assert np.shares_memory(a, p)
+    W2[1, 0] = -1.0
+    assert p[10] == -1.0
+
+
+# ------------------------------------------------------------------ caller errors
+
+
+def test_cpu_rejects_wrong_dtype_and_shape() -> None:
+    X, y, w = _problem("logistic", 10)
+    g = np.empty(D + 1)
+    with pytest.raises(TypeError, match="X must have dtype float32"):
+        cpu.logistic_grad(X.astype(np.float64), y, w, g)
+    with pytest.raises(TypeError, match="w must have dtype float64"):
+        cpu.logistic_grad(X, y, w.astype(np.float32), g)
+    with pytest.raises(ValueError, match="g_out must have shape"):
+        cpu.logistic_grad(X, y, w, np.empty(D))
+    with pytest.raises(ValueError, match="y must have shape"):
+        cpu.logistic_grad(X, y[:-1].copy(), w, g)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        cpu.linear_grad(np.asfortranarray(X), y, w, g)
+    with pytest.raises(ValueError, match="2-D"):
+        cpu.linear_grad(X[0], y, w, g)
+
+
+def test_class_labels_out_of_range_are_rejected() -> None:
+    X, y, W = _problem("softmax", 10)
+    g = np.empty_like(W)
+    for bad in (float(K), -1.0, np.nan):
+        yb = y.copy()
+        yb[3] = bad
+        with pytest.raises(ValueError, match="class labels"):
+            cpu.softmax_grad(X, yb, W, K, g)
+        with pytest.raises(ValueError):
+            ref.softmax_loss_grad(X, yb, W, K)
+    _, _, p = _problem("mlp3", 10)
+    yb = y.copy()
+    yb[0] = K
+    with pytest.raises(ValueError, match="class labels"):
+        cpu.mlp_grad(X, yb, p, _sizes("mlp3"), np.empty_like(p))
+
+
+def test_mlp_rejects_mismatched_sizes() -> None:
+    X, y, p = _problem("mlp3", 10)
+    with pytest.raises(ValueError, match="sizes"):
+        cpu.mlp_grad(X, y, p, (D + 1, 8, K), np.empty_like(p))
+    with pytest.raises(ValueError, match="params must have shape"):
+        cpu.mlp_grad(X, y, p, (D, 9, K), np.empty_like(p))
+    with pytest.raises(TypeError):
+        ref.mlp_param_count((D, 8.5, K))
+    with pytest.raises(ValueError):
+        ref.mlp_param_count((D,))
