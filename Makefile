@@ -1,0 +1,40 @@
+# Set-up is two commands: `make demo` and `make test` (each creates .venv when missing).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fleetmpi-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench lint cluster-up cluster-down clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[mpich,dev]'
+	touch $(STAMP)
+
+demo: install
+	bash examples/quickstart.sh
+
+test: install
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/run.py
+
+lint: install
+	$(VENV)/bin/ruff check fleetmpi kernels tests bench
+
+cluster-up:
+	bash jobscripts/minicluster/up.sh
+
+cluster-down:
+	bash jobscripts/minicluster/down.sh
+
+clean:
+	rm -rf build dist *.egg-info runs/demo-*

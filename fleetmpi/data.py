@@ -1,0 +1,184 @@
+"""HDF5 datasets, the global sample order, and each rank's hyperslab reads.
+
+The sample stream is the concatenation of epochs; epoch ``e`` visits the file's row blocks
+(``block_rows`` consecutive rows each) in the order ``default_rng([seed, e]).permutation``.
+Step ``s`` owns stream positions ``[s*B, (s+1)*B)``; rank ``r`` of ``P`` takes positions
+``[s*B + r*B//P, s*B + (r+1)*B//P)``. So the samples of a step depend on the seed, the
+file and ``B``, never on ``P``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import BadInput
+
+# Multiplicative hash of a row index, summed per step into a fingerprint of the batch.
+# Each term is < 2**31, so the sum of up to 2**22 rows stays exact in float64.
+_FP_MULT = np.uint64(2654435761)
+_FP_MASK = np.uint64(2**31 - 1)
+
+
+def row_fingerprint(lo: int, hi: int) -> float:
+    """Return the sum of hash(i) over rows lo..hi-1 (exact in float64)."""
+    idx = np.arange(lo, hi, dtype=np.uint64)
+    return float(((idx * _FP_MULT) & _FP_MASK).sum())
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    path: Path
+    n: int
+    d: int
+    classes: int | None   # label count for classification, None for regression
+
+
+def describe(path: Path, task: str, classes: int | None = None) -> DataInfo:
+    """Check a dataset file's layout for ``task`` and return its shape; BadInput on problems.
+
+    ``task`` is 'regression', 'binary' or 'multiclass'. Labels are scanned in chunks (only
+    ``y``, never ``X``) to check that they are valid class ids.
+    """
+    with open_h5(path) as f:
+        X, y = _datasets(f, path)
+        n, d = X.shape
+        if n == 0 or d == 0:
+            raise BadInput(f"{path}: dataset X is empty (shape {X.shape}); need at least one row and one column")
+        if task == "regression":
+            return DataInfo(path, n, d, None)
+        lo, hi, integral = np.inf, -np.inf, True
+        for start in range(0, n, 1 << 20):
+            chunk = np.asarray(y[start:start + (1 << 20)], dtype=np.float64)
+            if not np.all(np.isfinite(chunk)):
+                raise BadInput(f"{path}: y holds NaN or inf near row {start}; labels must be finite class ids")
+            lo, hi = min(lo, chunk.min()), max(hi, chunk.max())
+            integral &= bool(np.all(chunk == np.round(chunk)))
+        if not integral or lo < 0:
+            raise BadInput(f"{path}: y must hold class ids 0, 1, ... for a {task} model; found values in [{lo:g}, {hi:g}]"
+                           f"{'' if integral else ' that are not whole numbers'}")
+        if task == "binary":
+            if hi > 1:
+                raise BadInput(f"{path}: logistic needs labels 0/1 in y, found labels up to {hi:g}; use kind softmax for more classes")
+            return DataInfo(path, n, d, 2)
+        attr = f.attrs.get("classes")
+        k = classes or (int(attr) if attr is not None else int(hi) + 1)
+        if hi >= k:
+            raise BadInput(f"{path}: y holds label {hi:g} but the model has {k} classes (labels must be 0..{k - 1})")
+        return DataInfo(path, n, d, max(k, 2))
+
+
+def open_h5(path: Path) -> h5py.File:
+    """Open an HDF5 file read-only; BadInput naming the file when it cannot be."""
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise BadInput(f"{path}: data file not found") from None
+    except OSError as e:
+        raise BadInput(f"{path}: not a readable HDF5 file ({str(e).splitlines()[0]})") from None
+
+
+def _datasets(f: h5py.File, path: Path) -> tuple[h5py.Dataset, h5py.Dataset]:
+    for name in ("X", "y"):
+        if name not in f or not isinstance(f[name], h5py.Dataset):
+            raise BadInput(f"{path}: missing dataset {name!r}; a data file holds X (float32, n x d) and y (n)")
+    X, y = f["X"], f["y"]
+    if X.ndim != 2:
+        raise BadInput(f"{path}: X must be 2-D (n x d), got shape {X.shape}")
+    if X.dtype != np.float32:
+        raise BadInput(f"{path}: X must be float32, got {X.dtype}; convert with `fleetmpi make-data --from` or X.astype('float32')")
+    if y.shape != (X.shape[0],):
+        raise BadInput(f"{path}: y must have shape ({X.shape[0]},) to match X, got {y.shape}")
+    if y.dtype.kind not in "fiu":
+        raise BadInput(f"{path}: y must be numeric, got {y.dtype}")
+    return X, y
+
+
+class SampleOrder:
+    """Map global stream positions to file row ranges (see the module docstring)."""
+
+    def __init__(self, n: int, batch: int, seed: int, block_rows: int) -> None:
+        self.n, self.batch, self.seed = n, batch, seed
+        self.block_rows = min(block_rows, n)
+        self.nblocks = -(-n // self.block_rows)
+        self._epoch = -1
+        self._starts = np.empty(0, np.int64)
+        self._cum = np.empty(0, np.int64)
+
+    def _load_epoch(self, e: int) -> None:
+        if e == self._epoch:
+            return
+        perm = np.random.default_rng([self.seed, e]).permutation(self.nblocks)
+        starts = perm.astype(np.int64) * self.block_rows
+        lens = np.minimum(starts + self.block_rows, self.n) - starts
+        self._starts = starts
+        self._cum = np.concatenate(([0], np.cumsum(lens)))
+        self._epoch = e
+
+    def ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """Return the file row ranges [lo, hi) that stream positions [start, stop) visit, in order."""
+        out: list[tuple[int, int]] = []
+        pos = start
+        while pos < stop:
+            e, off = divmod(pos, self.n)
+            self._load_epoch(e)
+            b = int(np.searchsorted(self._cum, off, side="right")) - 1
+            within = off - int(self._cum[b])
+            take = min(int(self._cum[b + 1]) - off, stop - pos)
+            lo = int(self._starts[b]) + within
+            if out and out[-1][1] == lo:
+                out[-1] = (out[-1][0], lo + take)   # coalesce adjacent blocks into one read
+            else:
+                out.append((lo, lo + take))
+            pos += take
+        return out
+
+    def share(self, step: int, rank: int, size: int) -> tuple[int, int]:
+        """Return the stream positions [start, stop) of ``rank``'s share of global batch ``step``."""
+        base = step * self.batch
+        return base + rank * self.batch // size, base + (rank + 1) * self.batch // size
+
+
+class RankReader:
+    """Read one rank's rows of a dataset file by hyperslab into reused buffers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open_h5(path)
+        self.X, self.y = _datasets(self._f, path)
+        self.n, self.d = self.X.shape
+        self._xbuf = np.empty((0, self.d), np.float32)
+        self._ybuf = np.empty(0, np.float32)
+
+    def read(self, ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, float]:
+        """Return (X rows, y rows, fingerprint) for the row ranges, in order; views into buffers."""
+        total = sum(hi - lo for lo, hi in ranges)
+        if self._xbuf.shape[0] < total:
+            self._xbuf = np.empty((total, self.d), np.float32)
+            self._ybuf = np.empty(total, np.float32)
+        off, fp = 0, 0.0
+        for lo, hi in ranges:
+            m = hi - lo
+            self.X.read_direct(self._xbuf, np.s_[lo:hi], np.s_[off:off + m])
+            self._ybuf[off:off + m] = self.y[lo:hi]
+            fp += row_fingerprint(lo, hi)
+            off += m
+        return self._xbuf[:total], self._ybuf[:total], fp
+
+    def read_contiguous(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return copies of rows [lo, hi) (a rank's fixed shard, e.g. validation data)."""
+        X = np.empty((hi - lo, self.d), np.float32)
+        if hi > lo:
+            self.X.read_direct(X, np.s_[lo:hi], np.s_[0:hi - lo])
+        return X, np.asarray(self.y[lo:hi], dtype=np.float32)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def contiguous_share(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Return rows [lo, hi) of a fixed contiguous split of n rows over ``size`` ranks."""
+    return rank * n // size, (rank + 1) * n // size

@@ -1,0 +1,5 @@
+"""Backends that start one training phase: local (mpiexec) and, later, slurm (sbatch)."""
+
+from .local import LocalBackend, find_mpiexec, worker_env
+
+__all__ = ["LocalBackend", "find_mpiexec", "worker_env"]

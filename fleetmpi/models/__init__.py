@@ -1,0 +1,28 @@
+"""Model families: each maps a flat float64 parameter vector to loss, gradient and predictions."""
+
+from __future__ import annotations
+
+from ..spec import ModelSpec
+from .base import Model
+from .linear import LinearRegression, LogisticRegression
+from .mlp import MLP
+from .softmax import SoftmaxRegression
+
+TASKS = {"linear": "regression", "logistic": "binary", "softmax": "multiclass", "mlp": "multiclass"}
+
+
+def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
+    """Return the model for ``spec`` on ``d`` features (and ``classes`` labels if classifying)."""
+    if spec.kind == "linear":
+        return LinearRegression(d, spec.l2)
+    if spec.kind == "logistic":
+        return LogisticRegression(d, spec.l2)
+    k = spec.classes or classes
+    if k is None:
+        raise ValueError("a multiclass model needs the number of classes")
+    if spec.kind == "softmax":
+        return SoftmaxRegression(d, k, spec.l2)
+    return MLP((d, *spec.hidden, k), spec.l2)
+
+
+__all__ = ["Model", "TASKS", "build_model"]

@@ -1,0 +1,57 @@
+"""Linear regression (squared loss) and binary logistic regression, fused numba kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels import cpu
+
+from .base import Model
+
+
+class _Linear(Model):
+    def __init__(self, d: int, l2: float) -> None:
+        super().__init__(l2)
+        self.d = d
+
+    @property
+    def n_params(self) -> int:
+        return self.d + 1
+
+    def init(self, rng: np.random.Generator, scale: float) -> np.ndarray:
+        w = rng.normal(0.0, scale, self.d + 1)
+        w[self.d] = 0.0
+        return w
+
+    def weight_mask(self) -> np.ndarray:
+        m = np.ones(self.d + 1)
+        m[self.d] = 0.0
+        return m
+
+    def meta(self) -> dict:
+        return {**super().meta(), "d": self.d}
+
+
+class LinearRegression(_Linear):
+    kind, task = "linear", "regression"
+
+    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
+        return float(cpu.linear_grad(X, y, params, g_out))
+
+    def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
+        out = np.empty(X.shape[0])
+        cpu.linear_predict(X, params, out)
+        return out
+
+
+class LogisticRegression(_Linear):
+    kind, task = "logistic", "binary"
+
+    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
+        self.check_labels(y, 2)
+        return float(cpu.logistic_grad(X, y, params, g_out))
+
+    def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
+        out = np.empty(X.shape[0])
+        cpu.logistic_predict_proba(X, params, out)
+        return out

@@ -1,0 +1,43 @@
+"""Multiclass softmax regression, fused numba kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels import cpu
+
+from .base import Model
+
+
+class SoftmaxRegression(Model):
+    kind, task = "softmax", "multiclass"
+
+    def __init__(self, d: int, k: int, l2: float) -> None:
+        super().__init__(l2)
+        self.d, self.k = d, k
+
+    @property
+    def n_params(self) -> int:
+        return (self.d + 1) * self.k
+
+    def init(self, rng: np.random.Generator, scale: float) -> np.ndarray:
+        W = rng.normal(0.0, scale, (self.d + 1, self.k))
+        W[self.d] = 0.0
+        return W.ravel()
+
+    def weight_mask(self) -> np.ndarray:
+        m = np.ones((self.d + 1, self.k))
+        m[self.d] = 0.0
+        return m.ravel()
+
+    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
+        self.check_labels(y, self.k)
+        return float(cpu.softmax_grad(X, y, params, self.k, g_out))
+
+    def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
+        out = np.empty((X.shape[0], self.k))
+        cpu.softmax_predict_proba(X, params, self.k, out)
+        return out
+
+    def meta(self) -> dict:
+        return {**super().meta(), "d": self.d, "classes": self.k}

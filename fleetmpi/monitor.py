@@ -1,0 +1,190 @@
+"""Rank-0 monitor: step metrics, rule metrics, metrics.jsonl, and what a person sees.
+
+Per step it gets what the worker measured; at evaluation points it folds in validation
+results and the ranks' utilisation and returns the metric mapping rules are judged on.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, TextIO
+
+from .jobdir import JobDir, append_line
+from .rules import format_bytes
+from .spec import Spec
+
+
+class Monitor:
+    """Accumulate metrics of one phase on rank 0 (totals carry over from the checkpoint)."""
+
+    def __init__(self, jd: JobDir, spec: Spec, phase: str, ranks: int, n_train: int,
+                 carried: dict[str, Any], job_start: float, progress: str,
+                 stream: TextIO = sys.stderr) -> None:
+        self.jd, self.spec, self.phase, self.ranks, self.n = jd, spec, phase, ranks, n_train
+        self.sync_total = int(carried.get("sync_bytes_total", 0))
+        self.wire_total = float(carried.get("wire_bytes_total", 0.0))
+        self.best_loss = float(carried.get("best_loss", math.inf))
+        self.best_step = int(carried.get("best_step", 0))
+        self.ema: float | None = carried.get("loss_ema")
+        self.job_start = job_start
+        self.phase_start = time.time()
+        self.phase_start_step: int | None = None
+        self.last: dict[str, Any] = {}
+        self.valid: dict[str, float] = {}
+        self.util: dict[str, float] = {}
+        self._win = _Window()
+        self._log_win = _Window()
+        self.stream = stream
+        self.progress = progress
+        self._bar: Any = None
+        self._last_line = 0.0
+
+    # -- per step -------------------------------------------------------------------------
+    def step(self, *, step: int, epoch: float, loss: float, lr: float, optimizer: str,
+             samples: int, payload_bytes: int, wire_bytes: float, compute_s: float,
+             comm_s: float, cursor: int, batch_fp: float) -> None:
+        """Record one finished step (``step`` counts steps done, so it starts at 1)."""
+        now = time.time()
+        if self.phase_start_step is None:
+            self.phase_start_step = step - 1
+        self.sync_total += payload_bytes
+        self.wire_total += wire_bytes
+        self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
+        if self.ema < self.best_loss * (1.0 - self.spec.monitor.plateau_rel_tol):
+            self.best_loss, self.best_step = self.ema, step
+        for w in (self._win, self._log_win):
+            w.add(now, samples, payload_bytes, wire_bytes, compute_s, comm_s)
+        self.last = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "optimizer": optimizer,
+                     "cursor": cursor, "batch_fp": batch_fp, "t": now}
+        if step % self.spec.monitor.log_every_steps == 0:
+            self._write(self._record(self._log_win))
+            self._log_win = _Window()
+        self._show(now)
+
+    def _record(self, win: "_Window", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        rec = {**self.last, "phase": self.phase, "ranks": self.ranks,
+               "loss_ema": self.ema, **win.rates(),
+               "sync_bytes_total": self.sync_total, "wire_bytes_total": self.wire_total}
+        rec.update(extra or {})
+        return rec
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        append_line(self.jd.metrics, rec)
+
+    # -- evaluation points ----------------------------------------------------------------
+    def evaluated(self, valid: dict[str, float], util: dict[str, float]) -> dict[str, float]:
+        """Fold in validation and utilisation; log them; return the rule metrics."""
+        self.valid, self.util = valid, util
+        metrics = self.metrics()
+        self._write(self._record(self._win, {"eval": True, **valid, **util}))
+        self._win = _Window()
+        return metrics
+
+    def metrics(self) -> dict[str, float]:
+        """Return the metric mapping rules and goals are judged on."""
+        now = time.time()
+        rates = self._win.rates()
+        step = int(self.last.get("step", 0))
+        m: dict[str, float] = {
+            "step": step, "epoch": float(self.last.get("epoch", 0.0)),
+            "loss": float(self.ema if self.ema is not None else math.nan),
+            "loss_plateau_steps": step - self.best_step,
+            "sync_bytes_total": self.sync_total,
+            "sync_bytes_per_step": rates["sync_bytes_per_step"],
+            "wire_bytes_per_step": rates["wire_bytes_per_step"],
+            "sync_bytes_per_s": rates["sync_bytes_per_s"],
+            "samples_per_s": rates["samples_per_s"],
+            "comm_fraction": rates["comm_fraction"],
+            "elapsed_s": now - self.job_start,
+            "phase_elapsed_s": now - self.phase_start,
+            "phase_steps": step - (self.phase_start_step or 0),
+            "ranks": self.ranks,
+        }
+        m.update(self.valid)
+        m.update(self.util)
+        return m
+
+    def summary(self) -> dict[str, Any]:
+        """Return the totals a checkpoint carries into the next phase."""
+        return {"sync_bytes_total": self.sync_total, "wire_bytes_total": self.wire_total,
+                "best_loss": self.best_loss, "best_step": self.best_step, "loss_ema": self.ema,
+                **{k: v for k, v in self.valid.items()}}
+
+    # -- display ----------------------------------------------------------------------------
+    def _show(self, now: float) -> None:
+        if self.progress == "bar":
+            self._update_bar()
+        elif self.progress == "lines" and now - self._last_line >= self.spec.monitor.line_every_s:
+            self._last_line = now
+            self.say(self.status_line())
+
+    def status_line(self) -> str:
+        m, last = self._win.rates(), self.last
+        valid = f" valid_loss {self.valid['valid_loss']:.4f}" if "valid_loss" in self.valid else ""
+        return (f"[{self.phase} x{self.ranks}] step {last.get('step', 0)} epoch {last.get('epoch', 0):.3f} "
+                f"loss {last.get('loss', math.nan):.4f}{valid} sync {format_bytes(m['sync_bytes_per_step'])}/step "
+                f"{format_bytes(m['sync_bytes_per_s'])}/s {m['samples_per_s']:.0f} samples/s "
+                f"comm {100 * m['comm_fraction']:.0f}%")
+
+    def _update_bar(self) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+            goal = self.spec.goal
+            total = goal.max_epochs if goal.max_epochs is not None else None
+            self._bar = tqdm(total=total, unit="epoch", file=self.stream, dynamic_ncols=True,
+                             bar_format="{l_bar}{bar}| {n:.2f}/{total_fmt} ep [{elapsed}<{remaining}{postfix}]",
+                             desc=f"{self.phase} x{self.ranks}")
+            self._bar.n = float(self.last.get("epoch", 0.0))
+        epoch = float(self.last.get("epoch", 0.0))
+        self._bar.update(epoch - self._bar.n)
+        m = self._win.rates()
+        self._bar.set_postfix_str(f"loss {self.last.get('loss', math.nan):.4f} "
+                                  f"sync {format_bytes(m['sync_bytes_per_step'])}/step", refresh=False)
+
+    def say(self, line: str) -> None:
+        """Print one line for a person (above the bar when there is one)."""
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class _Window:
+    """Sums over the steps since the window opened, turned into rates on demand."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+        self.t1 = 0.0
+        self.steps = self.samples = self.payload = 0
+        self.wire = self.compute = self.comm = 0.0
+        self._first_dt = 0.0
+
+    def add(self, now: float, samples: int, payload: int, wire: float, compute: float, comm: float) -> None:
+        if self.t0 is None:
+            # The window's first step started before ``now``: count its own duration.
+            self.t0 = now - (compute + comm)
+        self.t1 = now
+        self.steps += 1
+        self.samples += samples
+        self.payload += payload
+        self.wire += wire
+        self.compute += compute
+        self.comm += comm
+
+    def rates(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        dt = max(self.t1 - (self.t0 or self.t1), 1e-9)
+        busy = self.compute + self.comm
+        return {"samples_per_s": self.samples / dt if self.steps else 0.0,
+                "sync_bytes_per_step": self.payload / steps,
+                "wire_bytes_per_step": self.wire / steps,
+                "sync_bytes_per_s": self.payload / dt if self.steps else 0.0,
+                "compute_s": self.compute, "comm_s": self.comm,
+                "comm_fraction": self.comm / busy if busy > 0 else 0.0}

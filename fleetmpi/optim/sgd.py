@@ -1,0 +1,56 @@
+"""SGD with heavy-ball momentum and a learning-rate schedule indexed by the global step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..spec import OptimizerSpec, ScheduleSpec
+
+
+def learning_rate(base: float, sched: ScheduleSpec, step: int) -> float:
+    """Return the learning rate at global step ``step`` (0-based); independent of rank count."""
+    if sched.warmup_steps and step < sched.warmup_steps:
+        return base * (step + 1) / sched.warmup_steps
+    s = step - sched.warmup_steps
+    if sched.kind == "constant":
+        return base
+    if sched.kind == "step":
+        return base * sched.gamma ** (s // sched.every_steps)
+    if sched.kind == "exp":
+        return base * sched.gamma ** (s / sched.every_steps)
+    frac = min(s / sched.total_steps, 1.0)  # cosine
+    return sched.min_lr + 0.5 * (base - sched.min_lr) * (1.0 + math.cos(math.pi * frac))
+
+
+class SGD:
+    """params <- params - lr * v,  v <- momentum * v + grad."""
+
+    name = "sgd"
+
+    def __init__(self, spec: OptimizerSpec, n_params: int) -> None:
+        self.spec = spec
+        self.velocity = np.zeros(n_params)
+
+    def lr(self, step: int) -> float:
+        return learning_rate(self.spec.lr, self.spec.schedule, step)
+
+    def step(self, params: np.ndarray, grad: np.ndarray, step: int) -> float:
+        """Update ``params`` in place from the mean gradient; return the learning rate used."""
+        lr = self.lr(step)
+        if self.spec.momentum:
+            self.velocity *= self.spec.momentum
+            self.velocity += grad
+            params -= lr * self.velocity
+        else:
+            params -= lr * grad
+        return lr
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"sgd_velocity": self.velocity}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        v = arrays.get("sgd_velocity")
+        if v is not None and v.shape == self.velocity.shape:
+            self.velocity[...] = v

@@ -1,0 +1,68 @@
+"""Serve predictions from a finished job's model.h5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BadInput, CheckpointError
+from .h5store import read_h5_verified, write_h5_atomic
+from .models import Model, build_model
+from .spec import ModelSpec
+
+CHUNK_ROWS = 65536
+
+
+def load_model(path: Path) -> tuple[Model, np.ndarray, dict[str, Any]]:
+    """Return (model, params, meta) from a verified model file."""
+    arrays, meta = read_h5_verified(path, kind="model")
+    try:
+        hidden = tuple(meta.get("sizes", [])[1:-1]) if meta["kind"] == "mlp" else ()
+        mspec = ModelSpec(kind=meta["kind"], l2=float(meta.get("l2", 0.0)), hidden=hidden,
+                          classes=meta.get("classes") if meta["kind"] in ("softmax", "mlp") else None)
+        model = build_model(mspec, int(meta["d"]), meta.get("classes"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: model metadata is incomplete ({e}); expected a model.h5 written by fleetmpi") from None
+    params = arrays.get("params")
+    if params is None or params.shape != (model.n_params,):
+        raise CheckpointError(f"{path}: params missing or of the wrong shape for a {meta['kind']} model")
+    return model, params.astype(np.float64), meta
+
+
+def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]:
+    """Predict every row of ``data_path``'s X in chunks and write ``out`` atomically."""
+    from .data import open_h5
+    model, params, meta = load_model(model_path)
+    if out.resolve() in (model_path.resolve(), data_path.resolve()):
+        raise BadInput(f"--out {out}: would overwrite an input file; choose another path")
+    if not out.parent.is_dir():
+        raise BadInput(f"--out {out}: folder {out.parent} does not exist")
+    with open_h5(data_path) as f:
+        if "X" not in f:
+            raise BadInput(f"{data_path}: missing dataset 'X' (float32, n x d)")
+        X = f["X"]
+        if X.ndim != 2 or X.shape[1] != model_d(model):
+            raise BadInput(f"{data_path}: X has shape {X.shape} but the model takes {model_d(model)} features")
+        if X.dtype != np.float32:
+            raise BadInput(f"{data_path}: X must be float32, got {X.dtype}")
+        parts = [model.predict(np.ascontiguousarray(X[i:i + CHUNK_ROWS]), params)
+                 for i in range(0, X.shape[0], CHUNK_ROWS)]
+    raw = np.concatenate(parts) if parts else np.empty(0)
+    arrays: dict[str, np.ndarray] = {}
+    if model.task == "regression":
+        arrays["pred"] = raw
+    elif model.task == "binary":
+        arrays["proba"] = raw
+        arrays["pred"] = (raw >= 0.5).astype(np.int64)
+    else:
+        arrays["proba"] = raw
+        arrays["pred"] = raw.argmax(axis=1).astype(np.int64)
+    write_h5_atomic(out, arrays, {"model": str(model_path), "data": str(data_path), "model_meta": meta},
+                    kind="predictions")
+    return {"out": str(out), "rows": int(raw.shape[0]), "task": model.task}
+
+
+def model_d(model: Model) -> int:
+    return int(model.meta()["d"])

@@ -1,0 +1,205 @@
+"""Build frozen dataclasses from plain YAML data, with one-line errors naming the key path.
+
+The dataclass definitions are the schema: valid keys, types and defaults come from the
+fields, constraints from ``field(metadata={"check": fn})``. Errors raise
+:class:`SchemaError` with the dotted key path so the caller can prefix the file name.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import re
+import types
+import typing
+from typing import Any, Callable, Literal, Mapping, TypeVar, get_args, get_origin
+
+T = TypeVar("T")
+
+
+class SchemaError(ValueError):
+    """One invalid value: ``path`` is the dotted key path, ``message`` what was expected."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path or '<top>'}: {message}")
+
+
+def check(fn: Callable[[Any], str | None], default: Any = dataclasses.MISSING) -> Any:
+    """Declare a dataclass field whose value must pass ``fn`` (returns an error text or None)."""
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata={"check": fn})
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed; use a tuple or None")
+    return dataclasses.field(default=default, metadata={"check": fn})
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else f"expected a number > 0, got {v!r}"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else f"expected a number >= 0, got {v!r}"
+
+
+def in_range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    def _check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"expected a number in [{lo}, {hi}], got {v!r}"
+    return _check
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def identifier(v: Any) -> str | None:
+    """Accept names safe as file names and Slurm job names: letters, digits, '_', '.', '-'."""
+    if _NAME_RE.match(v):
+        return None
+    return f"expected 1-64 characters of letters, digits, '_', '.', '-' (not starting with '.', '_' or '-'), got {v!r}"
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin in (dict, collections.abc.Mapping):
+        return f"a mapping of names to {_type_name(get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(tp: Any, raw: Any, path: str, hints_of: Callable[[type], dict[str, Any]]) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return raw
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if raw is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _convert(opt, raw, path, hints_of)
+            except SchemaError as e:
+                errors.append(e)
+        # A nested error deeper than this path is more useful than "expected X or Y".
+        deeper = [e for e in errors if e.path != path]
+        if deeper:
+            raise deeper[0]
+        raise SchemaError(path, f"expected {_type_name(tp)}, got {raw!r}")
+    if origin is Literal:
+        if raw in get_args(tp) and type(raw) in {type(a) for a in get_args(tp)}:
+            return raw
+        raise SchemaError(path, f"expected one of {_type_name(tp)}, got {raw!r}")
+    if origin is tuple:
+        (item,) = get_args(tp)[:1]
+        if not isinstance(raw, list):
+            raise SchemaError(path, f"expected {_type_name(tp)}, got {raw!r}")
+        return tuple(_convert(item, v, f"{path}[{i}]", hints_of) for i, v in enumerate(raw))
+    if origin in (dict, collections.abc.Mapping):
+        _, val_tp = get_args(tp)
+        if not isinstance(raw, dict):
+            raise SchemaError(path, f"expected {_type_name(tp)}, got {raw!r}")
+        out = {}
+        for k, v in raw.items():
+            if not isinstance(k, str):
+                raise SchemaError(path, f"expected string keys, got {k!r}")
+            err = identifier(k)
+            if err:
+                raise SchemaError(f"{path}.{k}", f"bad name: {err}")
+            out[k] = _convert(val_tp, v, f"{path}.{k}", hints_of)
+        return types.MappingProxyType(out)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, raw, path, hints_of)  # type: ignore[arg-type]
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+    elif tp is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+    elif tp is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            if raw != raw or raw in (float("inf"), float("-inf")):
+                raise SchemaError(path, f"expected a finite number, got {raw!r}")
+            return float(raw)
+        if isinstance(raw, str):
+            # YAML 1.1 reads "1e-4" as a string; accept plain float literals written that way.
+            try:
+                val = float(raw)
+            except ValueError:
+                pass
+            else:
+                if val == val and abs(val) != float("inf"):
+                    return val
+    elif tp is str:
+        if isinstance(raw, str):
+            if "\n" in raw or "\x00" in raw:
+                raise SchemaError(path, "expected a single-line string without NUL bytes")
+            return raw
+    raise SchemaError(path, f"expected {_type_name(tp)}, got {raw!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def build(cls: type[T], raw: Any, path: str = "",
+          hints_of: Callable[[type], dict[str, Any]] = _hints) -> T:
+    """Return ``cls`` built from the mapping ``raw``; raise SchemaError naming the bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise SchemaError(path, f"expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(cls))}; got {raw!r}")  # type: ignore[arg-type]
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    aliases = getattr(cls, "_aliases", {})
+    hints = hints_of(cls)
+    values: dict[str, Any] = {}
+    for key, val in raw.items():
+        name = aliases.get(key, key)
+        sub = f"{path}.{key}" if path else str(key)
+        if name not in fields or name.startswith("_"):
+            valid = sorted(set(k for k in fields if not k.startswith("_")) - set(aliases.values()) | set(aliases))
+            raise SchemaError(sub, f"unknown key; valid keys: {', '.join(valid)}")
+        v = _convert(hints[name], val, sub, hints_of)
+        chk = fields[name].metadata.get("check")
+        if chk is not None and v is not None:
+            err = chk(v)
+            if err:
+                raise SchemaError(sub, err)
+        values[name] = v
+    for name, f in fields.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if name.startswith("_"):
+                continue
+            sub = f"{path}.{name}" if path else name
+            raise SchemaError(sub, f"missing required key ({_type_name(hints[name])})")
+    obj = cls(**values)
+    post = getattr(obj, "validate", None)
+    if post is not None:
+        err = post()
+        if err:
+            key, msg = err
+            raise SchemaError(f"{path}.{key}" if path else key, msg)
+    return obj
+
+
+def to_plain(obj: Any) -> Any:
+    """Return JSON-able plain data (dicts, lists, scalars) for a built object."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [to_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,364 @@
+"""Job spec: YAML -> validated, frozen dataclasses; every error names file, key path, valid values.
+
+Precedence: ``--set key.path=value`` overrides > spec file > defaults in the dataclasses.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .errors import BadInput
+from .schema import SchemaError, build, check, identifier, in_range, non_negative, positive, to_plain
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    train: str
+    valid: str | None = None
+    block_rows: int = check(positive, 32)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: Literal["linear", "logistic", "softmax", "mlp"]
+    l2: float = check(non_negative, 0.0)
+    hidden: tuple[int, ...] = ()
+    classes: int | None = check(lambda v: None if v >= 2 else f"expected >= 2 classes, got {v}", None)
+    init_scale: float = check(positive, 0.01)
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.kind == "mlp":
+            if not 1 <= len(self.hidden) <= 2:
+                return "hidden", f"mlp needs 1 or 2 hidden layer sizes, e.g. [64] or [128, 64]; got {list(self.hidden)}"
+            if any(h < 1 for h in self.hidden):
+                return "hidden", f"hidden layer sizes must be >= 1, got {list(self.hidden)}"
+        elif self.hidden:
+            return "hidden", f"only kind mlp takes hidden layers; kind is {self.kind!r}"
+        if self.classes is not None and self.kind in ("linear", "logistic"):
+            return "classes", f"kind {self.kind!r} takes no classes (logistic is binary: labels 0/1)"
+        return None
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    kind: Literal["constant", "step", "cosine", "exp"] = "constant"
+    every_steps: int = check(positive, 1000)      # step: multiply by gamma every N steps
+    gamma: float = check(in_range(0.0, 1.0), 0.5)  # step / exp decay factor
+    total_steps: int = check(positive, 10000)     # cosine: steps to reach min_lr
+    min_lr: float = check(non_negative, 0.0)
+    warmup_steps: int = check(non_negative, 0)
+
+
+@dataclass(frozen=True)
+class LbfgsSpec:
+    history: int = check(positive, 10)
+    batch: int | Literal["full"] = "full"
+    max_ls: int = check(positive, 20)
+    c1: float = check(in_range(1e-8, 0.5), 1e-4)
+    tol_grad: float = check(non_negative, 1e-7)
+
+    def validate(self) -> tuple[str, str] | None:
+        if isinstance(self.batch, int) and self.batch < 1:
+            return "batch", f"expected 'full' or a batch size >= 1, got {self.batch}"
+        return None
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    kind: Literal["sgd", "lbfgs"] = "sgd"
+    lr: float = check(positive, 0.1)
+    momentum: float = check(in_range(0.0, 0.999), 0.0)
+    batch: int = check(positive, 256)
+    schedule: ScheduleSpec = ScheduleSpec()
+    lbfgs: LbfgsSpec = LbfgsSpec()
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    kind: Literal["dense"] = "dense"
+
+
+@dataclass(frozen=True)
+class GoalSpec:
+    loss_below: float | None = None
+    valid_loss_below: float | None = None
+    valid_accuracy_above: float | None = check(in_range(0.0, 1.0), None)
+    max_epochs: float | None = check(positive, None)
+    max_steps: int | None = check(positive, None)
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.max_epochs is None and self.max_steps is None:
+            return "max_epochs", "a goal needs a bound: set max_epochs or max_steps (or both)"
+        return None
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    every_steps: int = check(positive, 200)
+    keep: int = check(positive, 3)
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    log_every_steps: int = check(positive, 10)
+    eval_every_steps: int = check(positive, 50)
+    plateau_rel_tol: float = check(in_range(0.0, 1.0), 1e-3)
+    progress: Literal["auto", "bar", "lines", "none"] = "auto"
+    line_every_s: float = check(positive, 10.0)
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    nodes: int = check(positive, 1)
+    ranks_per_node: int = check(positive, 1)
+    partition: str | None = check(identifier, None)
+    gpus_per_node: int = check(non_negative, 0)
+    cpus_per_rank: int = check(positive, 1)
+    device: Literal["cpu", "gpu", "auto"] = "cpu"
+    time_min: int | None = check(positive, None)
+    mem_gb: float | None = check(positive, None)
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    def shape(self) -> str:
+        """Return the phase shape as 'NxR@partition' for logs."""
+        part = f"@{self.partition}" if self.partition else ""
+        gpu = f"+{self.gpus_per_node}gpu" if self.gpus_per_node else ""
+        return f"{self.nodes}x{self.ranks_per_node}{part}{gpu}"
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    goto: str | None = None
+    optimizer: Literal["sgd", "lbfgs"] | None = None
+    stop: bool = False
+
+    def validate(self) -> tuple[str, str] | None:
+        n = (self.goto is not None) + (self.optimizer is not None) + bool(self.stop)
+        if n != 1:
+            return "goto", "an action is exactly one of {goto: PHASE}, {optimizer: sgd|lbfgs}, {stop: true}"
+        return None
+
+    def describe(self) -> str:
+        if self.goto:
+            return f"goto {self.goto}"
+        if self.optimizer:
+            return f"optimizer {self.optimizer}"
+        return "stop"
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    _aliases = {"in": "in_phases"}
+    when: str
+    then: ActionSpec
+    in_phases: tuple[str, ...] | str | None = None
+
+    @property
+    def phases(self) -> tuple[str, ...] | None:
+        if self.in_phases is None:
+            return None
+        return (self.in_phases,) if isinstance(self.in_phases, str) else self.in_phases
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    start: str
+    phases: Mapping[str, PhaseSpec]
+    rules: tuple[RuleSpec, ...] = ()
+    approval: Literal["auto", "manual"] = "auto"
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    backend: Literal["local", "slurm"] = "local"
+    mpiexec: str | None = None
+    launcher_args: tuple[str, ...] = ()
+    account: str | None = None
+    qos: str | None = None
+    extra_sbatch: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    max_attempts: int = check(positive, 3)
+    backoff_s: float = check(non_negative, 30.0)
+
+
+@dataclass(frozen=True)
+class NotifySpec:
+    command: str | None = None
+    webhook: str | None = None
+    email: str | None = None
+    on: tuple[Literal["terminal", "rescale"], ...] = ("terminal",)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str = check(identifier)
+    data: DataSpec
+    model: ModelSpec
+    goal: GoalSpec
+    fleet: FleetSpec
+    seed: int = 0
+    optimizer: OptimizerSpec = OptimizerSpec()
+    sync: SyncSpec = SyncSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    monitor: MonitorSpec = MonitorSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    retry: RetrySpec = RetrySpec()
+    notify: tuple[NotifySpec, ...] = ()
+    # Directory that relative data paths are resolved against (set by load, not by YAML).
+    _base_dir: str = "."
+
+    def data_path(self, rel: str) -> Path:
+        """Return a data path resolved against the spec file's folder."""
+        p = Path(rel).expanduser()
+        return p if p.is_absolute() else Path(self._base_dir) / p
+
+    def phase(self, name: str) -> PhaseSpec:
+        return self.fleet.phases[name]
+
+    def plain(self) -> dict[str, Any]:
+        """Return the spec as plain data, data paths absolute, so a job dir stands on its own."""
+        d = to_plain(self)
+        d.pop("_base_dir", None)
+        for r in d["fleet"]["rules"]:
+            r["in"] = r.pop("in_phases")
+        d["data"]["train"] = str(self.data_path(self.data.train).resolve())
+        if self.data.valid:
+            d["data"]["valid"] = str(self.data_path(self.data.valid).resolve())
+        return d
+
+    def spec_hash(self) -> str:
+        return _hash(self.plain())
+
+    def model_hash(self) -> str:
+        """Hash of the model section, which decides the parameter layout and its meaning."""
+        return _hash({"model": to_plain(self.model)})
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _check_fleet(spec: Spec) -> tuple[str, str] | None:
+    from .rules import RuleSyntaxError, parse_condition
+
+    phases = spec.fleet.phases
+    names = ", ".join(sorted(phases))
+    if not phases:
+        return "fleet.phases", "expected at least one phase, e.g. {small: {nodes: 1, ranks_per_node: 2}}"
+    if spec.fleet.start not in phases:
+        return "fleet.start", f"unknown phase {spec.fleet.start!r}; phases: {names}"
+    for name, ph in phases.items():
+        if ph.device == "gpu" and ph.gpus_per_node == 0 and spec.scheduler.backend == "slurm":
+            return f"fleet.phases.{name}.gpus_per_node", "device gpu on slurm needs gpus_per_node >= 1"
+    reach = {spec.fleet.start}
+    for i, rule in enumerate(spec.fleet.rules):
+        key = f"fleet.rules[{i}]"
+        for p in rule.phases or ():
+            if p not in phases:
+                return f"{key}.in", f"unknown phase {p!r}; phases: {names}"
+        if rule.then.goto is not None and rule.then.goto not in phases:
+            return f"{key}.then.goto", f"unknown phase {rule.then.goto!r}; phases: {names}"
+        try:
+            parse_condition(rule.when)
+        except RuleSyntaxError as e:
+            return f"{key}.when", str(e)
+    # Reachability: follow goto edges from the start phase until nothing new appears.
+    changed = True
+    while changed:
+        changed = False
+        for rule in spec.fleet.rules:
+            src = rule.phases
+            if rule.then.goto and rule.then.goto not in reach and (src is None or reach & set(src)):
+                reach.add(rule.then.goto)
+                changed = True
+    unreachable = sorted(set(phases) - reach)
+    if unreachable:
+        return "fleet.phases", (f"phase(s) {', '.join(unreachable)} can never run: no rule leads there "
+                                f"from start {spec.fleet.start!r}; add a rule with then: {{goto: ...}} or remove them")
+    return None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key.path=value`` applied (value parsed as YAML)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise BadInput(f"--set {item!r}: expected key.path=value, e.g. --set optimizer.lr=0.05")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as e:
+            raise BadInput(f"--set {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise BadInput(f"--set {item!r}: {part!r} is not a mapping in the spec")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(e, 'problem', None) or e}{where}".replace("\n", " ")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Return the raw mapping in a YAML spec file; BadInput with file and line on any problem."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise BadInput(f"{path}: spec file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: cannot read spec ({e.__class__.__name__}: {e})".replace("\n", " ")) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise BadInput(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path}: expected a YAML mapping with keys name, data, model, goal, fleet; got {type(raw).__name__}")
+    return raw
+
+
+def from_raw(raw: dict[str, Any], source: str, base_dir: Path) -> Spec:
+    """Validate a raw mapping into a Spec; ``source`` names the file in errors."""
+    raw = {k: v for k, v in raw.items() if k != "_base_dir"}
+    try:
+        spec = build(Spec, raw)
+    except SchemaError as e:
+        raise BadInput(f"{source}: {e}") from None
+    err = _check_fleet(spec)
+    if err:
+        raise BadInput(f"{source}: {err[0]}: {err[1]}")
+    object.__setattr__(spec, "_base_dir", str(base_dir))
+    return spec
+
+
+def load(path: Path | str, overrides: list[str] | None = None) -> Spec:
+    """Load, override and validate a spec file; raise BadInput with one line on any problem."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return from_raw(raw, str(path), path.resolve().parent)
+
+
+def dump(spec: Spec) -> str:
+    """Return the spec as YAML (data paths absolute)."""
+    return yaml.safe_dump(spec.plain(), sort_keys=False)

@@ -1,0 +1,44 @@
+"""The contract of a gradient sync and its byte accounting."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+
+class Sync(ABC):
+    """Sum gradient sums (and a few float64 extras) over the ranks of ``comm``.
+
+    Accounting, per call, for this rank:
+    ``payload_bytes``: bytes this rank hands to MPI for the exchange;
+    ``wire_bytes``: an estimate of the bytes this rank sends on the wire (the ring model's
+    2(P-1)/P * n for an allreduce of n bytes; exact sent bytes for sparse exchanges).
+    """
+
+    kind: str
+
+    def __init__(self, comm: Any, n_params: int, n_extras: int) -> None:
+        self.comm = comm
+        self.size = comm.Get_size()
+        self.n_params, self.n_extras = n_params, n_extras
+        self.payload_bytes = 0
+        self.wire_bytes = 0.0
+        self.payload_total = 0
+        self.wire_total = 0.0
+        self.calls = 0
+
+    def _count(self, payload: int, wire: float) -> None:
+        self.payload_bytes, self.wire_bytes = payload, wire
+        self.payload_total += payload
+        self.wire_total += wire
+        self.calls += 1
+
+    @abstractmethod
+    def reduce(self, grad: np.ndarray, extras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (global gradient sum, global extras sum); collective over ``comm``."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Return per-rank state to merge into a checkpoint (none for dense)."""
+        return {}

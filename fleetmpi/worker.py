@@ -1,0 +1,537 @@
+"""The rank main loop: batch -> kernel -> sync -> step -> monitor, one training phase.
+
+Run as ``python -m fleetmpi.worker JOB_DIR`` under mpiexec or srun. Exit codes as in
+DESIGN.md: 0 goal, 1 failure, 2 bad input, 3 rescale, 4 stopped by a signal after a
+checkpoint. Any rank's unexpected exception aborts the whole world with rank/size@host.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+
+from . import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
+from .errors import BadInput, TrainingFailed
+from .jobdir import JobDir
+
+# Decision codes rank 0 broadcasts at evaluation points.
+CONTINUE, GOAL, GOTO, SWITCH, STOP = 0, 1, 2, 3, 4
+OPTIMIZERS = ("sgd", "lbfgs")
+# Extras summed with the gradient each step: loss sum, row count, batch fingerprint, signal.
+N_EXTRAS = 4
+
+
+class Trainer:
+    """State and collective operations of one phase on one rank."""
+
+    def __init__(self, comm: Any, jd: JobDir) -> None:
+        from . import checkpoint, spec as specmod
+        from .data import RankReader, SampleOrder, contiguous_share, describe
+        from .models import TASKS, build_model
+        from .optim import LBFGS, SGD
+        from .sync import build_sync
+
+        self.comm, self.jd = comm, jd
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.spec = specmod.load(jd.spec)
+        state = jd.read_state()
+        self.phase_name: str = state["phase"]
+        if self.phase_name not in self.spec.fleet.phases:
+            raise BadInput(f"{jd.state_path}: phase {self.phase_name!r} is not in the spec's fleet.phases")
+        self.job_start = float(state.get("created", time.time()))
+        sp = self.spec
+        task = TASKS[sp.model.kind]
+        info = _on_root(comm, lambda: describe(sp.data_path(sp.data.train), task, sp.model.classes))
+        self.n = info.n
+        self.model = build_model(sp.model, info.d, info.classes)
+        self.reader = RankReader(sp.data_path(sp.data.train))
+        if sp.data.valid:
+            vinfo = _on_root(comm, lambda: describe(sp.data_path(sp.data.valid), task, info.classes))
+            if vinfo.d != info.d:
+                raise BadInput(f"{vinfo.path}: validation X has {vinfo.d} columns but training X has {info.d}")
+            vr = RankReader(sp.data_path(sp.data.valid))
+            self.valid_xy = vr.read_contiguous(*contiguous_share(vinfo.n, self.rank, self.size))
+            self.n_valid = vinfo.n
+            vr.close()
+        else:
+            self.valid_xy, self.n_valid = None, 0
+        self.order = SampleOrder(self.n, sp.optimizer.batch, sp.seed, sp.data.block_rows)
+        p = self.model.n_params
+        self.mask = self.model.weight_mask()
+        self.grad = np.empty(p)
+        self.sync = build_sync(sp.sync, comm, p, N_EXTRAS)
+        self.sgd = SGD(sp.optimizer, p)
+        self.lbfgs = LBFGS(sp.optimizer.lbfgs, p)
+        self.lbfgs_data: tuple[np.ndarray, np.ndarray, float, int] | None = None
+
+        # Resume from the newest valid checkpoint, or start fresh.
+        found = _on_root(comm, lambda: checkpoint.latest_valid(jd.ckpt))
+        ckpt, skipped = found
+        self.skipped = [(str(path), why) for path, why in skipped]
+        self.resumed_from = str(ckpt.path) if ckpt else None
+        if ckpt is not None:
+            checkpoint.check_compatible(ckpt, sp.model_hash())
+            meta = ckpt.meta
+            self.params = np.array(ckpt.arrays["params"], dtype=np.float64)
+            if self.params.shape != (p,):
+                raise BadInput(f"{ckpt.path}: params have shape {self.params.shape} but the model needs ({p},)")
+            self.step, self.cursor = int(meta["step"]), int(meta["cursor"])
+            self.samples_seen = int(meta["samples_seen"])
+            self.optimizer = str(meta["optimizer"])
+            self.fired = set(meta.get("fired", []))
+            self.carried = dict(meta.get("summary", {}))
+            self.sgd.load_state(ckpt.arrays)
+            self.lbfgs.load_state(ckpt.arrays)
+        else:
+            self.params = self.model.init(np.random.default_rng([sp.seed, 0x1417]), sp.model.init_scale)
+            self.step = self.cursor = self.samples_seen = 0
+            self.optimizer = sp.optimizer.kind
+            self.fired = set()
+            self.carried = {}
+        self.stop_signal = 0
+        self._util_mark = (time.perf_counter(), time.process_time())
+        self.pending: dict[str, Any] | None = state.get("pending_approval")
+        self.phase_index = len(state.get("phases_run", []))
+
+    # -- one step ---------------------------------------------------------------------------
+    def sgd_step(self) -> dict[str, Any]:
+        B = self.spec.optimizer.batch
+        start, stop = self.order.share(self.step, self.rank, self.size)
+        X, y, fp = self.reader.read(self.order.ranges(start, stop))
+        t0 = time.perf_counter()
+        loss_sum = self.model.loss_grad_sum(X, y, self.params, self.grad)
+        t1 = time.perf_counter()
+        g, ex = self.sync.reduce(self.grad, np.array([loss_sum, len(y), fp, self.stop_signal]))
+        t2 = time.perf_counter()
+        grad = g / B
+        if self.model.l2:
+            grad += self.model.l2 * self.mask * self.params
+        lr = self.sgd.step(self.params, grad, self.step)
+        rec = {"loss": ex[0] / B, "lr": lr, "samples": int(ex[1]), "batch_fp": ex[2], "cursor": self.cursor,
+               "compute_s": t1 - t0, "comm_s": t2 - t1, "payload_bytes": self.sync.payload_bytes,
+               "wire_bytes": self.sync.wire_bytes, "signal": ex[3]}
+        self.cursor += B
+        self.samples_seen += B
+        return rec
+
+    def _lbfgs_rows(self) -> tuple[np.ndarray, np.ndarray, float, int]:
+        if self.lbfgs_data is None:
+            from .data import contiguous_share
+            batch = self.spec.optimizer.lbfgs.batch
+            if batch == "full" or batch >= self.n:
+                lo, hi = contiguous_share(self.n, self.rank, self.size)
+                X, y = self.reader.read_contiguous(lo, hi)
+                from .data import row_fingerprint
+                self.lbfgs_data = (X, y, row_fingerprint(lo, hi), self.n)
+            else:
+                # A fixed batch: the first ``batch`` positions of epoch 0's order.
+                order = type(self.order)(self.n, batch, self.spec.seed, self.spec.data.block_rows)
+                X, y, fp = self.reader.read(order.ranges(*order.share(0, self.rank, self.size)))
+                self.lbfgs_data = (X.copy(), y.copy(), fp, int(batch))
+        return self.lbfgs_data
+
+    def lbfgs_step(self) -> dict[str, Any]:
+        X, y, fp, N = self._lbfgs_rows()
+        acc = {"compute_s": 0.0, "comm_s": 0.0, "payload": 0, "wire": 0.0, "signal": 0.0, "evals": 0}
+
+        def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
+            t0 = time.perf_counter()
+            loss_sum = self.model.loss_grad_sum(X, y, w, self.grad)
+            t1 = time.perf_counter()
+            g, ex = self.sync.reduce(self.grad, np.array([loss_sum, len(y), fp, self.stop_signal]))
+            acc["compute_s"] += t1 - t0
+            acc["comm_s"] += time.perf_counter() - t1
+            acc["payload"] += self.sync.payload_bytes
+            acc["wire"] += self.sync.wire_bytes
+            acc["signal"] = max(acc["signal"], ex[3])
+            acc["evals"] += 1
+            grad = g / N
+            loss = ex[0] / N
+            if self.model.l2:
+                grad = grad + self.model.l2 * self.mask * w
+                loss += 0.5 * self.model.l2 * float(np.sum(self.mask * w * w))
+            return loss, grad.copy()
+
+        loss, _moved = self.lbfgs.step(self.params, objective)
+        self.samples_seen += acc["evals"] * N
+        return {"loss": loss, "lr": self.lbfgs.last_step, "samples": acc["evals"] * N, "batch_fp": fp,
+                "cursor": self.cursor, "compute_s": acc["compute_s"], "comm_s": acc["comm_s"],
+                "payload_bytes": acc["payload"], "wire_bytes": acc["wire"], "signal": acc["signal"]}
+
+    # -- collectives at evaluation points ---------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Return validation loss/accuracy (collective; empty without validation data)."""
+        from mpi4py import MPI
+        if self.valid_xy is None:
+            return {}
+        X, y = self.valid_xy
+        loss, correct = self.model.eval_sums(X, y, self.params) if len(y) else (0.0, 0.0)
+        tot = np.empty(2)
+        self.comm.Allreduce(np.array([loss, correct]), tot, op=MPI.SUM)
+        out = {"valid_loss": tot[0] / self.n_valid}
+        if self.model.task != "regression":
+            out["valid_accuracy"] = tot[1] / self.n_valid
+        return out
+
+    def utilisation(self, proc: Any) -> dict[str, float]:
+        """Return mean CPU % of the ranks since the last call and their memory as % of host RAM."""
+        import psutil
+        # process_time has ns resolution; psutil's cpu_percent rounds to scheduler ticks,
+        # which reads 0 or 200 % over the few milliseconds between evaluation points.
+        now, cpu = time.perf_counter(), time.process_time()
+        last_now, last_cpu = self._util_mark
+        self._util_mark = (now, cpu)
+        pct = 100.0 * (cpu - last_cpu) / max(now - last_now, 1e-9)
+        mine = np.array([pct, float(proc.memory_info().rss)])
+        allr = np.empty((self.size, 2)) if self.rank == 0 else None
+        self.comm.Gather(mine, allr, root=0)
+        if self.rank != 0:
+            return {}
+        total = psutil.virtual_memory().total
+        return {"cpu_util": float(allr[:, 0].mean()), "mem_util": float(100.0 * allr[:, 1].sum() / total)}
+
+    def checkpoint(self, reason: str, summary: dict[str, Any]) -> None:
+        """Write a checkpoint of the global state (collective; rank 0 writes)."""
+        from mpi4py import MPI
+        from . import checkpoint
+        # Every rank must hold the same parameters; check before trusting rank 0's copy.
+        probe = np.array([float(self.params.sum()), float(np.dot(self.params, self.params))])
+        lo, hi = np.empty(2), np.empty(2)
+        self.comm.Allreduce(probe, lo, op=MPI.MIN)
+        self.comm.Allreduce(probe, hi, op=MPI.MAX)
+        if not np.array_equal(lo, hi):
+            raise TrainingFailed(f"ranks hold different parameters at step {self.step}; refusing to checkpoint")
+        extra = self.sync.state()
+        if self.rank == 0:
+            arrays = {"params": self.params, **self.sgd.state(), **self.lbfgs.state(), **extra}
+            meta = {"step": self.step, "cursor": self.cursor, "samples_seen": self.samples_seen,
+                    "epoch": self.samples_seen / self.n, "optimizer": self.optimizer, "phase": self.phase_name,
+                    "fired": sorted(self.fired), "spec_hash": self.spec.spec_hash(),
+                    "model_hash": self.spec.model_hash(), "model": self.model.meta(),
+                    "rng": {"order": "numpy default_rng([seed, epoch]).permutation(blocks)",
+                            "seed": self.spec.seed, "block_rows": self.order.block_rows},
+                    "ranks": self.size, "reason": reason, "summary": summary}
+            path = checkpoint.save(self.jd.ckpt, self.step, arrays, meta, self.spec.checkpoint.keep)
+            self.jd.event("checkpoint", step=self.step, path=str(path), reason=reason)
+        self.comm.Barrier()
+
+    def write_model(self, metrics: dict[str, Any]) -> None:
+        from .h5store import write_h5_atomic
+        meta = {**self.model.meta(), "name": self.spec.name, "step": self.step,
+                "epoch": self.samples_seen / self.n, "spec_hash": self.spec.spec_hash(),
+                "model_hash": self.spec.model_hash(), "metrics": metrics}
+        write_h5_atomic(self.jd.model, {"params": self.params}, meta, kind="model")
+
+
+def _on_root(comm: Any, fn: Any) -> Any:
+    """Run ``fn`` on rank 0 and broadcast its result or its BadInput to every rank."""
+    result: Any = None
+    err: str | None = None
+    if comm.Get_rank() == 0:
+        try:
+            result = fn()
+        except BadInput as e:
+            err = str(e)
+    result, err = comm.bcast((result, err), root=0)
+    if err is not None:
+        raise BadInput(err)
+    return result
+
+
+class Phase:
+    """Run one phase to its end; return the exit code."""
+
+    def __init__(self, comm: Any, jd: JobDir) -> None:
+        self.comm, self.jd = comm, jd
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.goal_reason = "goal"   # set by _decide on rank 0
+
+    def run(self) -> int:
+        import psutil
+        from mpi4py import MPI
+        from kernels import cpu
+
+        comm, jd = self.comm, self.jd
+        t = Trainer(comm, jd)
+        sp = t.spec
+        cpu.warmup()
+        hosts = comm.gather(socket.gethostname(), root=0)
+        proc = psutil.Process()
+        mon = None
+        if self.rank == 0:
+            from .rules import parse_condition
+            self.conditions = [parse_condition(r.when) for r in sp.fleet.rules]
+            progress = _progress_mode(sp.monitor.progress)
+            from .monitor import Monitor
+            mon = Monitor(jd, sp, t.phase_name, self.size, t.n, t.carried, t.job_start, progress)
+            state = jd.read_state()
+            runs = state.get("phases_run", [])
+            runs.append({"phase": t.phase_name, "ranks": self.size, "start": time.time(), "step": t.step,
+                         "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+            jd.update_state(status="RUNNING", phases_run=runs)
+            for path, why in t.skipped:
+                # Keep the bytes for a post-mortem, but out of the step-*.h5 namespace so
+                # that pruning counts only good checkpoints.
+                aside = f"{path}.corrupt"
+                os.replace(path, aside)
+                jd.event("checkpoint_skipped", path=path, moved_to=aside, reason=why)
+            if t.resumed_from:
+                jd.event("resume", checkpoint=t.resumed_from, step=t.step, phase=t.phase_name)
+            jd.event("phase_start", phase=t.phase_name, ranks=self.size, hosts=sorted(set(hosts)),
+                     step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape())
+            mon.say(f"fleetmpi: phase {t.phase_name} on {self.size} rank(s) "
+                    f"({', '.join(sorted(set(hosts)))}), step {t.step}, optimizer {t.optimizer}"
+                    + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else ""))
+
+        stop_flag = {"n": 0}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            stop_flag["n"] = signum
+
+        for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+            signal.signal(s, on_signal)
+
+        goal, ev = sp.goal, sp.monitor.eval_every_steps
+        fault = _test_fault(self.rank)
+        first_step = True
+        decision = np.zeros(2, dtype=np.int64)
+        while True:
+            t.stop_signal = 1 if stop_flag["n"] else 0   # summed over ranks: a count, not a number
+            rec = t.sgd_step() if t.optimizer == "sgd" else t.lbfgs_step()
+            t.step += 1
+            if fault is not None and t.step == fault:
+                raise RuntimeError(f"injected fault at step {t.step} (FLEETMPI_TEST_FAULT)")
+            if first_step and self.rank == 0:
+                jd.event("first_step", phase=t.phase_name, step=t.step)
+                first_step = False
+            if not np.isfinite(rec["loss"]):
+                raise TrainingFailed(f"training loss is {rec['loss']} at step {t.step} (phase {t.phase_name}); "
+                                     f"lower optimizer.lr or raise model.l2")
+            epoch = t.samples_seen / t.n
+            if mon is not None:
+                mon.step(step=t.step, epoch=epoch, loss=rec["loss"], lr=rec["lr"], optimizer=t.optimizer,
+                         samples=rec["samples"], payload_bytes=rec["payload_bytes"], wire_bytes=rec["wire_bytes"],
+                         compute_s=rec["compute_s"], comm_s=rec["comm_s"], cursor=rec["cursor"],
+                         batch_fp=rec["batch_fp"])
+            if rec["signal"]:
+                return self._stopped(t, mon, stop_flag["n"])
+            budget_done = ((goal.max_steps is not None and t.step >= goal.max_steps)
+                           or (goal.max_epochs is not None and epoch >= goal.max_epochs - 1e-12))
+            if t.step % ev == 0 or budget_done:
+                valid = t.evaluate()
+                util = t.utilisation(proc)
+                if mon is not None:
+                    metrics = mon.evaluated(valid, util)
+                    decision[:] = self._decide(t, metrics, budget_done)
+                comm.Bcast(decision, root=0)
+                code, arg = int(decision[0]), int(decision[1])
+                if code == GOAL:
+                    return self._goal(t, mon)
+                if code == STOP:
+                    t.checkpoint("stop rule", mon.summary() if mon else {})
+                    return self._goal(t, mon)
+                if code == SWITCH:
+                    t.optimizer = OPTIMIZERS[arg]
+                    t.lbfgs.f = None
+                if code == GOTO:
+                    return self._rescale(t, mon, list(sp.fleet.phases)[arg])
+            if t.step % sp.checkpoint.every_steps == 0:
+                t.checkpoint("schedule", mon.summary() if mon else {})
+        # not reached
+        return EXIT_FAILED  # pragma: no cover
+
+    def _decide(self, t: Trainer, metrics: dict[str, float], budget_done: bool) -> tuple[int, int]:
+        """Judge goal, approvals and rules on rank 0; return (decision code, argument)."""
+        sp, jd = t.spec, self.jd
+        goal = sp.goal
+        self.last_metrics = metrics
+        reached = [
+            ("loss_below", goal.loss_below is not None and metrics["loss"] < goal.loss_below),
+            ("valid_loss_below", goal.valid_loss_below is not None
+             and metrics.get("valid_loss", np.inf) < goal.valid_loss_below),
+            ("valid_accuracy_above", goal.valid_accuracy_above is not None
+             and metrics.get("valid_accuracy", -1.0) > goal.valid_accuracy_above),
+        ]
+        hit = [name for name, ok in reached if ok]
+        if hit or budget_done:
+            self.goal_reason = ", ".join(hit) if hit else "budget (max_steps / max_epochs) exhausted"
+            return GOAL, 0
+        phases = list(sp.fleet.phases)
+        if t.pending is not None:
+            approval = _read_json(jd.approval)
+            if approval and approval.get("id") == t.pending["id"]:
+                jd.event("approval_used", id=t.pending["id"], goto=t.pending["goto"])
+                return GOTO, phases.index(t.pending["goto"])
+        for i, (rule, cond) in enumerate(zip(sp.fleet.rules, self.conditions)):
+            if rule.phases is not None and t.phase_name not in rule.phases:
+                continue
+            act = rule.then
+            if act.goto == t.phase_name or (act.optimizer and (act.optimizer == t.optimizer or i in t.fired)):
+                continue
+            if t.pending is not None and act.goto == t.pending["goto"]:
+                continue
+            if not cond.holds(metrics):
+                continue
+            used = {k: metrics.get(k) for k in sorted(cond.metrics_used())}
+            jd.event("rule_fired", rule=i, when=rule.when, action=act.describe(), phase=t.phase_name,
+                     step=t.step, metrics=used)
+            if act.goto:
+                if sp.fleet.approval == "manual":
+                    t.pending = {"id": f"{t.phase_name}-{t.step}-r{i}", "goto": act.goto, "rule": i,
+                                 "step": t.step}
+                    jd.update_state(pending_approval=t.pending)
+                    jd.event("approval_pending", **t.pending)
+                    continue
+                return GOTO, phases.index(act.goto)
+            if act.optimizer:
+                t.fired.add(i)
+                jd.event("optimizer_switch", step=t.step, **{"from": t.optimizer, "to": act.optimizer})
+                return SWITCH, OPTIMIZERS.index(act.optimizer)
+            self.goal_reason = f"stop rule {i}: {rule.when}"
+            return STOP, 0
+        return CONTINUE, 0
+
+    def _goal(self, t: Trainer, mon: Any) -> int:
+        if self.rank == 0:
+            reason = self.goal_reason
+            metrics = mon.metrics()
+            t.write_model(metrics)
+            self.jd.event("goal", step=t.step, epoch=t.samples_seen / t.n, reason=reason,
+                          loss=metrics.get("loss"), valid_loss=metrics.get("valid_loss"), model=str(self.jd.model))
+            self.jd.update_state(status="COMPLETED", reason=reason, pending_approval=None)
+            mon.say(f"fleetmpi: goal reached at step {t.step} ({reason}); model written to {self.jd.model}")
+            mon.close()
+        self.comm.Barrier()
+        return EXIT_OK
+
+    def _rescale(self, t: Trainer, mon: Any, target: str) -> int:
+        t.checkpoint(f"rescale to {target}", mon.summary() if mon else {})
+        if self.rank == 0:
+            sp = t.spec
+            to = sp.phase(target)
+            self.jd.event("rescale", step=t.step, **{"from": t.phase_name, "to": target},
+                          from_ranks=self.size, to_ranks=to.ranks, shape=to.shape())
+            if t.pending is not None:
+                self.jd.approval.unlink(missing_ok=True)
+            self.jd.update_state(phase=target, status="RESCALING", pending_approval=None)
+            mon.say(f"fleetmpi: rescale {t.phase_name} x{self.size} -> {target} x{to.ranks} at step {t.step}")
+            mon.close()
+        self.comm.Barrier()
+        return EXIT_RESCALE
+
+    def _stopped(self, t: Trainer, mon: Any, signum: int) -> int:
+        """Checkpoint and end the phase after a signal (``signum`` 0: it reached another rank)."""
+        name = signal.Signals(signum).name if signum else "a signal on another rank"
+        t.checkpoint(f"signal {name}", mon.summary() if mon else {})
+        if self.rank == 0:
+            self.jd.event("signal", signal=name, step=t.step)
+            self.jd.update_state(status="STOPPED")
+            mon.say(f"fleetmpi: stopped by {name} at step {t.step} after a checkpoint")
+            mon.close()
+        self.comm.Barrier()
+        return EXIT_STOPPED
+
+
+def _test_fault(rank: int) -> int | None:
+    """Return the step at which this rank raises, from FLEETMPI_TEST_FAULT='RANK:STEP'.
+
+    A fault injector for tests: a Python exception on one chosen rank is a fault no real
+    component produces on demand. Unset in normal runs.
+    """
+    spec = os.environ.get("FLEETMPI_TEST_FAULT")
+    if not spec:
+        return None
+    r, _, step = spec.partition(":")
+    return int(step) if int(r) == rank else None
+
+
+def _read_json(path: Any) -> dict[str, Any] | None:
+    import json
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _progress_mode(setting: str) -> str:
+    env = os.environ.get("FLEETMPI_PROGRESS")
+    if env in ("bar", "lines", "none"):
+        return env
+    if setting != "auto":
+        return setting
+    return "bar" if sys.stderr.isatty() else "lines"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of one rank; returns the phase exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m fleetmpi.worker JOB_DIR", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rank, size, host = comm.Get_rank(), comm.Get_size(), socket.gethostname()
+    debug = os.environ.get("FLEETMPI_DEBUG") == "1"
+    jd = JobDir(argv[0])
+    try:
+        return Phase(comm, jd).run()
+    except BadInput as e:
+        return _fail(comm, jd, EXIT_BAD_INPUT, f"fleetmpi: error: {e}", debug)
+    except TrainingFailed as e:
+        return _fail(comm, jd, EXIT_FAILED, f"fleetmpi: training failed: {e}", debug)
+    except Exception as e:  # noqa: BLE001 - any other error must end the world, not hang it
+        msg = f"fleetmpi: rank {rank}/{size}@{host}: {type(e).__name__}: {e}".replace("\n", " ")
+        print(msg, file=sys.stderr, flush=True)
+        if debug:
+            traceback.print_exc()
+        _record_error(jd, msg)
+        comm.Abort(EXIT_FAILED)
+        return EXIT_FAILED
+
+
+def _fail(comm: Any, jd: JobDir, code: int, msg: str, debug: bool) -> int:
+    """End a phase on an error every rank raised alike, or abort the world if only some did."""
+    if debug:
+        traceback.print_exc()
+    # Errors from collective setup or from allreduced values arise on every rank alike;
+    # a rank-local one (a bad batch on one rank) must not leave the others waiting.
+    if _all_failed(comm):
+        if comm.Get_rank() == 0:
+            print(msg, file=sys.stderr, flush=True)
+            _record_error(jd, msg)
+        return code
+    rank, size, host = comm.Get_rank(), comm.Get_size(), socket.gethostname()
+    line = msg.replace("fleetmpi: ", f"fleetmpi: rank {rank}/{size}@{host}: ", 1)
+    print(line, file=sys.stderr, flush=True)
+    _record_error(jd, line)
+    comm.Abort(code)
+    return code
+
+
+def _all_failed(comm: Any) -> bool:
+    """Return whether every rank reached this point within a short wait (non-blocking poll)."""
+    req = comm.Ibarrier()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if req.Test():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def _record_error(jd: JobDir, msg: str) -> None:
+    try:
+        jd.event("error", message=msg)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

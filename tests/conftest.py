@@ -1,0 +1,79 @@
+"""Shared fixtures: real mpiexec, real HDF5 files, the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a test that runs several MPI phases (seconds)")
+    config.addinivalue_line("markers", "slurm: needs the local Slurm minicluster")
+    config.addinivalue_line("markers", "gpu: needs a real GPU")
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 240, env: dict[str, str] | None = None,
+        check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `fleetmpi ARGS` as a subprocess (the real CLI, real mpiexec)."""
+    full = {**os.environ, "FLEETMPI_PROGRESS": "none", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "fleetmpi.cli", *args], cwd=cwd, env=full,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fleetmpi {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def mpirun(n: int, script: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a Python script under real mpiexec with ``n`` ranks."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
+    return subprocess.run([str(MPIEXEC), "-n", str(n), sys.executable, str(script), *args],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def events(job: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
+
+
+def metrics(job: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Synthetic datasets written by the real `fleetmpi make-data` (seeded, random)."""
+    base = tmp_path_factory.mktemp("data")
+    out = {}
+    for task, extra in (("multiclass", ["--classes", "4"]), ("binary", []), ("regression", [])):
+        folder = base / task
+        cli("make-data", "--task", task, "--n", "1000", "--d", "12", "--seed", "3", *extra,
+            "--out", str(folder), check=True)
+        out[task] = folder
+    return out
+
+
+def write_spec(path: Path, data: Path, **sections: Any) -> Path:
+    """Write a small valid spec on ``data`` (a make-data folder), sections overriding defaults."""
+    spec: dict[str, Any] = {
+        "name": "t",
+        "seed": 1,
+        "data": {"train": str(data / "train.h5"), "valid": str(data / "valid.h5")},
+        "model": {"kind": "softmax", "l2": 1e-4},
+        "optimizer": {"kind": "sgd", "lr": 0.2, "momentum": 0.9, "batch": 50},
+        "goal": {"max_steps": 60},
+        "checkpoint": {"every_steps": 20, "keep": 3},
+        "monitor": {"log_every_steps": 1, "eval_every_steps": 5},
+        "fleet": {"start": "one", "phases": {"one": {"nodes": 1, "ranks_per_node": 1}}},
+    }
+    spec.update(sections)
+    path.write_text(yaml.safe_dump(spec))
+    return path
