@@ -6,6 +6,7 @@ Bad input exits 2 with one line on stderr (a traceback only with --debug).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("events", help="print a job's events")
     e.add_argument("job_dir")
     e.add_argument("--json", action="store_true")
+    for name in _EXTENSIONS:
+        # Each module adds its subcommands: register(subparsers, commands_dict).
+        importlib.import_module(name).register(sub, _COMMANDS)
     return p
 
 
@@ -222,6 +226,9 @@ def _cmd_events(args: argparse.Namespace) -> int:
             print(f"{when} {kind:<18} " + " ".join(f"{k}={v}" for k, v in ev.items()))
     return EXIT_OK
 
+
+# Modules that add subcommands (Slurm submission, the job ledger) beside the built-ins.
+_EXTENSIONS: tuple[str, ...] = ()
 
 _COMMANDS = {"run": _cmd_run, "inspect": _cmd_inspect, "predict": _cmd_predict, "make-data": _cmd_make_data,
              "approve": _cmd_approve, "events": _cmd_events}

@@ -89,6 +89,7 @@ class Trainer:
             self.carried = dict(meta.get("summary", {}))
             self.sgd.load_state(ckpt.arrays)
             self.lbfgs.load_state(ckpt.arrays)
+            self.sync.load_state(ckpt.arrays)
         else:
             self.params = self.model.init(np.random.default_rng([sp.seed, 0x1417]), sp.model.init_scale)
             self.step = self.cursor = self.samples_seen = 0
@@ -208,7 +209,7 @@ class Trainer:
         self.comm.Allreduce(probe, hi, op=MPI.MAX)
         if not np.array_equal(lo, hi):
             raise TrainingFailed(f"ranks hold different parameters at step {self.step}; refusing to checkpoint")
-        extra = self.sync.state()
+        extra = self.sync.gather_state()
         if self.rank == 0:
             arrays = {"params": self.params, **self.sgd.state(), **self.lbfgs.state(), **extra}
             meta = {"step": self.step, "cursor": self.cursor, "samples_seen": self.samples_seen,

@@ -39,6 +39,13 @@ class Sync(ABC):
     def reduce(self, grad: np.ndarray, extras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return (global gradient sum, global extras sum); collective over ``comm``."""
 
-    def state(self) -> dict[str, np.ndarray]:
-        """Return per-rank state to merge into a checkpoint (none for dense)."""
+    def gather_state(self) -> dict[str, np.ndarray]:
+        """Return this sync's state merged over all ranks, on rank 0 ({} elsewhere).
+
+        Collective. Per-rank state (e.g. compression residuals) must be combined so that a
+        checkpoint taken at P ranks can be spread over any other rank count on load.
+        """
         return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take this rank's share of merged state from a checkpoint's arrays (every rank)."""
