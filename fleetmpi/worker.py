@@ -65,8 +65,8 @@ class Trainer:
         self.order = SampleOrder(self.n, sp.optimizer.batch, sp.seed, sp.data.block_rows)
         p = self.model.n_params
         self.mask = self.model.weight_mask()
-        self.grad = np.empty(p)
         self.sync = build_sync(sp.sync, comm, p, N_EXTRAS)
+        self.grad = self.sync.grad_out   # kernels write into the sync's send buffer
         self.sgd = SGD(sp.optimizer, p)
         self.lbfgs = LBFGS(sp.optimizer.lbfgs, p)
         self.lbfgs_data: tuple[np.ndarray, np.ndarray, float, int] | None = None

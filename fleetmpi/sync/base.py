@@ -28,6 +28,9 @@ class Sync(ABC):
         self.payload_total = 0
         self.wire_total = 0.0
         self.calls = 0
+        # Where kernels write this rank's gradient sum; a sync may make it a view of its
+        # send buffer so that reduce() copies nothing.
+        self.grad_out = np.empty(n_params)
 
     def _count(self, payload: int, wire: float) -> None:
         self.payload_bytes, self.wire_bytes = payload, wire
@@ -37,7 +40,11 @@ class Sync(ABC):
 
     @abstractmethod
     def reduce(self, grad: np.ndarray, extras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (global gradient sum, global extras sum); collective over ``comm``."""
+        """Return (global gradient sum, global extras sum); collective over ``comm``.
+
+        Pass ``grad_out`` as ``grad`` to skip a copy. The results may be views into the
+        sync's buffers, valid until the next call.
+        """
 
     def gather_state(self) -> dict[str, np.ndarray]:
         """Return this sync's state merged over all ranks, on rank 0 ({} elsewhere).

@@ -17,12 +17,16 @@ class DenseSync(Sync):
         super().__init__(comm, n_params, n_extras)
         self._send = np.empty(n_params + n_extras)
         self._recv = np.empty(n_params + n_extras)
+        self.grad_out = self._send[:n_params]
+        self._extras_in = self._send[n_params:]
+        self._grad_res, self._extras_res = self._recv[:n_params], self._recv[n_params:]
+        nbytes = self._send.nbytes
+        self._wire = 2.0 * (self.size - 1) / self.size * nbytes
 
     def reduce(self, grad: np.ndarray, extras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        n = self.n_params
-        self._send[:n] = grad
-        self._send[n:] = extras
+        if grad is not self.grad_out:
+            self.grad_out[...] = grad
+        self._extras_in[...] = extras
         self.comm.Allreduce(self._send, self._recv, op=MPI.SUM)
-        nbytes = self._send.nbytes
-        self._count(nbytes, 2.0 * (self.size - 1) / self.size * nbytes)
-        return self._recv[:n], self._recv[n:]
+        self._count(self._send.nbytes, self._wire)
+        return self._grad_res, self._extras_res
