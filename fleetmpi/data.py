@@ -14,6 +14,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from h5py import h5s, h5t
 
 from .errors import BadInput
 
@@ -53,8 +54,9 @@ def describe(path: Path, task: str, classes: int | None = None) -> DataInfo:
         lo, hi, integral = np.inf, -np.inf, True
         for start in range(0, n, 1 << 20):
             chunk = np.asarray(y[start:start + (1 << 20)], dtype=np.float64)
-            if not np.all(np.isfinite(chunk)):
-                raise BadInput(f"{path}: y holds NaN or inf near row {start}; labels must be finite class ids")
+            bad = np.flatnonzero(~np.isfinite(chunk))
+            if bad.size:
+                raise BadInput(f"{path}: y holds NaN or inf at row {start + int(bad[0])}; labels must be finite class ids")
             lo, hi = min(lo, chunk.min()), max(hi, chunk.max())
             integral &= bool(np.all(chunk == np.round(chunk)))
         if not integral or lo < 0:
@@ -73,6 +75,8 @@ def describe(path: Path, task: str, classes: int | None = None) -> DataInfo:
 
 def open_h5(path: Path) -> h5py.File:
     """Open an HDF5 file read-only; BadInput naming the file when it cannot be."""
+    if path.is_dir():  # h5py's message for a folder is a read failure with a timestamp
+        raise BadInput(f"{path}: is a folder, not an HDF5 data file")
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
@@ -154,19 +158,38 @@ class RankReader:
         self._ybuf = np.empty(0, np.float32)
 
     def read(self, ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, float]:
-        """Return (X rows, y rows, fingerprint) for the row ranges, in order; views into buffers."""
+        """Return (X rows, y rows, fingerprint) of the row ranges; views into reused buffers.
+
+        All ranges are read with ONE HDF5 read of a union of hyperslabs (one call per
+        block costs ~40 us each, 10x the data movement at typical batch sizes). Rows come
+        back in file order: deterministic, and a gradient sum does not depend on order.
+        """
+        ranges = sorted(ranges)
         total = sum(hi - lo for lo, hi in ranges)
         if self._xbuf.shape[0] < total:
             self._xbuf = np.empty((total, self.d), np.float32)
             self._ybuf = np.empty(total, np.float32)
-        off, fp = 0, 0.0
-        for lo, hi in ranges:
-            m = hi - lo
-            self.X.read_direct(self._xbuf, np.s_[lo:hi], np.s_[off:off + m])
-            self._ybuf[off:off + m] = self.y[lo:hi]
-            fp += row_fingerprint(lo, hi)
+        X, y = self._xbuf[:total], self._ybuf[:total]
+        off = 0
+        for layer in _layers(ranges):
+            m = sum(hi - lo for lo, hi in layer)
+            self._read_union(self.X, layer, X[off:off + m], (self.d,))
+            self._read_union(self.y, layer, y[off:off + m], ())
             off += m
-        return self._xbuf[:total], self._ybuf[:total], fp
+        return X, y, sum(row_fingerprint(lo, hi) for lo, hi in ranges)
+
+    @staticmethod
+    def _read_union(dset: h5py.Dataset, ranges: list[tuple[int, int]], out: np.ndarray,
+                    tail: tuple[int, ...]) -> None:
+        space = dset.id.get_space()
+        space.select_none()
+        for lo, hi in ranges:
+            space.select_hyperslab((lo, *(0 for _ in tail)), (hi - lo, *tail), op=h5s.SELECT_OR)
+        mem = h5s.create_simple(out.shape)
+        if out.dtype == dset.dtype:
+            dset.id.read(mem, space, out)
+        else:  # y stored as int or float64: HDF5 converts to float32 while reading
+            dset.id.read(mem, space, out, mtype=h5t.py_create(out.dtype))
 
     def read_contiguous(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Return copies of rows [lo, hi) (a rank's fixed shard, e.g. validation data)."""
@@ -177,6 +200,22 @@ class RankReader:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _layers(ranges: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Split sorted ranges into groups without overlaps (a union selection would merge them).
+
+    Rows repeat only when a batch spans an epoch boundary, so there are one or two groups.
+    """
+    layers: list[list[tuple[int, int]]] = []
+    for r in ranges:
+        for layer in layers:
+            if layer[-1][1] <= r[0]:
+                layer.append(r)
+                break
+        else:
+            layers.append([r])
+    return layers
 
 
 def contiguous_share(n: int, rank: int, size: int) -> tuple[int, int]:

@@ -1,0 +1,76 @@
+"""Training throughput at 1 rank vs scikit-learn's SGDClassifier on the same data.
+
+Both fit logistic regression for the same number of epochs over the same synthetic
+binary set (X float32 200000 x 64). fleetmpi's figure is the whole `fleetmpi run` wall
+time of the phase's steps (HDF5 reads, kernel, sync, optimizer, monitor) from its metrics;
+scikit-learn's is fit() on arrays already in memory (no I/O), per-sample SGD.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import yaml
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import save, table  # noqa: E402
+
+EPOCHS = 3
+
+
+def run_fleetmpi(data: Path, tmp: Path, batch: int) -> tuple[float, float]:
+    spec = {"name": "bench", "data": {"train": str(data / "train.h5"), "valid": str(data / "valid.h5")},
+            "model": {"kind": "logistic", "l2": 1e-5},
+            "optimizer": {"kind": "sgd", "lr": 0.5, "momentum": 0.9, "batch": batch},
+            "goal": {"max_epochs": EPOCHS}, "checkpoint": {"every_steps": 100000},
+            "monitor": {"log_every_steps": 20, "eval_every_steps": 100000},
+            "fleet": {"start": "one", "phases": {"one": {"ranks_per_node": 1}}}}
+    path = tmp / f"spec{batch}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    job = tmp / f"job{batch}"
+    subprocess.run([sys.executable, "-m", "fleetmpi.cli", "run", str(path), "--job-dir", str(job)],
+                   check=True, capture_output=True, env={**os.environ, "FLEETMPI_PROGRESS": "none"})
+    ev = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
+    first = next(e for e in ev if e["event"] == "first_step")
+    goal = next(e for e in ev if e["event"] == "goal")
+    m = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+    steps = goal["step"] - first["step"]
+    return steps * batch / (goal["t"] - first["t"]), m[-1]["loss"]
+
+
+def main() -> None:
+    from sklearn.linear_model import SGDClassifier
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        subprocess.run([sys.executable, "-m", "fleetmpi.cli", "make-data", "--task", "binary", "--n", "250000",
+                        "--d", "64", "--valid-fraction", "0.2", "--out", str(tmp / "data")], check=True,
+                       capture_output=True)
+        with h5py.File(tmp / "data" / "train.h5") as f:
+            X, y = f["X"][...], f["y"][...]
+        clf = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=EPOCHS, tol=None, random_state=0)
+        t0 = time.perf_counter()
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clf.fit(X, y)
+        sk = EPOCHS * len(y) / (time.perf_counter() - t0)
+        rows = [{"system": "scikit-learn SGDClassifier (batch 1, in memory)", "samples_per_s": sk, "ratio": 1.0}]
+        for batch in (256, 1024, 4096):
+            sps, _ = run_fleetmpi(tmp / "data", tmp, batch)
+            rows.append({"system": f"fleetmpi 1 rank, batch {batch} (HDF5 reads)", "samples_per_s": sps,
+                         "ratio": sps / sk})
+    print(table(f"throughput, logistic regression, 200000 x 64, {EPOCHS} epochs (ratio vs scikit-learn)", rows,
+                [("system", "s"), ("samples_per_s", ".0f"), ("ratio", ".2f")]))
+    save("throughput_1rank", rows, epochs=EPOCHS)
+
+
+if __name__ == "__main__":
+    main()
