@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"fleetmpi: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as e:
         if debug:
             traceback.print_exc()
         print(f"fleetmpi: error: {e}", file=sys.stderr)
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import spec as specmod
     from .jobdir import JobDir
-    from .launch.local import LocalBackend
+    from .launch.local import LocalBackend, find_mpiexec
 
     given = Path(args.spec)
     if given.is_dir():  # `fleetmpi run JOB_DIR` resumes
@@ -122,14 +122,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                f"{' with --set ' + ' '.join(args.overrides) if args.overrides else ''}; "
                                "use a new --job-dir, or `fleetmpi run " + str(jd.root) + "` to resume it as it was")
         else:
+            # Everything a launch needs is checked before the job dir exists, so a refusal
+            # leaves nothing behind (and a corrected spec is not refused as a different one).
+            _check_folder_path(jd.root, "--job-dir" if args.job_dir else "job dir")
             _check_inputs(spec)
+            find_mpiexec(spec)
             jd.create(specmod.dump(spec), spec.fleet.start, spec.scheduler.backend)
-    state = jd.read_state()
+    state = _read_state(jd)
     if state.get("status") == "COMPLETED":
         print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
               file=sys.stderr)
         rc = EXIT_OK
     else:
+        phase = state.get("phase")
+        if not isinstance(phase, str) or phase not in spec.fleet.phases:
+            raise BadInput(f"{jd.state_path}: phase {phase!r} is not in the spec's fleet.phases "
+                           f"({', '.join(spec.fleet.phases)}); the file was edited or belongs to another job")
+        find_mpiexec(spec)
         if state.get("status") not in ("NEW", None):
             jd.event("resume_requested", status=state.get("status"))
         phases: list[dict[str, Any]] = []
@@ -137,6 +146,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(_outcome(jd, rc), indent=1))
     return rc
+
+
+def _read_state(jd: Any) -> dict[str, Any]:
+    """Return the job's state.json; BadInput unless it holds a JSON object."""
+    state = jd.read_state()
+    if not isinstance(state, dict):
+        raise BadInput(f"{jd.state_path}: expected a JSON object, got a JSON {type(state).__name__}; "
+                       "the file was edited or damaged")
+    return state
+
+
+def _check_folder_path(path: Path, label: str) -> None:
+    """Refuse a folder to be created that is, or lies under, an existing file."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise BadInput(f"{label} {path}: {p} is not a folder")
+            return
 
 
 def _check_inputs(spec: Any) -> None:
@@ -190,6 +217,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
     from .makedata import make_data
+    _check_folder_path(Path(args.out), "--out")
     out = make_data(source=args.source, task=args.task, n=args.n, d=args.d, classes=args.classes,
                     noise=args.noise, valid_fraction=args.valid_fraction, seed=args.seed, out=Path(args.out))
     for path, rows in out.items():
@@ -200,10 +228,12 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
 def _cmd_approve(args: argparse.Namespace) -> int:
     from .jobdir import JobDir, atomic_write_bytes
     jd = JobDir(args.job_dir)
-    state = jd.read_state()
+    state = _read_state(jd)
     pending = state.get("pending_approval")
     if not pending:
         raise BadInput(f"{jd.root}: no rescale is waiting for approval (status {state.get('status')})")
+    if not (isinstance(pending, dict) and isinstance(pending.get("id"), str) and isinstance(pending.get("goto"), str)):
+        raise BadInput(f"{jd.state_path}: pending_approval is {pending!r}; expected an object with id and goto")
     # The event first: the worker may act on the file the moment it appears.
     jd.event("approved", id=pending["id"], goto=pending["goto"], user=os.environ.get("USER", ""))
     atomic_write_bytes(jd.approval, json.dumps({"id": pending["id"], "user": os.environ.get("USER", "")}).encode())

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 
 from .errors import BadInput, CheckpointError
 from .h5store import read_h5_verified, write_h5_atomic
-from .models import Model, build_model
+from .models import TASKS, Model, build_model
 from .spec import ModelSpec
 
 CHUNK_ROWS = 65536
@@ -18,6 +19,9 @@ CHUNK_ROWS = 65536
 def load_model(path: Path) -> tuple[Model, np.ndarray, dict[str, Any]]:
     """Return (model, params, meta) from a verified model file."""
     arrays, meta = read_h5_verified(path, kind="model")
+    if meta.get("kind") not in TASKS:
+        raise CheckpointError(f"{path}: model kind {meta.get('kind')!r} is not one of {', '.join(TASKS)}; "
+                              "expected a model.h5 written by this fleetmpi")
     try:
         hidden = tuple(meta.get("sizes", [])[1:-1]) if meta["kind"] == "mlp" else ()
         mspec = ModelSpec(kind=meta["kind"], l2=float(meta.get("l2", 0.0)), hidden=hidden,
@@ -39,12 +43,16 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
         raise BadInput(f"--out {out}: would overwrite an input file; choose another path")
     if not out.parent.is_dir():
         raise BadInput(f"--out {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise BadInput(f"--out {out}: is a folder; give a file name, e.g. {out / 'predictions.h5'}")
     with open_h5(data_path) as f:
-        if "X" not in f:
+        if not isinstance(f.get("X"), h5py.Dataset):
             raise BadInput(f"{data_path}: missing dataset 'X' (float32, n x d)")
         X = f["X"]
         if X.ndim != 2 or X.shape[1] != model_d(model):
             raise BadInput(f"{data_path}: X has shape {X.shape} but the model takes {model_d(model)} features")
+        if X.shape[0] == 0:
+            raise BadInput(f"{data_path}: X has no rows to predict")
         if X.dtype != np.float32:
             raise BadInput(f"{data_path}: X must be float32, got {X.dtype}")
         parts = [model.predict(np.ascontiguousarray(X[i:i + CHUNK_ROWS]), params)

@@ -209,7 +209,7 @@ class Spec:
     model: ModelSpec
     goal: GoalSpec
     fleet: FleetSpec
-    seed: int = 0
+    seed: int = check(non_negative, 0)   # numpy's generators take only seeds >= 0
     optimizer: OptimizerSpec = OptimizerSpec()
     sync: SyncSpec = SyncSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
@@ -299,7 +299,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key or any(not part for part in key.split(".")):
             raise BadInput(f"--set {item!r}: expected key.path=value, e.g. --set optimizer.lr=0.05")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = yaml.load(text, Loader=_SpecLoader) if text else ""
         except yaml.YAMLError as e:
             raise BadInput(f"--set {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
         node = out
@@ -313,6 +313,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = nxt
         node[parts[-1]] = value
     return out
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *anchor' entries may be overridden on purpose
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable: the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (a key may appear once per mapping)", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -330,7 +350,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise BadInput(f"{path}: cannot read spec ({e.__class__.__name__}: {e})".replace("\n", " ")) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as e:
         raise BadInput(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
