@@ -128,7 +128,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             _check_inputs(spec)
             find_mpiexec(spec)
             jd.create(specmod.dump(spec), spec.fleet.start, spec.scheduler.backend)
-    state = _read_state(jd)
+    state = jd.read_state()
     if state.get("status") == "COMPLETED":
         print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
               file=sys.stderr)
@@ -138,23 +138,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not isinstance(phase, str) or phase not in spec.fleet.phases:
             raise BadInput(f"{jd.state_path}: phase {phase!r} is not in the spec's fleet.phases "
                            f"({', '.join(spec.fleet.phases)}); the file was edited or belongs to another job")
+        _check_inputs(spec)   # data may have moved since the job was created
         find_mpiexec(spec)
         if state.get("status") not in ("NEW", None):
             jd.event("resume_requested", status=state.get("status"))
-        phases: list[dict[str, Any]] = []
-        rc = LocalBackend(jd, spec, on_phase=phases.append).run()
+        rc = LocalBackend(jd, spec).run()
     if args.json:
         print(json.dumps(_outcome(jd, rc), indent=1))
     return rc
-
-
-def _read_state(jd: Any) -> dict[str, Any]:
-    """Return the job's state.json; BadInput unless it holds a JSON object."""
-    state = jd.read_state()
-    if not isinstance(state, dict):
-        raise BadInput(f"{jd.state_path}: expected a JSON object, got a JSON {type(state).__name__}; "
-                       "the file was edited or damaged")
-    return state
 
 
 def _check_folder_path(path: Path, label: str) -> None:
@@ -228,7 +219,7 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
 def _cmd_approve(args: argparse.Namespace) -> int:
     from .jobdir import JobDir, atomic_write_bytes
     jd = JobDir(args.job_dir)
-    state = _read_state(jd)
+    state = jd.read_state()
     pending = state.get("pending_approval")
     if not pending:
         raise BadInput(f"{jd.root}: no rescale is waiting for approval (status {state.get('status')})")

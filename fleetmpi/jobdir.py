@@ -89,12 +89,17 @@ class JobDir:
         self.event("created", phase=start_phase, backend=backend)
 
     def read_state(self) -> dict[str, Any]:
+        """Return state.json; BadInput unless it holds a JSON object."""
         try:
-            return json.loads(self.state_path.read_text())
+            state = json.loads(self.state_path.read_text())
         except FileNotFoundError:
             raise BadInput(f"{self.state_path}: missing; {self.root} is not a fleetmpi job dir") from None
         except json.JSONDecodeError as e:
             raise BadInput(f"{self.state_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(state, dict):
+            raise BadInput(f"{self.state_path}: expected a JSON object, got a JSON {type(state).__name__}; "
+                           "the file was edited or damaged")
+        return state
 
     def write_state(self, state: dict[str, Any]) -> None:
         atomic_write_bytes(self.state_path, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())

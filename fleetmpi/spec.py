@@ -299,7 +299,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key or any(not part for part in key.split(".")):
             raise BadInput(f"--set {item!r}: expected key.path=value, e.g. --set optimizer.lr=0.05")
         try:
-            value = yaml.load(text, Loader=_SpecLoader) if text else ""
+            value = yaml.load(text, Loader=_UniqueKeySafeLoader) if text else ""
         except yaml.YAMLError as e:
             raise BadInput(f"--set {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
         node = out
@@ -315,7 +315,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-class _SpecLoader(yaml.SafeLoader):
+class _UniqueKeySafeLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -350,7 +350,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
         raise BadInput(f"{path}: cannot read spec ({e.__class__.__name__}: {e})".replace("\n", " ")) from None
     try:
-        raw = yaml.load(text, Loader=_SpecLoader)
+        raw = yaml.load(text, Loader=_UniqueKeySafeLoader)
     except yaml.YAMLError as e:
         raise BadInput(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
