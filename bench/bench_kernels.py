@@ -14,9 +14,9 @@ import numba
 import numpy as np
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import best_of, save, table  # noqa: E402
+from common import best_of, save, table
 
-from kernels import cpu, reference  # noqa: E402
+from kernels import cpu, reference
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)

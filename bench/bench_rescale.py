@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import save, table  # noqa: E402
+from common import save, table
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,9 +15,9 @@ import numpy as np
 from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import save, table  # noqa: E402
+from common import save, table
 
-from fleetmpi.sync.dense import DenseSync  # noqa: E402
+from fleetmpi.sync.dense import DenseSync
 
 EXTRAS = 4
 
@@ -46,8 +46,8 @@ def main() -> None:
         send = np.concatenate([grad, extras])
         recv = np.empty_like(send)
         reps = max(5, min(200, int(2e8 // max(send.nbytes * 8, 1))))
-        raw = lambda: comm.Allreduce(send, recv, op=MPI.SUM)  # noqa: E731
-        ours = lambda: sync.reduce(grad, extras)  # noqa: E731
+        raw = lambda: comm.Allreduce(send, recv, op=MPI.SUM)
+        ours = lambda: sync.reduce(grad, extras)
         raw(), ours()
         t_raw = min(_median_time(comm, raw, reps), _median_time(comm, raw, reps))
         t_ours = min(_median_time(comm, ours, reps), _median_time(comm, ours, reps))

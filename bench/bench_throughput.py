@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import h5py
-import numpy as np
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import save, table  # noqa: E402
+from common import save, table
 
 EPOCHS = 3
 

@@ -11,10 +11,11 @@ import json
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from . import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from . import EXIT_BAD_INPUT, EXIT_OK
 from .errors import BadInput, FleetError
 
 

@@ -64,7 +64,8 @@ def describe(path: Path, task: str, classes: int | None = None) -> DataInfo:
                            f"{'' if integral else ' that are not whole numbers'}")
         if task == "binary":
             if hi > 1:
-                raise BadInput(f"{path}: logistic needs labels 0/1 in y, found labels up to {hi:g}; use kind softmax for more classes")
+                raise BadInput(f"{path}: logistic needs labels 0/1 in y, found labels up to {hi:g}; "
+                               "use kind softmax for more classes")
             return DataInfo(path, n, d, 2)
         attr = f.attrs.get("classes")
         k = classes or (int(attr) if attr is not None else int(hi) + 1)
@@ -93,7 +94,8 @@ def _datasets(f: h5py.File, path: Path) -> tuple[h5py.Dataset, h5py.Dataset]:
     if X.ndim != 2:
         raise BadInput(f"{path}: X must be 2-D (n x d), got shape {X.shape}")
     if X.dtype != np.float32:
-        raise BadInput(f"{path}: X must be float32, got {X.dtype}; convert with `fleetmpi make-data --from` or X.astype('float32')")
+        raise BadInput(f"{path}: X must be float32, got {X.dtype}; write it with X.astype('float32') "
+                       "(or `fleetmpi make-data`)")
     if y.shape != (X.shape[0],):
         raise BadInput(f"{path}: y must have shape ({X.shape[0]},) to match X, got {y.shape}")
     if y.dtype.kind not in "fiu":

@@ -63,7 +63,7 @@ class Monitor:
             self._log_win = _Window()
         self._show(now)
 
-    def _record(self, win: "_Window", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _record(self, win: _Window, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         rec = {**self.last, "phase": self.phase, "ranks": self.ranks,
                "loss_ema": self.ema, **win.rates(),
                "sync_bytes_total": self.sync_total, "wire_bytes_total": self.wire_total}

@@ -329,8 +329,7 @@ def format_bytes(n: float) -> str:
     """Return a byte count (bytes) in binary units, e.g. ``65536 -> "64.0 KiB"``."""
     if not math.isfinite(n) or abs(n) < 1024:
         return f"{n:.0f} B"
-    unit = "B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
+    for unit in ("KiB", "MiB", "GiB", "TiB"):  # noqa: B007 - the unit reached is the answer
         n /= 1024.0
         if abs(n) < 1024:
             break

@@ -12,7 +12,8 @@ import dataclasses
 import re
 import types
 import typing
-from typing import Any, Callable, Literal, Mapping, TypeVar, get_args, get_origin
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar, get_args, get_origin
 
 T = TypeVar("T")
 

@@ -32,7 +32,8 @@ class Trainer:
     """State and collective operations of one phase on one rank."""
 
     def __init__(self, comm: Any, jd: JobDir) -> None:
-        from . import checkpoint, spec as specmod
+        from . import checkpoint
+        from . import spec as specmod
         from .data import RankReader, SampleOrder, contiguous_share, describe
         from .models import TASKS, build_model
         from .optim import LBFGS, SGD
@@ -201,6 +202,7 @@ class Trainer:
     def checkpoint(self, reason: str, summary: dict[str, Any]) -> None:
         """Write a checkpoint of the global state (collective; rank 0 writes)."""
         from mpi4py import MPI
+
         from . import checkpoint
         # Every rank must hold the same parameters; check before trusting rank 0's copy.
         probe = np.array([float(self.params.sum()), float(np.dot(self.params, self.params))])
@@ -256,7 +258,7 @@ class Phase:
 
     def run(self) -> int:
         import psutil
-        from mpi4py import MPI
+
         from kernels import cpu
 
         comm, jd = self.comm, self.jd
@@ -487,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(comm, jd, EXIT_BAD_INPUT, f"fleetmpi: error: {e}", debug)
     except TrainingFailed as e:
         return _fail(comm, jd, EXIT_FAILED, f"fleetmpi: training failed: {e}", debug)
-    except Exception as e:  # noqa: BLE001 - any other error must end the world, not hang it
+    except Exception as e:
         msg = f"fleetmpi: rank {rank}/{size}@{host}: {type(e).__name__}: {e}".replace("\n", " ")
         print(msg, file=sys.stderr, flush=True)
         if debug:

@@ -16,12 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: a test that runs several MPI phases (seconds)")
-    config.addinivalue_line("markers", "slurm: needs the local Slurm minicluster")
-    config.addinivalue_line("markers", "gpu: needs a real GPU")
-
-
 def cli(*args: str, cwd: Path | None = None, timeout: float = 240, env: dict[str, str] | None = None,
         check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run `fleetmpi ARGS` as a subprocess (the real CLI, real mpiexec)."""

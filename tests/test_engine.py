@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-
 from conftest import ROOT, cli, events, metrics, write_spec
+
 from fleetmpi.data import SampleOrder, row_fingerprint
 from fleetmpi.h5store import read_h5_verified
 from kernels import reference
@@ -53,7 +53,7 @@ def test_quickstart_rescales_twice_reaches_goal_and_predicts(tmp_path: Path) -> 
     pred = tmp_path / "pred.h5"
     valid = ROOT / "examples" / "data" / "valid.h5"
     assert cli("predict", str(job / "model.h5"), str(valid), "--out", str(pred)).returncode == 0
-    arrays, meta = read_h5_verified(pred, kind="predictions")
+    arrays, _ = read_h5_verified(pred, kind="predictions")
     with h5py.File(valid) as f:
         X, y = f["X"][...], f["y"][...]
     want = reference.softmax_predict_proba(X, _params(job), 10)
@@ -136,7 +136,8 @@ def _start(args: list[str], env: dict | None = None) -> subprocess.Popen:
 
 def test_kill9_of_one_rank_ends_run_then_resume_skips_truncated_checkpoint(tmp_path: Path, datasets: dict) -> None:
     spec = write_spec(tmp_path / "s.yaml", datasets["multiclass"], goal={"max_steps": 6000},
-                      checkpoint={"every_steps": 100, "keep": 5}, monitor={"log_every_steps": 50, "eval_every_steps": 50},
+                      checkpoint={"every_steps": 100, "keep": 5},
+                      monitor={"log_every_steps": 50, "eval_every_steps": 50},
                       fleet={"start": "two", "phases": {"two": {"ranks_per_node": 2}}})
     job = tmp_path / "job"
     proc = _start(["run", str(spec), "--job-dir", str(job)])

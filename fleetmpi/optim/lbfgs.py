@@ -6,7 +6,7 @@ rank takes the same branch; the objective callable is collective.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

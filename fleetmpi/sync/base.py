@@ -54,5 +54,5 @@ class Sync(ABC):
         """
         return {}
 
-    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:  # noqa: B027 - optional hook
         """Take this rank's share of merged state from a checkpoint's arrays (every rank)."""
