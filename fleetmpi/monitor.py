@@ -133,10 +133,9 @@ class Monitor:
             from tqdm import tqdm
             goal = self.spec.goal
             total = goal.max_epochs if goal.max_epochs is not None else None
-            self._bar = tqdm(total=total, unit="epoch", file=self.stream, dynamic_ncols=True,
-                             bar_format="{l_bar}{bar}| {n:.2f}/{total_fmt} ep [{elapsed}<{remaining}{postfix}]",
-                             desc=f"{self.phase} x{self.ranks}")
-            self._bar.n = float(self.last.get("epoch", 0.0))
+            self._bar = tqdm(total=total, initial=float(self.last.get("epoch", 0.0)), unit="epoch",
+                             file=self.stream, dynamic_ncols=True, desc=f"{self.phase} x{self.ranks}",
+                             bar_format="{l_bar}{bar}| {n:.2f}/{total_fmt} ep [{elapsed}<{remaining}{postfix}]")
         epoch = float(self.last.get("epoch", 0.0))
         self._bar.update(epoch - self._bar.n)
         m = self._win.rates()
@@ -164,7 +163,6 @@ class _Window:
         self.t1 = 0.0
         self.steps = self.samples = self.payload = 0
         self.wire = self.compute = self.comm = 0.0
-        self._first_dt = 0.0
 
     def add(self, now: float, samples: int, payload: int, wire: float, compute: float, comm: float) -> None:
         if self.t0 is None:
