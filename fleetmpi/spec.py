@@ -82,7 +82,27 @@ class OptimizerSpec:
 
 @dataclass(frozen=True)
 class SyncSpec:
-    kind: Literal["dense"] = "dense"
+    """How ranks combine gradient sums: dense allreduce, threshold-compressed or exact."""
+
+    kind: Literal["dense", "threshold", "exact"] = "dense"
+    # threshold: the quantum sent per entry, in units of one rank's gradient *sum* over its
+    # rows (the start value when adaptive).
+    tau: float | None = check(positive, None)
+    adaptive: bool = False                     # threshold: steer tau towards target_density
+    target_density: float | None = check(in_range(1e-9, 1.0), None)  # fraction sent; default 0.01
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.kind == "threshold" and self.tau is None:
+            return "tau", ("threshold sync needs tau > 0, the amount sent per entry in units of a rank's "
+                           "gradient sum, e.g. {kind: threshold, tau: 0.5} (with adaptive: true, its start value)")
+        if self.kind != "threshold":
+            for key, given in (("tau", self.tau is not None), ("adaptive", self.adaptive),
+                               ("target_density", self.target_density is not None)):
+                if given:
+                    return key, f"only kind threshold takes {key}; kind is {self.kind!r}"
+        if self.target_density is not None and not self.adaptive:
+            return "target_density", "target_density steers an adaptive tau: add adaptive: true or drop it"
+        return None
 
 
 @dataclass(frozen=True)

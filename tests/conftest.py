@@ -71,3 +71,17 @@ def write_spec(path: Path, data: Path, **sections: Any) -> Path:
     spec.update(sections)
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+SOLO = {"start": "solo", "phases": {"solo": {"ranks_per_node": 1}}}
+
+
+def run_rescaled_and_solo(tmp_path: Path, data: Path, fleet: dict[str, Any], **common: Any) -> tuple[Path, Path]:
+    """Run one spec through ``fleet``'s rescales and again on one rank; return both job dirs."""
+    jobs = []
+    for name, fl in (("rescaled", fleet), ("solo", SOLO)):
+        spec = write_spec(tmp_path / f"{name}.yaml", data, fleet=fl, **common)
+        proc = cli("run", str(spec), "--job-dir", str(tmp_path / name))
+        assert proc.returncode == 0, proc.stderr
+        jobs.append(tmp_path / name)
+    return jobs[0], jobs[1]

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-from conftest import ROOT, cli, events, metrics, write_spec
+from conftest import ROOT, cli, events, metrics, run_rescaled_and_solo, write_spec
 
 from fleetmpi.data import SampleOrder, row_fingerprint
 from fleetmpi.h5store import read_h5_verified
@@ -75,12 +75,7 @@ def test_rescale_2_3_1_matches_uninterrupted_single_rank(tmp_path: Path, dataset
                                       "c": {"ranks_per_node": 1}},
              "rules": [{"in": "a", "when": "step >= 20", "then": {"goto": "b"}},
                        {"in": "b", "when": "step >= 45", "then": {"goto": "c"}}]}
-    one = {"start": "solo", "phases": {"solo": {"ranks_per_node": 1}}}
-    rescaled, single = tmp_path / "rescaled", tmp_path / "single"
-    for job, fl in ((rescaled, fleet), (single, one)):
-        spec = write_spec(tmp_path / f"{job.name}.yaml", data, fleet=fl, **common)
-        proc = cli("run", str(spec), "--job-dir", str(job))
-        assert proc.returncode == 0, proc.stderr
+    rescaled, single = run_rescaled_and_solo(tmp_path, data, fleet, **common)
 
     starts = [(e["phase"], e["ranks"], e["step"]) for e in events(rescaled) if e["event"] == "phase_start"]
     assert starts == [("a", 2, 0), ("b", 3, 20), ("c", 1, 45)]

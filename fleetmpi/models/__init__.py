@@ -25,4 +25,4 @@ def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
     return MLP((d, *spec.hidden, k), spec.l2)
 
 
-__all__ = ["Model", "TASKS", "build_model"]
+__all__ = ["TASKS", "Model", "build_model"]

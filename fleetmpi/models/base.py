@@ -29,6 +29,15 @@ class Model(ABC):
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
         """Fill g_out with the gradient summed over the rows; return the summed loss (no L2)."""
 
+    def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
+        """Return (summed loss, per-tensor row factors (U (n, d), V (n, k))) for exact sync.
+
+        The gradient sum over the rows is, tensor after tensor in parameter order, the
+        (d + 1, k) block sum_i [U_i, 1] (outer) V_i; each row's factors depend only on
+        that row and ``params`` (see ``kernels.exact``).
+        """
+        raise NotImplementedError(f"model kind {self.kind!r} has no per-row factors; exact sync cannot use it")
+
     @abstractmethod
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
         """Return predictions: values (regression), P(y=1) (binary) or class probabilities (n, k)."""

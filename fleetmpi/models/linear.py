@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import cpu
+from kernels import cpu, exact
 
 from .base import Model
 
@@ -38,6 +38,9 @@ class LinearRegression(_Linear):
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
         return float(cpu.linear_grad(X, y, params, g_out))
 
+    def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
+        return exact.linear_rows(X, y, params)
+
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
         out = np.empty(X.shape[0])
         cpu.linear_predict(X, params, out)
@@ -50,6 +53,10 @@ class LogisticRegression(_Linear):
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
         self.check_labels(y, 2)
         return float(cpu.logistic_grad(X, y, params, g_out))
+
+    def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
+        self.check_labels(y, 2)
+        return exact.logistic_rows(X, y, params)
 
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
         out = np.empty(X.shape[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import cpu, reference
+from kernels import cpu, exact, reference
 
 from .base import Model
 
@@ -37,6 +37,11 @@ class MLP(Model):
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
         self.check_labels(y, self.k)
         return float(cpu.mlp_grad(X, y, params, self.sizes, g_out))
+
+    def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
+        # Numba row loops instead of BLAS: a row's activations must not depend on its batch.
+        self.check_labels(y, self.k)
+        return exact.mlp_rows(X, y, params, self.sizes)
 
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
         return reference.mlp_predict_proba(X, params, self.sizes)

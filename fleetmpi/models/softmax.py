@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import cpu
+from kernels import cpu, exact
 
 from .base import Model
 
@@ -33,6 +33,10 @@ class SoftmaxRegression(Model):
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
         self.check_labels(y, self.k)
         return float(cpu.softmax_grad(X, y, params, self.k, g_out))
+
+    def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
+        self.check_labels(y, self.k)
+        return exact.softmax_rows(X, y, params, self.k)
 
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
         out = np.empty((X.shape[0], self.k))

@@ -7,11 +7,22 @@ from typing import Any
 from ..spec import SyncSpec
 from .base import Sync
 from .dense import DenseSync
+from .exact import ExactSync
+from .threshold import ThresholdSync
+
+DEFAULT_TARGET_DENSITY = 0.01
 
 
 def build_sync(spec: SyncSpec, comm: Any, n_params: int, n_extras: int) -> Sync:
     """Return the sync object for ``spec`` over ``comm``."""
+    if spec.kind == "threshold":
+        if spec.tau is None:
+            raise ValueError("threshold sync needs tau (SyncSpec.validate rejects a spec without it)")
+        target = spec.target_density if spec.target_density is not None else DEFAULT_TARGET_DENSITY
+        return ThresholdSync(comm, n_params, n_extras, spec.tau, spec.adaptive, target)
+    if spec.kind == "exact":
+        return ExactSync(comm, n_params, n_extras)
     return DenseSync(comm, n_params, n_extras)
 
 
-__all__ = ["DenseSync", "Sync", "build_sync"]
+__all__ = ["DenseSync", "ExactSync", "Sync", "ThresholdSync", "build_sync"]

@@ -38,6 +38,15 @@ class Sync(ABC):
         self.wire_total += wire
         self.calls += 1
 
+    def local_grad(self, model: Any, X: np.ndarray, y: np.ndarray, params: np.ndarray,
+                   g_out: np.ndarray) -> float:
+        """Fill g_out with this rank's gradient sum over the rows of X; return the summed loss.
+
+        Not collective. A sync that needs more than the summed gradient (exact: each row's
+        contribution) overrides it and keeps what its next ``reduce`` needs.
+        """
+        return float(model.loss_grad_sum(X, y, params, g_out))
+
     @abstractmethod
     def reduce(self, grad: np.ndarray, extras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return (global gradient sum, global extras sum); collective over ``comm``.
