@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,37 +98,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def open_job(given: Path, job_dir: str | None, overrides: list[str], verb: str,
+             preflight: Callable[[Any, Any], object]) -> tuple[Any, Any]:
+    """Return (JobDir, Spec): a new job dir for a spec file, or the existing one ``given`` names.
+
+    Shared by ``run`` and the backends' submit commands (``verb`` names the command in
+    errors). ``preflight(spec, jobdir)`` checks what the launch needs before the job dir
+    exists, beside the data checks done here.
+    """
     from . import spec as specmod
     from .jobdir import JobDir
-    from .launch.local import LocalBackend, find_mpiexec
 
-    given = Path(args.spec)
     if given.is_dir():  # `fleetmpi run JOB_DIR` resumes
-        if args.job_dir and Path(args.job_dir).resolve() != given.resolve():
-            raise BadInput(f"run {given}: a job dir was given twice ({given} and --job-dir {args.job_dir})")
+        if job_dir and Path(job_dir).resolve() != given.resolve():
+            raise BadInput(f"{verb} {given}: a job dir was given twice ({given} and --job-dir {job_dir})")
         jd = JobDir(given)
         if not jd.exists():
             raise BadInput(f"{given}: not a fleetmpi job dir (no spec.yaml and state.json); pass a spec file")
-        if args.overrides:
-            raise BadInput(f"run {given}: --set cannot change a job that exists; start a new --job-dir")
+        if overrides:
+            raise BadInput(f"{verb} {given}: --set cannot change a job that exists; start a new --job-dir")
         spec = specmod.load(jd.spec)
     else:
-        spec = specmod.load(given, args.overrides)
-        jd = JobDir(args.job_dir or Path("runs") / spec.name)
+        spec = specmod.load(given, overrides)
+        jd = JobDir(job_dir or Path("runs") / spec.name)
         if jd.exists():
             stored = specmod.load(jd.spec)
             if stored.spec_hash() != spec.spec_hash():
                 raise BadInput(f"{jd.root}: holds a job with a different spec than {given}"
-                               f"{' with --set ' + ' '.join(args.overrides) if args.overrides else ''}; "
-                               "use a new --job-dir, or `fleetmpi run " + str(jd.root) + "` to resume it as it was")
+                               f"{' with --set ' + ' '.join(overrides) if overrides else ''}; "
+                               f"use a new --job-dir, or `fleetmpi {verb} " + str(jd.root) + "` to resume it as it was")
         else:
             # Everything a launch needs is checked before the job dir exists, so a refusal
             # leaves nothing behind (and a corrected spec is not refused as a different one).
-            _check_folder_path(jd.root, "--job-dir" if args.job_dir else "job dir")
+            _check_folder_path(jd.root, "--job-dir" if job_dir else "job dir")
             _check_inputs(spec)
-            find_mpiexec(spec)
+            preflight(spec, jd)
             jd.create(specmod.dump(spec), spec.fleet.start, spec.scheduler.backend)
+    return jd, spec
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .launch.local import LocalBackend, find_mpiexec
+
+    jd, spec = open_job(Path(args.spec), args.job_dir, args.overrides, "run", lambda spec, _jd: find_mpiexec(spec))
     state = jd.read_state()
     if state.get("status") == "COMPLETED":
         print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
@@ -250,7 +262,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
 
 # Modules that add subcommands (Slurm submission, the job ledger) beside the built-ins.
-_EXTENSIONS: tuple[str, ...] = ()
+_EXTENSIONS: tuple[str, ...] = ("fleetmpi.cli_slurm",)
 
 _COMMANDS = {"run": _cmd_run, "inspect": _cmd_inspect, "predict": _cmd_predict, "make-data": _cmd_make_data,
              "approve": _cmd_approve, "events": _cmd_events}

@@ -12,6 +12,7 @@ import time
 from typing import Any, TextIO
 
 from .jobdir import JobDir, append_line
+from .launch.slurm_cmd import IdleNodes
 from .rules import format_bytes
 from .spec import Spec
 
@@ -40,6 +41,9 @@ class Monitor:
         self.progress = progress
         self._bar: Any = None
         self._last_line = 0.0
+        # sinfo is asked (at most every 30 s) only when a rule reads idle_nodes on Slurm.
+        idle_rules = any("idle_nodes" in r.when for r in spec.fleet.rules)
+        self._idle = IdleNodes() if spec.scheduler.backend == "slurm" and idle_rules else None
 
     # -- per step -------------------------------------------------------------------------
     def step(self, *, step: int, epoch: float, loss: float, lr: float, optimizer: str,
@@ -104,6 +108,8 @@ class Monitor:
         }
         m.update(self.valid)
         m.update(self.util)
+        if self._idle is not None:
+            m.update(self._idle.metrics())
         return m
 
     def summary(self) -> dict[str, Any]:

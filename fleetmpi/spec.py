@@ -198,14 +198,36 @@ class FleetSpec:
     approval: Literal["auto", "manual"] = "auto"
 
 
+def _sbatch_option(v: Any) -> str | None:
+    from .launch.slurm_script import check_extra_option
+    return check_extra_option(v)
+
+
 @dataclass(frozen=True)
 class SchedulerSpec:
     backend: Literal["local", "slurm"] = "local"
     mpiexec: str | None = None
-    launcher_args: tuple[str, ...] = ()
-    account: str | None = None
-    qos: str | None = None
-    extra_sbatch: tuple[str, ...] = ()
+    launcher_args: tuple[str, ...] = ()             # extra arguments to mpiexec (local) or srun/mpiexec (slurm)
+    account: str | None = check(identifier, None)
+    qos: str | None = check(identifier, None)
+    extra_sbatch: tuple[str, ...] = ()              # more '#SBATCH --key=value' lines, e.g. --constraint=ib
+    # Slurm only: what starts the ranks inside the allocation.
+    launcher: Literal["srun", "mpiexec"] = "srun"
+    # Slurm sends USR2 to the batch shell this long before the time limit; the ranks checkpoint.
+    signal_grace_s: int = check(in_range(10, 65535), 120)
+    # Resubmissions after a stop by a signal: near the time limit, and otherwise (preemption).
+    max_timeouts: int = check(non_negative, 3)
+    max_preemptions: int = check(non_negative, 10)
+    requeue: bool = False                           # after a stop: `scontrol requeue` instead of a new job
+    submit_attempts: int = check(positive, 6)       # sbatch tries on transient errors
+    submit_backoff_s: float = check(non_negative, 2.0)  # first retry delay, doubled per try (at most 60 s)
+
+    def validate(self) -> tuple[str, str] | None:
+        for i, opt in enumerate(self.extra_sbatch):
+            err = _sbatch_option(opt)
+            if err:
+                return f"extra_sbatch[{i}]", err
+        return None
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,15 @@ class Phase:
         from kernels import cpu
 
         comm, jd = self.comm, self.jd
+        # Before start-up (data, checkpoint, kernel load): a signal that comes early waits for
+        # the first step and a checkpoint instead of killing a rank.
+        stop_flag = {"n": 0}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            stop_flag["n"] = signum
+
+        for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+            signal.signal(s, on_signal)
         t = Trainer(comm, jd)
         sp = t.spec
         cpu.warmup()
@@ -72,13 +81,6 @@ class Phase:
                     f"({', '.join(sorted(set(hosts)))}), step {t.step}, optimizer {t.optimizer}"
                     + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else ""))
 
-        stop_flag = {"n": 0}
-
-        def on_signal(signum: int, _frame: Any) -> None:
-            stop_flag["n"] = signum
-
-        for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
-            signal.signal(s, on_signal)
 
         goal, ev = sp.goal, sp.monitor.eval_every_steps
         fault = _test_fault(self.rank)

@@ -1,0 +1,145 @@
+"""Slurm subcommands: ``submit`` (and ``status`` of a job dir, whatever its backend).
+
+``fleetmpi submit SPEC --backend slurm [--wait] [--json]`` creates the job dir exactly as
+``fleetmpi run`` does, checks every phase's shape with Slurm, and submits the start phase;
+the job then resubmits itself through rescales and signals. With ``--wait`` it follows
+the chain of Slurm jobs and exits with the training's final code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import EXIT_OK
+from .errors import BadInput
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def register(sub: Any, commands: dict[str, Handler]) -> None:
+    """Add ``submit`` and the job-dir form of ``status`` to the `fleetmpi` parser (cli._EXTENSIONS)."""
+    s = sub.add_parser("submit", help="submit a job to Slurm; it resubmits itself through rescales to its goal")
+    s.add_argument("spec", help="job spec (YAML), or an existing job dir to submit again from its checkpoint")
+    s.add_argument("--backend", choices=["slurm"], help="override scheduler.backend (default: the spec's)")
+    s.add_argument("--job-dir", help="job directory (default: runs/NAME beside the current folder)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec value, e.g. --set scheduler.account=proj (repeatable)")
+    s.add_argument("--wait", action="store_true",
+                   help="follow the chain of Slurm jobs; exit with the training's final code")
+    s.add_argument("--json", action="store_true", help="print the chain (job ids, phases, shapes, exit codes)")
+    commands["submit"] = _cmd_submit
+    if "status" in sub.choices:
+        # The ledger's status takes a job id or name; a job dir gets this module's answer.
+        commands["status"] = _job_dir_first(commands["status"])
+    else:
+        st = sub.add_parser("status", help="show a job dir's status: state, Slurm jobs, exit codes")
+        st.add_argument("job", help="job dir")
+        st.add_argument("--json", action="store_true")
+        commands["status"] = _cmd_status
+
+
+def _job_dir_first(other: Handler) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        ref = getattr(args, "job", None)
+        if ref and Path(ref).is_dir() and (Path(ref) / "state.json").is_file():
+            return _cmd_status(args)
+        return other(args)
+    return run
+
+
+def _preflight(spec: Any, jd: Any) -> None:
+    from .launch.slurm import SlurmBackend
+    if spec.scheduler.backend != "slurm":
+        raise BadInput(f"submit: scheduler.backend is {spec.scheduler.backend!r}; pass --backend slurm or set "
+                       "scheduler: {backend: slurm} in the spec (`fleetmpi run` runs a job on this machine)")
+    SlurmBackend(jd, spec).preflight()
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .cli import open_job
+    from .launch.slurm import SlurmBackend, status_report
+    from .launch.slurm_chain import runs
+    from .launch.slurm_cmd import ACTIVE_STATES, squeue_states
+    from .launch.slurm_submit import SubmissionError, release
+
+    given = Path(args.spec)
+    overrides = list(args.overrides)
+    if args.backend and not given.is_dir():
+        overrides.append(f"scheduler.backend={args.backend}")
+    jd, spec = open_job(given, args.job_dir, overrides, "submit", _preflight)
+    if spec.scheduler.backend != "slurm":
+        raise BadInput(f"{jd.root}: this job's scheduler.backend is {spec.scheduler.backend!r}; "
+                       f"`fleetmpi run {jd.root}` resumes it on this machine")
+    state = jd.read_state()
+    backend = SlurmBackend(jd, spec)
+    chain, end = runs(jd)
+    rc: int | None = None
+    if state.get("status") == "COMPLETED":
+        print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
+              file=sys.stderr)
+        rc = EXIT_OK
+    elif chain and end is None and squeue_states([chain[-1]["job_id"]]).get(chain[-1]["job_id"]) in ACTIVE_STATES:
+        jid = chain[-1]["job_id"]
+        # A submitter that died between sbatch and release left it held: release it now.
+        release(jid, shape=f"Slurm job {jid}", attempts=spec.scheduler.submit_attempts,
+                backoff_s=spec.scheduler.submit_backoff_s)
+        print(f"fleetmpi: {jd.root} already has Slurm job {jid} in the queue; not submitting another",
+              file=sys.stderr)
+    else:
+        phase = state.get("phase")
+        if not isinstance(phase, str) or phase not in spec.fleet.phases:
+            raise BadInput(f"{jd.state_path}: phase {phase!r} is not in the spec's fleet.phases "
+                           f"({', '.join(spec.fleet.phases)}); the file was edited or belongs to another job")
+        if chain:
+            # A person asked again after the chain stopped (or its last job vanished): the
+            # caps on stops start afresh.
+            jd.event("resume_requested", status=state.get("status"))
+            jd.update_state(slurm_timeouts=0, slurm_preemptions=0)
+        try:
+            job_id = backend.submit(phase, by="resume" if chain else "submit")
+        except SubmissionError as e:
+            jd.update_state(status="FAILED", reason=f"submission failed: {e}")
+            raise
+        if not args.json:
+            print(job_id)
+    if args.wait and rc is None:
+        rc = backend.follow()
+    if args.json:
+        report = status_report(jd)
+        report["exit_code"] = rc
+        print(json.dumps(report, indent=1))
+    return EXIT_OK if rc is None else rc
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .jobdir import JobDir
+    from .launch.slurm import status_report
+
+    jd = JobDir(args.job)
+    if not jd.exists():
+        raise BadInput(f"{jd.root}: not a fleetmpi job dir (no spec.yaml and state.json)")
+    info = status_report(jd)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return EXIT_OK
+    line = f"{jd.root}: {info['status']}, phase {info['phase']}"
+    if info.get("reason"):
+        line += f" ({info['reason']})"
+    if info["final_exit_code"] is not None:
+        line += f"; final exit code {info['final_exit_code']}"
+    print(line)
+    if info["chain"]:
+        print(f"  {'job':>8} {'run':>3}  {'phase':<12} {'shape':<16} {'by':<10} {'state':<12} {'exit':>4}  nodes")
+    for r in info["chain"]:
+        code = "-" if r.get("exit_code") is None else str(r["exit_code"])
+        nodes = (r.get("allocation") or {}).get("nodelist") or "-"
+        print(f"  {r['job_id']:>8} {r['restart']:>3}  {r['phase'] or '-':<12} {r['shape'] or '-':<16} "
+              f"{r['by'] or '-':<10} {r['state']:<12} {code:>4}  {nodes}")
+    if info["timeouts"] or info["preemptions"]:
+        print(f"  stops: {info['timeouts']} near the time limit, {info['preemptions']} other (preemption)")
+    return EXIT_OK

@@ -1,0 +1,368 @@
+"""Slurm backend: each phase is one batch job, and the job resubmits itself from inside.
+
+Submission side (login node): :class:`SlurmBackend` checks every phase's shape with
+``sbatch --test-only``, renders and submits the start phase, and can follow the chain to
+its end. Batch side (``python -m fleetmpi.launch.slurm begin|continue JOB_DIR``, called by
+the script from :mod:`.slurm_script`): ``begin`` records the allocation; ``continue``
+reads the phase's exit code and submits the next phase (rescale, exit 3) or the same
+phase again (stopped by a signal, exit 4: near the time limit or preempted, each with its
+own cap), or ends the chain. All Slurm commands go through :mod:`.slurm_cmd`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import fleetmpi
+
+from .. import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
+from ..errors import BadInput
+from ..jobdir import JobDir, atomic_write_bytes
+from ..spec import Spec
+from . import slurm_chain as chain_mod
+from .slurm_chain import record, runs, sync_state
+from .slurm_cmd import ACTIVE_STATES, IdleNodes, SlurmCommandError, run_slurm, sacct_states, squeue_states
+from .slurm_script import BatchCommand, phase_options, render_sbatch
+from .slurm_submit import ShapeUnavailable, SubmissionError, cancel, dry_run, release, requeue, submission_key, submit_held
+
+__all__ = [
+    "IdleNodes",
+    "ShapeUnavailable",
+    "SlurmBackend",
+    "SlurmCommandError",
+    "SubmissionError",
+    "render_phase",
+    "sacct_states",
+    "squeue_states",
+    "status_report",
+]
+
+# Slack on top of the signal grace when telling a time-limit stop from a preemption:
+# Slurm checks for due signals about once a minute at worst.
+_TIMEOUT_SLACK_S = 60.0
+
+
+def describe_phase(spec: Spec, phase: str) -> str:
+    """Return a phase's shape in words, for errors: what Slurm was asked for."""
+    ph = spec.phase(phase)
+    parts = [f"{ph.nodes} node(s) x {ph.ranks_per_node} rank(s) x {ph.cpus_per_rank} CPU(s)",
+             f"partition {ph.partition or '(default)'}"]
+    if ph.gpus_per_node:
+        parts.append(f"gres gpu:{ph.gpus_per_node}")
+    if ph.mem_gb:
+        parts.append(f"mem {ph.mem_gb:g} GB")
+    return f"phase {phase} ({ph.shape()}: {', '.join(parts)})"
+
+
+def render_phase(spec: Spec, jd: JobDir, phase: str, key: str) -> str:
+    """Return the batch script that runs ``phase`` of the job in ``jd``."""
+    sch = spec.scheduler
+    mpiexec = None
+    if sch.launcher == "mpiexec":
+        from .local import find_mpiexec
+        mpiexec = find_mpiexec(spec)[0]
+    cmd = BatchCommand(job_dir=str(jd.root.resolve()), python=sys.executable,
+                       pythonpath=str(Path(fleetmpi.__file__).resolve().parent.parent), phase=phase,
+                       shape=spec.phase(phase).shape(), launcher=sch.launcher,
+                       launcher_args=tuple(sch.launcher_args), mpiexec=mpiexec)
+    try:
+        return render_sbatch(cmd, **phase_options(spec, phase, comment=key))
+    except ValueError as e:
+        raise BadInput(f"{describe_phase(spec, phase)}: {e}") from None
+
+
+class SlurmBackend:
+    """Submit a job's phases to Slurm and follow the chain of batch jobs."""
+
+    def __init__(self, jd: JobDir, spec: Spec, out: TextIO = sys.stderr,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.jd, self.spec, self.out, self.sleep = jd, spec, out, sleep
+
+    def preflight(self) -> None:
+        """Ask Slurm (``sbatch --test-only``) whether every phase's shape can ever run; BadInput if not."""
+        sch = self.spec.scheduler
+        with tempfile.TemporaryDirectory(prefix="fleetmpi-preflight-") as tmp:
+            for name in self.spec.fleet.phases:
+                script = Path(tmp) / f"{name}.sbatch"
+                script.write_text(render_phase(self.spec, self.jd, name, "fleetmpi.preflight"))
+                try:
+                    dry_run(script, cwd=Path(tmp), shape=describe_phase(self.spec, name),
+                            attempts=sch.submit_attempts, backoff_s=sch.submit_backoff_s, sleep=self.sleep)
+                except ShapeUnavailable as e:
+                    raise BadInput(f"{e}; change fleet.phases.{name} to a shape the cluster has "
+                                   "(see `sinfo -o '%P %D %c %G'`)") from None
+
+    def submit(self, phase: str, by: str) -> str:
+        """Submit ``phase`` (once per intent, held until recorded); return the Slurm job id."""
+        jd, sch = self.jd, self.spec.scheduler
+        state = jd.read_state()
+        uid = state.get("slurm_uid")
+        if not isinstance(uid, str):
+            uid = secrets.token_hex(6)
+            jd.update_state(slurm_uid=uid)
+        index = chain_mod.submissions(jd)
+        key = submission_key(uid, index)
+        chain_mod.slurm_dir(jd).mkdir(exist_ok=True)
+        script = chain_mod.slurm_dir(jd) / f"{index:03d}-{phase}.sbatch"
+        atomic_write_bytes(script, render_phase(self.spec, jd, phase, key).encode())
+        shape_words = describe_phase(self.spec, phase)
+
+        def on_retry(attempt: int, err: str, wait: float) -> None:
+            jd.event("slurm_retry", attempt=attempt, error=err, wait_s=wait, key=key)
+            self._say(f"fleetmpi: Slurm failed (try {attempt}), retrying in {wait:g} s: {err}")
+
+        job_id, adopted = submit_held(script, cwd=jd.root, key=key, job_name=self.spec.name, shape=shape_words,
+                                      attempts=sch.submit_attempts, backoff_s=sch.submit_backoff_s,
+                                      on_retry=on_retry, sleep=self.sleep)
+        shape = self.spec.phase(phase).shape()
+        record(jd, "submit", index=index, job_id=job_id, restart=0, phase=phase, shape=shape, key=key, by=by,
+               adopted=adopted, script=script.name)
+        jd.event("slurm_submit", job_id=job_id, phase=phase, shape=shape, by=by, key=key, adopted=adopted)
+        sync_state(jd, status="QUEUED")
+        # Released only now: the job cannot write the job dir before its submission is recorded.
+        try:
+            release(job_id, shape=shape_words, attempts=sch.submit_attempts, backoff_s=sch.submit_backoff_s,
+                    on_retry=on_retry, sleep=self.sleep)
+        except SubmissionError as e:
+            # A held job would wait forever; cancel it so the next try starts clean.
+            try:
+                cancel(job_id)
+                gone = "cancelled it"
+            except SlurmCommandError as c:
+                gone = f"could not cancel it either ({c}); it stays held and never runs"
+            jd.event("slurm_release_failed", job_id=job_id, error=str(e), outcome=gone)
+            raise SubmissionError(f"Slurm job {job_id} was submitted held but not released; {gone}: {e}") from None
+        self._say(f"fleetmpi: submitted Slurm job {job_id}: {describe_phase(self.spec, phase)}"
+                  + (" (found the job an earlier try had created)" if adopted else ""))
+        return job_id
+
+    def follow(self, poll_s: float = 1.0, lost_grace_s: float = 15.0) -> int:
+        """Wait for the chain of batch jobs to end; return the training's final exit code."""
+        jd = self.jd
+        shown: dict[tuple[str, int], str] = {}
+        lost_since: float | None = None
+        while True:
+            chain, end = runs(jd)
+            if end is not None:
+                self._say(f"fleetmpi: chain ended: {end.get('status')} ({end.get('reason')}); "
+                          f"exit code {end['exit_code']}")
+                return int(end["exit_code"])
+            if not chain:
+                raise BadInput(f"{jd.root}: no Slurm job was submitted for this job dir")
+            run = chain[-1]
+            jid, restart = run["job_id"], run["restart"]
+            code = chain_mod.read_exit(jd, jid, restart)
+            try:
+                state = squeue_states([jid]).get(jid, "GONE")
+            except SlurmCommandError as e:
+                state = "QUERY FAILED"
+                self._say(f"fleetmpi: squeue failed, will ask again: {e}")
+            label = f"exited {code}" if code is not None else state
+            if shown.get((jid, restart)) != label:
+                shown[(jid, restart)] = label
+                self._say(f"fleetmpi: Slurm job {jid} (phase {run['phase']}, {run['shape']}): {label}")
+            if state in ACTIVE_STATES or state == "QUERY FAILED":
+                lost_since = None
+            else:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > lost_grace_s:
+                    what = ("wrote its exit code but recorded no next step (its continuation failed)"
+                            if code is not None else "left the queue without writing its exit code (UNKNOWN)")
+                    self._say(f"fleetmpi: Slurm job {jid} {what}; see {chain_mod.log_path(jd, jid)}")
+                    return EXIT_FAILED
+            self.sleep(poll_s)
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+
+def status_report(jd: JobDir) -> dict[str, Any]:
+    """Return the job's status: state.json, then each Slurm run from its exit file, squeue, sacct."""
+    state = jd.read_state()
+    chain, end = runs(jd)
+    detailed = chain_mod.run_states(jd, chain)
+    status = state.get("status")
+    if end is None and detailed and detailed[-1]["state"] == "UNKNOWN":
+        status = "UNKNOWN"
+    elif end is None and detailed and detailed[-1]["state"] not in ACTIVE_STATES | {"EXITED"}:
+        status = f"SLURM_{detailed[-1]['state']}"
+    for r in detailed:
+        env = r.get("env") or {}
+        r["allocation"] = {"nodes": env.get("SLURM_JOB_NUM_NODES"), "ntasks_per_node": env.get("SLURM_NTASKS_PER_NODE"),
+                           "partition": env.get("SLURM_JOB_PARTITION"), "nodelist": env.get("SLURM_JOB_NODELIST"),
+                           "gpus": env.get("SLURM_JOB_GPUS"), "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES")}
+    return {"job_dir": str(jd.root), "status": status, "phase": state.get("phase"), "reason": state.get("reason"),
+            "backend": state.get("backend"), "final_exit_code": end["exit_code"] if end else None,
+            "timeouts": state.get("slurm_timeouts", 0), "preemptions": state.get("slurm_preemptions", 0),
+            "chain": detailed, "model": str(jd.model) if jd.model.exists() else None}
+
+
+# -- batch side -------------------------------------------------------------------------------
+
+def _this_run() -> tuple[str, int]:
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        raise BadInput("not inside a Slurm job (SLURM_JOB_ID is unset); the batch script calls this")
+    return job_id, int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def begin(jd: JobDir, phase: str) -> int:
+    """Record the allocation this run got; refuse to start a phase the job is not in."""
+    job_id, restart = _this_run()
+    env = {k: os.environ[k] for k in chain_mod.SHAPE_VARS if k in os.environ}
+    chain_mod.write_env(jd, job_id, restart, env)
+    record(jd, "start", job_id=job_id, restart=restart, phase=phase, env=env)
+    state = jd.read_state()
+    if state.get("status") == "COMPLETED":
+        raise BadInput(f"{jd.root}: the job has already reached its goal; Slurm job {job_id} has nothing to do")
+    if state.get("phase") != phase:
+        raise BadInput(f"{jd.state_path}: the job is in phase {state.get('phase')!r} but Slurm job {job_id} "
+                       f"was shaped for phase {phase!r}")
+    sync_state(jd, status="STARTING")
+    jd.event("slurm_start", job_id=job_id, restart=restart, phase=phase, nodes=env.get("SLURM_JOB_NUM_NODES"),
+             partition=env.get("SLURM_JOB_PARTITION"), nodelist=env.get("SLURM_JOB_NODELIST"))
+    return EXIT_OK
+
+
+def _classify_stop(job_id: str, stop_signal: str, signal_time: float | None, spec: Spec, phase: str,
+                   started: float | None) -> str:
+    """Return 'timeout' when a stop came near the job's time limit, else 'preemption'."""
+    if not stop_signal or signal_time is None:
+        return "preemption"   # the ranks were signalled directly (scancel --signal, preemption)
+    end: float | None = None
+    try:
+        text = run_slurm(["squeue", "--noheader", f"--jobs={job_id}", "--format=%e"]).strip()
+        end = time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except (SlurmCommandError, ValueError):
+        limit = spec.phase(phase).time_min
+        end = started + 60.0 * limit if started and limit else None
+    grace = spec.scheduler.signal_grace_s
+    return "timeout" if end is not None and end - signal_time <= grace + _TIMEOUT_SLACK_S else "preemption"
+
+
+def _end(jd: JobDir, code: int, status: str, reason: str) -> int:
+    record(jd, "end", exit_code=code, status=status, reason=reason)
+    fields = {"status": status} if status == "COMPLETED" else {"status": status, "reason": reason}
+    sync_state(jd, **fields)
+    jd.event("slurm_end", exit_code=code, status=status, reason=reason)
+    print(f"fleetmpi: job {status.lower()} ({reason}); exit code {code}", file=sys.stderr, flush=True)
+    return code
+
+
+def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: float | None = None) -> int:
+    """Act on the phase's exit code: submit what comes next or end the chain; return the script's code."""
+    from ..spec import load
+    job_id, restart = _this_run()
+    spec = load(jd.spec)
+    chain, _ = runs(jd)
+    this = next((r for r in reversed(chain) if r["job_id"] == job_id and r["restart"] == restart), {})
+    # TERM to the batch shell means Slurm is ending the job (scancel, preemption by
+    # cancellation, node shutdown); it kills what is left after KillWait. A person or a
+    # policy wants it gone, so the chain ends there. USR2 (the time-limit warning, or
+    # `scancel --signal=USR2 --batch`) asks for a checkpoint and a new allocation.
+    cancelled = stop_signal == "TERM"
+    # Ranks that a forwarded signal reached before they could install their handlers die of it.
+    stopped = rc == EXIT_STOPPED or (bool(stop_signal) and rc not in (EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_RESCALE))
+    stop = None
+    if cancelled:
+        stop = "cancelled"
+    elif stopped:
+        stop = _classify_stop(job_id, stop_signal, signal_time, spec, phase, this.get("started"))
+    record(jd, "exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
+    jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
+    state = jd.read_state()
+    backend = SlurmBackend(jd, spec)
+    if rc == EXIT_OK:
+        return _end(jd, EXIT_OK, "COMPLETED", str(state.get("reason") or "goal"))
+    if rc in (EXIT_FAILED, EXIT_BAD_INPUT):
+        meaning = "training failed" if rc == EXIT_FAILED else "bad input"
+        return _end(jd, rc, "FAILED", f"phase {phase}: {meaning}; see {chain_mod.log_path(jd, job_id)}")
+    if cancelled:
+        return _end(jd, EXIT_STOPPED, "CANCELLED", f"Slurm job {job_id} was cancelled (TERM: scancel, preemption or "
+                    f"shutdown); `fleetmpi submit {jd.root}` resumes from the newest checkpoint")
+    if rc == EXIT_RESCALE:
+        target = state.get("phase")
+        if target == phase or target not in spec.fleet.phases:
+            return _end(jd, EXIT_FAILED, "FAILED", f"phase {phase} asked for a rescale but named no new phase")
+        try:
+            backend.submit(str(target), by="rescale")
+        except SubmissionError as e:
+            return _end(jd, e.exit_code, "FAILED", f"could not submit phase {target}: {e}")
+        return EXIT_OK
+    if stop is not None:
+        counter, cap = (("slurm_timeouts", spec.scheduler.max_timeouts) if stop == "timeout"
+                        else ("slurm_preemptions", spec.scheduler.max_preemptions))
+        n = int(state.get(counter, 0)) + 1
+        sync_state(jd, **{counter: n})
+        if n > cap:
+            key = "max_timeouts" if stop == "timeout" else "max_preemptions"
+            return _end(jd, EXIT_STOPPED, "STOPPED", f"stopped by {stop} {n} times (scheduler.{key}={cap}); "
+                        f"`fleetmpi submit {jd.root}` resumes from the newest checkpoint")
+        try:
+            if spec.scheduler.requeue:
+                record(jd, "requeue", job_id=job_id, restart=restart + 1, phase=phase,
+                       shape=spec.phase(phase).shape(), by=stop)
+                sync_state(jd, status="QUEUED")
+                requeue(job_id, shape=describe_phase(spec, phase), attempts=spec.scheduler.submit_attempts,
+                        backoff_s=spec.scheduler.submit_backoff_s)
+            else:
+                backend.submit(phase, by=stop)
+        except SubmissionError as e:
+            return _end(jd, e.exit_code, "FAILED", f"could not resubmit phase {phase} after a {stop}: {e}")
+        return EXIT_OK
+    return _end(jd, EXIT_FAILED, "FAILED", f"phase {phase}: the ranks ended with exit code {rc} "
+                f"(killed or crashed); see {chain_mod.log_path(jd, job_id)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the batch script's steps: ``begin`` and ``continue``."""
+    p = argparse.ArgumentParser(prog="python -m fleetmpi.launch.slurm")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("begin")
+    b.add_argument("job_dir")
+    b.add_argument("--phase", required=True)
+    c = sub.add_parser("continue")
+    c.add_argument("job_dir")
+    c.add_argument("--phase", required=True)
+    c.add_argument("--exit-code", type=int, required=True)
+    c.add_argument("--signal", default="")
+    c.add_argument("--signal-time", default="")
+    args = p.parse_args(argv)
+    jd = JobDir(args.job_dir)
+    if args.cmd == "continue":
+        # The phase has ended: a late time-limit warning or TERM must not cut the records
+        # short (this process replaced the batch shell and its traps; SIGKILL still ends it).
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if args.cmd == "begin":
+            return begin(jd, args.phase)
+        when = float(args.signal_time) if args.signal_time else None
+        return after(jd, args.phase, args.exit_code, args.signal, when)
+    except BadInput as e:
+        print(f"fleetmpi: error: {e}", file=sys.stderr, flush=True)
+        if args.cmd == "continue":
+            return _end(jd, EXIT_BAD_INPUT, "FAILED", str(e))
+        return EXIT_BAD_INPUT
+    except Exception as e:
+        traceback.print_exc()
+        if args.cmd == "continue":
+            try:
+                return _end(jd, EXIT_FAILED, "FAILED", f"continuation crashed: {type(e).__name__}: {e}")
+            except Exception:
+                pass
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Render the sbatch script of one phase.
+
+:func:`render_sbatch` is the one renderer: its keyword parameters are the sbatch options
+fleetmpi sets, so valid keys, defaults and the error for an unknown key all come from its
+signature (:data:`SBATCH_OPTIONS`). Every value is checked before it reaches an
+``#SBATCH`` line (sbatch parses those itself, with its own quoting), and every value the
+shell sees is ``shlex.quote``-d. sbatch runs in the job dir, so no ``#SBATCH`` line needs
+the job dir's path, whatever characters it holds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..schema import identifier
+
+# Values sbatch reads from '#SBATCH' lines: nothing a shell or sbatch's own parser could split.
+_COMMENT_RE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,200}$")
+_GRES_ONE = r"[A-Za-z][A-Za-z0-9_]*(:[A-Za-z0-9_.-]+)?(:[0-9]+)?"
+_GRES_RE = re.compile(rf"^{_GRES_ONE}(,{_GRES_ONE})*$")
+_OUTPUT_RE = re.compile(r"^[A-Za-z0-9_.%][A-Za-z0-9_.%/-]*$")
+_EXTRA_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=[A-Za-z0-9_.,:/@%+=\[\]-]+)?$")
+# Flags fleetmpi sets itself or relies on; extra_sbatch may not change them.
+_RESERVED_EXTRA = frozenset({"hold", "parsable", "wrap", "chdir", "ntasks", "test-only", "wait", "no-requeue",
+                             "gpus", "gpus-per-node", "gpus-per-task", "array", "export-file"})
+RANKS_SIGNAL = {"srun": "USR2", "mpiexec": "TERM"}
+
+
+@dataclass(frozen=True)
+class BatchCommand:
+    """What the script runs (everything that is not an sbatch option)."""
+
+    job_dir: str                       # absolute; the script's working directory
+    python: str                        # absolute interpreter that has fleetmpi and mpi4py
+    pythonpath: str                    # folder that holds the fleetmpi package
+    phase: str
+    shape: str
+    launcher: Literal["srun", "mpiexec"] = "srun"
+    launcher_args: tuple[str, ...] = ()
+    mpiexec: str | None = None         # absolute; needed when launcher is mpiexec
+
+
+def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: int = 1,
+                  ntasks_per_node: int = 1, cpus_per_task: int = 1, partition: str | None = None,
+                  gres: str | None = None, time_min: int | None = None, account: str | None = None,
+                  qos: str | None = None, mem_mb: int | None = None, signal_grace_s: int = 120,
+                  output: str = "logs/slurm-%j.out", open_mode: str = "append", requeue: bool = False,
+                  additional: Sequence[str] = ()) -> str:
+    """Return the batch script of one phase; raise ValueError naming a bad option value."""
+    opts = {k: v for k, v in locals().items() if k in SBATCH_OPTIONS}
+    for name, value in opts.items():
+        err = _check_value(name, value)
+        if err:
+            raise ValueError(f"sbatch option {name} ({_flag(name)}): {err}")
+    if command.launcher == "mpiexec" and not command.mpiexec:
+        raise ValueError("launcher mpiexec needs the absolute path of mpiexec (BatchCommand.mpiexec)")
+    lines = ["#!/bin/bash"]
+    for name, value in opts.items():
+        if name == "additional" or value is None:
+            continue
+        if name == "requeue":
+            lines.append("#SBATCH --requeue" if value else "#SBATCH --no-requeue")
+        elif name == "signal_grace_s":
+            lines.append(f"#SBATCH --signal=B:USR2@{value}")
+        elif name == "mem_mb":
+            lines.append(f"#SBATCH --mem={value}M")
+        else:
+            lines.append(f"#SBATCH --{_flag(name)}={value}")
+    lines += [f"#SBATCH {opt}" for opt in additional]
+    q = shlex.quote
+    if command.launcher == "srun":
+        step = ["srun", "--mpi=pmi2"]
+    else:
+        step = ['"$mpiexec"', "-n", str(nodes * ntasks_per_node), "-ppn", str(ntasks_per_node)]
+    step += [q(a) for a in command.launcher_args] + ['"$python"', "-m", "fleetmpi.worker", '"$job_dir"']
+    sig = RANKS_SIGNAL[command.launcher]
+    lines += [
+        "# One phase of a fleetmpi job, rendered by fleetmpi.launch.slurm_script.render_sbatch.",
+        f"# Phase {command.phase} ({command.shape}). sbatch runs this in the job dir; logic lives in",
+        "# `python -m fleetmpi.launch.slurm begin|continue`, the shell only starts and signals the ranks.",
+        "set -u",
+        f"job_dir={q(command.job_dir)}",
+        f"python={q(command.python)}",
+        f"phase={q(command.phase)}",
+        *([f"mpiexec={q(command.mpiexec or '')}"] if command.launcher == "mpiexec" else []),
+        f"export PYTHONPATH={q(command.pythonpath)}${{PYTHONPATH:+:$PYTHONPATH}}",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}",
+        "export MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-1}",
+        'cd -- "$job_dir" || exit 2',
+        'run="$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"',
+        "stop_signal='' stop_time='' step=''",
+        "on_stop() {",
+        "    # Slurm signals only this shell (--signal=B:USR2, scancel --batch). Ranks checkpoint",
+        "    # on USR2 or TERM, but srun turns TERM into SIGKILL and hydra's mpiexec dies on USR2.",
+        '    stop_signal=$1 stop_time=$(date +%s)',
+        f'    [[ -z $step ]] || kill -s {sig} "$step" 2>/dev/null',
+        "}",
+        "trap 'on_stop USR2' USR2",
+        "trap 'on_stop TERM' TERM",
+        "rc=0",
+        '"$python" -m fleetmpi.launch.slurm begin "$job_dir" --phase "$phase" || rc=$?',
+        'if ((rc == 0)) && [[ -z $stop_signal ]]; then',
+        f"    {' '.join(step)} &",
+        "    step=$!",
+        '    wait "$step"; rc=$?',
+        "    # A trapped signal interrupts wait; wait again until the step has really ended.",
+        '    while kill -0 "$step" 2>/dev/null; do wait "$step"; rc=$?; done',
+        '    wait "$step"; rc=$?',
+        "fi",
+        'printf \'%s\\n\' "$rc" >"slurm/.$run.exit.tmp" && mv -f "slurm/.$run.exit.tmp" "slurm/$run.exit"',
+        'exec "$python" -m fleetmpi.launch.slurm continue "$job_dir" --phase "$phase" --exit-code "$rc" \\',
+        '    --signal "$stop_signal" --signal-time "$stop_time"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+SBATCH_OPTIONS: tuple[str, ...] = tuple(
+    name for name, p in inspect.signature(render_sbatch).parameters.items() if p.kind is p.KEYWORD_ONLY)
+_FLAGS = {"time_min": "time", "mem_mb": "mem", "signal_grace_s": "signal"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, name.replace("_", "-"))
+
+
+def _positive_int(v: Any) -> str | None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        return f"expected an integer >= 1, got {v!r}"
+    return None
+
+
+def _name(v: Any) -> str | None:
+    return f"expected a string, got {v!r}" if not isinstance(v, str) else identifier(v)
+
+
+def _check_value(name: str, v: Any) -> str | None:
+    """Return why ``v`` is not a valid value of option ``name``, or None."""
+    if v is None and name in ("partition", "gres", "time_min", "account", "qos", "mem_mb"):
+        return None
+    if name in ("nodes", "ntasks_per_node", "cpus_per_task", "time_min", "mem_mb"):
+        return _positive_int(v)
+    if name in ("job_name", "partition", "account", "qos"):
+        return _name(v)
+    if name == "comment":
+        ok = isinstance(v, str) and _COMMENT_RE.match(v)
+        return None if ok else f"expected 1-200 of letters, digits, '_.:@+-', got {v!r}"
+    if name == "gres":
+        ok = isinstance(v, str) and _GRES_RE.match(v)
+        return None if ok else f"expected NAME[:TYPE][:COUNT][,...], e.g. gpu:1, got {v!r}"
+    if name == "signal_grace_s":
+        bad = isinstance(v, bool) or not isinstance(v, int) or not 10 <= v <= 65535
+        return f"expected seconds in [10, 65535], got {v!r}" if bad else None
+    if name == "output":
+        ok = isinstance(v, str) and _OUTPUT_RE.match(v) and ".." not in v.split("/")
+        return None if ok else f"expected a path relative to the job dir of letters, digits, '_.%/-', got {v!r}"
+    if name == "open_mode":
+        return None if v in ("append", "truncate") else f"expected 'append' or 'truncate', got {v!r}"
+    if name == "requeue":
+        return None if isinstance(v, bool) else f"expected true or false, got {v!r}"
+    if name == "additional":
+        if isinstance(v, str) or not isinstance(v, (list, tuple)):
+            return f"expected a list of options, got {v!r}"
+        for opt in v:
+            err = check_extra_option(opt)
+            if err:
+                return err
+        return None
+    return f"unknown option; valid: {', '.join(SBATCH_OPTIONS)}"  # pragma: no cover
+
+
+def check_extra_option(v: Any) -> str | None:
+    """Return why ``v`` cannot be an extra '#SBATCH' option, or None (used by the spec validator)."""
+    m = _EXTRA_RE.match(v) if isinstance(v, str) else None
+    if not m:
+        return ("expected one long option without spaces or quotes, e.g. '--constraint=ib' or "
+                f"'--exclusive', got {v!r}")
+    flag = m.group(1)
+    managed = {_flag(n) for n in SBATCH_OPTIONS if n != "additional"}
+    if flag in managed or flag in _RESERVED_EXTRA:
+        return (f"{v!r} sets --{flag}, which fleetmpi sets itself (from the phase or the scheduler section); "
+                f"extra_sbatch may not use: {', '.join(sorted(managed | _RESERVED_EXTRA))}")
+    return None
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Raise ValueError for a key that is not an sbatch option fleetmpi knows (listing the valid ones)."""
+    unknown = sorted(set(options) - set(SBATCH_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown sbatch option(s) {', '.join(unknown)}; valid: {', '.join(SBATCH_OPTIONS)}")
+
+
+def phase_options(spec: Any, phase: str, *, comment: str) -> dict[str, Any]:
+    """Return the sbatch options of ``phase`` of ``spec`` (a fleetmpi.spec.Spec)."""
+    ph = spec.phase(phase)
+    sch = spec.scheduler
+    opts: dict[str, Any] = {
+        "job_name": spec.name, "comment": comment, "nodes": ph.nodes, "ntasks_per_node": ph.ranks_per_node,
+        "cpus_per_task": ph.cpus_per_rank, "partition": ph.partition,
+        "gres": f"gpu:{ph.gpus_per_node}" if ph.gpus_per_node else None,
+        "time_min": ph.time_min, "account": sch.account, "qos": sch.qos,
+        "mem_mb": math.ceil(ph.mem_gb * 1024) if ph.mem_gb else None,
+        "signal_grace_s": sch.signal_grace_s, "requeue": sch.requeue, "additional": tuple(sch.extra_sbatch),
+    }
+    check_options(opts)
+    return opts
