@@ -8,3 +8,14 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_RESCALE = 3
 EXIT_STOPPED = 4
+
+
+# The Python API (fleetmpi.api), imported on first use so `import fleetmpi` stays light.
+_LAZY = {"submit": "api", "sweep": "api", "Job": "api", "JobFailed": "api", "Result": "api"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

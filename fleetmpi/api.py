@@ -1,0 +1,235 @@
+"""Python API over the ledger, mirroring the CLI (`fleetmpi queue / sweep / status / cancel`).
+
+>>> job = fleetmpi.submit("spec.yaml", overrides=["optimizer.lr=0.05"])
+>>> job.wait()                       # drives an embedded manager while it waits
+'COMPLETED'
+>>> job.result().model               # or JobFailed with the reason
+PosixPath('.../model.h5')
+
+The CLI's commands call these functions, so both behave alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput, FleetError
+from .jobdir import JobDir
+from .ledger import ACTIVE, COMPLETED, NEW, TERMINAL, Ledger, QueueFull, home
+from .ledger_schema import JobRow
+from .manager import Manager, ManagerConfig, cancel_job, progress_fields
+from .manager_backends import default_backends, last_metrics
+from .spec import Spec
+
+__all__ = ["Job", "JobFailed", "Result", "job_record", "submit", "sweep"]
+
+
+class JobFailed(FleetError):
+    """A job ended FAILED or CANCELLED; the message holds the reason and the log path."""
+
+    def __init__(self, job_id: int, status: str, reason: str | None) -> None:
+        super().__init__(f"job {job_id} {status}: {reason or 'no reason recorded'}")
+        self.job_id, self.status, self.reason = job_id, status, reason
+
+
+@dataclass(frozen=True)
+class Result:
+    """A completed job's model file and final metrics."""
+
+    model: Path
+    metrics: dict[str, Any]
+    job_dir: Path
+
+
+class Job:
+    """A job in the ledger, by id."""
+
+    def __init__(self, job_id: int, ledger: Ledger | None = None) -> None:
+        self.ledger = ledger or Ledger()
+        self.id = int(job_id)
+
+    def __repr__(self) -> str:
+        row = self.row()
+        return f"<Job {self.id} {row.name} {row.status}>"
+
+    def row(self) -> JobRow:
+        return self.ledger.get(self.id)
+
+    @property
+    def name(self) -> str:
+        return self.row().name
+
+    @property
+    def job_dir(self) -> Path:
+        return Path(self.row().job_dir)
+
+    def status(self) -> str:
+        """Return the job's status (NEW, LAUNCHED, RUNNING, RESCALING, COMPLETED, FAILED, CANCELLED)."""
+        return self.row().status
+
+    def info(self) -> dict[str, Any]:
+        """Return what `fleetmpi status JOB --json` prints."""
+        return job_record(self.row())
+
+    def wait(self, timeout: float | None = None, *, poll_s: float = 0.5, drive: bool = True) -> str:
+        """Wait until the job is terminal and return its status; TimeoutError after ``timeout`` s.
+
+        With ``drive`` (the default) this process runs manager cycles while it waits, so no
+        separate `fleetmpi manager` is needed; one running as well does no harm.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        manager = Manager(self.ledger, ManagerConfig.resolve(), out=None) if drive else None
+        while True:
+            if manager is not None:
+                manager.cycle()
+            status = self.status()
+            if status in TERMINAL:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} is still {status} after {timeout} s")
+            time.sleep(poll_s)
+
+    def result(self, timeout: float | None = None) -> Result:
+        """Wait for the job; return its Result, or raise JobFailed with the reason."""
+        status = self.wait(timeout)
+        row = self.row()
+        if status != COMPLETED:
+            raise JobFailed(self.id, status, row.last_error)
+        res = dict(row.result or {})
+        metrics = {**row.progress, **{k: v for k, v in res.items() if k != "model"}}
+        return Result(model=Path(res.get("model") or JobDir(row.job_dir).model), metrics=metrics,
+                      job_dir=Path(row.job_dir))
+
+    def cancel(self) -> None:
+        """Cancel the job (running ranks checkpoint first)."""
+        cancel_job(self.ledger, self.id)
+
+
+def _load(spec: Spec | str | Path, overrides: Sequence[str]) -> tuple[Spec, str]:
+    from . import spec as specmod
+    if isinstance(spec, (str, Path)):
+        return specmod.load(Path(spec), list(overrides)), str(Path(spec).resolve())
+    if isinstance(spec, Spec):
+        if not overrides:
+            return spec, "<python Spec>"
+        raw = specmod.apply_overrides(spec.plain(), list(overrides))
+        return specmod.from_raw(raw, "<python Spec>", Path(spec._base_dir)), "<python Spec>"
+    raise TypeError(f"spec must be a path or a fleetmpi.spec.Spec, not {type(spec).__name__}")
+
+
+def _check_launchable(sp: Spec) -> None:
+    """Refuse a job the manager could never start, before it enters the ledger."""
+    from .cli import _check_inputs
+    from .launch.local import find_mpiexec
+    _check_inputs(sp)
+    backends = default_backends()
+    if sp.scheduler.backend not in backends:
+        raise BadInput(f"scheduler.backend {sp.scheduler.backend!r}: the manager has no such backend here "
+                       f"(available: {', '.join(backends)})")
+    if sp.scheduler.backend == "local":
+        find_mpiexec(sp)
+    elif sp.scheduler.backend == "slurm":
+        from .launch.slurm import SlurmBackend
+        # sbatch --test-only on every phase's shape; the job dir named here is never made.
+        SlurmBackend(JobDir(home() / "jobs" / ".preflight"), sp).preflight()
+
+
+def _enqueue(ledger: Ledger, sp: Spec, spec_path: str, job_dir: Path | str | None, max_queued: int) -> Job:
+    from . import spec as specmod
+
+    def make_dir(job_id: int) -> str:
+        root = Path(job_dir) if job_dir else home() / "jobs" / f"{job_id:06d}-{sp.name}"
+        root = root.expanduser().resolve()
+        jd = JobDir(root)
+        if jd.exists():
+            raise BadInput(f"{root}: already holds a job; pass a new --job-dir")
+        jd.create(specmod.dump(sp), sp.fleet.start, sp.scheduler.backend)
+        return str(root)
+
+    notify = [{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(n).items()}
+              for n in sp.notify]
+    job_id = ledger.add_job(name=sp.name, spec_path=spec_path, spec_hash=sp.spec_hash(), backend=sp.scheduler.backend,
+                            phase=sp.fleet.start, shape=sp.phase(sp.fleet.start).shape(),
+                            max_attempts=sp.retry.max_attempts, backoff_s=sp.retry.backoff_s, notify=notify,
+                            make_dir=make_dir, max_queued=max_queued)
+    return Job(job_id, ledger)
+
+
+def submit(spec: Spec | str | Path, *, overrides: Sequence[str] = (), job_dir: Path | str | None = None,
+           ledger: Ledger | None = None, max_queued: int | None = None) -> Job:
+    """Register a job (status NEW) for a manager to launch; return at once."""
+    sp, spec_path = _load(spec, overrides)
+    _check_launchable(sp)
+    cfg = ManagerConfig.resolve(max_queued=max_queued)
+    return _enqueue(ledger or Ledger(), sp, spec_path, job_dir, cfg.max_queued)
+
+
+def grid_points(grid: Sequence[str]) -> list[list[tuple[str, str]]]:
+    """Expand ``key=v1,v2`` items into the cartesian product of (key, value) assignments."""
+    axes = []
+    for item in grid:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values or any(not v for v in values.split(",")):
+            raise BadInput(f"--grid {item!r}: expected key.path=v1,v2,..., e.g. --grid optimizer.lr=0.1,0.05")
+        axes.append([(key, v) for v in values.split(",")])
+    keys = [a[0][0] for a in axes]
+    if len(set(keys)) != len(keys):
+        raise BadInput(f"--grid names a key twice: {', '.join(keys)}")
+    return [list(p) for p in itertools.product(*axes)]
+
+
+def _suffixes(points: list[list[tuple[str, str]]]) -> list[str]:
+    """Return readable name suffixes ('lr0.1-batch50'), or g000... when those collide or run long."""
+    readable = ["-".join(re.sub(r"[^A-Za-z0-9_.-]", "", k.split(".")[-1] + v) for k, v in p) for p in points]
+    if len(set(readable)) == len(readable) and all(0 < len(r) <= 40 for r in readable):
+        return readable
+    width = len(str(len(points) - 1))
+    return [f"g{i:0{width}d}" for i in range(len(points))]
+
+
+def sweep(spec: Spec | str | Path, grid: Sequence[str], *, overrides: Sequence[str] = (),
+          ledger: Ledger | None = None, max_queued: int | None = None) -> list[Job]:
+    """Queue one NEW job per point of the grid's cartesian product, named NAME-SUFFIX.
+
+    Every point is validated before any is queued, so a bad value queues nothing.
+    """
+    base, _ = _load(spec, overrides)
+    points = grid_points(grid)
+    loaded = []
+    for point, suffix in zip(points, _suffixes(points)):
+        sets = [*overrides, *(f"{k}={v}" for k, v in point), f"name={base.name}-{suffix}"]
+        loaded.append(_load(spec, sets))
+    for sp, _ in loaded:
+        _check_launchable(sp)
+    cfg = ManagerConfig.resolve(max_queued=max_queued)
+    ledger = ledger or Ledger()
+    waiting = len([j for j in ledger.jobs([NEW]) if j.owner == _owner()])
+    if waiting + len(loaded) > cfg.max_queued:
+        raise QueueFull(f"a sweep of {len(loaded)} jobs on top of {waiting} queued exceeds max_queued "
+                        f"{cfg.max_queued} (--max-queued or FLEETMPI_MAX_QUEUED)")
+    return [_enqueue(ledger, sp, path, None, cfg.max_queued) for sp, path in loaded]
+
+
+def _owner() -> str:
+    import getpass
+    return getpass.getuser()
+
+
+def job_record(job: JobRow, live: bool = True) -> dict[str, Any]:
+    """Return a job's status record: the ledger row plus, while active, its last metrics line."""
+    prog = dict(job.progress)
+    if live and job.status in ACTIVE:
+        prog.update(progress_fields(last_metrics(JobDir(job.job_dir).metrics)))
+    return {"id": job.id, "name": job.name, "status": job.status, "phase": prog.get("phase") or job.phase,
+            "shape": job.shape, "ranks": prog.get("ranks"), "step": prog.get("step"), "epoch": prog.get("epoch"),
+            "loss": prog.get("loss"), "valid_loss": prog.get("valid_loss"),
+            "sync_bytes_per_step": prog.get("sync_bytes_per_step"), "sync_bytes_total": prog.get("sync_bytes_total"),
+            "attempts": job.attempts, "failures": job.failures, "age_s": time.time() - job.created,
+            "backend": job.backend, "reason": job.last_error, "job_dir": job.job_dir, "result": job.result}

@@ -1,0 +1,230 @@
+"""Ledger subcommands: queue, sweep, manager, status, cancel, report.
+
+It also lets ``approve`` and ``events`` take a ledger job id (or name) where they took a
+job dir: the id is resolved to the job's dir and the built-in handler runs unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import EXIT_OK
+from .errors import BadInput
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def register(sub: Any, commands: dict[str, Handler]) -> None:
+    """Add this module's subcommands to the `fleetmpi` parser (see cli._EXTENSIONS)."""
+    q = sub.add_parser("queue", help="register a job in the ledger (status NEW) for `fleetmpi manager`; returns at once")
+    q.add_argument("spec", help="job spec (YAML)")
+    _add_set(q)
+    q.add_argument("--job-dir", help="job directory (default: $FLEETMPI_HOME/jobs/ID-NAME)")
+    q.add_argument("--max-queued", type=int, help="refuse if you already have this many NEW jobs (FLEETMPI_MAX_QUEUED)")
+    q.add_argument("--json", action="store_true", help="print the job's status record as JSON")
+
+    sw = sub.add_parser("sweep", help="queue one job per point of a parameter grid (cartesian product)")
+    sw.add_argument("spec", help="job spec (YAML)")
+    sw.add_argument("--grid", action="append", required=True, metavar="KEY.PATH=V1,V2,...",
+                    help="values of one spec key (repeatable: the grid is their product)")
+    _add_set(sw)
+    sw.add_argument("--max-queued", type=int, help="as for queue")
+    sw.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("manager", help="launch, watch, retry and notify the ledger's jobs (a loop, or --once)")
+    m.add_argument("--once", action="store_true", help="run one cycle and exit (cron, scrontab)")
+    m.add_argument("--until-idle", action="store_true", help="exit when no job is queued or active")
+    m.add_argument("--max-running", type=int, help="active jobs per user (FLEETMPI_MAX_RUNNING, default 4)")
+    m.add_argument("--max-queued", type=int, help="NEW jobs per user that queue accepts (FLEETMPI_MAX_QUEUED)")
+    m.add_argument("--poll-min-s", type=float, help="poll interval after a change (FLEETMPI_POLL_MIN_S, default 2)")
+    m.add_argument("--poll-max-s", type=float, help="longest poll interval when idle (FLEETMPI_POLL_MAX_S, default 60)")
+    m.add_argument("--json", action="store_true", help="with --once: print what the cycle did as JSON")
+
+    st = sub.add_parser("status", help="show ledger jobs (all, or one in detail)")
+    st.add_argument("job", nargs="?", help="job id or name (a job dir: see fleetmpi.cli_slurm)")
+    st.add_argument("--active", action="store_true", help="only NEW and active jobs")
+    st.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("cancel", help="cancel a ledger job (running ranks checkpoint first)")
+    c.add_argument("job", help="job id or name")
+
+    r = sub.add_parser("report", help="plot loss, sync bytes per step and ranks over steps to a PNG")
+    r.add_argument("job", help="job id or name, or a job dir")
+    r.add_argument("--out", required=True, help="output PNG")
+    r.add_argument("--json", action="store_true")
+
+    commands.update({"queue": _cmd_queue, "sweep": _cmd_sweep, "manager": _cmd_manager, "status": _cmd_status,
+                     "cancel": _cmd_cancel, "report": _cmd_report})
+    for name in ("approve", "events"):
+        if name in commands:
+            commands[name] = _by_job_id(commands[name])
+            for action in sub.choices[name]._actions:  # argparse keeps no public handle on a positional
+                if action.dest == "job_dir":
+                    action.help = "job dir, or a ledger job id or name"
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a spec value, e.g. --set optimizer.lr=0.05 (repeatable)")
+
+
+def _job_dir_of(ref: str) -> str:
+    """Return ``ref`` if it is a folder, else the job dir of ledger job ``ref`` (if there is one)."""
+    from .ledger import JobNotFound, Ledger
+    if Path(ref).is_dir():
+        return ref
+    ledger = Ledger.existing()
+    if ledger is None:
+        return ref
+    try:
+        return ledger.find(ref).job_dir
+    except JobNotFound:
+        return ref  # the built-in handler says what is wrong with it as a job dir
+    finally:
+        ledger.close()
+
+
+def _by_job_id(handler: Handler) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        args.job_dir = _job_dir_of(args.job_dir)
+        return handler(args)
+    return run
+
+
+def _cmd_queue(args: argparse.Namespace) -> int:
+    from .api import job_record, submit
+    job = submit(args.spec, overrides=args.overrides, job_dir=args.job_dir, max_queued=args.max_queued)
+    row = job.row()
+    print(f"fleetmpi: queued job {row.id} ({row.name}), status {row.status}; job dir {row.job_dir}", file=sys.stderr)
+    print(json.dumps(job_record(row), indent=1) if args.json else row.id)
+    return EXIT_OK
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .api import job_record, sweep
+    jobs = sweep(args.spec, args.grid, overrides=args.overrides, max_queued=args.max_queued)
+    rows = [j.row() for j in jobs]
+    print(f"fleetmpi: queued {len(rows)} jobs: {', '.join(f'{r.id} {r.name}' for r in rows)}", file=sys.stderr)
+    print(json.dumps([job_record(r) for r in rows], indent=1) if args.json else "\n".join(str(r.id) for r in rows))
+    return EXIT_OK
+
+
+def _cmd_manager(args: argparse.Namespace) -> int:
+    from .ledger import Ledger
+    from .manager import Manager, ManagerConfig
+    cfg = ManagerConfig.resolve(max_running=args.max_running, max_queued=args.max_queued,
+                                poll_min_s=args.poll_min_s, poll_max_s=args.poll_max_s)
+    ledger = Ledger()
+    manager = Manager(ledger, cfg)
+    if args.once:
+        rep = manager.cycle()
+        if args.json:
+            print(json.dumps({"manager": manager.id, "polls": rep.polls, "polled": rep.polled, "folded": rep.folded,
+                              "ended": rep.ended, "launched": rep.launched, "notified": rep.notified,
+                              "idle": ledger.idle()}))
+        return EXIT_OK
+    stop = {"signal": 0}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["signal"] = signum
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, on_signal)
+    manager.say(f"{manager.id} watching {ledger.path} (max {cfg.max_running} running per user, "
+                f"poll {cfg.poll_min_s:g}-{cfg.poll_max_s:g} s)")
+    manager.run(until_idle=args.until_idle, stop=lambda: bool(stop["signal"]))
+    manager.say("stopped" if stop["signal"] else "idle: nothing queued or active")
+    return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _num(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .api import job_record
+    from .ledger import ACTIVE, NEW, Ledger
+    from .rules import format_bytes
+    ledger = Ledger.existing()
+    if args.job:
+        if ledger is None:
+            raise BadInput(f"no job {args.job!r}: the ledger does not exist yet (`fleetmpi queue SPEC` makes it)")
+        job = ledger.find(args.job)
+        rec = job_record(job)
+        allocs = ledger.allocations(job.id)
+        rec["allocations"] = [{"attempt": a.attempt, "backend": a.backend, "backend_id": a.backend_id,
+                               "phase": a.phase, "shape": a.shape, "state": a.state, "exit_code": a.exit_code,
+                               "start": a.started, "end": a.ended, "reason": a.reason, "log": a.log} for a in allocs]
+        if args.json:
+            print(json.dumps(rec, indent=1))
+            return EXIT_OK
+        for key in ("id", "name", "status", "phase", "shape", "step", "epoch", "loss", "valid_loss",
+                    "sync_bytes_per_step", "attempts", "failures", "reason", "job_dir"):
+            if rec.get(key) is not None:
+                print(f"{key:>20}: {rec[key]}")
+        print(f"{'age':>20}: {_age(rec['age_s'])}")
+        for a in rec["allocations"]:
+            when = time.strftime("%H:%M:%S", time.localtime(a["start"]))
+            print(f"  attempt {a['attempt']} {a['backend']} {a['backend_id']} {a['shape'] or ''} started {when}: "
+                  f"{a['state']}" + (f" exit {a['exit_code']}" if a["exit_code"] is not None else "")
+                  + (f" ({a['reason']})" if a["reason"] else ""))
+        return EXIT_OK
+    rows = [] if ledger is None else ledger.jobs([NEW, *ACTIVE] if args.active else None)
+    recs = [job_record(r) for r in rows]
+    if args.json:
+        print(json.dumps(recs, indent=1))
+        return EXIT_OK
+    if not recs:
+        print(f"fleetmpi: no {'queued or active ' if args.active else ''}jobs in the ledger", file=sys.stderr)
+        return EXIT_OK
+    head = ("ID", "NAME", "STATUS", "PHASE", "SHAPE", "STEP", "EPOCH", "LOSS", "SYNC/STEP", "ATT", "AGE")
+    table = [head] + [(str(r["id"]), r["name"], r["status"], r["phase"] or "-", r["shape"] or "-",
+                       _num(r["step"], "d"), _num(r["epoch"], ".2f"), _num(r["loss"], ".4g"),
+                       "-" if r["sync_bytes_per_step"] is None else format_bytes(r["sync_bytes_per_step"]),
+                       str(r["attempts"]), _age(r["age_s"])) for r in recs]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table))
+    return EXIT_OK
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from .ledger import Ledger
+    from .manager import cancel_job
+    ledger = Ledger.existing()
+    if ledger is None:
+        raise BadInput(f"no job {args.job!r}: the ledger does not exist yet")
+    job = cancel_job(ledger, args.job)
+    live = ledger.allocations(job.id, live=True)
+    print(f"fleetmpi: job {job.id} ({job.name}) CANCELLED"
+          + (f"; SIGTERM sent to {len(live)} allocation(s), its ranks checkpoint and stop" if live else ""),
+          file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .jobdir import JobDir
+    from .report import write
+    jd = JobDir(_job_dir_of(args.job))
+    jd.read_state()  # a clear error if this is no job dir
+    title = args.job if Path(args.job).is_dir() else f"job {args.job}: {jd.root.name}"
+    info = write(jd, args.out, title)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(f"fleetmpi: wrote {info['out']} ({info['axes']} panels, {info['phases']} phase(s), "
+              f"{info['bytes']} bytes)", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,175 @@
+"""The ledger's SQLite schema: versioned DDL, migrations, connections and row types.
+
+Versions live in ``PRAGMA user_version``; :data:`MIGRATIONS` holds one step per version
+(append a step, never edit a shipped one) and :func:`migrate` applies the missing ones in
+one transaction. Status changes are not made here: see fleetmpi.ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput
+
+_V1 = """
+CREATE TABLE jobs (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, owner TEXT NOT NULL,
+  spec_path TEXT NOT NULL, spec_hash TEXT NOT NULL, job_dir TEXT NOT NULL UNIQUE,
+  backend TEXT NOT NULL, status TEXT NOT NULL, phase TEXT, shape TEXT,
+  attempts INTEGER NOT NULL DEFAULT 0, failures INTEGER NOT NULL DEFAULT 0,
+  max_attempts INTEGER NOT NULL, backoff_s REAL NOT NULL, not_before REAL NOT NULL DEFAULT 0,
+  claimed_by TEXT, created REAL NOT NULL, updated REAL NOT NULL, started REAL, ended REAL,
+  last_error TEXT, events_offset INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE allocations (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs(id),
+  attempt INTEGER NOT NULL, backend TEXT NOT NULL, backend_id TEXT NOT NULL, host TEXT,
+  phase TEXT, shape TEXT, state TEXT NOT NULL, exit_code INTEGER, log TEXT,
+  info TEXT NOT NULL DEFAULT '{}', started REAL NOT NULL, ended REAL, reason TEXT);
+CREATE TABLE events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs(id),
+  t REAL NOT NULL, source TEXT NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX events_job ON events(job_id, id);
+CREATE INDEX allocations_job ON allocations(job_id)
+"""
+_V2 = """
+ALTER TABLE jobs ADD COLUMN notify TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE jobs ADD COLUMN progress TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE jobs ADD COLUMN result TEXT;
+CREATE TABLE notifications (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs(id),
+  on_event TEXT NOT NULL, channel TEXT NOT NULL, kind TEXT NOT NULL, target TEXT NOT NULL,
+  status TEXT NOT NULL, reason TEXT, state TEXT NOT NULL DEFAULT 'PENDING',
+  tries INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL DEFAULT 0, claimed_by TEXT,
+  sent REAL, last_error TEXT, UNIQUE (job_id, on_event, channel))
+"""
+_V3 = """
+CREATE INDEX jobs_status ON jobs(status, owner);
+CREATE INDEX allocations_live ON allocations(backend) WHERE ended IS NULL;
+CREATE INDEX notifications_pending ON notifications(next_try) WHERE state = 'PENDING'
+"""
+MIGRATIONS: tuple[str, ...] = (_V1, _V2, _V3)
+SCHEMA_VERSION = len(MIGRATIONS)
+JSON_COLUMNS = ("notify", "progress", "result", "info", "data")
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Bring the schema to version ``target`` in one transaction; return the version found."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if found > SCHEMA_VERSION:
+            raise BadInput(f"ledger schema version {found} is newer than this fleetmpi knows "
+                           f"({SCHEMA_VERSION}); upgrade fleetmpi")
+        for version in range(found, target):
+            for stmt in _statements(MIGRATIONS[version]):
+                conn.execute(stmt)
+        if target > found:
+            conn.execute(f"PRAGMA user_version = {int(target)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return found
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open ``path`` in autocommit mode (transactions are explicit), WAL, 60 s busy wait."""
+    conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def decode_row(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(zip(row.keys(), row))
+    for k in JSON_COLUMNS:
+        if k in d and d[k] is not None:
+            d[k] = json.loads(d[k])
+    return d
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One row of ``jobs``."""
+
+    id: int
+    name: str
+    owner: str
+    spec_path: str
+    spec_hash: str
+    job_dir: str
+    backend: str
+    status: str
+    phase: str | None
+    shape: str | None
+    attempts: int
+    failures: int
+    max_attempts: int
+    backoff_s: float
+    not_before: float
+    claimed_by: str | None
+    created: float
+    updated: float
+    started: float | None
+    ended: float | None
+    last_error: str | None
+    events_offset: int
+    notify: list[dict[str, Any]]
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, row: sqlite3.Row) -> JobRow:
+        d = decode_row(row)
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class AllocRow:
+    """One row of ``allocations``: one local or Slurm launch."""
+
+    id: int
+    job_id: int
+    attempt: int
+    backend: str
+    backend_id: str
+    host: str | None
+    phase: str | None
+    shape: str | None
+    state: str
+    exit_code: int | None
+    log: str | None
+    info: dict[str, Any]
+    started: float
+    ended: float | None
+    reason: str | None
+
+    @classmethod
+    def of(cls, row: sqlite3.Row) -> AllocRow:
+        d = decode_row(row)
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class NoteRow:
+    """One queued notification (one channel of one notify entry, for one job event)."""
+
+    id: int
+    job_id: int
+    on_event: str
+    channel: str
+    kind: str
+    target: str
+    status: str
+    reason: str | None
+    tries: int
