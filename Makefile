@@ -29,6 +29,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check fleetmpi kernels tests bench
+	$(VENV)/bin/mypy fleetmpi kernels
 
 cluster-up:
 	bash jobscripts/minicluster/up.sh

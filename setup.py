@@ -24,7 +24,7 @@ setup(
         "mpich": ["mpich"],
         "gpu": ["cupy-cuda12x", "nvidia-ml-py"],
         "plot": ["matplotlib>=3.8"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "scikit-learn", "matplotlib>=3.8"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["fleetmpi=fleetmpi.cli:main"]},
 )

@@ -8,9 +8,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -178,7 +179,7 @@ class ActionSpec:
 
 @dataclass(frozen=True)
 class RuleSpec:
-    _aliases = {"in": "in_phases"}
+    _aliases: ClassVar[dict[str, str]] = {"in": "in_phases"}
     when: str
     then: ActionSpec
     in_phases: tuple[str, ...] | str | None = None
@@ -246,11 +247,11 @@ class NotifySpec:
 
 @dataclass(frozen=True)
 class Spec:
-    name: str = check(identifier)
     data: DataSpec
     model: ModelSpec
     goal: GoalSpec
     fleet: FleetSpec
+    name: str = check(identifier)   # required: check() without a default
     seed: int = check(non_negative, 0)   # numpy's generators take only seeds >= 0
     optimizer: OptimizerSpec = OptimizerSpec()
     sync: SyncSpec = SyncSpec()

@@ -21,6 +21,10 @@ N_EXTRAS = 4
 class Trainer:
     """State and collective operations of one phase on one rank."""
 
+    device = "cpu"                      # where the phase computes: cpu | gpu (fleetmpi.gpu_trainer)
+    device_detail = "cpu"               # one line for the log
+    notes: tuple[str, ...] = ()         # further lines for the log (rank 0)
+
     def __init__(self, comm: Any, jd: JobDir) -> None:
         from . import checkpoint
         from . import spec as specmod
@@ -43,6 +47,7 @@ class Trainer:
         self.n = info.n
         self.model = build_model(sp.model, info.d, info.classes)
         self.reader = RankReader(sp.data_path(sp.data.train))
+        self.valid_xy: tuple[np.ndarray, np.ndarray] | None
         if sp.data.valid:
             vinfo = _on_root(comm, lambda: describe(sp.data_path(sp.data.valid), task, info.classes))
             if vinfo.d != info.d:
@@ -131,7 +136,8 @@ class Trainer:
 
     def lbfgs_step(self) -> dict[str, Any]:
         X, y, fp, N = self._lbfgs_rows()
-        acc = {"compute_s": 0.0, "comm_s": 0.0, "payload": 0, "wire": 0.0, "signal": 0.0, "evals": 0}
+        acc: dict[str, float] = {"compute_s": 0.0, "comm_s": 0.0, "payload": 0, "wire": 0.0, "signal": 0.0,
+                                 "evals": 0}
 
         def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
             t0 = time.perf_counter()
@@ -152,8 +158,9 @@ class Trainer:
             return loss, grad.copy()
 
         loss, _moved = self.lbfgs.step(self.params, objective)
-        self.samples_seen += acc["evals"] * N
-        return {"loss": loss, "lr": self.lbfgs.last_step, "samples": acc["evals"] * N, "batch_fp": fp,
+        evals = int(acc["evals"])
+        self.samples_seen += evals * N
+        return {"loss": loss, "lr": self.lbfgs.last_step, "samples": evals * N, "batch_fp": fp,
                 "cursor": self.cursor, "compute_s": acc["compute_s"], "comm_s": acc["comm_s"],
                 "payload_bytes": acc["payload"], "wire_bytes": acc["wire"], "signal": acc["signal"]}
 
@@ -184,7 +191,7 @@ class Trainer:
         mine = np.array([pct, float(proc.memory_info().rss)])
         allr = np.empty((self.size, 2)) if self.rank == 0 else None
         self.comm.Gather(mine, allr, root=0)
-        if self.rank != 0:
+        if allr is None:
             return {}
         total = psutil.virtual_memory().total
         return {"cpu_util": float(allr[:, 0].mean()), "mem_util": float(100.0 * allr[:, 1].sum() / total)}
@@ -221,6 +228,26 @@ class Trainer:
                 "epoch": self.samples_seen / self.n, "spec_hash": self.spec.spec_hash(),
                 "model_hash": self.spec.model_hash(), "metrics": metrics}
         write_h5_atomic(self.jd.model, {"params": self.params}, meta, kind="model")
+
+
+def open_trainer(comm: Any, jd: JobDir) -> Trainer:
+    """Return this rank's trainer for the job's phase on the device the phase asks for (collective).
+
+    ``device: gpu`` or ``auto`` resolve through ``fleetmpi.device.choose`` (every rank
+    alike); a GPU phase gets a ``GpuTrainer``, which imports numba.cuda only then.
+    """
+    from . import device
+    from . import spec as specmod
+    sp = specmod.load(jd.spec)
+    phase = jd.read_state().get("phase")
+    setting = sp.fleet.phases[phase].device if phase in sp.fleet.phases else "cpu"
+    dev = device.choose(comm, str(phase), setting, sp.model.kind, sp.sync.kind)
+    if dev.kind == "gpu":
+        from .gpu_trainer import GpuTrainer
+        return GpuTrainer(comm, jd, dev)
+    t = Trainer(comm, jd)
+    t.device_detail = dev.describe()
+    return t
 
 
 def _on_root(comm: Any, fn: Any) -> Any:

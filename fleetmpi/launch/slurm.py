@@ -265,7 +265,7 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     job_id, restart = _this_run()
     spec = load(jd.spec)
     chain, _ = runs(jd)
-    this = next((r for r in reversed(chain) if r["job_id"] == job_id and r["restart"] == restart), {})
+    this: dict[str, Any] = next((r for r in reversed(chain) if r["job_id"] == job_id and r["restart"] == restart), {})
     # TERM to the batch shell means Slurm is ending the job (scancel, preemption by
     # cancellation, node shutdown); it kills what is left after KillWait. A person or a
     # policy wants it gone, so the chain ends there. USR2 (the time-limit warning, or

@@ -83,8 +83,10 @@ def runs(jd: JobDir) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
             by_key[(jid, restart)] = run
             end = None
         elif kind in ("start", "exit"):
-            run = by_key.get((jid, restart))
-            if run is None:  # Slurm requeued the job by itself (node failure with --requeue)
+            known = by_key.get((jid, restart))
+            if known is not None:
+                run = known
+            else:  # Slurm requeued the job by itself (node failure with --requeue)
                 run = {"job_id": jid, "restart": restart, "phase": rec.get("phase"), "shape": None,
                        "by": "slurm", "submitted": None, "exit_code": None, "env": None, "stop": None}
                 out.append(run)

@@ -149,16 +149,16 @@ def _check_value(name: str, v: Any) -> str | None:
     if name in ("job_name", "partition", "account", "qos"):
         return _name(v)
     if name == "comment":
-        ok = isinstance(v, str) and _COMMENT_RE.match(v)
+        ok = isinstance(v, str) and _COMMENT_RE.match(v) is not None
         return None if ok else f"expected 1-200 of letters, digits, '_.:@+-', got {v!r}"
     if name == "gres":
-        ok = isinstance(v, str) and _GRES_RE.match(v)
+        ok = isinstance(v, str) and _GRES_RE.match(v) is not None
         return None if ok else f"expected NAME[:TYPE][:COUNT][,...], e.g. gpu:1, got {v!r}"
     if name == "signal_grace_s":
         bad = isinstance(v, bool) or not isinstance(v, int) or not 10 <= v <= 65535
         return f"expected seconds in [10, 65535], got {v!r}" if bad else None
     if name == "output":
-        ok = isinstance(v, str) and _OUTPUT_RE.match(v) and ".." not in v.split("/")
+        ok = isinstance(v, str) and _OUTPUT_RE.match(v) is not None and ".." not in v.split("/")
         return None if ok else f"expected a path relative to the job dir of letters, digits, '_.%/-', got {v!r}"
     if name == "open_mode":
         return None if v in ("append", "truncate") else f"expected 'append' or 'truncate', got {v!r}"
