@@ -239,7 +239,7 @@ def open_trainer(comm: Any, jd: JobDir) -> Trainer:
     from . import device
     from . import spec as specmod
     sp = specmod.load(jd.spec)
-    phase = jd.read_state().get("phase")
+    phase = str(jd.read_state().get("phase"))
     setting = sp.fleet.phases[phase].device if phase in sp.fleet.phases else "cpu"
     dev = device.choose(comm, str(phase), setting, sp.model.kind, sp.sync.kind)
     if dev.kind == "gpu":

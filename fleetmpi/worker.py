@@ -20,7 +20,7 @@ import numpy as np
 from . import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
 from .errors import BadInput, TrainingFailed
 from .jobdir import JobDir
-from .trainer import Trainer
+from .trainer import Trainer, open_trainer
 
 # Decision codes rank 0 broadcasts at evaluation points.
 CONTINUE, GOAL, GOTO, SWITCH, STOP = 0, 1, 2, 3, 4
@@ -50,7 +50,7 @@ class Phase:
 
         for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
             signal.signal(s, on_signal)
-        t = Trainer(comm, jd)
+        t = open_trainer(comm, jd)
         sp = t.spec
         cpu.warmup()
         hosts = comm.gather(socket.gethostname(), root=0)
@@ -76,10 +76,13 @@ class Phase:
             if t.resumed_from:
                 jd.event("resume", checkpoint=t.resumed_from, step=t.step, phase=t.phase_name)
             jd.event("phase_start", phase=t.phase_name, ranks=self.size, hosts=sorted(set(hosts)),
-                     step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape())
+                     step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape(), device=t.device)
             mon.say(f"fleetmpi: phase {t.phase_name} on {self.size} rank(s) "
                     f"({', '.join(sorted(set(hosts)))}), step {t.step}, optimizer {t.optimizer}"
-                    + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else ""))
+                    + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else "")
+                    + f", device {t.device_detail}")
+            for note in t.notes:
+                mon.say(f"fleetmpi: note: {note}")
 
 
         goal, ev = sp.goal, sp.monitor.eval_every_steps

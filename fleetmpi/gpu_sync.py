@@ -1,0 +1,195 @@
+"""Gradient sync of a GPU phase: the phase's host sync kind, on device buffers.
+
+Each class wraps the phase's host ``Sync`` (``fleetmpi.sync``): that object keeps the
+kind's settings and the state a checkpoint holds (threshold: residual and tau), so
+``gather_state`` / ``load_state`` go through the very code CPU phases use, and a
+checkpoint written by a GPU phase is a CPU phase's checkpoint.
+
+MPI sees device buffers only when it is CUDA-aware (``Device.cuda_aware``); otherwise
+the buffers cross through pinned host memory. Either way the stream is synchronised
+before every MPI call: MPI knows nothing of CUDA streams. Byte accounting is the host
+kind's, per call: ``payload_bytes`` handed to MPI, ``wire_bytes`` estimated on the wire.
+
+dense      kernel writes [gradient | loss] into the device send buffer; one Allreduce.
+threshold  residual, encode and decode on the device (``kernels.gpu``); the packed
+           entries (uint32) are allgathered; tau adapts as on the host.
+exact      per-row factors and their fixed-point sums on the HOST (``kernels.exact``):
+           CUDA's exp/log1p and its fused multiply-adds do not round as the host does,
+           and exact means bit for bit the sum a CPU phase would get.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import numpy as np
+from mpi4py import MPI
+
+from kernels import gpu as kg
+
+from .device import Placement
+from .sync.base import Sync
+from .sync.threshold import ThresholdSync, next_tau
+
+
+class DeviceSync:
+    """Sum every rank's device gradient; ``out`` is where this rank's kernel writes [grad | loss]."""
+
+    kind = "dense"
+
+    def __init__(self, host: Sync, comm: Any, place: Placement, cuda_aware: bool) -> None:
+        self.host, self.comm, self.place, self.cuda_aware = host, comm, place, cuda_aware
+        self.size = comm.Get_size()
+        self.P, self.E = host.n_params, host.n_extras
+        self.payload_bytes = 0
+        self.wire_bytes = 0.0
+        self._tail = place.pinned(self.E - 1, np.float64)   # extras after the loss: rows, fp, signal
+        self._setup()
+
+    def _setup(self) -> None:
+        P, E, place = self.P, self.E, self.place
+        self._dsend = place.zeros(P + E, np.float64)
+        self.out = self._dsend[:P + 1]
+        if self.cuda_aware:
+            self._drecv = place.empty(P + E, np.float64)
+            self._ex = place.pinned(E, np.float64)
+        else:
+            self._hsend = place.pinned(P + E, np.float64)
+            self._hrecv = place.pinned(P + E, np.float64)
+            self._dgrad = place.empty(P, np.float64)
+        self._wire = 2.0 * (self.size - 1) / self.size * (P + E) * 8
+
+    def reduce(self, rows: int, fp: float, signal: float) -> tuple[Any, np.ndarray]:
+        """Return (global gradient sum on the device, global extras on the host); collective.
+
+        The kernel that filled ``out`` must have been launched on the placement's stream.
+        """
+        P, place = self.P, self.place
+        self._tail[:] = (rows, fp, signal)
+        if self.cuda_aware:
+            place.upload(self._tail, self._dsend[P + 1:])
+            place.sync()
+            self.comm.Allreduce(self._dsend, self._drecv, op=MPI.SUM)
+            place.download(self._drecv[P:], self._ex)
+            place.sync()
+            grad, ex = self._drecv[:P], self._ex
+        else:
+            place.download(self.out, self._hsend[:P + 1])
+            place.sync()
+            self._hsend[P + 1:] = self._tail
+            self.comm.Allreduce(self._hsend, self._hrecv, op=MPI.SUM)
+            place.upload(self._hrecv[:P], self._dgrad)
+            grad, ex = self._dgrad, self._hrecv[P:]
+        self._count((P + self.E) * 8, self._wire)
+        return grad, ex.copy()
+
+    def _count(self, payload: int, wire: float) -> None:
+        self.payload_bytes, self.wire_bytes = payload, wire
+
+    def to_host(self) -> None:
+        """Copy device-held sync state into the host sync (before a checkpoint gathers it)."""
+
+    def from_host(self) -> None:
+        """Copy the host sync's state (loaded from a checkpoint) to the device."""
+
+
+class ThresholdDeviceSync(DeviceSync):
+    """Threshold sync with residual, encode and decode on the device (see ``sync.threshold``)."""
+
+    kind = "threshold"
+
+    def _setup(self) -> None:
+        P, place = self.P, self.place
+        self.th = cast(ThresholdSync, self.host)
+        self.out = place.zeros(P + 1, np.float64)
+        self.residual = place.zeros(P, np.float64)
+        self._packed = place.empty(max(P, 1), np.uint32)
+        self._scratch = kg.encode_scratch(P, place.stream)
+        self._counts = place.zeros(max(P, 1), np.int32)
+        self._dgrad = place.empty(P, np.float64)
+        self._loss = place.pinned(1, np.float64)
+        self._record = np.empty(self.E + 1)
+        self._records = np.empty((self.size, self.E + 1))
+        self._hpacked = place.pinned(max(P, 1), np.uint32)
+        self._recv_cap = 0
+        self.from_host()
+
+    def _recv(self, total: int) -> Any:
+        if total > self._recv_cap:
+            self._recv_cap = max(total, self.P)
+            self._drecv = self.place.empty(self._recv_cap, np.uint32)
+            if not self.cuda_aware:
+                self._hrecv = self.place.pinned(self._recv_cap, np.uint32)
+        return self._drecv[:total]
+
+    def reduce(self, rows: int, fp: float, signal: float) -> tuple[Any, np.ndarray]:
+        host, place, P = self.th, self.place, self.P
+        tau = host.tau
+        place.download(self.out[P:], self._loss)
+        m = kg.encode(self.residual, self.out[:P], tau, self._packed, place.stream, self._scratch)  # synchronises
+        self._record[0] = m
+        self._record[1:] = (self._loss[0], rows, fp, signal)
+        self.comm.Allgather(self._record, self._records)
+        counts = self._records[:, 0].astype(np.int64)
+        displs = np.zeros_like(counts)
+        np.cumsum(counts[:-1], out=displs[1:])
+        total = int(counts.sum())
+        drecv = self._recv(max(total, 1))
+        if self.cuda_aware:
+            self.comm.Allgatherv([self._packed[:m], MPI.UINT32_T], [drecv, (counts, displs), MPI.UINT32_T])
+        else:
+            if m:
+                place.download(self._packed[:m], self._hpacked[:m])
+                place.sync()
+            hrecv = self._hrecv[:max(total, 1)]
+            self.comm.Allgatherv([self._hpacked[:m], MPI.UINT32_T], [hrecv, (counts, displs), MPI.UINT32_T])
+            if total:
+                place.upload(hrecv[:total], drecv[:total])
+        kg.decode(drecv, total, tau, self._dgrad, self._counts, place.stream)   # synchronises
+        host.sent_entries = m
+        host.density = total / (self.size * P) if P else 0.0
+        if host.adaptive:
+            host.tau = next_tau(tau, host.density, host.target_density, host.tau0)
+        payload = 4 * m + self._record.nbytes
+        self._count(payload, float((self.size - 1) * payload))
+        return self._dgrad, self._records[:, 1:].sum(axis=0)
+
+    def to_host(self) -> None:
+        self.place.download(self.residual, self.th.residual)
+        self.place.sync()
+
+    def from_host(self) -> None:
+        self.place.upload(np.ascontiguousarray(self.th.residual), self.residual)
+
+
+class ExactDeviceSync(DeviceSync):
+    """Exact sync on the host (see the module docstring); the summed gradient goes to the device."""
+
+    kind = "exact"
+
+    def _setup(self) -> None:
+        self.out = None
+        self._dgrad = self.place.empty(self.P, np.float64)
+        self._hgrad = self.place.pinned(self.P, np.float64)
+
+    def reduce_rows(self, model: Any, X: np.ndarray, y: np.ndarray, params: np.ndarray, fp: float,
+                    signal: float) -> tuple[Any, np.ndarray, float]:
+        """Return (global gradient sum on the device, global extras, seconds of local work); collective."""
+        import time
+        t0 = time.perf_counter()
+        loss = self.host.local_grad(model, X, y, params, self.host.grad_out)
+        t1 = time.perf_counter()
+        g, ex = self.host.reduce(self.host.grad_out, np.array([loss, len(y), fp, signal]))
+        self._hgrad[:] = g
+        self.place.upload(self._hgrad, self._dgrad)
+        self._count(self.host.payload_bytes, self.host.wire_bytes)
+        return self._dgrad, ex, t1 - t0
+
+    def reduce(self, rows: int, fp: float, signal: float) -> tuple[Any, np.ndarray]:
+        raise RuntimeError("exact sync on a GPU phase: use reduce_rows(model, X, y, params, ...)")
+
+
+def build_device_sync(host: Sync, comm: Any, place: Placement, cuda_aware: bool) -> DeviceSync:
+    """Return the device sync for the phase's host sync object."""
+    cls = {"dense": DeviceSync, "threshold": ThresholdDeviceSync, "exact": ExactDeviceSync}[host.kind]
+    return cls(host, comm, place, cuda_aware)

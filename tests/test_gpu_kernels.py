@@ -1,0 +1,145 @@
+"""GPU kernels: the simulator suite in a subprocess, host-side GPU code, and real-GPU checks.
+
+numba reads NUMBA_ENABLE_CUDASIM when it is first imported, so the kernel tests under the
+simulator (tests/gpu_sim/) run in a child pytest that has it set: `make test` runs them
+on any machine. Tests marked ``gpu`` need a real GPU and skip where none is visible.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from fleetmpi import device
+from fleetmpi.errors import BadInput
+from kernels import gpu, gpu_mlp
+from kernels import reference as ref
+
+NO_GPU = "no CUDA GPU visible (numba.cuda.is_available() is False without the simulator)"
+
+
+def _real_gpu() -> tuple[bool, str]:
+    if gpu.simulated():
+        return False, "needs a real GPU: NUMBA_ENABLE_CUDASIM=1 runs numba's CUDA simulator"
+    return device.gpu_visible(), NO_GPU
+
+
+def test_kernel_suite_passes_under_the_cuda_simulator() -> None:
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "NUMBA_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "pytest", "tests/gpu_sim", "-q", "-rs", "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=560)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} -> {proc.returncode}\n{out[-6000:]}"
+    passed = re.search(r"(\d+) passed", out)
+    assert passed and int(passed.group(1)) >= 25, out[-2000:]
+    assert "skipped" not in out and "deselected" not in out, out[-2000:]   # they ran, all of them
+
+
+@pytest.mark.parametrize("sizes", [(13, 8, 4), (13, 8, 6, 4)])
+def test_mlp_array_api_gradient_matches_reference_with_numpy(sizes: tuple[int, ...]) -> None:
+    # The code cupy runs on a GPU phase, run here by numpy: the maths is checked anywhere.
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((97, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], 97).astype(np.float32)
+    p = 0.5 * rng.standard_normal(ref.mlp_param_count(sizes))
+    out = np.full(p.size + 1, np.nan)
+    gpu_mlp.mlp_grad_xp(np, X, y, p, sizes, out)
+    loss, g = ref.mlp_loss_grad(X, y, p, sizes)
+    np.testing.assert_allclose(out[:-1], g, rtol=1e-11, atol=1e-11 * np.abs(g).max())
+    assert out[-1] == pytest.approx(loss, rel=1e-12)
+    gpu_mlp.mlp_grad_xp(np, X[:0], y[:0], p, sizes, out)
+    assert not out.any()
+
+
+def test_importing_gpu_modules_touches_no_gpu_and_no_optional_package() -> None:
+    code = ("import sys\n"
+            "import kernels.gpu, fleetmpi.device, fleetmpi.models.gpu, fleetmpi.gpu_sync, fleetmpi.gpu_trainer\n"
+            "from numba.cuda.cudadrv import driver\n"
+            "assert driver.driver.pid is None, 'cuInit ran'\n"
+            "bad = [m for m in ('cupy', 'pynvml') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_cuda_awareness_follows_the_variable_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(device.CUDA_AWARE_ENV, "1")
+    assert device.cuda_aware_mpi() == (True, f"{device.CUDA_AWARE_ENV}=1")
+    monkeypatch.setenv(device.CUDA_AWARE_ENV, "0")
+    assert device.cuda_aware_mpi()[0] is False
+    monkeypatch.setenv(device.CUDA_AWARE_ENV, "yes")
+    with pytest.raises(BadInput, match="must be 0 or 1"):
+        device.cuda_aware_mpi()
+    monkeypatch.delenv(device.CUDA_AWARE_ENV)
+    aware, how = device.cuda_aware_mpi()      # the wheel's MPICH is built without CUDA
+    assert aware is False and how
+
+
+def test_mlp_refusal_names_the_fix() -> None:
+    assert device.gpu_model_refusal("softmax", "dense") is None
+    assert device.gpu_model_refusal("mlp", "exact") is None     # exact: rows' factors on the host
+    why = device.gpu_model_refusal("mlp", "dense")
+    has_cupy = device._has_cupy()
+    assert (why is None) == has_cupy
+    if why:
+        assert "cupy" in why and "device: cpu or auto" in why
+
+
+def test_device_lines_for_the_log() -> None:
+    from fleetmpi.gpu_trainer import _nvml_notes
+    d = device.Device("gpu", "auto", 1, "NVIDIA H100", False, False, "local rank 1")
+    assert d.describe() == "gpu 1 (NVIDIA H100), MPI not CUDA-aware: pinned host staging [local rank 1]"
+    assert device.Device("cpu", "auto", why="device auto: no GPU").describe() == "cpu (device auto: no GPU)"
+    assert _nvml_notes(["", ""]) == ()
+    (note,) = _nvml_notes(["pynvml missing", "pynvml missing"])
+    assert note == "gpu_util and gpu_mem_util are not measured (pynvml missing); rules on them never fire"
+    (note,) = _nvml_notes(["", "pynvml missing"])
+    assert "rank(s) [1]" in note
+
+
+@pytest.mark.gpu
+def test_real_gpu_logistic_at_64k_rows_matches_reference() -> None:
+    ok, why = _real_gpu()
+    if not ok:
+        pytest.skip(why)
+    from numba import cuda
+    rng = np.random.default_rng(1)
+    n, d = 65536 + 77, 64
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    w = 0.1 * rng.standard_normal(d + 1)
+    out = cuda.device_array(d + 2)
+    gpu.logistic_grad(cuda.to_device(X), cuda.to_device(y), cuda.to_device(w), out)
+    loss, g = ref.logistic_loss_grad(X, y, w)
+    got = out.copy_to_host()
+    np.testing.assert_allclose(got[:-1], g, rtol=1e-10, atol=1e-10 * np.abs(g).max())
+    assert got[-1] == pytest.approx(loss, rel=1e-10)
+
+
+@pytest.mark.gpu
+def test_real_gpu_sgd_update_is_bitwise_numpy() -> None:
+    # On a real GPU NVVM would contract a*b+c into an FMA; libdevice's *_rn must prevent it.
+    ok, why = _real_gpu()
+    if not ok:
+        pytest.skip(why)
+    from numba import cuda
+    rng = np.random.default_rng(2)
+    n, B, lr, m, l2 = 100_003, 64, 0.3, 0.9, 1e-3
+    p, v, g = rng.standard_normal(n), rng.standard_normal(n), 30 * rng.standard_normal(n)
+    mask = np.ones(n)
+    want_p, want_v = p.copy(), v.copy()
+    grad = g / B
+    grad += l2 * mask * want_p
+    want_v *= m
+    want_v += grad
+    want_p -= lr * want_v
+    dp, dv = cuda.to_device(p), cuda.to_device(v)
+    gpu.sgd_update(dp, dv, cuda.to_device(g), cuda.to_device(mask), B, l2, lr, m)
+    assert np.array_equal(dp.copy_to_host(), want_p)
+    assert np.array_equal(dv.copy_to_host(), want_v)
