@@ -19,7 +19,9 @@ Retry layers, exactly one per failure class:
   LOST; a rank killed by a signal, locally or under Slurm; local exit 4, stopped after a
   checkpoint) -- this manager, and only it: back to NEW after ``retry.backoff_s`` and
   relaunched from the newest checkpoint, until ``retry.max_attempts`` attempts failed.
-  ``fleetmpi run``, LocalBackend and the worker never retry.
+  ``fleetmpi run``, LocalBackend and the worker never retry. Under Slurm the batch job is
+  ``--no-requeue`` (unless ``scheduler.requeue``), so Slurm does not requeue it as well,
+  and a chain whose allocation Slurm ended as lost neither ends nor resubmits itself.
 * a launch that failed transiently (:class:`TransientLaunchError`: a Slurm command
   timed out or was refused for load) -- this manager, counted like the above. Launches it
   makes use one sbatch try each (``submit_attempts=1``), so slurm_submit's own retry

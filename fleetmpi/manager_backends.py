@@ -287,7 +287,7 @@ class SlurmJobs:
 
     def poll(self, allocations: Sequence[AllocRow]) -> dict[str, AllocState]:
         from .launch.slurm_chain import read_exit, runs
-        from .launch.slurm_cmd import sacct_states, squeue_states
+        from .launch.slurm_cmd import LOST_STATES, sacct_states, squeue_states
         out: dict[str, AllocState] = {}
         newest: dict[str, tuple[AllocRow, str, int]] = {}
         for a in allocations:
@@ -313,12 +313,23 @@ class SlurmJobs:
             if end is not None or str(chain[-1]["job_id"]) != jid or int(chain[-1]["restart"]) != restart:
                 out[bid] = AllocState("RUNNING", None, "the chain moved on since this cycle began")
                 continue
+            if state in LOST_STATES and chain[-1].get("stop") == "lost":
+                # The continuation saw it too and left the chain alone (fleetmpi.launch.slurm.after).
+                out[bid] = AllocState(state, None, f"Slurm job {jid} ended {state}: its allocation was lost; "
+                                                   f"see logs/slurm-{jid}.out")
+                continue
             code = read_exit(jd, jid, restart)
             if code is not None:
+                # The batch script outlived the phase; its continuation may still be writing.
                 age = time.time() - exit_mtime(jd, jid, restart)
-                out[bid] = (AllocState("RUNNING", None, "continuing") if age < self.continuation_grace_s else
-                            AllocState("LOST", code, f"Slurm job {jid} exited {code} but its continuation "
-                                                     "recorded nothing; see logs/slurm-" + jid + ".out"))
+                if age < self.continuation_grace_s:
+                    out[bid] = AllocState("RUNNING", None, "continuing")
+                elif state in LOST_STATES:  # a step's exit code means nothing there (srun exits 0)
+                    out[bid] = AllocState(state, None, f"Slurm job {jid} ended {state} and its continuation "
+                                                       f"recorded nothing; see logs/slurm-{jid}.out")
+                else:
+                    out[bid] = AllocState("LOST", code, f"Slurm job {jid} exited {code} but its continuation "
+                                                        f"recorded nothing; see logs/slurm-{jid}.out")
                 continue
             # The batch script never wrote an exit code: the allocation itself was lost.
             why = f"Slurm job {jid} ended {state or 'unknown to squeue and sacct'} without an exit code"

@@ -6,7 +6,9 @@ its end. Batch side (``python -m fleetmpi.launch.slurm begin|continue JOB_DIR``,
 the script from :mod:`.slurm_script`): ``begin`` records the allocation; ``continue``
 reads the phase's exit code and submits the next phase (rescale, exit 3) or the same
 phase again (stopped by a signal, exit 4: near the time limit or preempted, each with its
-own cap), or ends the chain. All Slurm commands go through :mod:`.slurm_cmd`.
+own cap), or ends the chain; where Slurm already ended the job as lost (NODE_FAIL...) it
+does neither and leaves the retry to the manager. All Slurm commands go through
+:mod:`.slurm_cmd`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..jobdir import JobDir, atomic_write_bytes
 from ..spec import Spec
 from . import slurm_chain as chain_mod
 from .slurm_chain import record, runs, sync_state
-from .slurm_cmd import ACTIVE_STATES, IdleNodes, SlurmCommandError, run_slurm, sacct_states, squeue_states
+from .slurm_cmd import ACTIVE_STATES, LOST_STATES, IdleNodes, SlurmCommandError, run_slurm, sacct_states, squeue_states
 from .slurm_script import BatchCommand, phase_options, render_sbatch
 from .slurm_submit import ShapeUnavailable, SubmissionError, cancel, dry_run, release, requeue, submission_key, submit_held
 
@@ -121,9 +123,14 @@ class SlurmBackend:
             jd.event("slurm_retry", attempt=attempt, error=err, wait_s=wait, key=key)
             self._say(f"fleetmpi: Slurm failed (try {attempt}), retrying in {wait:g} s: {err}")
 
+        # The intent is written before the first sbatch: only a key someone already set out to
+        # submit can have a job behind it, so a fresh key costs no squeue lookup.
+        tried_before = chain_mod.intent_recorded(jd, key)
+        if not tried_before:
+            record(jd, "intent", index=index, key=key, phase=phase)
         job_id, adopted = submit_held(script, cwd=jd.root, key=key, job_name=self.spec.name, shape=shape_words,
                                       attempts=sch.submit_attempts, backoff_s=sch.submit_backoff_s,
-                                      on_retry=on_retry, sleep=self.sleep)
+                                      on_retry=on_retry, sleep=self.sleep, look_first=tried_before)
         shape = self.spec.phase(phase).shape()
         record(jd, "submit", index=index, job_id=job_id, restart=0, phase=phase, shape=shape, key=key, by=by,
                adopted=adopted, script=script.name)
@@ -175,9 +182,15 @@ class SlurmBackend:
                 lost_since = None
             else:
                 lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > lost_grace_s:
-                    what = ("wrote its exit code but recorded no next step (its continuation failed)"
-                            if code is not None else "left the queue without writing its exit code (UNKNOWN)")
+                allocation_lost = run.get("stop") == "lost"  # recorded by the continuation: nothing follows
+                if allocation_lost or time.monotonic() - lost_since > lost_grace_s:
+                    if allocation_lost:
+                        what = (f"ended {state}: its allocation was lost; `fleetmpi submit {jd.root}` resumes "
+                                "from the newest checkpoint")
+                    elif code is not None:
+                        what = "wrote its exit code but recorded no next step (its continuation failed)"
+                    else:
+                        what = "left the queue without writing its exit code (UNKNOWN)"
                     self._say(f"fleetmpi: Slurm job {jid} {what}; see {chain_mod.log_path(jd, jid)}")
                     return EXIT_FAILED
             self.sleep(poll_s)
@@ -266,6 +279,12 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     spec = load(jd.spec)
     chain, _ = runs(jd)
     this: dict[str, Any] = next((r for r in reversed(chain) if r["job_id"] == job_id and r["restart"] == restart), {})
+    goal_reached = jd.read_state().get("status") == "COMPLETED"
+    # srun exits 0 when its node fails, and a node set DOWN (by an admin or a health check)
+    # keeps running this script until KillWait is over: ask Slurm before believing rc.
+    lost = None if rc == EXIT_OK and goal_reached else _lost_state(job_id)
+    if lost:
+        return _lost(jd, job_id, restart, phase, rc, stop_signal, lost)
     # TERM to the batch shell means Slurm is ending the job (scancel, preemption by
     # cancellation, node shutdown); it kills what is left after KillWait. A person or a
     # policy wants it gone, so the chain ends there. USR2 (the time-limit warning, or
@@ -282,7 +301,7 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
     state = jd.read_state()
     backend = SlurmBackend(jd, spec)
-    if rc == EXIT_OK:
+    if rc == EXIT_OK and goal_reached:
         return _end(jd, EXIT_OK, "COMPLETED", str(state.get("reason") or "goal"))
     if rc in (EXIT_FAILED, EXIT_BAD_INPUT):
         meaning = "training failed" if rc == EXIT_FAILED else "bad input"
@@ -320,8 +339,37 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
         except SubmissionError as e:
             return _end(jd, e.exit_code, "FAILED", f"could not resubmit phase {phase} after a {stop}: {e}")
         return EXIT_OK
+    if rc == EXIT_OK:
+        return _end(jd, EXIT_FAILED, "FAILED", f"phase {phase}: the step exited 0 but the job did not reach its goal "
+                    f"(srun does so when a node fails); see {chain_mod.log_path(jd, job_id)}")
     return _end(jd, EXIT_FAILED, "FAILED", f"phase {phase}: the ranks ended with exit code {rc} "
                 f"(killed or crashed); see {chain_mod.log_path(jd, job_id)}")
+
+
+def _lost_state(job_id: str) -> str | None:
+    """Return Slurm's state of this job if Slurm ended it because its allocation was lost, else None."""
+    try:
+        state = squeue_states([job_id]).get(job_id)
+    except SlurmCommandError:
+        return None  # cannot tell: go by the exit code
+    return state if state in LOST_STATES else None
+
+
+def _lost(jd: JobDir, job_id: str, restart: int, phase: str, rc: int, stop_signal: str, lost: str) -> int:
+    """Record that this run's allocation was lost, ending nothing and submitting nothing.
+
+    The manager retries such a run from the newest checkpoint (one retry layer); without
+    a manager, `fleetmpi submit` resumes. The chain record comes last: once it is written
+    the manager may start the next attempt, which this process must not write over.
+    """
+    jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None,
+             stop="lost", slurm_state=lost)
+    print(f"fleetmpi: Slurm ended job {job_id} as {lost} (its allocation was lost; step exit code {rc} means "
+          f"nothing); the chain stops without an end: `fleetmpi submit {jd.root}` resumes from the newest "
+          "checkpoint", file=sys.stderr, flush=True)
+    record(jd, "exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None,
+           stop="lost", slurm_state=lost)
+    return EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

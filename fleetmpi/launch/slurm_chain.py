@@ -109,6 +109,11 @@ def submissions(jd: JobDir) -> int:
     return sum(1 for rec in read_lines(chain_path(jd)) if rec.get("kind") == "submit")
 
 
+def intent_recorded(jd: JobDir, key: str) -> bool:
+    """Return whether an earlier process already set out to submit ``key`` (an ``intent`` record)."""
+    return any(rec.get("kind") == "intent" and rec.get("key") == key for rec in read_lines(chain_path(jd)))
+
+
 def sync_state(jd: JobDir, **fields: Any) -> dict[str, Any]:
     """Mirror the chain into state.json (call only while no phase of this job runs)."""
     chain, _ = runs(jd)

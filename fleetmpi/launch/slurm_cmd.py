@@ -34,6 +34,10 @@ PERMANENT_SHAPE = (
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
                            "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT",
                            "RESV_DEL_HOLD", "STOPPED"})
+# States in which Slurm ended a job because its allocation was lost, not by the job's
+# doing. Processes left on such a node may still run for KillWait (a node set DOWN by
+# an admin or a health check keeps its slurmd), and srun there exits 0.
+LOST_STATES = frozenset({"NODE_FAIL", "BOOT_FAIL", "PREEMPTED"})
 
 
 class SlurmCommandError(FleetError):

@@ -1,9 +1,10 @@
 """Submit one batch script to Slurm exactly once, through transient failures.
 
 Every submission carries a key (``--comment``) unique to its intent: (job dir, position in
-the chain). Before each sbatch, squeue is asked for a job with that key, so a retry after
-a timed-out sbatch that did create the job adopts that job instead of making a second
-one. Jobs are submitted held and released after the caller recorded them: a job never
+the chain). The intent is recorded before the first sbatch; before every retry (and before
+a first try of a key some earlier process recorded), squeue is asked for a job with that
+key, so a retry after a timed-out sbatch that did create the job adopts that job instead of
+making a second one. Jobs are submitted held and released after the caller recorded them: a job never
 starts (and writes the job dir) before its submission is written down, and a job whose
 sbatch answer was lost cannot run away before it is found.
 """
@@ -81,14 +82,21 @@ def _retrying(what: str, fn: Callable[[], str], attempts: int, backoff_s: float,
 
 def submit_held(script: Path, *, cwd: Path, key: str, job_name: str, shape: str, attempts: int,
                 backoff_s: float, on_retry: OnRetry | None = None,
-                sleep: Callable[[float], None] = time.sleep) -> tuple[str, bool]:
-    """Submit ``script`` held, once per ``key``; return (job id, whether an existing job was adopted)."""
+                sleep: Callable[[float], None] = time.sleep, look_first: bool = True) -> tuple[str, bool]:
+    """Submit ``script`` held, once per ``key``; return (job id, whether an existing job was adopted).
+
+    ``look_first=False`` skips the squeue lookup before the first try, for a key that no
+    process has tried to submit before (the caller recorded its intent first).
+    """
     adopted = [False]
+    tries = [0]
 
     def once() -> str:
-        # Ask first, every time: an earlier try (ours, or a crashed process's) may have
-        # created the job although its sbatch reported a failure.
-        found = find_by_key(key, job_name)
+        # Ask before every retry (and before the first try of a key tried before): an
+        # earlier try, ours or a crashed process's, may have created the job although its
+        # sbatch reported a failure.
+        tries[0] += 1
+        found = find_by_key(key, job_name) if (look_first or tries[0] > 1) else None
         if found:
             adopted[0] = True
             return found
