@@ -165,50 +165,32 @@ class GpuTrainer(Trainer):
         return rec
 
     def lbfgs_step(self) -> dict[str, Any]:
+        # L-BFGS history and line search stay on the host (Trainer.lbfgs_step); each
+        # objective evaluation runs on the device through _global_grad.
         self._pull()
+        rec = super().lbfgs_step()
+        self._push()
+        return rec
+
+    def _global_grad(self, w: np.ndarray, data: tuple[np.ndarray, np.ndarray, float, int]
+                     ) -> tuple[np.ndarray, np.ndarray, float, float, int, float]:
         if self.exact:
-            rec = super().lbfgs_step()      # exact: all of it on the host, as a CPU phase does it
-            self._push()
-            return rec
-        gmodel = self.gmodel
-        X, y, fp, N = self._lbfgs_rows()
+            return super()._global_grad(w, data)   # exact: on the host, as a CPU phase does it
+        X, y, fp, _ = data
         if self._lbfgs_dev is None or self._lbfgs_dev[0] is not X:
-            gmodel.check(y)
+            self.gmodel.check(y)
             self._lbfgs_dev = (X, self.place.to_device(X), self.place.to_device(y))
         _, dX, dy = self._lbfgs_dev
-        acc = {"compute_s": 0.0, "comm_s": 0.0, "payload": 0, "wire": 0.0, "signal": 0.0, "evals": 0}
+        t0 = time.perf_counter()
+        self.place.upload(np.ascontiguousarray(w), self._dw)
+        self.gmodel.grad(dX, dy, self._dw, self.dsync.out)
+        self.place.sync()
+        t1 = time.perf_counter()
+        g_dev, ex = self.dsync.reduce(len(y), fp, self.stop_signal)
+        g = self.place.download(g_dev, self._hgrad)
+        self.place.sync()
+        return g, ex, t1 - t0, time.perf_counter() - t1, self.dsync.payload_bytes, self.dsync.wire_bytes
 
-        def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
-            t0 = time.perf_counter()
-            self.place.upload(np.ascontiguousarray(w), self._dw)
-            gmodel.grad(dX, dy, self._dw, self.dsync.out)
-            self.place.sync()
-            t1 = time.perf_counter()
-            g_dev, ex = self.dsync.reduce(len(y), fp, self.stop_signal)
-            g = self.place.download(g_dev, self._hgrad)
-            self.place.sync()
-            acc["compute_s"] += t1 - t0
-            acc["comm_s"] += time.perf_counter() - t1
-            acc["payload"] += self.dsync.payload_bytes
-            acc["wire"] += self.dsync.wire_bytes
-            acc["signal"] = max(acc["signal"], ex[3])
-            acc["evals"] += 1
-            grad = g / N
-            loss = ex[0] / N
-            if self.model.l2:
-                grad = grad + self.model.l2 * self.mask * w
-                loss += 0.5 * self.model.l2 * float(np.sum(self.mask * w * w))
-            return loss, grad.copy()
-
-        loss, _moved = self.lbfgs.step(self.params, objective)
-        self._push()
-        evals = int(acc["evals"])
-        self.samples_seen += evals * N
-        return {"loss": loss, "lr": self.lbfgs.last_step, "samples": evals * N, "batch_fp": fp,
-                "cursor": self.cursor, "compute_s": acc["compute_s"], "comm_s": acc["comm_s"],
-                "payload_bytes": acc["payload"], "wire_bytes": acc["wire"], "signal": acc["signal"]}
-
-    # -- collectives at evaluation points ---------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         self._pull()
         return super().evaluate()

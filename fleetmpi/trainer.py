@@ -134,20 +134,31 @@ class Trainer:
                 self.lbfgs_data = (X.copy(), y.copy(), fp, int(batch))
         return self.lbfgs_data
 
+    def _global_grad(self, w: np.ndarray, data: tuple[np.ndarray, np.ndarray, float, int]
+                     ) -> tuple[np.ndarray, np.ndarray, float, float, int, float]:
+        """Return (gradient sum over all ranks, extras sum, compute s, comm s, payload B, wire B) at w.
+
+        Collective: one evaluation of the L-BFGS objective's data term on this rank's rows.
+        """
+        X, y, fp, _ = data
+        t0 = time.perf_counter()
+        loss_sum = self.sync.local_grad(self.model, X, y, w, self.grad)
+        t1 = time.perf_counter()
+        g, ex = self.sync.reduce(self.grad, np.array([loss_sum, len(y), fp, self.stop_signal]))
+        return g, ex, t1 - t0, time.perf_counter() - t1, self.sync.payload_bytes, self.sync.wire_bytes
+
     def lbfgs_step(self) -> dict[str, Any]:
-        X, y, fp, N = self._lbfgs_rows()
+        data = self._lbfgs_rows()
+        fp, N = data[2], data[3]
         acc: dict[str, float] = {"compute_s": 0.0, "comm_s": 0.0, "payload": 0, "wire": 0.0, "signal": 0.0,
                                  "evals": 0}
 
         def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
-            t0 = time.perf_counter()
-            loss_sum = self.sync.local_grad(self.model, X, y, w, self.grad)
-            t1 = time.perf_counter()
-            g, ex = self.sync.reduce(self.grad, np.array([loss_sum, len(y), fp, self.stop_signal]))
-            acc["compute_s"] += t1 - t0
-            acc["comm_s"] += time.perf_counter() - t1
-            acc["payload"] += self.sync.payload_bytes
-            acc["wire"] += self.sync.wire_bytes
+            g, ex, compute_s, comm_s, payload, wire = self._global_grad(w, data)
+            acc["compute_s"] += compute_s
+            acc["comm_s"] += comm_s
+            acc["payload"] += payload
+            acc["wire"] += wire
             acc["signal"] = max(acc["signal"], ex[3])
             acc["evals"] += 1
             grad = g / N
