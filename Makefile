@@ -25,6 +25,7 @@ test-fast: install
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 bench: install
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0   # PyTorch CPU baseline
 	$(PY) bench/run.py
 
 lint: install

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -28,7 +29,10 @@ BENCHES: list[tuple[str, list[str]]] = [
 ]
 OPTIONAL = [  # benchmarks of layers that ship separately; run when present
     ("compressed sync", [PY, str(HERE / "bench_compress.py")]),
+    ("time to loss vs peers", [PY, str(HERE / "bench_peers.py")]),
+    ("scaling", [PY, str(HERE / "bench_scaling.py")]),
     ("ledger", [PY, str(HERE / "bench_ledger.py")]),
+    ("gpu kernels and phase", [PY, str(HERE / "bench_gpu.py")]),   # prints "no GPU: skipped" without one
 ]
 
 
@@ -39,7 +43,7 @@ def plot(out: Path) -> None:
     import matplotlib.pyplot as plt
 
     res = {p.stem: json.loads(p.read_text()) for p in (HERE / "results").glob("*.json")}
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(4, 2, figsize=(12, 16))
     if "kernels" in res:
         rows = res["kernels"]["rows"]
         ax = axes[0, 0]
@@ -82,8 +86,50 @@ def plot(out: Path) -> None:
         ax.barh([r["system"] for r in rows], [r["samples_per_s"] for r in rows])
         ax.set_xlabel("samples/s")
         ax.set_title("1-rank throughput, logistic 200k x 64")
+    plot_training(res, axes[2, 0], axes[2, 1], axes[3, 0])
+    axes[3, 1].axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=90)
+
+
+def plot_training(res: dict, bytes_ax: Any, time_ax: Any, scale_ax: Any) -> None:
+    """Draw sync bytes to equal loss, time to loss against peers, and scaling efficiency."""
+    if "compress_bytes" in res:
+        rows = [r for r in res["compress_bytes"]["rows"] if r.get("reached")]
+        labels = [f"{r['model']} {r['kind']}" for r in rows]
+        bars = bytes_ax.barh(labels, [r["bytes"] for r in rows])
+        for bar, r in zip(bars, rows):
+            bytes_ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {r.get('ratio_bytes', 0):.0f}x",
+                          va="center", fontsize=8)
+        bytes_ax.set_xscale("log")
+        bytes_ax.set_xlabel("sync bytes per rank to the target valid loss (log)")
+        bytes_ax.set_title("bytes at equal loss, digits, 2 ranks (label: dense / this)")
+    if "peers_time_to_loss" in res:
+        rows = res["peers_time_to_loss"]["rows"]
+        labels = [f"{r['case'].split(',')[0]}: {' '.join(r['system'].split()[:2])}" for r in rows]
+        time_ax.barh(labels, [r["wall_s"] or 0 for r in rows], color="tab:orange", alpha=0.4,
+                     label="whole command")
+        time_ax.barh(labels, [r["train_s"] for r in rows], color="tab:blue", label="first step -> target")
+        time_ax.set_xscale("log")
+        time_ax.tick_params(axis="y", labelsize=7)
+        time_ax.set_xlabel("seconds (log)")
+        time_ax.set_title("time to target valid loss, digits")
+        time_ax.legend(fontsize=8)
+    if "scaling" in res:
+        rows = res["scaling"]["rows"]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            base = [r for r in rows if r["model"] == model and r["mode"] == "baseline"]
+            for mode, style in (("strong", "o-"), ("weak", "s--")):
+                pts = base + [r for r in rows if r["model"] == model and r["mode"] == mode]
+                scale_ax.plot([r["ranks"] for r in pts], [r["efficiency"] for r in pts], style, label=f"{model} {mode}")
+        scale_ax.axhline(1.0, ls=":", c="gray")
+        scale_ax.set_xscale("log", base=2)
+        scale_ax.set_xticks(sorted({r["ranks"] for r in rows}), [str(p) for p in sorted({r["ranks"] for r in rows})])
+        scale_ax.set_xlabel("ranks")
+        scale_ax.set_ylabel("efficiency")
+        scale_ax.set_ylim(0, 1.2)
+        scale_ax.set_title("scaling, synthetic 200k x 128, dense sync")
+        scale_ax.legend(fontsize=8)
 
 
 def main() -> int:
