@@ -20,7 +20,7 @@ KINDS = ["linear", "logistic", "softmax", "mlp3", "mlp4"]
 RTOL = 1e-11
 
 
-def _close(
+def assert_close(
     actual: np.ndarray | float, expected: np.ndarray | float, rtol: float = RTOL
 ) -> None:
     """Assert elementwise closeness, with an absolute floor of rtol * max |expected|."""
@@ -99,11 +99,11 @@ def _central_diff(
     return g
 
 
-def _fd_close(fd: np.ndarray, g: np.ndarray) -> None:
+def assert_fd_close(fd: np.ndarray, g: np.ndarray) -> None:
     """Assert an analytic gradient matches finite differences within rounding noise."""
     # Loss sums are O(100); rounding in f costs ~eps*|f|/h ~ 1e-8 per coordinate and
     # truncation ~h^2 is smaller still, so 1e-6 relative to the largest entry is honest.
-    _close(fd, g, rtol=1e-6)
+    assert_close(fd, g, rtol=1e-6)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -122,8 +122,8 @@ def test_cpu_matches_reference(kind: str, n: int) -> None:
     loss, g = _cpu_loss_grad(kind, X, y, p)
     loss_ref, g_ref = _ref_loss_grad(kind, X, y, p)
     assert loss > 0.0
-    _close(loss, loss_ref)
-    _close(g, g_ref)
+    assert_close(loss, loss_ref)
+    assert_close(g, g_ref)
     if kind.startswith("mlp"):
         # Dead ReLU units legitimately zero some weights; the output bias never is.
         assert np.all(ref.mlp_unpack(g, _sizes(kind))[-1][1] != 0.0)
@@ -149,16 +149,16 @@ def test_gradient_is_sum_over_rows(kind: str) -> None:
         _cpu_loss_grad(kind, X[i : i + 1].copy(), y[i : i + 1].copy(), p)
         for i in range(40)
     ]
-    _close(loss, sum(lp for lp, _ in parts))
-    _close(g, np.sum([gp for _, gp in parts], axis=0))
+    assert_close(loss, sum(lp for lp, _ in parts))
+    assert_close(g, np.sum([gp for _, gp in parts], axis=0))
 
 
 def test_twopass_baseline_matches_reference() -> None:
     X, y, w = _problem("logistic", 257, seed=4)
     loss, g = ref.logistic_loss_grad_twopass(X, y, w)
     loss_ref, g_ref = ref.logistic_loss_grad(X, y, w)
-    _close(loss, loss_ref)
-    _close(g, g_ref)
+    assert_close(loss, loss_ref)
+    assert_close(g, g_ref)
 
 
 # ------------------------------------------------------------ finite differences
@@ -169,7 +169,7 @@ def test_reference_gradient_matches_finite_differences(kind: str) -> None:
     X, y, p = _problem(kind, 257, seed=5, dtype=np.float64)
     _, g = _ref_loss_grad(kind, X, y, p)
     fd = _central_diff(lambda q: _ref_loss_grad(kind, X, y, q)[0], p)
-    _fd_close(fd, g)
+    assert_fd_close(fd, g)
 
 
 def test_mlp_fd_points_are_away_from_relu_kinks() -> None:
@@ -189,7 +189,7 @@ def test_finite_difference_check_catches_a_small_error() -> None:
     bad = g.copy()
     bad[7] *= 1.0 + 1e-4
     with pytest.raises(AssertionError):
-        _fd_close(fd, bad)
+        assert_fd_close(fd, bad)
 
 
 # ---------------------------------------------------------------------- stability
@@ -226,8 +226,8 @@ def test_softmax_is_finite_for_huge_logits() -> None:
     loss_ref, g_ref = ref.softmax_loss_grad(X, y, W, K)
     assert np.isfinite(loss) and np.all(np.isfinite(g))
     assert loss > 1e3
-    _close(loss, loss_ref)
-    _close(g, g_ref)
+    assert_close(loss, loss_ref)
+    assert_close(g, g_ref)
 
 
 # -------------------------------------------------------------------- predictions
@@ -238,24 +238,24 @@ def test_predictions_match_reference(n: int) -> None:
     X, _, w = _problem("linear", n, seed=8)
     out = np.full(n, np.nan)
     cpu.linear_predict(X, w, out)
-    _close(out, ref.linear_predict(X, w))
+    assert_close(out, ref.linear_predict(X, w))
 
     X, _, w = _problem("logistic", n, seed=9)
     cpu.logistic_predict_proba(X, w, out)
-    _close(out, ref.logistic_predict_proba(X, w))
+    assert_close(out, ref.logistic_predict_proba(X, w))
 
     X, _, W = _problem("softmax", n, seed=10)
     out2 = np.full((n, K), np.nan)
     cpu.softmax_predict_proba(X, W, K, out2)
-    _close(out2, ref.softmax_predict_proba(X, W, K))
-    _close(out2.sum(axis=1), np.ones(n))
+    assert_close(out2, ref.softmax_predict_proba(X, W, K))
+    assert_close(out2.sum(axis=1), np.ones(n))
 
     for kind in ("mlp3", "mlp4"):
         X, _, p = _problem(kind, n, seed=11)
         out2[...] = np.nan
         cpu.mlp_predict_proba(X, p, _sizes(kind), out2)
-        _close(out2, ref.mlp_predict_proba(X, p, _sizes(kind)))
-        _close(out2.sum(axis=1), np.ones(n))
+        assert_close(out2, ref.mlp_predict_proba(X, p, _sizes(kind)))
+        assert_close(out2.sum(axis=1), np.ones(n))
 
 
 # ------------------------------------------------------------------ mlp layout

@@ -27,7 +27,7 @@ K = 4
 RTOL = 1e-11
 
 
-def _close(actual: np.ndarray, expected: np.ndarray, rtol: float = RTOL) -> None:
+def assert_close(actual: np.ndarray, expected: np.ndarray, rtol: float = RTOL) -> None:
     scale = float(np.max(np.abs(expected))) if np.size(expected) else 0.0
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
 
@@ -74,8 +74,8 @@ def test_gradient_matches_reference(kind: str, n: int, d: int) -> None:
     X, y, p = _problem(kind, n, d)
     out = _gpu(kind, X, y, p)
     loss, g = _reference(kind, X, y, p)
-    _close(out[:-1], g)
-    _close(out[-1:], np.array([loss]))
+    assert_close(out[:-1], g)
+    assert_close(out[-1:], np.array([loss]))
     assert np.abs(g).max() > 0.01   # a real gradient, not one that happens to be ~0
 
 
@@ -87,8 +87,8 @@ def test_blocks_that_loop_over_several_tiles_match(kind: str, monkeypatch: pytes
     X, y, p = _problem(kind, 300, 9, seed=4)
     out = _gpu(kind, X, y, p)
     loss, g = _reference(kind, X, y, p)
-    _close(out[:-1], g)
-    _close(out[-1:], np.array([loss]))
+    assert_close(out[:-1], g)
+    assert_close(out[-1:], np.array([loss]))
 
 
 @pytest.mark.parametrize("kind", ["linear", "logistic", "softmax"])
@@ -114,7 +114,7 @@ def test_logistic_matches_finite_differences() -> None:
         up = _gpu("logistic", X, y, q)[-1]
         q[i] -= 2 * h
         fd[i] = (up - _gpu("logistic", X, y, q)[-1]) / (2 * h)
-    _close(fd, out[:-1], rtol=1e-6)
+    assert_close(fd, out[:-1], rtol=1e-6)
 
 
 def test_logistic_is_finite_for_huge_logits() -> None:
@@ -123,8 +123,8 @@ def test_logistic_is_finite_for_huge_logits() -> None:
     out = _gpu("logistic", X, y, p)
     loss, g = ref.logistic_loss_grad(X, y, p)
     assert np.all(np.isfinite(out))
-    _close(out[:-1], g)
-    _close(out[-1:], np.array([loss]))
+    assert_close(out[:-1], g)
+    assert_close(out[-1:], np.array([loss]))
 
 
 def test_kernels_reject_host_arrays_and_wrong_shapes() -> None:
