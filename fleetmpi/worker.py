@@ -268,7 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("FLEETMPI_DEBUG") == "1"
     jd = JobDir(argv[0])
     try:
-        return Phase(comm, jd).run()
+        code = Phase(comm, jd).run()
+        # The phase is over and its checkpoint or model is written: a stop signal now must
+        # not kill the rank on its way out (at finalisation Python restores the default
+        # handler of every signal it handled, but leaves ignored ones ignored).
+        for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        return code
     except BadInput as e:
         return _fail(comm, jd, EXIT_BAD_INPUT, f"fleetmpi: error: {e}", debug)
     except TrainingFailed as e:
