@@ -115,6 +115,20 @@ def _softmax_residual(z: np.ndarray, label: int) -> float:
     return math.log(s) - zl
 
 
+@njit(cache=True, fastmath={"reassoc"}, nogil=True)
+def _dot4(a0: np.ndarray, a1: np.ndarray, a2: np.ndarray, a3: np.ndarray, w: np.ndarray,
+          d: int, out: np.ndarray) -> None:
+    """Set out[:4] to the dot products of four rows with w (one pass over w)."""
+    s0 = s1 = s2 = s3 = 0.0
+    for j in range(d):
+        wj = w[j]
+        s0 += a0[j] * wj
+        s1 += a1[j] * wj
+        s2 += a2[j] * wj
+        s3 += a3[j] * wj
+    out[0], out[1], out[2], out[3] = s0, s1, s2, s3
+
+
 @njit(cache=True, fastmath=False, nogil=True)
 def _softmax_grad(
     X: np.ndarray, y: np.ndarray, W_flat: np.ndarray, k: int, g: np.ndarray
@@ -123,71 +137,55 @@ def _softmax_grad(
     n, d = X.shape
     W = W_flat.reshape((d + 1, k))
     G = g.reshape((d + 1, k))
-    g[:] = 0.0
+    # Class-major copies: each class's weights and gradient row are contiguous over d, so
+    # both passes are vectorised loops over d (with W's (d+1, k) layout the inner loop
+    # would run over k, ~10, too short to vectorise). Four rows share each pass over a
+    # class's weights and gradient row.
+    WT = np.ascontiguousarray(W[:d].T)
+    GT = np.zeros((k, d))
+    gb = np.zeros(k)
+    R = np.empty((4, d))
     Z = np.empty((4, k))
-    z0 = Z[0]
-    z1 = Z[1]
-    z2 = Z[2]
-    z3 = Z[3]
+    dots = np.empty(4)
     loss = 0.0
-    # Four rows at a time: each pass over W (and over G) serves four rows, and the
-    # four logit sums are independent chains. d outer, k inner keeps W's rows
-    # contiguous and leaves no reduction for LLVM to reorder.
     n4 = n - n % 4
     for i in range(0, n4, 4):
-        x0 = X[i]
-        x1 = X[i + 1]
-        x2 = X[i + 2]
-        x3 = X[i + 3]
+        for r in range(4):
+            x = X[i + r]
+            for j in range(d):
+                R[r, j] = x[j]
         for c in range(k):
-            b = W[d, c]
-            z0[c] = b
-            z1[c] = b
-            z2[c] = b
-            z3[c] = b
-        for j in range(d):
-            a0 = np.float64(x0[j])
-            a1 = np.float64(x1[j])
-            a2 = np.float64(x2[j])
-            a3 = np.float64(x3[j])
-            wj = W[j]
-            for c in range(k):
-                wc = wj[c]
-                z0[c] += a0 * wc
-                z1[c] += a1 * wc
-                z2[c] += a2 * wc
-                z3[c] += a3 * wc
-        loss += _softmax_residual(z0, int(y[i]))
-        loss += _softmax_residual(z1, int(y[i + 1]))
-        loss += _softmax_residual(z2, int(y[i + 2]))
-        loss += _softmax_residual(z3, int(y[i + 3]))
-        for j in range(d):
-            a0 = np.float64(x0[j])
-            a1 = np.float64(x1[j])
-            a2 = np.float64(x2[j])
-            a3 = np.float64(x3[j])
-            gj = G[j]
-            for c in range(k):
-                gj[c] += (a0 * z0[c] + a1 * z1[c]) + (a2 * z2[c] + a3 * z3[c])
+            _dot4(R[0], R[1], R[2], R[3], WT[c], d, dots)
+            for r in range(4):
+                Z[r, c] = dots[r] + W[d, c]
+        for r in range(4):
+            loss += _softmax_residual(Z[r], int(y[i + r]))
         for c in range(k):
-            G[d, c] += (z0[c] + z1[c]) + (z2[c] + z3[c])
+            q0, q1, q2, q3 = Z[0, c], Z[1, c], Z[2, c], Z[3, c]
+            gc = GT[c]
+            for j in range(d):
+                gc[j] += (q0 * R[0, j] + q1 * R[1, j]) + (q2 * R[2, j] + q3 * R[3, j])
+            gb[c] += (q0 + q1) + (q2 + q3)
+    z = Z[0]
+    xr = R[0]
     for i in range(n4, n):
-        x0 = X[i]
-        for c in range(k):
-            z0[c] = W[d, c]
+        x = X[i]
         for j in range(d):
-            a0 = np.float64(x0[j])
-            wj = W[j]
-            for c in range(k):
-                z0[c] += a0 * wj[c]
-        loss += _softmax_residual(z0, int(y[i]))
-        for j in range(d):
-            a0 = np.float64(x0[j])
-            gj = G[j]
-            for c in range(k):
-                gj[c] += a0 * z0[c]
+            xr[j] = x[j]
         for c in range(k):
-            G[d, c] += z0[c]
+            z[c] = _dot(xr, WT[c], d) + W[d, c]
+        loss += _softmax_residual(z, int(y[i]))
+        for c in range(k):
+            q = z[c]
+            gc = GT[c]
+            for j in range(d):
+                gc[j] += q * xr[j]
+            gb[c] += q
+    for j in range(d):
+        for c in range(k):
+            G[j, c] = GT[c, j]
+    for c in range(k):
+        G[d, c] = gb[c]
     return loss
 
 
