@@ -15,7 +15,6 @@ Needs a real GPU. Under numba's CUDA simulator, or where numba sees no GPU, it p
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -23,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
+import fleetrun
 from common import save, table
 
 REPEAT = 20
@@ -74,21 +73,8 @@ def kernels() -> list[dict]:
 
 
 def phase_rate(data: Path, tmp: Path, device: str) -> float:
-    spec = {"name": "bench-gpu", "data": {"train": str(data / "train.h5"), "valid": str(data / "valid.h5")},
-            "model": {"kind": "logistic", "l2": 1e-5},
-            "optimizer": {"kind": "sgd", "lr": 0.5, "momentum": 0.9, "batch": 4096},
-            "goal": {"max_epochs": 3}, "checkpoint": {"every_steps": 100000},
-            "monitor": {"log_every_steps": 20, "eval_every_steps": 100000},
-            "fleet": {"start": "one", "phases": {"one": {"ranks_per_node": 1, "device": device}}}}
-    path = tmp / f"{device}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    job = tmp / f"job-{device}"
-    subprocess.run([sys.executable, "-m", "fleetmpi.cli", "run", str(path), "--job-dir", str(job)],
-                   check=True, capture_output=True, env={**os.environ, "FLEETMPI_PROGRESS": "none"})
-    ev = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
-    first = next(e for e in ev if e["event"] == "first_step")
-    goal = next(e for e in ev if e["event"] == "goal")
-    return (goal["step"] - first["step"]) * 4096 / (goal["t"] - first["t"])
+    """Return samples/s of a 1-rank logistic phase on ``device`` (first step -> goal)."""
+    return fleetrun.run(fleetrun.throughput_spec(data, 4096, 3, device), tmp, device).train_rate(4096)
 
 
 def main() -> int:

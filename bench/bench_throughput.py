@@ -8,7 +8,6 @@ scikit-learn's is fit() on arrays already in memory (no I/O), per-sample SGD.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,32 +16,17 @@ import time
 from pathlib import Path
 
 import h5py
-import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
+import fleetrun
 from common import save, table
 
 EPOCHS = 3
 
 
-def run_fleetmpi(data: Path, tmp: Path, batch: int) -> tuple[float, float]:
-    spec = {"name": "bench", "data": {"train": str(data / "train.h5"), "valid": str(data / "valid.h5")},
-            "model": {"kind": "logistic", "l2": 1e-5},
-            "optimizer": {"kind": "sgd", "lr": 0.5, "momentum": 0.9, "batch": batch},
-            "goal": {"max_epochs": EPOCHS}, "checkpoint": {"every_steps": 100000},
-            "monitor": {"log_every_steps": 20, "eval_every_steps": 100000},
-            "fleet": {"start": "one", "phases": {"one": {"ranks_per_node": 1}}}}
-    path = tmp / f"spec{batch}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    job = tmp / f"job{batch}"
-    subprocess.run([sys.executable, "-m", "fleetmpi.cli", "run", str(path), "--job-dir", str(job)],
-                   check=True, capture_output=True, env={**os.environ, "FLEETMPI_PROGRESS": "none"})
-    ev = [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
-    first = next(e for e in ev if e["event"] == "first_step")
-    goal = next(e for e in ev if e["event"] == "goal")
-    m = [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
-    steps = goal["step"] - first["step"]
-    return steps * batch / (goal["t"] - first["t"]), m[-1]["loss"]
+def run_fleetmpi(data: Path, tmp: Path, batch: int) -> float:
+    """Return fleetmpi's samples/s at 1 rank (first step -> goal) on ``data``."""
+    return fleetrun.run(fleetrun.throughput_spec(data, batch, EPOCHS), tmp, f"b{batch}").train_rate(batch)
 
 
 def main() -> None:
@@ -63,7 +47,7 @@ def main() -> None:
         sk = EPOCHS * len(y) / (time.perf_counter() - t0)
         rows = [{"system": "scikit-learn SGDClassifier (batch 1, in memory)", "samples_per_s": sk, "ratio": 1.0}]
         for batch in (256, 1024, 4096):
-            sps, _ = run_fleetmpi(tmp / "data", tmp, batch)
+            sps = run_fleetmpi(tmp / "data", tmp, batch)
             rows.append({"system": f"fleetmpi 1 rank, batch {batch} (HDF5 reads)", "samples_per_s": sps,
                          "ratio": sps / sk})
     print(table(f"throughput, logistic regression, 200000 x 64, {EPOCHS} epochs (ratio vs scikit-learn)", rows,

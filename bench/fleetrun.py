@@ -43,6 +43,10 @@ class JobResult:
     def reached(self) -> bool:
         return "budget" not in self.reason
 
+    def train_rate(self, batch: int) -> float:
+        """Return samples/s from the first_step event to the goal event (final evaluation included)."""
+        return (self.step - self.first_step) * batch / self.train_s
+
     def samples_per_s(self, batch: int) -> float:
         """Return samples/s of the steps after the first (HDF5 read, kernel, sync, optimizer, logging)."""
         return (self.step - self.first_step) * batch / self.steps_s
@@ -57,6 +61,16 @@ def spec(name: str, model: dict[str, Any], optimizer: dict[str, Any], goal: dict
             "checkpoint": {"every_steps": 10 ** 9},
             "monitor": {"log_every_steps": 1, "eval_every_steps": eval_every_steps, "progress": "none"},
             "fleet": {"start": "p", "phases": {"p": {"ranks_per_node": ranks}}}}
+
+
+def throughput_spec(data: Path, batch: int, epochs: float, device: str = "cpu") -> dict[str, Any]:
+    """Return a 1-rank logistic spec for throughput: no evaluation or checkpoint before the end."""
+    return {"name": "bench", "data": {"train": str(data / "train.h5"), "valid": str(data / "valid.h5")},
+            "model": {"kind": "logistic", "l2": 1e-5},
+            "optimizer": {"kind": "sgd", "lr": 0.5, "momentum": 0.9, "batch": batch},
+            "goal": {"max_epochs": epochs}, "checkpoint": {"every_steps": 10 ** 9},
+            "monitor": {"log_every_steps": 20, "eval_every_steps": 10 ** 9, "progress": "none"},
+            "fleet": {"start": "one", "phases": {"one": {"ranks_per_node": 1, "device": device}}}}
 
 
 def run(spec_dict: dict[str, Any], tmp: Path, tag: str) -> JobResult:

@@ -191,7 +191,10 @@ def _softmax_grad(
 
 @njit(cache=True, fastmath=False, nogil=True)
 def _softmax_xent_inplace(Z: np.ndarray, y: np.ndarray) -> float:
-    """Replace logits Z (n, k) by softmax(Z) - onehot(y); return the summed loss."""
+    """Replace logits Z (n, k) by softmax(Z) - onehot(y); return the summed loss.
+
+    Row by row in a fixed order without fastmath: kernels.exact relies on that rounding.
+    """
     loss = 0.0
     for i in range(Z.shape[0]):
         loss += _softmax_residual(Z[i], int(y[i]))

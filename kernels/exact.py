@@ -67,30 +67,6 @@ def _dot(x: np.ndarray, w: np.ndarray, d: int) -> float:
 
 
 @njit(cache=True, fastmath=False, nogil=True)
-def _softmax_xent_rows(Z: np.ndarray, y: np.ndarray) -> float:
-    """Replace logits Z (n, k) by softmax(Z) - onehot(y) row by row; return the summed loss."""
-    n, k = Z.shape
-    loss = 0.0
-    for i in range(n):
-        z = Z[i]
-        label = int(y[i])
-        m = z[0]
-        for c in range(1, k):
-            m = max(m, z[c])
-        zl = z[label] - m     # before exp: exp(z_label - m) may underflow for a confident miss
-        s = 0.0
-        for c in range(k):
-            z[c] = math.exp(z[c] - m)
-            s += z[c]
-        inv = 1.0 / s
-        for c in range(k):
-            z[c] *= inv
-        z[label] -= 1.0
-        loss += math.log(s) - zl
-    return loss
-
-
-@njit(cache=True, fastmath=False, nogil=True)
 def _linear_rows(X: np.ndarray, y: np.ndarray, w: np.ndarray, R: np.ndarray) -> float:
     """Fill R (n, 1) with the residuals x.w + b - y; return the summed squared loss."""
     n, d = X.shape
@@ -241,7 +217,7 @@ def softmax_rows(X: np.ndarray, y: np.ndarray, W_flat: np.ndarray, k: int) -> tu
     cpu._check_labels(y, k)
     W = W_flat.reshape(d + 1, k)
     _layer_rows(X, W[:d], W[d], False, Z)
-    return float(_softmax_xent_rows(Z, y)), [(X, Z)]
+    return float(cpu._softmax_xent_inplace(Z, y)), [(X, Z)]
 
 
 def mlp_rows(X: np.ndarray, y: np.ndarray, params: np.ndarray, sizes: Sequence[int]) -> tuple[float, Factors]:
@@ -261,7 +237,7 @@ def mlp_rows(X: np.ndarray, y: np.ndarray, params: np.ndarray, sizes: Sequence[i
     W, b = layers[-1]
     delta = np.empty((n, W.shape[1]))
     _layer_rows(acts[-1], W, b, False, delta)
-    loss = float(_softmax_xent_rows(delta, y))
+    loss = float(cpu._softmax_xent_inplace(delta, y))
     deltas = [delta]
     for i in range(len(layers) - 1, 0, -1):
         prev = np.empty_like(acts[i])
