@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -61,9 +60,8 @@ def worker_env(progress: str | None = None) -> dict[str, str]:
 class LocalBackend:
     """Run a job's phases one after another on this machine."""
 
-    def __init__(self, jd: JobDir, spec: Spec, out: TextIO = sys.stderr,
-                 on_phase: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.jd, self.spec, self.out, self.on_phase = jd, spec, out, on_phase
+    def __init__(self, jd: JobDir, spec: Spec, out: TextIO = sys.stderr) -> None:
+        self.jd, self.spec, self.out = jd, spec, out
         self._proc: subprocess.Popen[bytes] | None = None
 
     def run(self) -> int:
@@ -88,8 +86,6 @@ class LocalBackend:
                 after = self.jd.read_state()
                 self.jd.event("phase_exit", phase=phase, exit_code=rc, seconds=round(time.time() - t0, 3),
                               meaning=_MEANING.get(rc, "killed or crashed"))
-                if self.on_phase:
-                    self.on_phase({"phase": phase, "ranks": ranks, "exit_code": rc, "log": str(log)})
                 if rc == EXIT_RESCALE:
                     if after["phase"] == phase:
                         self._say(f"fleetmpi: phase {phase} asked for a rescale but named no new phase; stopping")
