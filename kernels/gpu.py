@@ -51,6 +51,7 @@ __all__ = [
 
 TPB = 128            # threads per block of the row kernels
 TILE_COLS = 32       # columns of X staged in shared memory per pass (one 128-byte line per row)
+_SX_COLS = TILE_COLS + 1   # +1: no shared-memory bank conflicts (a shape must be a constant, not an expression)
 MAX_BLOCKS = 1024    # beyond this a block loops over several tiles of its chunk
 SIGN_BIT = np.uint32(0x80000000)
 INDEX_MASK = np.uint32(0x7FFFFFFF)
@@ -81,19 +82,13 @@ if simulated():
     def _div(a: float, b: float) -> float:
         return a / b
 else:
-    from numba.cuda import libdevice
-
-    @cuda.jit(device=True)
-    def _mul(a: float, b: float) -> float:
-        return libdevice.dmul_rn(a, b)
-
-    @cuda.jit(device=True)
-    def _add(a: float, b: float) -> float:
-        return libdevice.dadd_rn(a, b)
-
-    @cuda.jit(device=True)
-    def _div(a: float, b: float) -> float:
-        return libdevice.ddiv_rn(a, b)
+    # The libdevice functions themselves, not device functions wrapping them: a kernel
+    # that calls a @cuda.jit(device=True) function cannot be compiled without a GPU
+    # (numba asks the current device for its compute capability), and the compile check
+    # (kernels.gpu_compile) must run where there is none.
+    from numba.cuda.libdevice import dadd_rn as _add  # type: ignore[no-redef]
+    from numba.cuda.libdevice import ddiv_rn as _div  # type: ignore[no-redef]
+    from numba.cuda.libdevice import dmul_rn as _mul  # type: ignore[no-redef]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -105,7 +100,7 @@ def _glm_partials(X: Any, y: Any, w: Any, kind: int, chunk: int, part: Any) -> N
     n, d = X.shape
     t: int = cuda.threadIdx.x
     b: int = cuda.blockIdx.x
-    sx = cuda.shared.array((TPB, TILE_COLS + 1), float32)   # +1: no shared-memory bank conflicts
+    sx = cuda.shared.array((TPB, _SX_COLS), float32)
     sr = cuda.shared.array(TPB, float64)
     sl = cuda.shared.array(TPB, float64)
     lo = b * chunk
@@ -166,11 +161,11 @@ def _softmax_kernel(k: int) -> Any:
         return _SOFTMAX[k]
 
     @cuda.jit
-    def kernel(X: Any, y: Any, W: Any, chunk: int, R: Any, part: Any) -> None:
+    def _softmax_partials(X: Any, y: Any, W: Any, chunk: int, R: Any, part: Any) -> None:
         n, d = X.shape
         t: int = cuda.threadIdx.x
         b: int = cuda.blockIdx.x
-        sx = cuda.shared.array((TPB, TILE_COLS + 1), float32)
+        sx = cuda.shared.array((TPB, _SX_COLS), float32)
         sl = cuda.shared.array(TPB, float64)
         z = cuda.local.array(k, float64)
         width = (d + 1) * k
@@ -230,8 +225,8 @@ def _softmax_kernel(k: int) -> Any:
                 part[b, q] += s
             cuda.syncthreads()
 
-    _SOFTMAX[k] = kernel
-    return kernel
+    _SOFTMAX[k] = _softmax_partials
+    return _softmax_partials
 
 
 @cuda.jit
@@ -260,7 +255,7 @@ def _threshold_flags(residual: Any, grad: Any, tau: float, flags: Any, counts: A
             r += tau
         residual[j] = r
         flags[j] = f
-    c = cuda.syncthreads_count(f != 0)
+    c = cuda.syncthreads_count(int32(f))   # counts the threads with f != 0 (the predicate must be int32)
     if cuda.threadIdx.x == 0:
         counts[cuda.blockIdx.x] = c
 
