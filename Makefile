@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[mpich,dev]'
+	$(PY) -m pip install -q -e '.[mpich,dev,gpu-compile]'
 	touch $(STAMP)
 
 demo: install

@@ -22,7 +22,15 @@ setup(
     extras_require={
         # MPI from PyPI: the wheel's mpiexec lands next to the venv's python.
         "mpich": ["mpich"],
-        "gpu": ["cupy-cuda12x", "nvidia-ml-py"],
+        # GPU phases: numba-cuda (numba's own CUDA target is deprecated) with the CUDA wheels,
+        # cupy for the MLP's BLAS, NVML for gpu_util. cu12 runs on any driver >= 525;
+        # gpu-cu13 for CUDA 13 tool chains.
+        "gpu": ["numba-cuda[cu12]", "cupy-cuda12x", "nvidia-ml-py"],
+        "gpu-cu13": ["numba-cuda[cu13]", "cupy-cuda13x", "nvidia-ml-py"],
+        # Compile the GPU kernels for real GPUs without one (tests/test_gpu_compile.py,
+        # python -m kernels.gpu_compile): NVVM, NVRTC and ptxas from wheels, no driver.
+        "gpu-compile": ["numba-cuda", "cuda-bindings>=13,<14", "nvidia-nvvm>=13,<14", "nvidia-cuda-nvrtc>=13,<14",
+                        "nvidia-cuda-nvcc>=13,<14"],
         "plot": ["matplotlib>=3.8"],
         "dev": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8"],
     },

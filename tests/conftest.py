@@ -34,6 +34,28 @@ def mpirun(n: int, script: Path, *args: str, timeout: float = 120) -> subprocess
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def record_launches(env: dict[str, str], path: Path) -> dict[str, str]:
+    """Return ``env`` that makes simulated processes log their kernel launches' types to ``path``."""
+    pythonpath = os.pathsep.join(p for p in (str(ROOT / "tests" / "launch_record"), env.get("PYTHONPATH", "")) if p)
+    return {**env, "PYTHONPATH": pythonpath, "FLEETMPI_RECORD_LAUNCHES": str(path)}
+
+
+def assert_launches_compile_checked(path: Path) -> int:
+    """Assert every launch logged at ``path`` has its signature in kernels.gpu_compile; return the count.
+
+    The compile check (tests/test_gpu_compile.py) compiles those signatures for real GPUs:
+    a launch with other argument types would be compiled first on a user's GPU.
+    """
+    from kernels.gpu_compile import signatures
+    known = {(kernel.py_func.__name__, ", ".join(str(t) for t in sig)) for kernel, sig in signatures().values()}
+    seen = {tuple(line.split("\t")) for line in path.read_text().splitlines()} if path.exists() else set()
+    assert seen, f"no kernel launch was recorded in {path}"
+    missing = sorted(seen - known)
+    assert not missing, "launches whose argument types kernels.gpu_compile.signatures() does not compile:\n" + \
+        "\n".join(f"  {name}({types})" for name, types in missing)
+    return len(seen)
+
+
 def events(job: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
 

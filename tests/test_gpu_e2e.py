@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import cli, events, metrics, write_spec
+from conftest import assert_launches_compile_checked, cli, events, metrics, record_launches, write_spec
 
 from fleetmpi import checkpoint
 from fleetmpi.h5store import read_h5_verified
@@ -52,9 +52,14 @@ def _spec(path: Path, data: Path, model: dict[str, Any], sync: dict[str, Any], r
 
 
 def _run(tmp: Path, name: str, spec: Path, env: dict[str, str] | None = None) -> tuple[Path, str]:
-    job = tmp / name
+    job, launches = tmp / name, tmp / f"{name}.launches"
+    simulated = bool(env) and env.get("NUMBA_ENABLE_CUDASIM") == "1"
+    if simulated:
+        env = record_launches(env, launches)
     proc = cli("run", str(spec), "--job-dir", str(job), env=env, timeout=400)
     assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if simulated and any(e["device"] == "gpu" for e in events(job) if e["event"] == "phase_start"):
+        assert_launches_compile_checked(launches)   # what the GPU phase launched is what the compile check compiles
     return job, proc.stdout + proc.stderr
 
 

@@ -11,10 +11,11 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, assert_launches_compile_checked, record_launches
 
 from fleetmpi import device
 from fleetmpi.errors import BadInput
@@ -30,8 +31,9 @@ def _real_gpu() -> tuple[bool, str]:
     return device.gpu_visible(), NO_GPU
 
 
-def test_kernel_suite_passes_under_the_cuda_simulator() -> None:
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "NUMBA_NUM_THREADS": "1"}
+def test_kernel_suite_passes_under_the_cuda_simulator(tmp_path: Path) -> None:
+    launches = tmp_path / "launches"
+    env = record_launches({**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "NUMBA_NUM_THREADS": "1"}, launches)
     cmd = [sys.executable, "-m", "pytest", "tests/gpu_sim", "-q", "-rs", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=560)
     out = proc.stdout + proc.stderr
@@ -39,6 +41,7 @@ def test_kernel_suite_passes_under_the_cuda_simulator() -> None:
     passed = re.search(r"(\d+) passed", out)
     assert passed and int(passed.group(1)) >= 25, out[-2000:]
     assert "skipped" not in out and "deselected" not in out, out[-2000:]   # they ran, all of them
+    assert assert_launches_compile_checked(launches) >= 9   # each kernel at least once
 
 
 @pytest.mark.parametrize("sizes", [(13, 8, 4), (13, 8, 6, 4)])
