@@ -32,7 +32,7 @@ def row_fingerprint(lo: int, hi: int) -> float:
 
 
 @njit(cache=True, nogil=True)
-def _fingerprint(lo: np.ndarray, hi: np.ndarray) -> int:
+def _fingerprint(lo: np.ndarray, hi: np.ndarray) -> np.uint64:
     """Return the sum of hash(i) over the rows of every range [lo[k], hi[k]) (integer, exact)."""
     total = np.uint64(0)
     for k in range(lo.size):
