@@ -415,6 +415,11 @@ def _part(part: Any, n: int, width: int, stream: Any) -> Any:
     return part
 
 
+def _zeros(part: Any, out: Any, stream: Any) -> None:
+    """Fill every entry of ``out`` with 0 (a sum over no blocks): the output of an empty batch."""
+    _sum_blocks[-(-out.shape[0] // TPB), TPB, stream](part, 0, out)
+
+
 def _reduce(part: Any, n: int, out: Any, stream: Any) -> None:
     width = out.shape[0]
     _sum_blocks[-(-width // TPB), TPB, stream](part, n_blocks(n), out)
@@ -429,7 +434,7 @@ def _glm(kind: int, X: Any, y: Any, w: Any, out: Any, part: Any, stream: Any) ->
     _check(out, "out", np.float64, (d + 2,))
     part = _part(part, n, d + 2, stream)
     if n == 0:
-        _sum_blocks[1, TPB, stream](part, 0, out)   # zeros
+        _zeros(part, out, stream)
         return
     _glm_partials[n_blocks(n), TPB, stream](X, y, w, kind, _chunk(n), part)
     _reduce(part, n, out, stream)
@@ -467,7 +472,7 @@ def softmax_grad(X: Any, y: Any, W_flat: Any, k: int, out: Any, part: Any = None
     elif not _is_device(resid) or resid.shape[0] < n or resid.shape[1] != k:
         raise ValueError(f"resid must be a float64 device array of at least ({n}, {k}), got {resid.shape}")
     if n == 0:
-        _sum_blocks[-(-out.shape[0] // TPB), TPB, stream](part, 0, out)
+        _zeros(part, out, stream)
         return
     _softmax_kernel(k)[n_blocks(n), TPB, stream](X, y, W_flat, _chunk(n), resid, part)
     _reduce(part, n, out, stream)
@@ -550,7 +555,8 @@ def sgd_update(params: Any, velocity: Any, g: Any, mask: Any, batch: float, l2: 
 
 def device_copy(src: Any, dst: Any, stream: Any = 0) -> None:
     """Copy a 1-D device array into another with a kernel (the benchmark's copy-kernel baseline)."""
-    _copy[-(-src.shape[0] // TPB), TPB, stream](src, dst)
+    if src.shape[0]:   # a grid of 0 blocks is an error on a GPU (the simulator accepts it)
+        _copy[-(-src.shape[0] // TPB), TPB, stream](src, dst)
 
 
 def stream_sync(stream: Any) -> None:
