@@ -57,11 +57,31 @@ def simulated() -> bool:
 
 def gpu_visible() -> bool:
     """Return whether numba sees a CUDA GPU (or its simulator); initialises the CUDA driver."""
+    return gpu_missing() is None
+
+
+def gpu_missing() -> str | None:
+    """Return why numba cannot run CUDA kernels on this node, or None if it can.
+
+    numba's ``cuda.is_available()`` needs both a driver with a GPU and NVVM (the compiler,
+    from a CUDA toolkit or the numba-cuda wheels): a GPU node without NVVM is told apart
+    from a node without a GPU, so the message says what to install.
+    """
     from numba import cuda
     try:
-        return bool(cuda.is_available())
-    except Exception:   # a broken driver install reads as no GPU, never as a crash
-        return False
+        if cuda.is_available():
+            return None
+    except Exception as exc:   # a broken driver install reads as no GPU, never as a crash
+        return f"{NO_GPU}: the CUDA driver failed ({type(exc).__name__}: {str(exc).strip()[:200]})"
+    try:
+        from numba.cuda.cudadrv.driver import driver
+        has_gpu = bool(driver.is_available)
+    except Exception:
+        has_gpu = False
+    if has_gpu:
+        return ("a CUDA GPU is visible but numba finds no NVVM (the CUDA compiler): "
+                "pip install 'fleetmpi[gpu]' (numba-cuda with the CUDA wheels) or load a CUDA toolkit")
+    return NO_GPU
 
 
 def gpu_model_refusal(model_kind: str, sync_kind: str) -> str | None:
@@ -96,22 +116,23 @@ def choose(comm: Any, phase: str, setting: str, model_kind: str, sync_kind: str)
     if setting == "cpu":
         return Device("cpu", setting)
     refusal = gpu_model_refusal(model_kind, sync_kind)
-    visible = gpu_visible() if refusal is None else False
+    missing_why = gpu_missing() if refusal is None else None
     # Decide from every rank's view, so that all ranks take the same branch below.
-    views = comm.allgather((visible, refusal))
+    views = comm.allgather((missing_why, refusal))
     refusals = [why for _, why in views if why is not None]
     if refusals:
         if setting == "gpu":
             raise BadInput(f"fleet.phases.{phase}.device: {refusals[0]}")
         return Device("cpu", setting, why=f"device auto: {refusals[0]}")
-    missing = [r for r, (ok, _) in enumerate(views) if not ok]
+    missing = [r for r, (why, _) in enumerate(views) if why is not None]
     if missing:
         where = "this node" if comm.Get_size() == 1 else f"rank(s) {missing}"
+        why = views[missing[0]][0]
         if setting == "gpu":
-            raise BadInput(f"fleet.phases.{phase}.device is gpu but {where}: {NO_GPU}; "
+            raise BadInput(f"fleet.phases.{phase}.device is gpu but {where}: {why}; "
                            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}; "
                            "use device: auto to fall back to the CPU")
-        return Device("cpu", setting, why=f"device auto: {where}: {NO_GPU}")
+        return Device("cpu", setting, why=f"device auto: {where}: {why}")
     lrank, _ = local_rank(comm)
     index, name = select_gpu(lrank)
     aware, how = cuda_aware_mpi()
@@ -136,8 +157,9 @@ def select_gpu(local: int) -> tuple[int, str]:
 def cuda_aware_mpi() -> tuple[bool, str]:
     """Return (whether MPI reads device buffers itself, how that was decided).
 
-    Precedence: FLEETMPI_CUDA_AWARE_MPI=1|0 > mpi4py's Query_cuda_support (newer
-    mpi4py) > MPIX_Query_cuda_support in the loaded MPI library (Open MPI, MPICH) > False.
+    Precedence: FLEETMPI_CUDA_AWARE_MPI=1|0 > MPIX_Query_cuda_support in the loaded MPI
+    library (Open MPI, MPICH; mpi4py does not wrap it) > False. Set the variable for an MPI
+    whose library name lacks "libmpi" (the lookup scans this process's mapped libraries).
     Under the simulator only the variable can say yes: its device arrays are host memory,
     so that path runs against any MPI (for testing the code path, not the transport).
     """
@@ -148,10 +170,7 @@ def cuda_aware_mpi() -> tuple[bool, str]:
         raise BadInput(f"{CUDA_AWARE_ENV} must be 0 or 1, got {env!r}")
     if simulated():
         return False, "CUDA simulator: host staging"
-    from mpi4py import MPI
-    query = getattr(MPI, "Query_cuda_support", None)
-    if query is not None:
-        return bool(query()), "MPI.Query_cuda_support()"
+    from mpi4py import MPI  # noqa: F401  # loads the MPI library that _mpix_query looks for
     fn = _mpix_query()
     if fn is not None:
         return bool(fn()), "MPIX_Query_cuda_support()"

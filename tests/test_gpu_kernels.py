@@ -106,6 +106,23 @@ def test_device_lines_for_the_log() -> None:
     assert "rank(s) [1]" in note
 
 
+def test_a_gpu_node_without_nvvm_is_told_apart_from_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # numba's is_available() is False both without a GPU and without NVVM (the compiler):
+    # the message must say which, so a user knows to install the CUDA wheels, not hunt a GPU.
+    if gpu.simulated():
+        pytest.skip("the simulator always reports a GPU")
+    from numba import cuda
+    from numba.cuda.cudadrv import driver as drv
+    monkeypatch.setattr(cuda, "is_available", lambda: False)
+    monkeypatch.setattr(type(drv.driver), "is_available", property(lambda self: True))
+    why = device.gpu_missing()
+    assert why is not None and "a CUDA GPU is visible but numba finds no NVVM" in why
+    assert "pip install 'fleetmpi[gpu]'" in why
+    monkeypatch.setattr(type(drv.driver), "is_available", property(lambda self: False))
+    assert device.gpu_missing() == device.NO_GPU
+    assert not device.gpu_visible()
+
+
 @pytest.mark.gpu
 def test_real_gpu_logistic_at_64k_rows_matches_reference() -> None:
     ok, why = _real_gpu()

@@ -75,7 +75,11 @@ class GpuModel:
         import cupy as cp
         # cupy views the numba arrays through __cuda_array_interface__ (no copy) and runs on
         # the phase's stream, so its work is ordered with the copies and kernels around it.
-        handle = self.place.stream.handle.value   # type: ignore[attr-defined]  # numba's Stream
-        with cp.cuda.ExternalStream(int(handle or 0)):
+        # int(stream) is the CUstream pointer under both of numba's driver bindings (ctypes,
+        # where .handle is a c_void_p, and cuda-python, where it is a CUstream object).
+        # cp.asarray waits on the stream the numba arrays name (CUDA array interface v3):
+        # the same stream cupy then runs on, so it costs a host wait for the batch copy,
+        # which the kernels would wait for anyway; the read-ahead still overlaps them.
+        with cp.cuda.ExternalStream(int(self.place.stream)):   # type: ignore[call-overload]
             gpu_mlp.mlp_grad_xp(cp, cp.asarray(X), cp.asarray(y), cp.asarray(params),
                            tuple(self.model.sizes), cp.asarray(out))   # type: ignore[attr-defined]
