@@ -64,6 +64,27 @@ def simulated() -> bool:
     return bool(getattr(config, "ENABLE_CUDASIM", 0))
 
 
+def _allow_small_grids() -> None:
+    """Turn off numba's warning for grids under 128 blocks (NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS).
+
+    Small grids are by design here: the scan runs in one block, the reductions launch one
+    block per 128 outputs, and a small batch has few row blocks. numba would warn at each
+    such launch site in every rank's log (and a test run with warnings as errors fails).
+    numba-cuda reads its own config module; numba's built-in target reads numba's.
+    """
+    import importlib
+    for name in ("numba.core.config", "numba.cuda.core.config"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "CUDA_LOW_OCCUPANCY_WARNINGS"):
+            module.CUDA_LOW_OCCUPANCY_WARNINGS = 0
+
+
+_allow_small_grids()
+
+
 # --------------------------------------------------------------------------- rounding
 # libdevice's __nv_d*_rn are "never merged into a single multiply-add instruction"; a
 # plain a * b + c may become an FMA (NVVM contracts by default), which rounds once where

@@ -106,6 +106,18 @@ def test_device_lines_for_the_log() -> None:
     assert "rank(s) [1]" in note
 
 
+def test_small_grids_launch_without_numba_performance_warnings() -> None:
+    # numba warns at every launch of fewer than 128 blocks; ours are small by design (the
+    # scan is one block). Configuring a launch needs no GPU, so this runs anywhere.
+    if gpu.simulated():
+        pytest.skip("the simulator never warns")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gpu._exclusive_scan[1, gpu.TPB, 0]
+        gpu._sum_blocks[1, gpu.TPB, 0]
+
+
 def test_a_gpu_node_without_nvvm_is_told_apart_from_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     # numba's is_available() is False both without a GPU and without NVVM (the compiler):
     # the message must say which, so a user knows to install the CUDA wheels, not hunt a GPU.
