@@ -34,5 +34,18 @@ def _install(path: str) -> None:
     sim.FakeCUDAKernel.__call__ = recording
 
 
+def _chain() -> None:
+    """Run the sitecustomize this one shadows (a distribution's, later on sys.path), if any."""
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    for entry in sys.path:
+        path = os.path.join(os.path.abspath(entry or "."), "sitecustomize.py")
+        if os.path.dirname(path) != here and os.path.isfile(path):
+            with open(path) as f:
+                exec(compile(f.read(), path, "exec"), {"__name__": "sitecustomize", "__file__": path})
+            return
+
+
+_chain()
 if os.environ.get("FLEETMPI_RECORD_LAUNCHES") and os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     _install(os.environ["FLEETMPI_RECORD_LAUNCHES"])
