@@ -120,6 +120,29 @@ def test_exact_cpu_gpu_cpu_is_bitwise_cpu_only(tmp_path: Path, small: dict[str, 
     assert np.abs(want).max() > 0.5
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("sync", ["dense", "exact"])
+def test_real_gpu_phase_matches_cpu_only(tmp_path: Path, small: dict[str, Path], cpu_only: dict, sync: str) -> None:
+    # The same cpu -> gpu -> cpu jobs on a real GPU: NVVM-compiled kernels, real streams,
+    # pinned memory and copies. Dense within 1e-5 of the CPU-only run, exact bit for bit.
+    from fleetmpi import device
+    why = "needs a real GPU: NUMBA_ENABLE_CUDASIM=1 runs numba's CUDA simulator" if device.simulated() \
+        else device.gpu_missing()
+    if why:
+        pytest.skip(why)
+    model, data, rules = (SOFTMAX, small["multiclass"], (LBFGS_IN_GPU,)) if sync == "dense" else \
+        (LOGISTIC, small["binary"], ())
+    spec = _spec(tmp_path / "s.yaml", data, model, {"kind": sync}, 1, ("cpu", "gpu", "cpu"), rules)
+    job, log = _run(tmp_path, "job", spec, {"NUMBA_ENABLE_CUDASIM": "0"})
+    assert _devices(job) == [("a", "cpu", 0), ("g", "gpu", 6), ("c", "cpu", 12)]
+    assert "CUDA simulator" not in log
+    p, want = _params(job), cpu_only[sync]
+    if sync == "exact":
+        assert np.array_equal(p, want), f"max |diff| {np.abs(p - want).max():.3g}"
+    else:
+        np.testing.assert_allclose(p, want, rtol=0, atol=1e-5)
+
+
 def test_threshold_on_device_buffers_matches_cpu_and_keeps_residuals(tmp_path: Path, small: dict[str, Path]) -> None:
     # FLEETMPI_CUDA_AWARE_MPI=1 takes the device-buffer path: under the simulator "device"
     # arrays are host memory, so the MPICH wheel can serve it. Threshold results depend on
