@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fleetmpi-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench lint cluster-up cluster-down clean
+.PHONY: install demo test test-fast bench gpu-check lint cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test-fast: install
 bench: install
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0   # PyTorch CPU baseline
 	$(PY) bench/run.py
+
+gpu-check:   # on a machine with a GPU: every GPU test and bench/bench_gpu.py (see the script)
+	bash bench/gpu_check.sh
 
 lint: install
 	$(VENV)/bin/ruff check fleetmpi kernels tests bench
