@@ -48,7 +48,7 @@ def main() -> None:
         rows = [{"system": "scikit-learn SGDClassifier (batch 1, in memory)", "samples_per_s": sk, "ratio": 1.0}]
         for batch in (256, 1024, 4096):
             sps = run_fleetmpi(tmp / "data", tmp, batch)
-            rows.append({"system": f"fleetmpi 1 rank, batch {batch} (HDF5 reads)", "samples_per_s": sps,
+            rows.append({"system": f"fleetmpi 1 rank, batch {batch} (reads the HDF5 file)", "samples_per_s": sps,
                          "ratio": sps / sk})
     print(table(f"throughput, logistic regression, 200000 x 64, {EPOCHS} epochs (ratio vs scikit-learn)", rows,
                 [("system", "s"), ("samples_per_s", ".0f"), ("ratio", ".2f")]))
