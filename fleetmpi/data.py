@@ -27,8 +27,7 @@ _FP_MASK = np.uint64(2**31 - 1)
 
 def row_fingerprint(lo: int, hi: int) -> float:
     """Return the sum of hash(i) over rows lo..hi-1 (exact in float64)."""
-    idx = np.arange(lo, hi, dtype=np.uint64)
-    return float(((idx * _FP_MULT) & _FP_MASK).sum())
+    return float(_fingerprint(np.array([lo], np.int64), np.array([hi], np.int64)))
 
 
 @njit(cache=True, nogil=True)
@@ -37,7 +36,7 @@ def _fingerprint(lo: np.ndarray, hi: np.ndarray) -> np.uint64:
     total = np.uint64(0)
     for k in range(lo.size):
         for i in range(lo[k], hi[k]):
-            total += (np.uint64(i) * np.uint64(2654435761)) & np.uint64(2**31 - 1)
+            total += (np.uint64(i) * _FP_MULT) & _FP_MASK
     return total
 
 

@@ -436,14 +436,9 @@ def _part(part: Any, n: int, width: int, stream: Any) -> Any:
     return part
 
 
-def _zeros(part: Any, out: Any, stream: Any) -> None:
-    """Fill every entry of ``out`` with 0 (a sum over no blocks): the output of an empty batch."""
-    _sum_blocks[-(-out.shape[0] // TPB), TPB, stream](part, 0, out)
-
-
 def _reduce(part: Any, n: int, out: Any, stream: Any) -> None:
-    width = out.shape[0]
-    _sum_blocks[-(-width // TPB), TPB, stream](part, n_blocks(n), out)
+    """Sum the partials of a kernel over n rows into every entry of ``out`` (zeros when n == 0)."""
+    _sum_blocks[-(-out.shape[0] // TPB), TPB, stream](part, n_blocks(n) if n else 0, out)
 
 
 # --------------------------------------------------------------------------- public
@@ -454,10 +449,8 @@ def _glm(kind: int, X: Any, y: Any, w: Any, out: Any, part: Any, stream: Any) ->
     _check(w, "w", np.float64, (d + 1,))
     _check(out, "out", np.float64, (d + 2,))
     part = _part(part, n, d + 2, stream)
-    if n == 0:
-        _zeros(part, out, stream)
-        return
-    _glm_partials[n_blocks(n), TPB, stream](X, y, w, kind, _chunk(n), part)
+    if n:
+        _glm_partials[n_blocks(n), TPB, stream](X, y, w, kind, _chunk(n), part)
     _reduce(part, n, out, stream)
 
 
@@ -492,10 +485,8 @@ def softmax_grad(X: Any, y: Any, W_flat: Any, k: int, out: Any, part: Any = None
         resid = cuda.device_array((max(n, 1), k), np.float64, stream=stream)
     elif not _is_device(resid) or resid.shape[0] < n or resid.shape[1] != k:
         raise ValueError(f"resid must be a float64 device array of at least ({n}, {k}), got {resid.shape}")
-    if n == 0:
-        _zeros(part, out, stream)
-        return
-    _softmax_kernel(k)[n_blocks(n), TPB, stream](X, y, W_flat, _chunk(n), resid, part)
+    if n:
+        _softmax_kernel(k)[n_blocks(n), TPB, stream](X, y, W_flat, _chunk(n), resid, part)
     _reduce(part, n, out, stream)
 
 
