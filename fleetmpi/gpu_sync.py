@@ -106,6 +106,7 @@ class ThresholdDeviceSync(DeviceSync):
         self._packed = place.empty(max(P, 1), np.uint32)
         self._scratch = kg.encode_scratch(P, place.stream)
         self._counts = place.zeros(max(P, 1), np.int32)
+        self._bad = place.zeros(1, np.int32)
         self._dgrad = place.empty(P, np.float64)
         self._loss = place.pinned(1, np.float64)
         self._record = np.empty(self.E + 1)
@@ -145,7 +146,7 @@ class ThresholdDeviceSync(DeviceSync):
             self.comm.Allgatherv([self._hpacked[:m], MPI.UINT32_T], [hrecv, (counts, displs), MPI.UINT32_T])
             if total:
                 place.upload(hrecv[:total], drecv[:total])
-        kg.decode(drecv, total, tau, self._dgrad, self._counts, place.stream)   # synchronises
+        kg.decode(drecv, total, tau, self._dgrad, self._counts, place.stream, self._bad)   # synchronises
         host.sent_entries = m
         host.density = total / (self.size * P) if P else 0.0
         if host.adaptive:

@@ -56,6 +56,7 @@ MAX_BLOCKS = 1024    # beyond this a block loops over several tiles of its chunk
 SIGN_BIT = np.uint32(0x80000000)
 INDEX_MASK = np.uint32(0x7FFFFFFF)
 _SIGN_ADD = 1 << 31  # int64: stored into a uint32 it sets bit 31
+_ZERO_I32 = np.zeros(1, np.int32)   # resets decode's range-check flag (copied, never written)
 _LINEAR, _LOGISTIC = 0, 1
 
 
@@ -526,10 +527,13 @@ def encode_scratch(n: int, stream: Any = 0) -> tuple[Any, Any, Any]:
             cuda.device_array(nb + 1, np.int32, stream=stream))
 
 
-def decode(packed: Any, m: int, tau: float, g_out: Any, counts: Any = None, stream: Any = 0) -> None:
+def decode(packed: Any, m: int, tau: float, g_out: Any, counts: Any = None, stream: Any = 0,
+           bad: Any = None) -> None:
     """Fill device g_out with the sum of the first m packed +-tau entries (any ranks' blocks).
 
     ``counts``: int32 device zeros of g_out's length, left zeroed again (allocated if None).
+    ``bad``: int32 device scratch of one entry for the range check (allocated if None; a
+    sync that decodes every step passes its own, so a step allocates no device memory).
     Synchronises ``stream`` to check for an out-of-range index (a corrupt or foreign buffer).
     """
     n = g_out.shape[0] if _is_device(g_out) else -1
@@ -538,7 +542,11 @@ def decode(packed: Any, m: int, tau: float, g_out: Any, counts: Any = None, stre
         raise ValueError(f"packed must be a uint32 device array of at least {m} entries")
     if counts is None:
         counts = cuda.to_device(np.zeros(max(n, 1), np.int32), stream=stream)
-    bad = cuda.to_device(np.zeros(1, np.int32), stream=stream)
+    if bad is None:
+        bad = cuda.to_device(_ZERO_I32, stream=stream)
+    else:
+        _check(bad, "bad", np.int32, (1,))
+        bad.copy_to_device(_ZERO_I32, stream=stream)
     if m:
         _decode_counts[-(-m // TPB), TPB, stream](packed, m, counts, bad)
     if n:

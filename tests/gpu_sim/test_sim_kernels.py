@@ -197,6 +197,13 @@ def test_decode_rejects_an_index_out_of_range() -> None:
     packed = cuda.to_device(np.array([1, 7], np.uint32))
     with pytest.raises(ValueError, match="index >= 5"):
         gpu.decode(packed, 2, 1.0, cuda.device_array(5))
+    # With reused scratch the flag is reset per call: a good buffer after a bad one decodes.
+    counts, bad, g = cuda.to_device(np.zeros(5, np.int32)), cuda.to_device(np.zeros(1, np.int32)), cuda.device_array(5)
+    with pytest.raises(ValueError, match="index >= 5"):
+        gpu.decode(packed, 2, 1.0, g, counts, 0, bad)
+    counts = cuda.to_device(np.zeros(5, np.int32))   # the failed call left counts[1] set
+    gpu.decode(cuda.to_device(np.array([1, 3 | 0x80000000, 3], np.uint32)), 3, 0.5, g, counts, 0, bad)
+    np.testing.assert_array_equal(g.copy_to_host(), [0.0, 0.5, 0.0, 0.0, 0.0])
 
 
 # ------------------------------------------------------------------ optimizer update
