@@ -93,7 +93,7 @@ class GpuTrainer(Trainer):
         self.gpu_monitor = GpuMonitor(dev)
         missing = comm.gather(self.gpu_monitor.missing, root=0)
         if self.rank == 0:
-            self.notes = _nvml_notes(missing)
+            self.notes += _nvml_notes(missing)
         place.sync()
 
     # -- host <-> device state --------------------------------------------------------------

@@ -204,6 +204,31 @@ def test_one_rank_exception_ends_the_world_with_rank_and_host(tmp_path: Path, da
     assert errors and "rank 2/3@" in errors[0]["message"]
 
 
+def test_chunked_data_trains_like_contiguous_data_and_says_it_is_slower(tmp_path: Path, datasets: dict) -> None:
+    # Contiguous files are read through a memory map, chunked/compressed ones by HDF5
+    # hyperslab: the same rows in the same order, so the same model bit for bit.
+    src = datasets["binary"]
+    chunked = tmp_path / "chunked"
+    chunked.mkdir()
+    with h5py.File(src / "train.h5") as f, h5py.File(chunked / "train.h5", "w") as g:
+        g.create_dataset("X", data=f["X"][...], chunks=(64, f["X"].shape[1]), compression="gzip")
+        g.create_dataset("y", data=f["y"][...], chunks=(64,), compression="gzip")
+    (chunked / "valid.h5").write_bytes((src / "valid.h5").read_bytes())
+    params, logs = {}, {}
+    for name, data in (("contiguous", src), ("chunked", chunked)):
+        spec = write_spec(tmp_path / f"{name}.yaml", data, model={"kind": "logistic", "l2": 1e-4},
+                          optimizer={"kind": "sgd", "lr": 0.3, "momentum": 0.9, "batch": 47}, goal={"max_steps": 40},
+                          fleet={"start": "two", "phases": {"two": {"ranks_per_node": 2}}})
+        proc = cli("run", str(spec), "--job-dir", str(tmp_path / f"job-{name}"))
+        assert proc.returncode == 0, proc.stderr
+        params[name] = read_h5_verified(tmp_path / f"job-{name}" / "model.h5", kind="model")[0]["params"]
+        logs[name] = proc.stdout + proc.stderr
+    assert np.array_equal(params["contiguous"], params["chunked"])
+    assert np.abs(params["chunked"]).max() > 0.1
+    assert "is chunked or compressed: rows are read by HDF5 hyperslab" in logs["chunked"]
+    assert "hyperslab" not in logs["contiguous"]
+
+
 def test_divergence_to_nan_fails_with_reason(tmp_path: Path, datasets: dict) -> None:
     spec = write_spec(tmp_path / "s.yaml", datasets["regression"], model={"kind": "linear"},
                       optimizer={"kind": "sgd", "lr": 50.0, "batch": 40}, goal={"max_steps": 500},
