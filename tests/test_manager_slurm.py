@@ -225,7 +225,7 @@ def downed_nodes() -> Iterator[list[str]]:
 def test_node_failure_ends_node_fail_and_is_retried_from_the_checkpoint(
         tmp_path: Path, datasets: dict, slurm_cluster: Path, downed_nodes: list[str]) -> None:  # noqa: F811
     spec = _spec(tmp_path, datasets["regression"], "nodefail", "gpu", optimizer={"lr": 0.01, "batch": 50},
-                 goal={"max_steps": 30000}, checkpoint={"every_steps": 500, "keep": 2},
+                 goal={"max_steps": 150_000}, checkpoint={"every_steps": 500, "keep": 2},
                  monitor={"log_every_steps": 500, "eval_every_steps": 5000})
     ledger = Ledger()
     job = submit(spec, ledger=ledger)
@@ -285,7 +285,7 @@ def test_node_failure_ends_node_fail_and_is_retried_from_the_checkpoint(
     before_resume = [e["step"] for e in ev[:ev.index(resume)] if e["event"] == "checkpoint"]
     assert resume["step"] == max(before_resume) >= ckpt_before > 0
     assert Path(resume["checkpoint"]).name == f"step-{resume['step']:08d}.h5"
-    assert [e for e in ev if e["event"] == "goal"][-1]["step"] == 30000
+    assert [e for e in ev if e["event"] == "goal"][-1]["step"] == 150_000
 
 
 def test_a_step_that_exits_0_short_of_the_goal_never_ends_the_chain_completed(

@@ -225,7 +225,8 @@ def test_rescale_chain_cpu_wide_gpu_reaches_goal_and_matches_local_run(
 @pytest.mark.slurm
 def test_usr2_to_batch_shell_checkpoints_resubmits_and_resumes_at_that_step(
         tmp_path: Path, datasets: dict, slurm_cluster: Path) -> None:  # noqa: F811
-    spec = _one_phase_spec(tmp_path, datasets["multiclass"], 8000, max_preemptions=1)
+    # 100000 steps (~6 s at 2 ranks): the job outlives two signals 0.3 s apart, the resubmission finishes.
+    spec = _one_phase_spec(tmp_path, datasets["multiclass"], 100_000, max_preemptions=1)
     job = tmp_path / "job"
     env = {**os.environ, "FLEETMPI_PROGRESS": "none"}
     proc = subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", "submit", str(spec), "--wait", "--json",
