@@ -200,6 +200,9 @@ def _softmax_kernel(k: int) -> Any:
             for c in range(k):
                 z[c] = W[d * k + c]
             for c0 in range(0, d, TILE_COLS):
+                # The tile staging of _glm_partials, written out again: a shared
+                # @cuda.jit(device=True) helper would compile only against a live GPU,
+                # and kernels.gpu_compile must compile these kernels without one.
                 for e in range(t, TPB * TILE_COLS, TPB):
                     rr = e // TILE_COLS
                     cc = e - rr * TILE_COLS
