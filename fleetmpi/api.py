@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput, FleetError
-from .jobdir import JobDir
-from .ledger import ACTIVE, COMPLETED, NEW, TERMINAL, Ledger, QueueFull, home
-from .ledger_schema import JobRow
-from .manager import Manager, ManagerConfig, cancel_job, progress_fields
-from .manager_backends import default_backends, last_metrics
-from .spec import Spec
+from fleetmpi.errors import BadInput, FleetError
+from fleetmpi.jobdir import JobDir
+from fleetmpi.ledger import ACTIVE, COMPLETED, NEW, TERMINAL, Ledger, QueueFull, home
+from fleetmpi.ledger_schema import JobRow
+from fleetmpi.manager import Manager, ManagerConfig, cancel_job, progress_fields
+from fleetmpi.manager_backends import default_backends, last_metrics
+from fleetmpi.spec import Spec
 
 __all__ = ["Job", "JobFailed", "Result", "job_record", "submit", "sweep"]
 
@@ -113,7 +113,7 @@ class Job:
 
 
 def _load(spec: Spec | str | Path, overrides: Sequence[str]) -> tuple[Spec, str]:
-    from . import spec as specmod
+    from fleetmpi import spec as specmod
     if isinstance(spec, (str, Path)):
         return specmod.load(Path(spec), list(overrides)), str(Path(spec).resolve())
     if isinstance(spec, Spec):
@@ -126,8 +126,8 @@ def _load(spec: Spec | str | Path, overrides: Sequence[str]) -> tuple[Spec, str]
 
 def _check_launchable(sp: Spec) -> None:
     """Refuse a job the manager could never start, before it enters the ledger."""
-    from .cli import _check_inputs
-    from .launch.local import find_mpiexec
+    from fleetmpi.cli import _check_inputs
+    from fleetmpi.launch.local import find_mpiexec
     _check_inputs(sp)
     backends = default_backends()
     if sp.scheduler.backend not in backends:
@@ -136,13 +136,13 @@ def _check_launchable(sp: Spec) -> None:
     if sp.scheduler.backend == "local":
         find_mpiexec(sp)
     elif sp.scheduler.backend == "slurm":
-        from .launch.slurm import SlurmBackend
+        from fleetmpi.launch.slurm import SlurmBackend
         # sbatch --test-only on every phase's shape; the job dir named here is never made.
         SlurmBackend(JobDir(home() / "jobs" / ".preflight"), sp).preflight()
 
 
 def _enqueue(ledger: Ledger, sp: Spec, spec_path: str, job_dir: Path | str | None, max_queued: int) -> Job:
-    from . import spec as specmod
+    from fleetmpi import spec as specmod
 
     def make_dir(job_id: int) -> str:
         root = Path(job_dir) if job_dir else home() / "jobs" / f"{job_id:06d}-{sp.name}"

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_BAD_INPUT, EXIT_OK
-from .errors import BadInput, FleetError
+from fleetmpi import EXIT_BAD_INPUT, EXIT_OK
+from fleetmpi.errors import BadInput, FleetError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,8 +106,8 @@ def open_job(given: Path, job_dir: str | None, overrides: list[str], verb: str,
     errors). ``preflight(spec, jobdir)`` checks what the launch needs before the job dir
     exists, beside the data checks done here.
     """
-    from . import spec as specmod
-    from .jobdir import JobDir
+    from fleetmpi import spec as specmod
+    from fleetmpi.jobdir import JobDir
 
     if given.is_dir():  # `fleetmpi run JOB_DIR` resumes
         if job_dir and Path(job_dir).resolve() != given.resolve():
@@ -138,7 +138,7 @@ def open_job(given: Path, job_dir: str | None, overrides: list[str], verb: str,
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .launch.local import LocalBackend, find_mpiexec
+    from fleetmpi.launch.local import LocalBackend, find_mpiexec
 
     jd, spec = open_job(Path(args.spec), args.job_dir, args.overrides, "run", lambda spec, _jd: find_mpiexec(spec))
     state = jd.read_state()
@@ -172,8 +172,8 @@ def _check_folder_path(path: Path, label: str) -> None:
 
 def _check_inputs(spec: Any) -> None:
     """Check data files before a job dir is made, so bad data leaves nothing behind."""
-    from .data import describe
-    from .models import TASKS
+    from fleetmpi.data import describe
+    from fleetmpi.models import TASKS
     task = TASKS[spec.model.kind]
     info = describe(spec.data_path(spec.data.train), task, spec.model.classes)
     if spec.data.valid:
@@ -193,7 +193,7 @@ def _outcome(jd: Any, rc: int) -> dict[str, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import summary
+    from fleetmpi.checkpoint import summary
     info = summary(Path(args.path))
     if args.json:
         print(json.dumps(info, indent=1, default=str))
@@ -210,7 +210,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_file
+    from fleetmpi.predict import predict_file
     res = predict_file(Path(args.model), Path(args.data), Path(args.out))
     if args.json:
         print(json.dumps(res, indent=1))
@@ -220,7 +220,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
-    from .makedata import make_data
+    from fleetmpi.makedata import make_data
     _check_folder_path(Path(args.out), "--out")
     out = make_data(source=args.source, task=args.task, n=args.n, d=args.d, classes=args.classes,
                     noise=args.noise, valid_fraction=args.valid_fraction, seed=args.seed, out=Path(args.out))
@@ -230,7 +230,7 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_approve(args: argparse.Namespace) -> int:
-    from .jobdir import JobDir, atomic_write_bytes
+    from fleetmpi.jobdir import JobDir, atomic_write_bytes
     jd = JobDir(args.job_dir)
     state = jd.read_state()
     pending = state.get("pending_approval")
@@ -246,7 +246,7 @@ def _cmd_approve(args: argparse.Namespace) -> int:
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
-    from .jobdir import JobDir
+    from fleetmpi.jobdir import JobDir
     jd = JobDir(args.job_dir)
     jd.read_state()
     for ev in jd.read_events():

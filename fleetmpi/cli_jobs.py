@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK
-from .errors import BadInput
+from fleetmpi import EXIT_OK
+from fleetmpi.errors import BadInput
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -77,7 +77,7 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def _job_dir_of(ref: str) -> str:
     """Return ``ref`` if it is a folder, else the job dir of ledger job ``ref`` (if there is one)."""
-    from .ledger import JobNotFound, Ledger
+    from fleetmpi.ledger import JobNotFound, Ledger
     if Path(ref).is_dir():
         return ref
     ledger = Ledger.existing()
@@ -99,7 +99,7 @@ def _by_job_id(handler: Handler) -> Handler:
 
 
 def _cmd_queue(args: argparse.Namespace) -> int:
-    from .api import job_record, submit
+    from fleetmpi.api import job_record, submit
     job = submit(args.spec, overrides=args.overrides, job_dir=args.job_dir, max_queued=args.max_queued)
     row = job.row()
     print(f"fleetmpi: queued job {row.id} ({row.name}), status {row.status}; job dir {row.job_dir}", file=sys.stderr)
@@ -108,7 +108,7 @@ def _cmd_queue(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from .api import job_record, sweep
+    from fleetmpi.api import job_record, sweep
     jobs = sweep(args.spec, args.grid, overrides=args.overrides, max_queued=args.max_queued)
     rows = [j.row() for j in jobs]
     print(f"fleetmpi: queued {len(rows)} jobs: {', '.join(f'{r.id} {r.name}' for r in rows)}", file=sys.stderr)
@@ -117,8 +117,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_manager(args: argparse.Namespace) -> int:
-    from .ledger import Ledger
-    from .manager import Manager, ManagerConfig
+    from fleetmpi.ledger import Ledger
+    from fleetmpi.manager import Manager, ManagerConfig
     cfg = ManagerConfig.resolve(max_running=args.max_running, max_queued=args.max_queued,
                                 poll_min_s=args.poll_min_s, poll_max_s=args.poll_max_s)
     ledger = Ledger()
@@ -156,9 +156,9 @@ def _num(v: Any, fmt: str) -> str:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .api import job_record
-    from .ledger import ACTIVE, NEW, Ledger
-    from .rules import format_bytes
+    from fleetmpi.api import job_record
+    from fleetmpi.ledger import ACTIVE, NEW, Ledger
+    from fleetmpi.rules import format_bytes
     ledger = Ledger.existing()
     if args.job:
         if ledger is None:
@@ -202,8 +202,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    from .ledger import Ledger
-    from .manager import cancel_job
+    from fleetmpi.ledger import Ledger
+    from fleetmpi.manager import cancel_job
     ledger = Ledger.existing()
     if ledger is None:
         raise BadInput(f"no job {args.job!r}: the ledger does not exist yet")
@@ -216,8 +216,8 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .jobdir import JobDir
-    from .report import write
+    from fleetmpi.jobdir import JobDir
+    from fleetmpi.report import write
     jd = JobDir(_job_dir_of(args.job))
     jd.read_state()  # a clear error if this is no job dir
     title = args.job if Path(args.job).is_dir() else f"job {args.job}: {jd.root.name}"

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import EXIT_OK
-from .errors import BadInput
+from fleetmpi import EXIT_OK
+from fleetmpi.errors import BadInput
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -53,7 +53,7 @@ def _job_dir_first(other: Handler) -> Handler:
 
 
 def _preflight(spec: Any, jd: Any) -> None:
-    from .launch.slurm import SlurmBackend
+    from fleetmpi.launch.slurm import SlurmBackend
     if spec.scheduler.backend != "slurm":
         raise BadInput(f"submit: scheduler.backend is {spec.scheduler.backend!r}; pass --backend slurm or set "
                        "scheduler: {backend: slurm} in the spec (`fleetmpi run` runs a job on this machine)")
@@ -61,11 +61,11 @@ def _preflight(spec: Any, jd: Any) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from .cli import open_job
-    from .launch.slurm import SlurmBackend, status_report
-    from .launch.slurm_chain import runs
-    from .launch.slurm_cmd import ACTIVE_STATES, squeue_states
-    from .launch.slurm_submit import SubmissionError, release
+    from fleetmpi.cli import open_job
+    from fleetmpi.launch.slurm import SlurmBackend, status_report
+    from fleetmpi.launch.slurm_chain import runs
+    from fleetmpi.launch.slurm_cmd import ACTIVE_STATES, squeue_states
+    from fleetmpi.launch.slurm_submit import SubmissionError, release
 
     given = Path(args.spec)
     overrides = list(args.overrides)
@@ -117,8 +117,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .jobdir import JobDir
-    from .launch.slurm import status_report
+    from fleetmpi.jobdir import JobDir
+    from fleetmpi.launch.slurm import status_report
 
     jd = JobDir(args.job)
     if not jd.exists():

@@ -17,7 +17,7 @@ import numpy as np
 from h5py import h5s, h5t
 from numba import njit
 
-from .errors import BadInput
+from fleetmpi.errors import BadInput
 
 # Multiplicative hash of a row index, summed per step into a fingerprint of the batch.
 # Each term is < 2**31, so the sum of up to 2**22 rows stays exact in float64.

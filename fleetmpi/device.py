@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadInput
+from fleetmpi.errors import BadInput
 
 CUDA_AWARE_ENV = "FLEETMPI_CUDA_AWARE_MPI"
 NO_GPU = "no CUDA GPU visible (numba.cuda.is_available() is False without the simulator)"

@@ -29,14 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from fleetmpi.data import RankReader
+from fleetmpi.device import Device, GpuMonitor, Placement
+from fleetmpi.gpu_sync import ExactDeviceSync, build_device_sync
+from fleetmpi.jobdir import JobDir
+from fleetmpi.models.gpu import GpuModel
+from fleetmpi.trainer import Trainer
 from kernels import gpu as kg
-
-from .data import RankReader
-from .device import Device, GpuMonitor, Placement
-from .gpu_sync import ExactDeviceSync, build_device_sync
-from .jobdir import JobDir
-from .models.gpu import GpuModel
-from .trainer import Trainer
 
 
 class PinnedReader(RankReader):

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput
+from fleetmpi.errors import BadInput
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput
-from .ledger_schema import JSON_COLUMNS, AllocRow, JobRow, NoteRow, connect, decode_row, migrate
+from fleetmpi.errors import BadInput
+from fleetmpi.ledger_schema import JSON_COLUMNS, AllocRow, JobRow, NoteRow, connect, decode_row, migrate
 
 NEW, LAUNCHED, RUNNING, RESCALING = "NEW", "LAUNCHED", "RUNNING", "RESCALING"
 COMPLETED, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput
+from fleetmpi.errors import BadInput
 
 _V1 = """
 CREATE TABLE jobs (

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import BadInput
+from fleetmpi.errors import BadInput
 
 
 def _write(path: Path, X: np.ndarray, y: np.ndarray, attrs: dict[str, object]) -> None:

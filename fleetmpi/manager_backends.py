@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import FleetError
-from .jobdir import JobDir
-from .ledger_schema import AllocRow, JobRow
+from fleetmpi.errors import FleetError
+from fleetmpi.jobdir import JobDir
+from fleetmpi.ledger_schema import AllocRow, JobRow
 
 # Slurm's states of an allocation that has not ended (local: PENDING/RUNNING only).
 LIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",
@@ -101,7 +101,7 @@ class LocalJobs:
         self.host = socket.gethostname()
 
     def launch(self, job: JobRow, attempt: int) -> Launch:
-        from .launch.local import worker_env
+        from fleetmpi.launch.local import worker_env
         jd = JobDir(job.job_dir)
         if not jd.exists():
             raise FileNotFoundError(f"{jd.root}: job dir is missing or holds no spec.yaml/state.json")
@@ -248,12 +248,12 @@ class SlurmJobs:
     def launch(self, job: JobRow, attempt: int) -> Launch:
         import dataclasses
 
-        from . import spec as specmod
-        from .errors import BadInput
-        from .launch.slurm import SlurmBackend
-        from .launch.slurm_chain import runs
-        from .launch.slurm_cmd import SlurmCommandError, squeue_states
-        from .launch.slurm_submit import ShapeUnavailable, SubmissionError, release
+        from fleetmpi import spec as specmod
+        from fleetmpi.errors import BadInput
+        from fleetmpi.launch.slurm import SlurmBackend
+        from fleetmpi.launch.slurm_chain import runs
+        from fleetmpi.launch.slurm_cmd import SlurmCommandError, squeue_states
+        from fleetmpi.launch.slurm_submit import ShapeUnavailable, SubmissionError, release
         jd = JobDir(job.job_dir)
         spec = specmod.load(jd.spec)
         # The manager is the retry layer for launches it makes: one sbatch try each. A retry
@@ -286,8 +286,8 @@ class SlurmJobs:
         return Launch(backend_id=jid, host=None, log=str(jd.logs / f"slurm-{jid}.out"), info=info)
 
     def poll(self, allocations: Sequence[AllocRow]) -> dict[str, AllocState]:
-        from .launch.slurm_chain import read_exit, runs
-        from .launch.slurm_cmd import LOST_STATES, sacct_states, squeue_states
+        from fleetmpi.launch.slurm_chain import read_exit, runs
+        from fleetmpi.launch.slurm_cmd import LOST_STATES, sacct_states, squeue_states
         out: dict[str, AllocState] = {}
         newest: dict[str, tuple[AllocRow, str, int]] = {}
         for a in allocations:
@@ -337,8 +337,8 @@ class SlurmJobs:
         return out
 
     def cancel(self, allocation: AllocRow) -> None:
-        from .launch.slurm_chain import runs
-        from .launch.slurm_submit import cancel
+        from fleetmpi.launch.slurm_chain import runs
+        from fleetmpi.launch.slurm_submit import cancel
         jd = JobDir(allocation.info["job_dir"])
         chain, end = runs(jd)
         if chain and end is None:
@@ -347,7 +347,7 @@ class SlurmJobs:
 
 
 def exit_mtime(jd: JobDir, job_id: str, restart: int) -> float:
-    from .launch.slurm_chain import exit_path
+    from fleetmpi.launch.slurm_chain import exit_path
     try:
         return exit_path(jd, job_id, restart).stat().st_mtime
     except FileNotFoundError:

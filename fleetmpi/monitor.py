@@ -11,10 +11,10 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .jobdir import JobDir, append_line
-from .launch.slurm_cmd import IdleNodes
-from .rules import format_bytes
-from .spec import Spec
+from fleetmpi.jobdir import JobDir, append_line
+from fleetmpi.launch.slurm_cmd import IdleNodes
+from fleetmpi.rules import format_bytes
+from fleetmpi.spec import Spec
 
 
 class Monitor:

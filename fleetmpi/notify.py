@@ -24,7 +24,7 @@ import urllib.request
 from email.message import EmailMessage
 from typing import Any
 
-from .errors import FleetError, one_line
+from fleetmpi.errors import FleetError, one_line
 
 PLACEHOLDERS = ("job", "name", "status", "reason", "job_dir")
 COMMAND_TIMEOUT_S = 60.0

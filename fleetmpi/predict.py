@@ -8,10 +8,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import BadInput, CheckpointError
-from .h5store import read_h5_verified, write_h5_atomic
-from .models import TASKS, Model, build_model
-from .spec import ModelSpec
+from fleetmpi.errors import BadInput, CheckpointError
+from fleetmpi.h5store import read_h5_verified, write_h5_atomic
+from fleetmpi.models import TASKS, Model, build_model
+from fleetmpi.spec import ModelSpec
 
 CHUNK_ROWS = 65536
 
@@ -37,7 +37,7 @@ def load_model(path: Path) -> tuple[Model, np.ndarray, dict[str, Any]]:
 
 def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]:
     """Predict every row of ``data_path``'s X in chunks and write ``out`` atomically."""
-    from .data import open_h5
+    from fleetmpi.data import open_h5
     model, params, meta = load_model(model_path)
     if out.resolve() in (model_path.resolve(), data_path.resolve()):
         raise BadInput(f"--out {out}: would overwrite an input file; choose another path")

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput
-from .jobdir import JobDir
+from fleetmpi.errors import BadInput
+from fleetmpi.jobdir import JobDir
 
 PANELS = ("loss", "sync bytes / step", "ranks")
 

@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from .errors import BadInput
-from .schema import SchemaError, build, check, identifier, in_range, non_negative, positive, to_plain
+from fleetmpi.errors import BadInput
+from fleetmpi.schema import SchemaError, build, check, identifier, in_range, non_negative, positive, to_plain
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class FleetSpec:
 
 
 def _sbatch_option(v: Any) -> str | None:
-    from .launch.slurm_script import check_extra_option
+    from fleetmpi.launch.slurm_script import check_extra_option
     return check_extra_option(v)
 
 
@@ -295,7 +295,7 @@ def _hash(obj: Any) -> str:
 
 
 def _check_fleet(spec: Spec) -> tuple[str, str] | None:
-    from .rules import RuleSyntaxError, parse_condition
+    from fleetmpi.rules import RuleSyntaxError, parse_condition
 
     phases = spec.fleet.phases
     names = ", ".join(sorted(phases))

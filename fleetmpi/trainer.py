@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadInput, TrainingFailed
-from .jobdir import JobDir
+from fleetmpi.errors import BadInput, TrainingFailed
+from fleetmpi.jobdir import JobDir
 
 # Extras summed with the gradient each step: loss sum, row count, batch fingerprint, signal.
 N_EXTRAS = 4
@@ -26,12 +26,12 @@ class Trainer:
     notes: tuple[str, ...] = ()         # further lines for the log (rank 0)
 
     def __init__(self, comm: Any, jd: JobDir) -> None:
-        from . import checkpoint
-        from . import spec as specmod
-        from .data import RankReader, SampleOrder, contiguous_share, describe
-        from .models import TASKS, build_model
-        from .optim import LBFGS, SGD
-        from .sync import build_sync
+        from fleetmpi import checkpoint
+        from fleetmpi import spec as specmod
+        from fleetmpi.data import RankReader, SampleOrder, contiguous_share, describe
+        from fleetmpi.models import TASKS, build_model
+        from fleetmpi.optim import LBFGS, SGD
+        from fleetmpi.sync import build_sync
 
         self.comm, self.jd = comm, jd
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -123,12 +123,12 @@ class Trainer:
 
     def _lbfgs_rows(self) -> tuple[np.ndarray, np.ndarray, float, int]:
         if self.lbfgs_data is None:
-            from .data import contiguous_share
+            from fleetmpi.data import contiguous_share
             batch = self.spec.optimizer.lbfgs.batch
             if batch == "full" or batch >= self.n:
                 lo, hi = contiguous_share(self.n, self.rank, self.size)
                 X, y = self.reader.read_contiguous(lo, hi)
-                from .data import row_fingerprint
+                from fleetmpi.data import row_fingerprint
                 self.lbfgs_data = (X, y, row_fingerprint(lo, hi), self.n)
             else:
                 # A fixed batch: the first ``batch`` positions of epoch 0's order.
@@ -214,7 +214,7 @@ class Trainer:
         """Write a checkpoint of the global state (collective; rank 0 writes)."""
         from mpi4py import MPI
 
-        from . import checkpoint
+        from fleetmpi import checkpoint
         # Every rank must hold the same parameters; check before trusting rank 0's copy.
         probe = np.array([float(self.params.sum()), float(np.dot(self.params, self.params))])
         lo, hi = np.empty(2), np.empty(2)
@@ -237,7 +237,7 @@ class Trainer:
         self.comm.Barrier()
 
     def write_model(self, metrics: dict[str, Any]) -> None:
-        from .h5store import write_h5_atomic
+        from fleetmpi.h5store import write_h5_atomic
         meta = {**self.model.meta(), "name": self.spec.name, "step": self.step,
                 "epoch": self.samples_seen / self.n, "spec_hash": self.spec.spec_hash(),
                 "model_hash": self.spec.model_hash(), "metrics": metrics}
@@ -250,14 +250,14 @@ def open_trainer(comm: Any, jd: JobDir) -> Trainer:
     ``device: gpu`` or ``auto`` resolve through ``fleetmpi.device.choose`` (every rank
     alike); a GPU phase gets a ``GpuTrainer``, which imports numba.cuda only then.
     """
-    from . import device
-    from . import spec as specmod
+    from fleetmpi import device
+    from fleetmpi import spec as specmod
     sp = specmod.load(jd.spec)
     phase = str(jd.read_state().get("phase"))
     setting = sp.fleet.phases[phase].device if phase in sp.fleet.phases else "cpu"
     dev = device.choose(comm, str(phase), setting, sp.model.kind, sp.sync.kind)
     if dev.kind == "gpu":
-        from .gpu_trainer import GpuTrainer
+        from fleetmpi.gpu_trainer import GpuTrainer
         return GpuTrainer(comm, jd, dev)
     t = Trainer(comm, jd)
     t.device_detail = dev.describe()

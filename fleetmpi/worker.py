@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from . import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
-from .errors import BadInput, TrainingFailed
-from .jobdir import JobDir
-from .trainer import Trainer, open_trainer
+from fleetmpi import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
+from fleetmpi.errors import BadInput, TrainingFailed
+from fleetmpi.jobdir import JobDir
+from fleetmpi.trainer import Trainer, open_trainer
 
 # Decision codes rank 0 broadcasts at evaluation points.
 CONTINUE, GOAL, GOTO, SWITCH, STOP = 0, 1, 2, 3, 4
@@ -57,10 +57,10 @@ class Phase:
         proc = psutil.Process()
         mon = None
         if self.rank == 0:
-            from .rules import parse_condition
+            from fleetmpi.rules import parse_condition
             self.conditions = [parse_condition(r.when) for r in sp.fleet.rules]
             progress = _progress_mode(sp.monitor.progress)
-            from .monitor import Monitor
+            from fleetmpi.monitor import Monitor
             mon = Monitor(jd, sp, t.phase_name, self.size, t.n, t.carried, t.job_start, progress)
             state = jd.read_state()
             runs = state.get("phases_run", [])

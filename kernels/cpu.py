@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from . import reference
+from kernels import reference
 
 __all__ = [
     "linear_grad",

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from . import cpu, reference
+from kernels import cpu, reference
 
 __all__ = [
     "fixed_accumulate",

@@ -1,5 +1,5 @@
 """Backends that start one training phase: local (mpiexec) and, later, slurm (sbatch)."""
 
-from .local import LocalBackend, find_mpiexec, worker_env
+from fleetmpi.launch.local import LocalBackend, find_mpiexec, worker_env
 
 __all__ = ["LocalBackend", "find_mpiexec", "worker_env"]

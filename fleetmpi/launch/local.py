@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import fleetmpi
-
-from .. import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
-from ..errors import BadInput
-from ..jobdir import JobDir
-from ..spec import Spec
+from fleetmpi import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
+from fleetmpi.errors import BadInput
+from fleetmpi.jobdir import JobDir
+from fleetmpi.spec import Spec
 
 _MEANING = {EXIT_OK: "goal reached", EXIT_FAILED: "training failed", EXIT_BAD_INPUT: "bad input",
             EXIT_RESCALE: "rescale", EXIT_STOPPED: "stopped by a signal after a checkpoint"}

@@ -26,16 +26,32 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import fleetmpi
-
-from .. import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
-from ..errors import BadInput
-from ..jobdir import JobDir, atomic_write_bytes
-from ..spec import Spec
-from . import slurm_chain as chain_mod
-from .slurm_chain import record, runs, sync_state
-from .slurm_cmd import ACTIVE_STATES, LOST_STATES, IdleNodes, SlurmCommandError, run_slurm, sacct_states, squeue_states
-from .slurm_script import BatchCommand, phase_options, render_sbatch
-from .slurm_submit import ShapeUnavailable, SubmissionError, cancel, dry_run, release, requeue, submission_key, submit_held
+from fleetmpi import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
+from fleetmpi.errors import BadInput
+from fleetmpi.jobdir import JobDir, atomic_write_bytes
+from fleetmpi.launch import slurm_chain as chain_mod
+from fleetmpi.launch.slurm_chain import record, runs, sync_state
+from fleetmpi.launch.slurm_cmd import (
+    ACTIVE_STATES,
+    LOST_STATES,
+    IdleNodes,
+    SlurmCommandError,
+    run_slurm,
+    sacct_states,
+    squeue_states,
+)
+from fleetmpi.launch.slurm_script import BatchCommand, phase_options, render_sbatch
+from fleetmpi.launch.slurm_submit import (
+    ShapeUnavailable,
+    SubmissionError,
+    cancel,
+    dry_run,
+    release,
+    requeue,
+    submission_key,
+    submit_held,
+)
+from fleetmpi.spec import Spec
 
 __all__ = [
     "IdleNodes",
@@ -71,7 +87,7 @@ def render_phase(spec: Spec, jd: JobDir, phase: str, key: str) -> str:
     sch = spec.scheduler
     mpiexec = None
     if sch.launcher == "mpiexec":
-        from .local import find_mpiexec
+        from fleetmpi.launch.local import find_mpiexec
         mpiexec = find_mpiexec(spec)[0]
     cmd = BatchCommand(job_dir=str(jd.root.resolve()), python=sys.executable,
                        pythonpath=str(Path(fleetmpi.__file__).resolve().parent.parent), phase=phase,
@@ -274,7 +290,7 @@ def _end(jd: JobDir, code: int, status: str, reason: str) -> int:
 
 def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: float | None = None) -> int:
     """Act on the phase's exit code: submit what comes next or end the chain; return the script's code."""
-    from ..spec import load
+    from fleetmpi.spec import load
     job_id, restart = _this_run()
     spec = load(jd.spec)
     chain, _ = runs(jd)

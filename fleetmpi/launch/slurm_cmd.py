@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from ..errors import FleetError, one_line
+from fleetmpi.errors import FleetError, one_line
 
 # Failures that go away by themselves: an overloaded or restarting controller, RPC rate
 # limits, and per-user submit limits (the queue drains).

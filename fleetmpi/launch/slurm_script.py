@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..schema import identifier
+from fleetmpi.schema import identifier
 
 # Values sbatch reads from '#SBATCH' lines: nothing a shell or sbatch's own parser could split.
 _COMMENT_RE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,200}$")

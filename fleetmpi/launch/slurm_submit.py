@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import BadInput, FleetError
-from .slurm_cmd import ACTIVE_STATES, SlurmCommandError, is_permanent_shape, is_transient, retry_delay_s, run_slurm
+from fleetmpi.errors import BadInput, FleetError
+from fleetmpi.launch.slurm_cmd import ACTIVE_STATES, SlurmCommandError, is_permanent_shape, is_transient, retry_delay_s, run_slurm
 
 KEY_PREFIX = "fleetmpi."
 

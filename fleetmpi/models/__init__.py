@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ..spec import ModelSpec
-from .base import Model
-from .linear import LinearRegression, LogisticRegression
-from .mlp import MLP
-from .softmax import SoftmaxRegression
+from fleetmpi.models.base import Model
+from fleetmpi.models.linear import LinearRegression, LogisticRegression
+from fleetmpi.models.mlp import MLP
+from fleetmpi.models.softmax import SoftmaxRegression
+from fleetmpi.spec import ModelSpec
 
 TASKS = {"linear": "regression", "logistic": "binary", "softmax": "multiclass", "mlp": "multiclass"}
 

@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from fleetmpi.device import Placement
+from fleetmpi.models.base import Model
 from kernels import gpu as kg
 from kernels import gpu_mlp
-
-from ..device import Placement
-from .base import Model
 
 
 class GpuModel:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fleetmpi.models.base import Model
 from kernels import cpu, exact, reference
-
-from .base import Model
 
 
 class MLP(Model):

@@ -1,6 +1,6 @@
 """Optimizers. Each keeps its state in named float64 arrays so checkpoints can hold it."""
 
-from .lbfgs import LBFGS
-from .sgd import SGD, learning_rate
+from fleetmpi.optim.lbfgs import LBFGS
+from fleetmpi.optim.sgd import SGD, learning_rate
 
 __all__ = ["LBFGS", "SGD", "learning_rate"]

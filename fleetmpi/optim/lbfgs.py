@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..spec import LbfgsSpec
+from fleetmpi.spec import LbfgsSpec
 
 Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
 

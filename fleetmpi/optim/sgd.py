@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ..spec import OptimizerSpec, ScheduleSpec
+from fleetmpi.spec import OptimizerSpec, ScheduleSpec
 
 
 def learning_rate(base: float, sched: ScheduleSpec, step: int) -> float:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..spec import SyncSpec
-from .base import Sync
-from .dense import DenseSync
-from .exact import ExactSync
-from .threshold import ThresholdSync
+from fleetmpi.spec import SyncSpec
+from fleetmpi.sync.base import Sync
+from fleetmpi.sync.dense import DenseSync
+from fleetmpi.sync.exact import ExactSync
+from fleetmpi.sync.threshold import ThresholdSync
 
 DEFAULT_TARGET_DENSITY = 0.01
 

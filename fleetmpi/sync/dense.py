@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from .base import Sync
+from fleetmpi.sync.base import Sync
 
 
 class DenseSync(Sync):

@@ -30,10 +30,9 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from fleetmpi.errors import TrainingFailed
+from fleetmpi.sync.base import Sync
 from kernels import exact
-
-from ..errors import TrainingFailed
-from .base import Sync
 
 _NO_U = np.empty((1, 0))
 

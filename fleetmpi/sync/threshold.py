@@ -23,10 +23,9 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from fleetmpi.errors import CheckpointError
+from fleetmpi.sync.base import Sync
 from kernels import compress
-
-from ..errors import CheckpointError
-from .base import Sync
 
 # Adaptive tau moves at most this factor per call, and stays within this range of the start.
 _MAX_STEP = 2.0
