@@ -78,7 +78,7 @@ def phase_rate(data: Path, tmp: Path, device: str) -> float:
 
 
 def main() -> int:
-    from fleetmpi.device import gpu_visible, simulated
+    from fleetmpi.engine.device import gpu_visible, simulated
     if simulated() or not gpu_visible():
         print("no GPU: skipped")
         return 0

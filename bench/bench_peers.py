@@ -142,7 +142,7 @@ def torch_ddp(cfg: dict[str, Any], world: int = 2) -> dict[str, Any]:
     """Spawn ``world`` DDP ranks on localhost; return rank 0's timings and the spawn-to-join wall."""
     import torch.multiprocessing as mp
 
-    from fleetmpi.data import SampleOrder
+    from fleetmpi.engine.data import SampleOrder
     from fleetmpi.models.mlp import MLP
     from kernels.reference import mlp_unpack
 

@@ -172,7 +172,7 @@ def _check_folder_path(path: Path, label: str) -> None:
 
 def _check_inputs(spec: Any) -> None:
     """Check data files before a job dir is made, so bad data leaves nothing behind."""
-    from fleetmpi.data import describe
+    from fleetmpi.engine.data import describe
     from fleetmpi.models import TASKS
     task = TASKS[spec.model.kind]
     info = describe(spec.data_path(spec.data.train), task, spec.model.classes)
@@ -193,7 +193,7 @@ def _outcome(jd: Any, rc: int) -> dict[str, Any]:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from fleetmpi.checkpoint import summary
+    from fleetmpi.engine.checkpoint import summary
     info = summary(Path(args.path))
     if args.json:
         print(json.dumps(info, indent=1, default=str))
@@ -210,7 +210,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from fleetmpi.predict import predict_file
+    from fleetmpi.engine.predict import predict_file
     res = predict_file(Path(args.model), Path(args.data), Path(args.out))
     if args.json:
         print(json.dumps(res, indent=1))

@@ -25,7 +25,7 @@ from typing import Any, cast
 import numpy as np
 from mpi4py import MPI
 
-from fleetmpi.device import Placement
+from fleetmpi.engine.device import Placement
 from fleetmpi.sync.base import Sync
 from fleetmpi.sync.threshold import ThresholdSync, next_tau
 from kernels import gpu as kg

@@ -11,8 +11,9 @@ import h5py
 import numpy as np
 import pytest
 
-from fleetmpi import checkpoint, h5store
-from fleetmpi.checkpoint import (
+from fleetmpi import h5store
+from fleetmpi.engine import checkpoint
+from fleetmpi.engine.checkpoint import (
     Checkpoint,
     check_compatible,
     latest_valid,

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from fleetmpi.data import RankReader, SampleOrder, contiguous_share, row_fingerprint
+from fleetmpi.engine.data import RankReader, SampleOrder, contiguous_share, row_fingerprint
 
 
 @pytest.fixture()

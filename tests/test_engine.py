@@ -16,7 +16,7 @@ import psutil
 import pytest
 from conftest import ROOT, cli, events, metrics, run_rescaled_and_solo, write_spec
 
-from fleetmpi.data import SampleOrder, row_fingerprint
+from fleetmpi.engine.data import SampleOrder, row_fingerprint
 from fleetmpi.h5store import read_h5_verified
 from kernels import reference
 
@@ -108,8 +108,8 @@ def test_rescale_2_3_1_matches_uninterrupted_single_rank(tmp_path: Path, dataset
 
 def _worker_pids(launcher: int) -> list[int]:
     kids = psutil.Process(launcher).children(recursive=True)
-    # mpiexec's own argv names fleetmpi.worker too; the ranks are the python processes.
-    return [k.pid for k in kids if k.cmdline()[1:3] == ["-m", "fleetmpi.worker"]]
+    # mpiexec's own argv names fleetmpi.engine.worker too; the ranks are the python processes.
+    return [k.pid for k in kids if k.cmdline()[1:3] == ["-m", "fleetmpi.engine.worker"]]
 
 
 def _wait_for(job: Path, kind: str, timeout: float = 60.0) -> dict:

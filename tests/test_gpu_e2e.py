@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import assert_launches_compile_checked, cli, events, metrics, record_launches, write_spec
 
-from fleetmpi import checkpoint
+from fleetmpi.engine import checkpoint
 from fleetmpi.h5store import read_h5_verified
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def test_exact_cpu_gpu_cpu_is_bitwise_cpu_only(tmp_path: Path, small: dict[str, 
 def test_real_gpu_phase_matches_cpu_only(tmp_path: Path, small: dict[str, Path], cpu_only: dict, sync: str) -> None:
     # The same cpu -> gpu -> cpu jobs on a real GPU: NVVM-compiled kernels, real streams,
     # pinned memory and copies. Dense within 1e-5 of the CPU-only run, exact bit for bit.
-    from fleetmpi import device
+    from fleetmpi.engine import device
     why = "needs a real GPU: NUMBA_ENABLE_CUDASIM=1 runs numba's CUDA simulator" if device.simulated() \
         else device.gpu_missing()
     if why:

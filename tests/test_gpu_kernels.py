@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, assert_launches_compile_checked, record_launches
 
-from fleetmpi import device
+from fleetmpi.engine import device
 from fleetmpi.errors import BadInput
 from kernels import gpu, gpu_mlp
 from kernels import reference as ref
@@ -62,7 +62,7 @@ def test_mlp_array_api_gradient_matches_reference_with_numpy(sizes: tuple[int, .
 
 def test_importing_gpu_modules_touches_no_gpu_and_no_optional_package() -> None:
     code = ("import sys\n"
-            "import kernels.gpu, fleetmpi.device, fleetmpi.models.gpu, fleetmpi.gpu_sync, fleetmpi.gpu_trainer\n"
+            "import kernels.gpu, fleetmpi.engine.device, fleetmpi.models.gpu, fleetmpi.gpu_sync, fleetmpi.engine.gpu\n"
             "from numba.cuda.cudadrv import driver\n"
             "assert driver.driver.pid is None, 'cuInit ran'\n"
             "bad = [m for m in ('cupy', 'pynvml') if m in sys.modules]\n"
@@ -95,7 +95,7 @@ def test_mlp_refusal_names_the_fix() -> None:
 
 
 def test_device_lines_for_the_log() -> None:
-    from fleetmpi.gpu_trainer import _nvml_notes
+    from fleetmpi.engine.gpu import _nvml_notes
     d = device.Device("gpu", "auto", 1, "NVIDIA H100", False, False, "local rank 1")
     assert d.describe() == "gpu 1 (NVIDIA H100), MPI not CUDA-aware: pinned host staging [local rank 1]"
     assert device.Device("cpu", "auto", why="device auto: no GPU").describe() == "cpu (device auto: no GPU)"

@@ -114,7 +114,7 @@ def test_twelve_jobs_two_at_a_time_each_launched_once_one_poll_per_cycle(tmp_pat
 
 def _ranks(runner_pid: int) -> list[psutil.Process]:
     kids = psutil.Process(runner_pid).children(recursive=True)
-    return [k for k in kids if k.cmdline()[1:3] == ["-m", "fleetmpi.worker"]]
+    return [k for k in kids if k.cmdline()[1:3] == ["-m", "fleetmpi.engine.worker"]]
 
 
 @pytest.mark.slow

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import cli, events, metrics, run_rescaled_and_solo, write_spec
 
-from fleetmpi import checkpoint
-from fleetmpi.data import SampleOrder
+from fleetmpi.engine import checkpoint
+from fleetmpi.engine.data import SampleOrder
 from fleetmpi.h5store import read_h5_verified
 from kernels import reference as ref
 

@@ -1,4 +1,4 @@
-"""Local backend: each phase is ``mpiexec -n P python -m fleetmpi.worker JOB_DIR``.
+"""Local backend: each phase is ``mpiexec -n P python -m fleetmpi.engine.worker JOB_DIR``.
 
 The launcher runs phases until one ends with something other than a rescale, forwards
 SIGTERM/SIGINT/SIGUSR2 to the ranks as SIGTERM (they checkpoint and exit 4), and turns every
@@ -77,7 +77,7 @@ class LocalBackend:
                 index = len(state.get("phases_run", []))
                 ranks = self.spec.phase(phase).ranks
                 cmd = [*mpiexec, "-n", str(ranks), *self.spec.scheduler.launcher_args,
-                       sys.executable, "-m", "fleetmpi.worker", str(self.jd.root)]
+                       sys.executable, "-m", "fleetmpi.engine.worker", str(self.jd.root)]
                 log = self.jd.phase_log(index, phase)
                 self.jd.event("launch", backend="local", phase=phase, ranks=ranks, command=cmd, log=str(log))
                 t0 = time.time()

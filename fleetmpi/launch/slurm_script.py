@@ -78,7 +78,7 @@ def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: 
         step = ["srun", "--mpi=pmi2"]
     else:
         step = ['"$mpiexec"', "-n", str(nodes * ntasks_per_node), "-ppn", str(ntasks_per_node)]
-    step += [q(a) for a in command.launcher_args] + ['"$python"', "-m", "fleetmpi.worker", '"$job_dir"']
+    step += [q(a) for a in command.launcher_args] + ['"$python"', "-m", "fleetmpi.engine.worker", '"$job_dir"']
     sig = RANKS_SIGNAL[command.launcher]
     lines += [
         "# One phase of a fleetmpi job, rendered by fleetmpi.launch.slurm_script.render_sbatch.",

@@ -7,7 +7,7 @@ device vector of ``n_params + 1``, the dense sync's send layout.
 
 linear, logistic, softmax: numba.cuda fused kernels (run under the CUDA simulator too).
 mlp: cupy's BLAS on views of the device arrays, only where cupy is installed and a real
-GPU is present; ``fleetmpi.device.gpu_model_refusal`` refuses it elsewhere, before any
+GPU is present; ``fleetmpi.engine.device.gpu_model_refusal`` refuses it elsewhere, before any
 rank starts. (Exact sync computes every model's per-row factors on the host, so it needs
 no GpuModel.)
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fleetmpi.device import Placement
+from fleetmpi.engine.device import Placement
 from fleetmpi.models.base import Model
 from kernels import gpu as kg
 from kernels import gpu_mlp

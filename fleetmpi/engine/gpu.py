@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from fleetmpi.data import RankReader
-from fleetmpi.device import Device, GpuMonitor, Placement
+from fleetmpi.engine.data import RankReader
+from fleetmpi.engine.device import Device, GpuMonitor, Placement
+from fleetmpi.engine.trainer import Trainer
 from fleetmpi.gpu_sync import ExactDeviceSync, build_device_sync
 from fleetmpi.jobdir import JobDir
 from fleetmpi.models.gpu import GpuModel
-from fleetmpi.trainer import Trainer
 from kernels import gpu as kg
 
 

@@ -21,14 +21,14 @@ N_EXTRAS = 4
 class Trainer:
     """State and collective operations of one phase on one rank."""
 
-    device = "cpu"                      # where the phase computes: cpu | gpu (fleetmpi.gpu_trainer)
+    device = "cpu"                      # where the phase computes: cpu | gpu (fleetmpi.engine.gpu)
     device_detail = "cpu"               # one line for the log
     notes: tuple[str, ...] = ()         # further lines for the log (rank 0)
 
     def __init__(self, comm: Any, jd: JobDir) -> None:
-        from fleetmpi import checkpoint
         from fleetmpi import spec as specmod
-        from fleetmpi.data import RankReader, SampleOrder, contiguous_share, describe
+        from fleetmpi.engine import checkpoint
+        from fleetmpi.engine.data import RankReader, SampleOrder, contiguous_share, describe
         from fleetmpi.models import TASKS, build_model
         from fleetmpi.optim import LBFGS, SGD
         from fleetmpi.sync import build_sync
@@ -123,12 +123,12 @@ class Trainer:
 
     def _lbfgs_rows(self) -> tuple[np.ndarray, np.ndarray, float, int]:
         if self.lbfgs_data is None:
-            from fleetmpi.data import contiguous_share
+            from fleetmpi.engine.data import contiguous_share
             batch = self.spec.optimizer.lbfgs.batch
             if batch == "full" or batch >= self.n:
                 lo, hi = contiguous_share(self.n, self.rank, self.size)
                 X, y = self.reader.read_contiguous(lo, hi)
-                from fleetmpi.data import row_fingerprint
+                from fleetmpi.engine.data import row_fingerprint
                 self.lbfgs_data = (X, y, row_fingerprint(lo, hi), self.n)
             else:
                 # A fixed batch: the first ``batch`` positions of epoch 0's order.
@@ -214,7 +214,7 @@ class Trainer:
         """Write a checkpoint of the global state (collective; rank 0 writes)."""
         from mpi4py import MPI
 
-        from fleetmpi import checkpoint
+        from fleetmpi.engine import checkpoint
         # Every rank must hold the same parameters; check before trusting rank 0's copy.
         probe = np.array([float(self.params.sum()), float(np.dot(self.params, self.params))])
         lo, hi = np.empty(2), np.empty(2)
@@ -247,17 +247,17 @@ class Trainer:
 def open_trainer(comm: Any, jd: JobDir) -> Trainer:
     """Return this rank's trainer for the job's phase on the device the phase asks for (collective).
 
-    ``device: gpu`` or ``auto`` resolve through ``fleetmpi.device.choose`` (every rank
+    ``device: gpu`` or ``auto`` resolve through ``fleetmpi.engine.device.choose`` (every rank
     alike); a GPU phase gets a ``GpuTrainer``, which imports numba.cuda only then.
     """
-    from fleetmpi import device
     from fleetmpi import spec as specmod
+    from fleetmpi.engine import device
     sp = specmod.load(jd.spec)
     phase = str(jd.read_state().get("phase"))
     setting = sp.fleet.phases[phase].device if phase in sp.fleet.phases else "cpu"
     dev = device.choose(comm, str(phase), setting, sp.model.kind, sp.sync.kind)
     if dev.kind == "gpu":
-        from fleetmpi.gpu_trainer import GpuTrainer
+        from fleetmpi.engine.gpu import GpuTrainer
         return GpuTrainer(comm, jd, dev)
     t = Trainer(comm, jd)
     t.device_detail = dev.describe()

@@ -37,7 +37,7 @@ def load_model(path: Path) -> tuple[Model, np.ndarray, dict[str, Any]]:
 
 def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]:
     """Predict every row of ``data_path``'s X in chunks and write ``out`` atomically."""
-    from fleetmpi.data import open_h5
+    from fleetmpi.engine.data import open_h5
     model, params, meta = load_model(model_path)
     if out.resolve() in (model_path.resolve(), data_path.resolve()):
         raise BadInput(f"--out {out}: would overwrite an input file; choose another path")

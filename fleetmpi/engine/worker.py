@@ -1,6 +1,6 @@
 """The rank main loop: batch -> kernel -> sync -> step -> monitor, one training phase.
 
-Run as ``python -m fleetmpi.worker JOB_DIR`` under mpiexec or srun. Exit codes as in
+Run as ``python -m fleetmpi.engine.worker JOB_DIR`` under mpiexec or srun. Exit codes as in
 DESIGN.md: 0 goal, 1 failure, 2 bad input, 3 rescale, 4 stopped by a signal after a
 checkpoint. Any rank's unexpected exception aborts the whole world with rank/size@host.
 """
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from fleetmpi import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
+from fleetmpi.engine.trainer import Trainer, open_trainer
 from fleetmpi.errors import BadInput, TrainingFailed
 from fleetmpi.jobdir import JobDir
-from fleetmpi.trainer import Trainer, open_trainer
 
 # Decision codes rank 0 broadcasts at evaluation points.
 CONTINUE, GOAL, GOTO, SWITCH, STOP = 0, 1, 2, 3, 4
@@ -60,7 +60,7 @@ class Phase:
             from fleetmpi.rules import parse_condition
             self.conditions = [parse_condition(r.when) for r in sp.fleet.rules]
             progress = _progress_mode(sp.monitor.progress)
-            from fleetmpi.monitor import Monitor
+            from fleetmpi.engine.monitor import Monitor
             mon = Monitor(jd, sp, t.phase_name, self.size, t.n, t.carried, t.job_start, progress)
             state = jd.read_state()
             runs = state.get("phases_run", [])
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of one rank; returns the phase exit code."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m fleetmpi.worker JOB_DIR", file=sys.stderr)
+        print("usage: python -m fleetmpi.engine.worker JOB_DIR", file=sys.stderr)
         return EXIT_BAD_INPUT
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
