@@ -62,7 +62,7 @@ def test_mlp_array_api_gradient_matches_reference_with_numpy(sizes: tuple[int, .
 
 def test_importing_gpu_modules_touches_no_gpu_and_no_optional_package() -> None:
     code = ("import sys\n"
-            "import kernels.gpu, fleetmpi.engine.device, fleetmpi.models.gpu, fleetmpi.gpu_sync, fleetmpi.engine.gpu\n"
+            "import kernels.gpu, fleetmpi.engine.device, fleetmpi.models.gpu, fleetmpi.sync.device, fleetmpi.engine.gpu\n"
             "from numba.cuda.cudadrv import driver\n"
             "assert driver.driver.pid is None, 'cuInit ran'\n"
             "bad = [m for m in ('cupy', 'pynvml') if m in sys.modules]\n"

@@ -7,7 +7,7 @@ An SGD step (dense / threshold sync):
 2. asynchronous copies on the phase's stream move them to the device, and the gradient
    kernel writes [gradient sum | loss sum] into the device sync's buffer;
 3. while the device works, the host reads the NEXT step's rows into the other slot;
-4. the stream is synchronised, then the ranks sync (``fleetmpi.gpu_sync``: device
+4. the stream is synchronised, then the ranks sync (``fleetmpi.sync.device``: device
    buffers if MPI is CUDA-aware, pinned host buffers otherwise);
 5. the SGD update runs on the device with numpy's rounding (``kernels.gpu.sgd_update``).
 
@@ -32,9 +32,9 @@ import numpy as np
 from fleetmpi.engine.data import RankReader
 from fleetmpi.engine.device import Device, GpuMonitor, Placement
 from fleetmpi.engine.trainer import Trainer
-from fleetmpi.gpu_sync import ExactDeviceSync, build_device_sync
 from fleetmpi.jobdir import JobDir
 from fleetmpi.models.gpu import GpuModel
+from fleetmpi.sync.device import ExactDeviceSync, build_device_sync
 from kernels import gpu as kg
 
 
