@@ -136,7 +136,7 @@ def _check_launchable(sp: Spec) -> None:
     if sp.scheduler.backend == "local":
         find_mpiexec(sp)
     elif sp.scheduler.backend == "slurm":
-        from fleetmpi.launch.slurm import SlurmBackend
+        from fleetmpi.launch.slurm.backend import SlurmBackend
         # sbatch --test-only on every phase's shape; the job dir named here is never made.
         SlurmBackend(JobDir(home() / "jobs" / ".preflight"), sp).preflight()
 

@@ -53,7 +53,7 @@ def _job_dir_first(other: Handler) -> Handler:
 
 
 def _preflight(spec: Any, jd: Any) -> None:
-    from fleetmpi.launch.slurm import SlurmBackend
+    from fleetmpi.launch.slurm.backend import SlurmBackend
     if spec.scheduler.backend != "slurm":
         raise BadInput(f"submit: scheduler.backend is {spec.scheduler.backend!r}; pass --backend slurm or set "
                        "scheduler: {backend: slurm} in the spec (`fleetmpi run` runs a job on this machine)")
@@ -62,10 +62,10 @@ def _preflight(spec: Any, jd: Any) -> None:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from fleetmpi.cli import open_job
-    from fleetmpi.launch.slurm import SlurmBackend, status_report
-    from fleetmpi.launch.slurm_chain import runs
-    from fleetmpi.launch.slurm_cmd import ACTIVE_STATES, squeue_states
-    from fleetmpi.launch.slurm_submit import SubmissionError, release
+    from fleetmpi.launch.slurm.backend import SlurmBackend, status_report
+    from fleetmpi.launch.slurm.chain import runs
+    from fleetmpi.launch.slurm.cmd import ACTIVE_STATES, squeue_states
+    from fleetmpi.launch.slurm.submit import SubmissionError, release
 
     given = Path(args.spec)
     overrides = list(args.overrides)
@@ -118,7 +118,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from fleetmpi.jobdir import JobDir
-    from fleetmpi.launch.slurm import status_report
+    from fleetmpi.launch.slurm.backend import status_report
 
     jd = JobDir(args.job)
     if not jd.exists():

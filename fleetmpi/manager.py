@@ -24,11 +24,11 @@ Retry layers, exactly one per failure class:
   and a chain whose allocation Slurm ended as lost neither ends nor resubmits itself.
 * a launch that failed transiently (:class:`TransientLaunchError`: a Slurm command
   timed out or was refused for load) -- this manager, counted like the above. Launches it
-  makes use one sbatch try each (``submit_attempts=1``), so slurm_submit's own retry
+  makes use one sbatch try each (``submit_attempts=1``), so launch.slurm.submit's own retry
   loop does not run under it; the submission key makes a retry adopt a job that a
   timed-out sbatch did create.
 * stops and continuations inside a Slurm chain (time limit, preemption signal, rescale)
-  -- the chain itself (fleetmpi.launch.slurm: resubmit/requeue within
+  -- the chain itself (fleetmpi.launch.slurm.backend: resubmit/requeue within
   ``scheduler.max_timeouts`` / ``max_preemptions``, sbatch retries within
   ``scheduler.submit_attempts``), because no manager runs inside an allocation. When the
   chain gives up (STOPPED, or FAILED "could not resubmit"), this manager does not retry

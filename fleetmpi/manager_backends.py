@@ -231,7 +231,7 @@ def last_metrics(path: Path, tail_bytes: int = 8192) -> dict[str, Any]:
 
 
 class SlurmJobs:
-    """Run each attempt as a chain of Slurm batch jobs (:mod:`fleetmpi.launch.slurm`).
+    """Run each attempt as a chain of Slurm batch jobs (:mod:`fleetmpi.launch.slurm.backend`).
 
     One launch submits the job's current phase; the chain then resubmits itself through
     rescales and stops (near the time limit, preemption) and records its end in
@@ -250,10 +250,10 @@ class SlurmJobs:
 
         from fleetmpi import spec as specmod
         from fleetmpi.errors import BadInput
-        from fleetmpi.launch.slurm import SlurmBackend
-        from fleetmpi.launch.slurm_chain import runs
-        from fleetmpi.launch.slurm_cmd import SlurmCommandError, squeue_states
-        from fleetmpi.launch.slurm_submit import ShapeUnavailable, SubmissionError, release
+        from fleetmpi.launch.slurm.backend import SlurmBackend
+        from fleetmpi.launch.slurm.chain import runs
+        from fleetmpi.launch.slurm.cmd import SlurmCommandError, squeue_states
+        from fleetmpi.launch.slurm.submit import ShapeUnavailable, SubmissionError, release
         jd = JobDir(job.job_dir)
         spec = specmod.load(jd.spec)
         # The manager is the retry layer for launches it makes: one sbatch try each. A retry
@@ -286,8 +286,8 @@ class SlurmJobs:
         return Launch(backend_id=jid, host=None, log=str(jd.logs / f"slurm-{jid}.out"), info=info)
 
     def poll(self, allocations: Sequence[AllocRow]) -> dict[str, AllocState]:
-        from fleetmpi.launch.slurm_chain import read_exit, runs
-        from fleetmpi.launch.slurm_cmd import LOST_STATES, sacct_states, squeue_states
+        from fleetmpi.launch.slurm.chain import read_exit, runs
+        from fleetmpi.launch.slurm.cmd import LOST_STATES, sacct_states, squeue_states
         out: dict[str, AllocState] = {}
         newest: dict[str, tuple[AllocRow, str, int]] = {}
         for a in allocations:
@@ -314,7 +314,7 @@ class SlurmJobs:
                 out[bid] = AllocState("RUNNING", None, "the chain moved on since this cycle began")
                 continue
             if state in LOST_STATES and chain[-1].get("stop") == "lost":
-                # The continuation saw it too and left the chain alone (fleetmpi.launch.slurm.after).
+                # The continuation saw it too and left the chain alone (fleetmpi.launch.slurm.backend.after).
                 out[bid] = AllocState(state, None, f"Slurm job {jid} ended {state}: its allocation was lost; "
                                                    f"see logs/slurm-{jid}.out")
                 continue
@@ -337,8 +337,8 @@ class SlurmJobs:
         return out
 
     def cancel(self, allocation: AllocRow) -> None:
-        from fleetmpi.launch.slurm_chain import runs
-        from fleetmpi.launch.slurm_submit import cancel
+        from fleetmpi.launch.slurm.chain import runs
+        from fleetmpi.launch.slurm.submit import cancel
         jd = JobDir(allocation.info["job_dir"])
         chain, end = runs(jd)
         if chain and end is None:
@@ -347,7 +347,7 @@ class SlurmJobs:
 
 
 def exit_mtime(jd: JobDir, job_id: str, restart: int) -> float:
-    from fleetmpi.launch.slurm_chain import exit_path
+    from fleetmpi.launch.slurm.chain import exit_path
     try:
         return exit_path(jd, job_id, restart).stat().st_mtime
     except FileNotFoundError:

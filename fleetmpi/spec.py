@@ -200,7 +200,7 @@ class FleetSpec:
 
 
 def _sbatch_option(v: Any) -> str | None:
-    from fleetmpi.launch.slurm_script import check_extra_option
+    from fleetmpi.launch.slurm.script import check_extra_option
     return check_extra_option(v)
 
 

@@ -463,7 +463,7 @@ def test_email_notifier_speaks_smtp(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.usefixtures("slurm_cluster")
 def test_slurm_jobs_through_the_manager_with_one_squeue_per_cycle(tmp_path: Path, datasets: dict,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleetmpi.launch import slurm_cmd
+    from fleetmpi.launch.slurm import cmd as slurm_cmd
     from fleetmpi.manager_backends import SlurmJobs
     commands: list[str] = []
     real_run = slurm_cmd.run_slurm

@@ -23,8 +23,8 @@ from slurm_fixtures import slurm_cluster, wait_idle  # noqa: F401  (a fixture)
 from fleetmpi import spec as specmod
 from fleetmpi.api import submit
 from fleetmpi.jobdir import JobDir
-from fleetmpi.launch import slurm as slurm_launch
-from fleetmpi.launch.slurm_chain import runs
+from fleetmpi.launch.slurm import batch as slurm_launch
+from fleetmpi.launch.slurm.chain import runs
 from fleetmpi.ledger import ACTIVE, COMPLETED, TERMINAL, Ledger
 from fleetmpi.ledger_schema import AllocRow, JobRow
 from fleetmpi.manager import Manager, ManagerConfig
@@ -51,7 +51,9 @@ class SlurmSpy:
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from fleetmpi.launch import slurm, slurm_cmd, slurm_submit
+        from fleetmpi.launch.slurm import backend, batch
+        from fleetmpi.launch.slurm import cmd as slurm_cmd
+        from fleetmpi.launch.slurm import submit as slurm_submit
         self.real, self.name = SlurmJobs(), SlurmJobs.name
         self.commands: list[tuple[str, str]] = []  # (command, where)
         self.launches: list[tuple[int, int]] = []  # (job id, attempt)
@@ -64,7 +66,7 @@ class SlurmSpy:
             return real_run(cmd, **kw)
 
         # Every module that holds its own reference to the one door to Slurm.
-        for module in (slurm_cmd, slurm_submit, slurm):
+        for module in (slurm_cmd, slurm_submit, backend, batch):
             monkeypatch.setattr(module, "run_slurm", run_slurm)
 
     def squeues(self, where: str | None = None) -> int:

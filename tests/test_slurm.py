@@ -23,9 +23,9 @@ from conftest import ROOT, cli, events, write_spec
 from slurm_fixtures import slurm_cluster, wait_idle  # noqa: F401  (a fixture)
 
 from fleetmpi.h5store import read_h5_verified
-from fleetmpi.launch import slurm_cmd
-from fleetmpi.launch.slurm_cmd import IdleNodes, SlurmCommandError, is_permanent_shape, is_transient, run_slurm
-from fleetmpi.launch.slurm_script import BatchCommand, check_options, phase_options, render_sbatch
+from fleetmpi.launch.slurm import cmd as slurm_cmd
+from fleetmpi.launch.slurm.cmd import IdleNodes, SlurmCommandError, is_permanent_shape, is_transient, run_slurm
+from fleetmpi.launch.slurm.script import BatchCommand, check_options, phase_options, render_sbatch
 from fleetmpi.rules import parse_condition
 from fleetmpi.spec import from_raw
 

@@ -12,7 +12,7 @@ import time
 from typing import Any, TextIO
 
 from fleetmpi.jobdir import JobDir, append_line
-from fleetmpi.launch.slurm_cmd import IdleNodes
+from fleetmpi.launch.slurm.cmd import IdleNodes
 from fleetmpi.rules import format_bytes
 from fleetmpi.spec import Spec
 

@@ -1,4 +1,4 @@
-"""Backends that start one training phase: local (mpiexec) and, later, slurm (sbatch)."""
+"""Backends that start one training phase: local (mpiexec) and slurm (sbatch), see .slurm."""
 
 from fleetmpi.launch.local import LocalBackend, find_mpiexec, worker_env
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fleetmpi.errors import BadInput, FleetError
-from fleetmpi.launch.slurm_cmd import ACTIVE_STATES, SlurmCommandError, is_permanent_shape, is_transient, retry_delay_s, run_slurm
+from fleetmpi.launch.slurm.cmd import ACTIVE_STATES, SlurmCommandError, is_permanent_shape, is_transient, retry_delay_s, run_slurm
 
 KEY_PREFIX = "fleetmpi."
 

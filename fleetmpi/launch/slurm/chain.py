@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetmpi.jobdir import JobDir, append_line, atomic_write_bytes, read_lines
-from fleetmpi.launch.slurm_cmd import SlurmCommandError, sacct_states, squeue_states
+from fleetmpi.launch.slurm.cmd import SlurmCommandError, sacct_states, squeue_states
 
 # What the allocation looked like, as the batch script saw it.
 SHAPE_VARS = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "SLURM_JOB_NUM_NODES", "SLURM_NTASKS_PER_NODE",

@@ -81,9 +81,9 @@ def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: 
     step += [q(a) for a in command.launcher_args] + ['"$python"', "-m", "fleetmpi.engine.worker", '"$job_dir"']
     sig = RANKS_SIGNAL[command.launcher]
     lines += [
-        "# One phase of a fleetmpi job, rendered by fleetmpi.launch.slurm_script.render_sbatch.",
+        "# One phase of a fleetmpi job, rendered by fleetmpi.launch.slurm.script.render_sbatch.",
         f"# Phase {command.phase} ({command.shape}). sbatch runs this in the job dir; logic lives in",
-        "# `python -m fleetmpi.launch.slurm begin|continue`, the shell only starts and signals the ranks.",
+        "# `python -m fleetmpi.launch.slurm.batch begin|continue`, the shell only starts and signals the ranks.",
         "set -u",
         f"job_dir={q(command.job_dir)}",
         f"python={q(command.python)}",
@@ -104,7 +104,7 @@ def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: 
         "trap 'on_stop USR2' USR2",
         "trap 'on_stop TERM' TERM",
         "rc=0",
-        '"$python" -m fleetmpi.launch.slurm begin "$job_dir" --phase "$phase" || rc=$?',
+        '"$python" -m fleetmpi.launch.slurm.batch begin "$job_dir" --phase "$phase" || rc=$?',
         'if ((rc == 0)) && [[ -z $stop_signal ]]; then',
         f"    {' '.join(step)} &",
         "    step=$!",
@@ -117,7 +117,7 @@ def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: 
         "# The continuation must not be cut short: it ignores USR2 and TERM (inherited, so also",
         "# while Python starts; a TERM then comes e.g. from a node set DOWN). SIGKILL still ends it.",
         "trap '' USR2 TERM",
-        'exec "$python" -m fleetmpi.launch.slurm continue "$job_dir" --phase "$phase" --exit-code "$rc" \\',
+        'exec "$python" -m fleetmpi.launch.slurm.batch continue "$job_dir" --phase "$phase" --exit-code "$rc" \\',
         '    --signal "$stop_signal" --signal-time "$stop_time"',
         "",
     ]

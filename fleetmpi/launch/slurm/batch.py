@@ -1,0 +1,228 @@
+"""Slurm batch side: what the script of one phase runs inside its allocation.
+
+``python -m fleetmpi.launch.slurm.batch begin|continue JOB_DIR`` (called by the script from
+:mod:`.script`): ``begin`` records the allocation; ``continue`` reads the phase's exit code
+and submits the next phase (rescale, exit 3) or the same phase again (stopped by a signal,
+exit 4: near the time limit or preempted, each with its own cap), or ends the chain; where
+Slurm already ended the job as lost (NODE_FAIL...) it does neither and leaves the retry to
+the manager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from fleetmpi import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
+from fleetmpi.errors import BadInput
+from fleetmpi.jobdir import JobDir
+from fleetmpi.launch.slurm import chain as chain_mod
+from fleetmpi.launch.slurm.backend import SlurmBackend, describe_phase
+from fleetmpi.launch.slurm.chain import record, runs, sync_state
+from fleetmpi.launch.slurm.cmd import LOST_STATES, SlurmCommandError, run_slurm, squeue_states
+from fleetmpi.launch.slurm.submit import SubmissionError, requeue
+from fleetmpi.spec import Spec
+
+# Slack on top of the signal grace when telling a time-limit stop from a preemption:
+# Slurm checks for due signals about once a minute at worst.
+_TIMEOUT_SLACK_S = 60.0
+
+
+def _this_run() -> tuple[str, int]:
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        raise BadInput("not inside a Slurm job (SLURM_JOB_ID is unset); the batch script calls this")
+    return job_id, int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def begin(jd: JobDir, phase: str) -> int:
+    """Record the allocation this run got; refuse to start a phase the job is not in."""
+    job_id, restart = _this_run()
+    env = {k: os.environ[k] for k in chain_mod.SHAPE_VARS if k in os.environ}
+    chain_mod.write_env(jd, job_id, restart, env)
+    record(jd, "start", job_id=job_id, restart=restart, phase=phase, env=env)
+    state = jd.read_state()
+    if state.get("status") == "COMPLETED":
+        raise BadInput(f"{jd.root}: the job has already reached its goal; Slurm job {job_id} has nothing to do")
+    if state.get("phase") != phase:
+        raise BadInput(f"{jd.state_path}: the job is in phase {state.get('phase')!r} but Slurm job {job_id} "
+                       f"was shaped for phase {phase!r}")
+    sync_state(jd, status="STARTING")
+    jd.event("slurm_start", job_id=job_id, restart=restart, phase=phase, nodes=env.get("SLURM_JOB_NUM_NODES"),
+             partition=env.get("SLURM_JOB_PARTITION"), nodelist=env.get("SLURM_JOB_NODELIST"))
+    return EXIT_OK
+
+
+def _classify_stop(job_id: str, stop_signal: str, signal_time: float | None, spec: Spec, phase: str,
+                   started: float | None) -> str:
+    """Return 'timeout' when a stop came near the job's time limit, else 'preemption'."""
+    if not stop_signal or signal_time is None:
+        return "preemption"   # the ranks were signalled directly (scancel --signal, preemption)
+    end: float | None = None
+    try:
+        text = run_slurm(["squeue", "--noheader", f"--jobs={job_id}", "--format=%e"]).strip()
+        end = time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except (SlurmCommandError, ValueError):
+        limit = spec.phase(phase).time_min
+        end = started + 60.0 * limit if started and limit else None
+    grace = spec.scheduler.signal_grace_s
+    return "timeout" if end is not None and end - signal_time <= grace + _TIMEOUT_SLACK_S else "preemption"
+
+
+def _end(jd: JobDir, code: int, status: str, reason: str) -> int:
+    record(jd, "end", exit_code=code, status=status, reason=reason)
+    fields = {"status": status} if status == "COMPLETED" else {"status": status, "reason": reason}
+    sync_state(jd, **fields)
+    jd.event("slurm_end", exit_code=code, status=status, reason=reason)
+    print(f"fleetmpi: job {status.lower()} ({reason}); exit code {code}", file=sys.stderr, flush=True)
+    return code
+
+
+def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: float | None = None) -> int:
+    """Act on the phase's exit code: submit what comes next or end the chain; return the script's code."""
+    from fleetmpi.spec import load
+    job_id, restart = _this_run()
+    spec = load(jd.spec)
+    chain, _ = runs(jd)
+    this: dict[str, Any] = next((r for r in reversed(chain) if r["job_id"] == job_id and r["restart"] == restart), {})
+    goal_reached = jd.read_state().get("status") == "COMPLETED"
+    # srun exits 0 when its node fails, and a node set DOWN (by an admin or a health check)
+    # keeps running this script until KillWait is over: ask Slurm before believing rc.
+    lost = None if rc == EXIT_OK and goal_reached else _lost_state(job_id)
+    if lost:
+        return _lost(jd, job_id, restart, phase, rc, stop_signal, lost)
+    # TERM to the batch shell means Slurm is ending the job (scancel, preemption by
+    # cancellation, node shutdown); it kills what is left after KillWait. A person or a
+    # policy wants it gone, so the chain ends there. USR2 (the time-limit warning, or
+    # `scancel --signal=USR2 --batch`) asks for a checkpoint and a new allocation.
+    cancelled = stop_signal == "TERM"
+    # Ranks that a forwarded signal reached before they could install their handlers die of it.
+    stopped = rc == EXIT_STOPPED or (bool(stop_signal) and rc not in (EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_RESCALE))
+    stop = None
+    if cancelled:
+        stop = "cancelled"
+    elif stopped:
+        stop = _classify_stop(job_id, stop_signal, signal_time, spec, phase, this.get("started"))
+    record(jd, "exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
+    jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
+    state = jd.read_state()
+    backend = SlurmBackend(jd, spec)
+    if rc == EXIT_OK and goal_reached:
+        return _end(jd, EXIT_OK, "COMPLETED", str(state.get("reason") or "goal"))
+    if rc in (EXIT_FAILED, EXIT_BAD_INPUT):
+        meaning = "training failed" if rc == EXIT_FAILED else "bad input"
+        return _end(jd, rc, "FAILED", f"phase {phase}: {meaning}; see {chain_mod.log_path(jd, job_id)}")
+    if cancelled:
+        return _end(jd, EXIT_STOPPED, "CANCELLED", f"Slurm job {job_id} was cancelled (TERM: scancel, preemption or "
+                    f"shutdown); `fleetmpi submit {jd.root}` resumes from the newest checkpoint")
+    if rc == EXIT_RESCALE:
+        target = state.get("phase")
+        if target == phase or target not in spec.fleet.phases:
+            return _end(jd, EXIT_FAILED, "FAILED", f"phase {phase} asked for a rescale but named no new phase")
+        try:
+            backend.submit(str(target), by="rescale")
+        except SubmissionError as e:
+            return _end(jd, e.exit_code, "FAILED", f"could not submit phase {target}: {e}")
+        return EXIT_OK
+    if stop is not None:
+        counter, cap = (("slurm_timeouts", spec.scheduler.max_timeouts) if stop == "timeout"
+                        else ("slurm_preemptions", spec.scheduler.max_preemptions))
+        n = int(state.get(counter, 0)) + 1
+        sync_state(jd, **{counter: n})
+        if n > cap:
+            key = "max_timeouts" if stop == "timeout" else "max_preemptions"
+            return _end(jd, EXIT_STOPPED, "STOPPED", f"stopped by {stop} {n} times (scheduler.{key}={cap}); "
+                        f"`fleetmpi submit {jd.root}` resumes from the newest checkpoint")
+        try:
+            if spec.scheduler.requeue:
+                record(jd, "requeue", job_id=job_id, restart=restart + 1, phase=phase,
+                       shape=spec.phase(phase).shape(), by=stop)
+                sync_state(jd, status="QUEUED")
+                requeue(job_id, shape=describe_phase(spec, phase), attempts=spec.scheduler.submit_attempts,
+                        backoff_s=spec.scheduler.submit_backoff_s)
+            else:
+                backend.submit(phase, by=stop)
+        except SubmissionError as e:
+            return _end(jd, e.exit_code, "FAILED", f"could not resubmit phase {phase} after a {stop}: {e}")
+        return EXIT_OK
+    if rc == EXIT_OK:
+        return _end(jd, EXIT_FAILED, "FAILED", f"phase {phase}: the step exited 0 but the job did not reach its goal "
+                    f"(srun does so when a node fails); see {chain_mod.log_path(jd, job_id)}")
+    return _end(jd, EXIT_FAILED, "FAILED", f"phase {phase}: the ranks ended with exit code {rc} "
+                f"(killed or crashed); see {chain_mod.log_path(jd, job_id)}")
+
+
+def _lost_state(job_id: str) -> str | None:
+    """Return Slurm's state of this job if Slurm ended it because its allocation was lost, else None."""
+    try:
+        state = squeue_states([job_id]).get(job_id)
+    except SlurmCommandError:
+        return None  # cannot tell: go by the exit code
+    return state if state in LOST_STATES else None
+
+
+def _lost(jd: JobDir, job_id: str, restart: int, phase: str, rc: int, stop_signal: str, lost: str) -> int:
+    """Record that this run's allocation was lost, ending nothing and submitting nothing.
+
+    The manager retries such a run from the newest checkpoint (one retry layer); without
+    a manager, `fleetmpi submit` resumes. The chain record comes last: once it is written
+    the manager may start the next attempt, which this process must not write over.
+    """
+    jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None,
+             stop="lost", slurm_state=lost)
+    print(f"fleetmpi: Slurm ended job {job_id} as {lost} (its allocation was lost; step exit code {rc} means "
+          f"nothing); the chain stops without an end: `fleetmpi submit {jd.root}` resumes from the newest "
+          "checkpoint", file=sys.stderr, flush=True)
+    record(jd, "exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None,
+           stop="lost", slurm_state=lost)
+    return EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the batch script's steps: ``begin`` and ``continue``."""
+    p = argparse.ArgumentParser(prog="python -m fleetmpi.launch.slurm.batch")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("begin")
+    b.add_argument("job_dir")
+    b.add_argument("--phase", required=True)
+    c = sub.add_parser("continue")
+    c.add_argument("job_dir")
+    c.add_argument("--phase", required=True)
+    c.add_argument("--exit-code", type=int, required=True)
+    c.add_argument("--signal", default="")
+    c.add_argument("--signal-time", default="")
+    args = p.parse_args(argv)
+    jd = JobDir(args.job_dir)
+    if args.cmd == "continue":
+        # The phase has ended: a late time-limit warning or TERM must not cut the records
+        # short (this process replaced the batch shell and its traps; SIGKILL still ends it).
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if args.cmd == "begin":
+            return begin(jd, args.phase)
+        when = float(args.signal_time) if args.signal_time else None
+        return after(jd, args.phase, args.exit_code, args.signal, when)
+    except BadInput as e:
+        print(f"fleetmpi: error: {e}", file=sys.stderr, flush=True)
+        if args.cmd == "continue":
+            return _end(jd, EXIT_BAD_INPUT, "FAILED", str(e))
+        return EXIT_BAD_INPUT
+    except Exception as e:
+        traceback.print_exc()
+        if args.cmd == "continue":
+            try:
+                return _end(jd, EXIT_FAILED, "FAILED", f"continuation crashed: {type(e).__name__}: {e}")
+            except Exception:
+                pass
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
