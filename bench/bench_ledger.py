@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import best_of, save, table
 
 from fleetmpi.cli import main as cli_main
-from fleetmpi.ledger import ACTIVE, COMPLETED, FAILED, Ledger
-from fleetmpi.manager import Manager, ManagerConfig
-from fleetmpi.manager_backends import LocalJobs
+from fleetmpi.jobs.backends import LocalJobs
+from fleetmpi.jobs.ledger import ACTIVE, COMPLETED, FAILED, Ledger
+from fleetmpi.jobs.manager import Manager, ManagerConfig
 
 N_STATUS = 10_000
 N_ACTIVE = 1_000

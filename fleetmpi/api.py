@@ -22,10 +22,10 @@ from typing import Any
 
 from fleetmpi.errors import BadInput, FleetError
 from fleetmpi.jobdir import JobDir
-from fleetmpi.ledger import ACTIVE, COMPLETED, NEW, TERMINAL, Ledger, QueueFull, home
-from fleetmpi.ledger_schema import JobRow
-from fleetmpi.manager import Manager, ManagerConfig, cancel_job, progress_fields
-from fleetmpi.manager_backends import default_backends, last_metrics
+from fleetmpi.jobs.backends import default_backends, last_metrics
+from fleetmpi.jobs.ledger import ACTIVE, COMPLETED, NEW, TERMINAL, Ledger, QueueFull, home
+from fleetmpi.jobs.manager import Manager, ManagerConfig, cancel_job, progress_fields
+from fleetmpi.jobs.rows import JobRow
 from fleetmpi.spec import Spec
 
 __all__ = ["Job", "JobFailed", "Result", "job_record", "submit", "sweep"]

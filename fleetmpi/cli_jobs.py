@@ -77,7 +77,7 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 def _job_dir_of(ref: str) -> str:
     """Return ``ref`` if it is a folder, else the job dir of ledger job ``ref`` (if there is one)."""
-    from fleetmpi.ledger import JobNotFound, Ledger
+    from fleetmpi.jobs.ledger import JobNotFound, Ledger
     if Path(ref).is_dir():
         return ref
     ledger = Ledger.existing()
@@ -117,8 +117,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_manager(args: argparse.Namespace) -> int:
-    from fleetmpi.ledger import Ledger
-    from fleetmpi.manager import Manager, ManagerConfig
+    from fleetmpi.jobs.ledger import Ledger
+    from fleetmpi.jobs.manager import Manager, ManagerConfig
     cfg = ManagerConfig.resolve(max_running=args.max_running, max_queued=args.max_queued,
                                 poll_min_s=args.poll_min_s, poll_max_s=args.poll_max_s)
     ledger = Ledger()
@@ -157,7 +157,7 @@ def _num(v: Any, fmt: str) -> str:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from fleetmpi.api import job_record
-    from fleetmpi.ledger import ACTIVE, NEW, Ledger
+    from fleetmpi.jobs.ledger import ACTIVE, NEW, Ledger
     from fleetmpi.rules import format_bytes
     ledger = Ledger.existing()
     if args.job:
@@ -202,8 +202,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
-    from fleetmpi.ledger import Ledger
-    from fleetmpi.manager import cancel_job
+    from fleetmpi.jobs.ledger import Ledger
+    from fleetmpi.jobs.manager import cancel_job
     ledger = Ledger.existing()
     if ledger is None:
         raise BadInput(f"no job {args.job!r}: the ledger does not exist yet")
@@ -217,7 +217,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from fleetmpi.jobdir import JobDir
-    from fleetmpi.report import write
+    from fleetmpi.jobs.report import write
     jd = JobDir(_job_dir_of(args.job))
     jd.read_state()  # a clear error if this is no job dir
     title = args.job if Path(args.job).is_dir() else f"job {args.job}: {jd.root.name}"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fleetmpi.errors import BadInput
-from fleetmpi.ledger import (
+from fleetmpi.jobs.ledger import (
     ACTIVE,
     CANCELLED,
     COMPLETED,
@@ -26,7 +26,7 @@ from fleetmpi.ledger import (
     QueueFull,
     check_transition,
 )
-from fleetmpi.ledger_schema import SCHEMA_VERSION, connect, migrate
+from fleetmpi.jobs.rows import SCHEMA_VERSION, connect, migrate
 
 
 @pytest.fixture(autouse=True)

@@ -24,11 +24,11 @@ from slurm_fixtures import slurm_cluster  # noqa: F401 - the Slurm tier's fixtur
 from fleetmpi.api import Job, JobFailed, submit
 from fleetmpi.errors import BadInput
 from fleetmpi.jobdir import JobDir
-from fleetmpi.ledger import ACTIVE, CANCELLED, COMPLETED, FAILED, TERMINAL, Ledger
-from fleetmpi.ledger_schema import AllocRow, JobRow
-from fleetmpi.manager import Manager, ManagerConfig, classify, next_interval
-from fleetmpi.manager_backends import AllocState, Launch, LocalJobs
-from fleetmpi.notify import render_command
+from fleetmpi.jobs.backends import AllocState, Launch, LocalJobs
+from fleetmpi.jobs.ledger import ACTIVE, CANCELLED, COMPLETED, FAILED, TERMINAL, Ledger
+from fleetmpi.jobs.manager import Manager, ManagerConfig, classify, next_interval
+from fleetmpi.jobs.notify import render_command
+from fleetmpi.jobs.rows import AllocRow, JobRow
 
 
 @pytest.fixture(autouse=True)
@@ -272,7 +272,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 @pytest.mark.slow
 def test_api_wait_result_status_and_report(tmp_path: Path, datasets: dict, home: Path) -> None:
     import fleetmpi
-    from fleetmpi.report import plot
+    from fleetmpi.jobs.report import plot
     fleet = {"start": "a", "phases": {"a": {"ranks_per_node": 1}, "b": {"ranks_per_node": 2}},
              "rules": [{"in": "a", "when": "step >= 10", "then": {"goto": "b"}}]}
     spec = tiny(tmp_path, datasets["multiclass"], name="api", goal={"max_steps": 25}, fleet=fleet,
@@ -463,8 +463,8 @@ def test_email_notifier_speaks_smtp(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 @pytest.mark.usefixtures("slurm_cluster")
 def test_slurm_jobs_through_the_manager_with_one_squeue_per_cycle(tmp_path: Path, datasets: dict,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetmpi.jobs.backends import SlurmJobs
     from fleetmpi.launch.slurm import cmd as slurm_cmd
-    from fleetmpi.manager_backends import SlurmJobs
     commands: list[str] = []
     real_run = slurm_cmd.run_slurm
 

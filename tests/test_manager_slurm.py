@@ -23,12 +23,12 @@ from slurm_fixtures import slurm_cluster, wait_idle  # noqa: F401  (a fixture)
 from fleetmpi import spec as specmod
 from fleetmpi.api import submit
 from fleetmpi.jobdir import JobDir
+from fleetmpi.jobs.backends import AllocState, Launch, SlurmJobs
+from fleetmpi.jobs.ledger import ACTIVE, COMPLETED, TERMINAL, Ledger
+from fleetmpi.jobs.manager import Manager, ManagerConfig
+from fleetmpi.jobs.rows import AllocRow, JobRow
 from fleetmpi.launch.slurm import batch as slurm_launch
 from fleetmpi.launch.slurm.chain import runs
-from fleetmpi.ledger import ACTIVE, COMPLETED, TERMINAL, Ledger
-from fleetmpi.ledger_schema import AllocRow, JobRow
-from fleetmpi.manager import Manager, ManagerConfig
-from fleetmpi.manager_backends import AllocState, Launch, SlurmJobs
 
 pytestmark = pytest.mark.slurm
 

@@ -2,7 +2,7 @@
 
 Versions live in ``PRAGMA user_version``; :data:`MIGRATIONS` holds one step per version
 (append a step, never edit a shipped one) and :func:`migrate` applies the missing ones in
-one transaction. Status changes are not made here: see fleetmpi.ledger.
+one transaction. Status changes are not made here: see fleetmpi.jobs.ledger.
 """
 
 from __future__ import annotations

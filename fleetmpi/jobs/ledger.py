@@ -10,7 +10,7 @@ the same job one wins and the other gets ``False``. An illegal change raises
 :class:`IllegalTransition`. Notifications are queued in the transaction that makes a job
 terminal (or folds a rescale), and claimed in one transaction, so each goes out once.
 
-The schema, its migrations and the row types are in fleetmpi.ledger_schema.
+The schema, its migrations and the row types are in fleetmpi.jobs.rows.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetmpi.errors import BadInput
-from fleetmpi.ledger_schema import JSON_COLUMNS, AllocRow, JobRow, NoteRow, connect, decode_row, migrate
+from fleetmpi.jobs.rows import JSON_COLUMNS, AllocRow, JobRow, NoteRow, connect, decode_row, migrate
 
 NEW, LAUNCHED, RUNNING, RESCALING = "NEW", "LAUNCHED", "RUNNING", "RESCALING"
 COMPLETED, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from fleetmpi.errors import FleetError
 from fleetmpi.jobdir import JobDir
-from fleetmpi.ledger_schema import AllocRow, JobRow
+from fleetmpi.jobs.rows import AllocRow, JobRow
 
 # Slurm's states of an allocation that has not ended (local: PENDING/RUNNING only).
 LIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED",

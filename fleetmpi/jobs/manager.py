@@ -53,12 +53,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from fleetmpi import notify
 from fleetmpi.errors import BadInput, FleetError, one_line
 from fleetmpi.jobdir import JobDir
-from fleetmpi.ledger import ACTIVE, CANCELLED, COMPLETED, FAILED, NEW, TERMINAL, Ledger
-from fleetmpi.ledger_schema import AllocRow, JobRow
-from fleetmpi.manager_backends import AllocState, Backend, TransientLaunchError, default_backends, last_metrics, read_events
+from fleetmpi.jobs import notify
+from fleetmpi.jobs.backends import AllocState, Backend, TransientLaunchError, default_backends, last_metrics, read_events
+from fleetmpi.jobs.ledger import ACTIVE, CANCELLED, COMPLETED, FAILED, NEW, TERMINAL, Ledger
+from fleetmpi.jobs.rows import AllocRow, JobRow
 
 DONE, CONTINUE, RETRY, FAIL, EXTERNAL_CANCEL = "done", "continue", "retry", "fail", "cancelled"
 TRANSIENT_STATES = frozenset({"NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "LOST", "DEADLINE"})
