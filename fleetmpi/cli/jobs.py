@@ -48,7 +48,7 @@ def register(sub: Any, commands: dict[str, Handler]) -> None:
     m.add_argument("--json", action="store_true", help="with --once: print what the cycle did as JSON")
 
     st = sub.add_parser("status", help="show ledger jobs (all, or one in detail)")
-    st.add_argument("job", nargs="?", help="job id or name (a job dir: see fleetmpi.cli_slurm)")
+    st.add_argument("job", nargs="?", help="job id or name (a job dir: see fleetmpi.cli.slurm)")
     st.add_argument("--active", action="store_true", help="only NEW and active jobs")
     st.add_argument("--json", action="store_true")
 

@@ -262,7 +262,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
 
 # Modules that add subcommands (Slurm submission, the job ledger) beside the built-ins.
-_EXTENSIONS: tuple[str, ...] = ("fleetmpi.cli_jobs", "fleetmpi.cli_slurm")
+_EXTENSIONS: tuple[str, ...] = ("fleetmpi.cli.jobs", "fleetmpi.cli.slurm")
 
 _COMMANDS = {"run": _cmd_run, "inspect": _cmd_inspect, "predict": _cmd_predict, "make-data": _cmd_make_data,
              "approve": _cmd_approve, "events": _cmd_events}
