@@ -30,10 +30,10 @@ step() {
 
 step device sh -c "nvidia-smi -L; $PY -c 'import numba, numba.cuda as c; print(\"numba\", numba.__version__); c.detect()'"
 step compile "$PY" -m kernels.gpu_compile
-# Every GPU test: the kernel suite on the real device (tests/gpu_sim skips only without a
+# Every GPU test: the kernel suite on the real device (tests/gpu/sim skips only without a
 # GPU), the real-GPU kernel and phase tests (marked gpu), the simulator runs as in CI.
-step tests "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu_sim tests/test_gpu_kernels.py \
-    tests/test_gpu_compile.py tests/test_gpu_e2e.py
+step tests "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu/sim tests/gpu/test_gpu_kernels.py \
+    tests/gpu/test_gpu_compile.py tests/gpu/test_gpu_e2e.py
 step bench "$PY" bench/bench_gpu.py
 cp bench/results/gpu.json "$out/" 2>/dev/null || true
 exit $status

@@ -36,14 +36,14 @@ def mpirun(n: int, script: Path, *args: str, timeout: float = 120) -> subprocess
 
 def record_launches(env: dict[str, str], path: Path) -> dict[str, str]:
     """Return ``env`` that makes simulated processes log their kernel launches' types to ``path``."""
-    pythonpath = os.pathsep.join(p for p in (str(ROOT / "tests" / "launch_record"), env.get("PYTHONPATH", "")) if p)
+    pythonpath = os.pathsep.join(p for p in (str(ROOT / "tests" / "gpu" / "launch_record"), env.get("PYTHONPATH", "")) if p)
     return {**env, "PYTHONPATH": pythonpath, "FLEETMPI_RECORD_LAUNCHES": str(path)}
 
 
 def assert_launches_compile_checked(path: Path) -> int:
     """Assert every launch logged at ``path`` has its signature in kernels.gpu_compile; return the count.
 
-    The compile check (tests/test_gpu_compile.py) compiles those signatures for real GPUs:
+    The compile check (tests/gpu/test_gpu_compile.py) compiles those signatures for real GPUs:
     a launch with other argument types would be compiled first on a user's GPU.
     """
     from kernels.gpu_compile import signatures

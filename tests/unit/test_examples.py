@@ -8,7 +8,7 @@ import pytest
 
 from fleetmpi import spec as specmod
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
 
 def test_examples_exist() -> None:

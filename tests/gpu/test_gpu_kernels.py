@@ -1,7 +1,7 @@
 """GPU kernels: the simulator suite in a subprocess, host-side GPU code, and real-GPU checks.
 
 numba reads NUMBA_ENABLE_CUDASIM when it is first imported, so the kernel tests under the
-simulator (tests/gpu_sim/) run in a child pytest that has it set: `make test` runs them
+simulator (tests/gpu/sim/) run in a child pytest that has it set: `make test` runs them
 on any machine. Tests marked ``gpu`` need a real GPU and skip where none is visible.
 """
 
@@ -34,7 +34,7 @@ def _real_gpu() -> tuple[bool, str]:
 def test_kernel_suite_passes_under_the_cuda_simulator(tmp_path: Path) -> None:
     launches = tmp_path / "launches"
     env = record_launches({**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "NUMBA_NUM_THREADS": "1"}, launches)
-    cmd = [sys.executable, "-m", "pytest", "tests/gpu_sim", "-q", "-rs", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "tests/gpu/sim", "-q", "-rs", "-p", "no:cacheprovider"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=560)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} -> {proc.returncode}\n{out[-6000:]}"

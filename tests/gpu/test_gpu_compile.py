@@ -2,7 +2,7 @@
 
 The simulator tests run the kernels' Python; these compile them the way a GPU node
 would, for compute capabilities 8.0 and 9.0, with the argument types the launchers pass
-(tests/test_gpu_kernels.py and tests/test_gpu_e2e.py check every simulated launch against
+(tests/gpu/test_gpu_kernels.py and tests/gpu/test_gpu_e2e.py check every simulated launch against
 that table). Needs the `gpu-compile` extra (numba-cuda, NVVM, NVRTC, ptxas wheels), which
 `make test` installs: under CI=true a missing tool chain fails instead of skipping.
 """

@@ -1,6 +1,6 @@
 """kernels.gpu against kernels.reference / kernels.compress / optim.SGD on random data.
 
-Runs wherever numba sees a CUDA device: under numba's CUDA simulator (tests/test_gpu_kernels.py
+Runs wherever numba sees a CUDA device: under numba's CUDA simulator (tests/gpu/test_gpu_kernels.py
 runs this folder in a subprocess with NUMBA_ENABLE_CUDASIM=1, so `make test` always runs it)
 and on a real GPU. Sizes stay small: the simulator runs every CUDA thread as a Python thread.
 """
@@ -19,7 +19,7 @@ from kernels import reference as ref
 pytestmark = pytest.mark.skipif(
     not cuda.is_available(),
     reason="no CUDA GPU visible (numba.cuda.is_available() is False without the simulator); "
-           "tests/test_gpu_kernels.py runs this module with NUMBA_ENABLE_CUDASIM=1")
+           "tests/gpu/test_gpu_kernels.py runs this module with NUMBA_ENABLE_CUDASIM=1")
 
 K = 4
 # Float64 sums of float32 * float64 products in another order than the reference's BLAS:

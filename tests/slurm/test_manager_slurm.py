@@ -1,6 +1,6 @@
 """The job manager on the real Slurm minicluster: many jobs within a limit, and a node that dies.
 
-Both tests need the cluster (tests/slurm_fixtures.py starts it, or skips; with CI=true a
+Both tests need the cluster (tests/slurm/slurm_fixtures.py starts it, or skips; with CI=true a
 cluster that cannot start fails them). Nothing here is faked: the counting spies forward
 every call to the real backend and the real Slurm commands.
 """

@@ -1,7 +1,7 @@
 """Slurm backend against the real minicluster: chains of batch jobs, signals, sbatch faults, status.
 
-Tests marked ``slurm`` need the cluster (tests/slurm_fixtures.py brings it up, or skips;
-with CI=true they fail instead). The sbatch fault injector in tests/fault_injectors/ is the
+Tests marked ``slurm`` need the cluster (tests/slurm/slurm_fixtures.py brings it up, or skips;
+with CI=true they fail instead). The sbatch fault injector in tests/slurm/fault_injectors/ is the
 only fake: Slurm cannot be made to time out on demand.
 """
 
