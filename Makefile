@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fleetmpi-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench gpu-check lint cluster-up cluster-down clean
+.PHONY: install demo test test-fast faults bench gpu-check lint cluster-up cluster-down clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+faults: install   # the fault campaign with full trial counts; table in bench/results/faults.json
+	FLEETMPI_FAULTS=full $(PY) -m pytest tests/faults -m faults -s $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0   # PyTorch CPU baseline

@@ -1,13 +1,43 @@
-"""Exception hierarchy of fleetmpi; each class carries the phase exit code it maps to.
-
-Exit codes (DESIGN.md): 2 bad input (spec, data, checkpoint, CLI), 1 failure in training.
-"""
+"""Exit codes and the exception hierarchy of fleetmpi; each exception carries its exit code."""
 
 from __future__ import annotations
 
 import re
+from enum import IntEnum
 
-__all__ = ["BadInput", "CheckpointError", "FleetError", "TrainingFailed"]
+__all__ = ["BadInput", "CheckpointError", "ExitCode", "FleetError", "TrainingFailed"]
+
+
+class ExitCode(IntEnum):
+    """Exit code of one training phase, of ``fleetmpi run`` / ``submit --wait``, and of a Slurm chain."""
+
+    OK = 0          # the goal was reached; the model is written
+    FAILED = 1      # training failed (NaN, a rank crashed or was killed, a kernel error)
+    BAD_INPUT = 2   # bad spec, data, checkpoint or arguments: retrying cannot help
+    RESCALE = 3     # the phase checkpointed for a rescale; the launcher starts the next phase
+    STOPPED = 4     # stopped by a signal after a checkpoint (preemption, time limit); resume from it
+
+    @classmethod
+    def of(cls, rc: int) -> ExitCode | None:
+        """Return the ExitCode ``rc`` is, or None for any other code (a crash, a signal)."""
+        try:
+            return cls(rc)
+        except ValueError:
+            return None
+
+    @property
+    def meaning(self) -> str:
+        """Return what this code says, in a few words for log lines and JSON."""
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    ExitCode.OK: "goal reached",
+    ExitCode.FAILED: "training failed",
+    ExitCode.BAD_INPUT: "bad input",
+    ExitCode.RESCALE: "rescale to the next phase",
+    ExitCode.STOPPED: "stopped by a signal after a checkpoint",
+}
 
 _LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
 
@@ -20,7 +50,7 @@ def one_line(text: object) -> str:
 class FleetError(Exception):
     """Base class of every error fleetmpi raises on purpose."""
 
-    exit_code: int = 1
+    exit_code: int = ExitCode.FAILED
 
 
 class BadInput(FleetError, ValueError):
@@ -29,7 +59,7 @@ class BadInput(FleetError, ValueError):
     The message is kept to one line so the CLI can print it without a traceback.
     """
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
     def __init__(self, message: str) -> None:
         super().__init__(one_line(message))
@@ -42,4 +72,4 @@ class CheckpointError(BadInput):
 class TrainingFailed(FleetError):
     """Training itself failed (NaN loss, kernel error); the phase exits with 1."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED

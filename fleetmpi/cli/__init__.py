@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fleetmpi import EXIT_BAD_INPUT, EXIT_OK
-from fleetmpi.errors import BadInput, FleetError
+from fleetmpi.errors import BadInput, ExitCode, FleetError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,12 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         print(f"fleetmpi: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as e:
         if debug:
             traceback.print_exc()
         print(f"fleetmpi: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     except FleetError as e:
         if debug:
             traceback.print_exc()
@@ -145,7 +144,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if state.get("status") == "COMPLETED":
         print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
               file=sys.stderr)
-        rc = EXIT_OK
+        rc: int = ExitCode.OK
     else:
         phase = state.get("phase")
         if not isinstance(phase, str) or phase not in spec.fleet.phases:
@@ -197,7 +196,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     info = summary(Path(args.path))
     if args.json:
         print(json.dumps(info, indent=1, default=str))
-        return EXIT_OK
+        return ExitCode.OK
     meta = info.get("meta", {})
     print(f"{info['path']}: {info['kind']} ({info['format']}), {info['size_bytes']} bytes, sha256 {info['sha256'][:16]}…")
     for key in ("step", "epoch", "phase", "optimizer", "ranks", "reason", "kind", "name"):
@@ -206,7 +205,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for name, a in info["arrays"].items():
         stats = ", ".join(f"{k} {v:.4g}" for k, v in a.items() if k in ("min", "max", "l2_norm") and v is not None)
         print(f"  array {name}: {a['dtype']} {tuple(a['shape'])}{' — ' + stats if stats else ''}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -216,7 +215,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=1))
     else:
         print(f"fleetmpi: wrote {res['rows']} predictions to {res['out']}", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
@@ -226,7 +225,7 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
                     noise=args.noise, valid_fraction=args.valid_fraction, seed=args.seed, out=Path(args.out))
     for path, rows in out.items():
         print(f"fleetmpi: wrote {path} ({rows} rows)", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_approve(args: argparse.Namespace) -> int:
@@ -242,7 +241,7 @@ def _cmd_approve(args: argparse.Namespace) -> int:
     jd.event("approved", id=pending["id"], goto=pending["goto"], user=os.environ.get("USER", ""))
     atomic_write_bytes(jd.approval, json.dumps({"id": pending["id"], "user": os.environ.get("USER", "")}).encode())
     print(f"fleetmpi: approved rescale to {pending['goto']} ({pending['id']})", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
@@ -258,7 +257,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
             kind = ev.pop("event")
             ev.pop("host", None)
             print(f"{when} {kind:<18} " + " ".join(f"{k}={v}" for k, v in ev.items()))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 # Modules that add subcommands (Slurm submission, the job ledger) beside the built-ins.

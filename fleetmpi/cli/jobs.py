@@ -15,8 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fleetmpi import EXIT_OK
-from fleetmpi.errors import BadInput
+from fleetmpi.errors import BadInput, ExitCode
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -104,7 +103,7 @@ def _cmd_queue(args: argparse.Namespace) -> int:
     row = job.row()
     print(f"fleetmpi: queued job {row.id} ({row.name}), status {row.status}; job dir {row.job_dir}", file=sys.stderr)
     print(json.dumps(job_record(row), indent=1) if args.json else row.id)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -113,7 +112,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     rows = [j.row() for j in jobs]
     print(f"fleetmpi: queued {len(rows)} jobs: {', '.join(f'{r.id} {r.name}' for r in rows)}", file=sys.stderr)
     print(json.dumps([job_record(r) for r in rows], indent=1) if args.json else "\n".join(str(r.id) for r in rows))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_manager(args: argparse.Namespace) -> int:
@@ -129,7 +128,7 @@ def _cmd_manager(args: argparse.Namespace) -> int:
             print(json.dumps({"manager": manager.id, "polls": rep.polls, "polled": rep.polled, "folded": rep.folded,
                               "ended": rep.ended, "launched": rep.launched, "notified": rep.notified,
                               "idle": ledger.idle()}))
-        return EXIT_OK
+        return ExitCode.OK
     stop = {"signal": 0}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -141,7 +140,7 @@ def _cmd_manager(args: argparse.Namespace) -> int:
                 f"poll {cfg.poll_min_s:g}-{cfg.poll_max_s:g} s)")
     manager.run(until_idle=args.until_idle, stop=lambda: bool(stop["signal"]))
     manager.say("stopped" if stop["signal"] else "idle: nothing queued or active")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _age(seconds: float) -> str:
@@ -171,7 +170,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
                                "start": a.started, "end": a.ended, "reason": a.reason, "log": a.log} for a in allocs]
         if args.json:
             print(json.dumps(rec, indent=1))
-            return EXIT_OK
+            return ExitCode.OK
         for key in ("id", "name", "status", "phase", "shape", "step", "epoch", "loss", "valid_loss",
                     "sync_bytes_per_step", "attempts", "failures", "reason", "job_dir"):
             if rec.get(key) is not None:
@@ -182,15 +181,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"  attempt {a['attempt']} {a['backend']} {a['backend_id']} {a['shape'] or ''} started {when}: "
                   f"{a['state']}" + (f" exit {a['exit_code']}" if a["exit_code"] is not None else "")
                   + (f" ({a['reason']})" if a["reason"] else ""))
-        return EXIT_OK
+        return ExitCode.OK
     rows = [] if ledger is None else ledger.jobs([NEW, *ACTIVE] if args.active else None)
     recs = [job_record(r) for r in rows]
     if args.json:
         print(json.dumps(recs, indent=1))
-        return EXIT_OK
+        return ExitCode.OK
     if not recs:
         print(f"fleetmpi: no {'queued or active ' if args.active else ''}jobs in the ledger", file=sys.stderr)
-        return EXIT_OK
+        return ExitCode.OK
     head = ("ID", "NAME", "STATUS", "PHASE", "SHAPE", "STEP", "EPOCH", "LOSS", "SYNC/STEP", "ATT", "AGE")
     table = [head] + [(str(r["id"]), r["name"], r["status"], r["phase"] or "-", r["shape"] or "-",
                        _num(r["step"], "d"), _num(r["epoch"], ".2f"), _num(r["loss"], ".4g"),
@@ -198,7 +197,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
                        str(r["attempts"]), _age(r["age_s"])) for r in recs]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:
@@ -212,7 +211,7 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
     print(f"fleetmpi: job {job.id} ({job.name}) CANCELLED"
           + (f"; SIGTERM sent to {len(live)} allocation(s), its ranks checkpoint and stop" if live else ""),
           file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -227,4 +226,4 @@ def _cmd_report(args: argparse.Namespace) -> int:
     else:
         print(f"fleetmpi: wrote {info['out']} ({info['axes']} panels, {info['phases']} phase(s), "
               f"{info['bytes']} bytes)", file=sys.stderr)
-    return EXIT_OK
+    return ExitCode.OK

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fleetmpi import EXIT_OK
-from fleetmpi.errors import BadInput
+from fleetmpi.errors import BadInput, ExitCode
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -82,7 +81,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if state.get("status") == "COMPLETED":
         print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
               file=sys.stderr)
-        rc = EXIT_OK
+        rc = ExitCode.OK
     elif chain and end is None and squeue_states([chain[-1]["job_id"]]).get(chain[-1]["job_id"]) in ACTIVE_STATES:
         jid = chain[-1]["job_id"]
         # A submitter that died between sbatch and release left it held: release it now.
@@ -113,7 +112,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         report = status_report(jd)
         report["exit_code"] = rc
         print(json.dumps(report, indent=1))
-    return EXIT_OK if rc is None else rc
+    return ExitCode.OK if rc is None else rc
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -126,7 +125,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     info = status_report(jd)
     if args.json:
         print(json.dumps(info, indent=1))
-        return EXIT_OK
+        return ExitCode.OK
     line = f"{jd.root}: {info['status']}, phase {info['phase']}"
     if info.get("reason"):
         line += f" ({info['reason']})"
@@ -142,4 +141,4 @@ def _cmd_status(args: argparse.Namespace) -> int:
               f"{r['by'] or '-':<10} {r['state']:<12} {code:>4}  {nodes}")
     if info["timeouts"] or info["preemptions"]:
         print(f"  stops: {info['timeouts']} near the time limit, {info['preemptions']} other (preemption)")
-    return EXIT_OK
+    return ExitCode.OK

@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from fleetmpi import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
 from fleetmpi.engine.trainer import Trainer, open_trainer
-from fleetmpi.errors import BadInput, TrainingFailed
+from fleetmpi.errors import BadInput, ExitCode, TrainingFailed
 from fleetmpi.jobdir import JobDir
 
 # Decision codes rank 0 broadcasts at evaluation points.
@@ -132,7 +131,7 @@ class Phase:
             if t.step % sp.checkpoint.every_steps == 0:
                 t.checkpoint("schedule", mon.summary() if mon else {})
         # not reached
-        return EXIT_FAILED  # pragma: no cover
+        return ExitCode.FAILED  # pragma: no cover
 
     def _decide(self, t: Trainer, metrics: dict[str, float], budget_done: bool) -> tuple[int, int]:
         """Judge goal, approvals and rules on rank 0; return (decision code, argument)."""
@@ -196,7 +195,7 @@ class Phase:
             mon.say(f"fleetmpi: goal reached at step {t.step} ({reason}); model written to {self.jd.model}")
             mon.close()
         self.comm.Barrier()
-        return EXIT_OK
+        return ExitCode.OK
 
     def _rescale(self, t: Trainer, mon: Any, target: str) -> int:
         t.checkpoint(f"rescale to {target}", mon.summary() if mon else {})
@@ -211,7 +210,7 @@ class Phase:
             mon.say(f"fleetmpi: rescale {t.phase_name} x{self.size} -> {target} x{to.ranks} at step {t.step}")
             mon.close()
         self.comm.Barrier()
-        return EXIT_RESCALE
+        return ExitCode.RESCALE
 
     def _stopped(self, t: Trainer, mon: Any, signum: int) -> int:
         """Checkpoint and end the phase after a signal (``signum`` 0: it reached another rank)."""
@@ -223,7 +222,7 @@ class Phase:
             mon.say(f"fleetmpi: stopped by {name} at step {t.step} after a checkpoint")
             mon.close()
         self.comm.Barrier()
-        return EXIT_STOPPED
+        return ExitCode.STOPPED
 
 
 def _test_fault(rank: int) -> int | None:
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m fleetmpi.engine.worker JOB_DIR", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     rank, size, host = comm.Get_rank(), comm.Get_size(), socket.gethostname()
@@ -276,17 +275,17 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, signal.SIG_IGN)
         return code
     except BadInput as e:
-        return _fail(comm, jd, EXIT_BAD_INPUT, f"fleetmpi: error: {e}", debug)
+        return _fail(comm, jd, ExitCode.BAD_INPUT, f"fleetmpi: error: {e}", debug)
     except TrainingFailed as e:
-        return _fail(comm, jd, EXIT_FAILED, f"fleetmpi: training failed: {e}", debug)
+        return _fail(comm, jd, ExitCode.FAILED, f"fleetmpi: training failed: {e}", debug)
     except Exception as e:
         msg = f"fleetmpi: rank {rank}/{size}@{host}: {type(e).__name__}: {e}".replace("\n", " ")
         print(msg, file=sys.stderr, flush=True)
         if debug:
             traceback.print_exc()
         _record_error(jd, msg)
-        comm.Abort(EXIT_FAILED)
-        return EXIT_FAILED
+        comm.Abort(ExitCode.FAILED)
+        return ExitCode.FAILED
 
 
 def _fail(comm: Any, jd: JobDir, code: int, msg: str, debug: bool) -> int:

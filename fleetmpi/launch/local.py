@@ -17,13 +17,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import fleetmpi
-from fleetmpi import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
-from fleetmpi.errors import BadInput
+from fleetmpi.errors import BadInput, ExitCode
 from fleetmpi.jobdir import JobDir
 from fleetmpi.spec import Spec
-
-_MEANING = {EXIT_OK: "goal reached", EXIT_FAILED: "training failed", EXIT_BAD_INPUT: "bad input",
-            EXIT_RESCALE: "rescale", EXIT_STOPPED: "stopped by a signal after a checkpoint"}
 
 
 def find_mpiexec(spec: Spec) -> list[str]:
@@ -83,20 +79,21 @@ class LocalBackend:
                 t0 = time.time()
                 rc = self._run_phase(cmd, log, worker_env(progress), tee=progress != "bar")
                 after = self.jd.read_state()
+                code = ExitCode.of(rc)
                 self.jd.event("phase_exit", phase=phase, exit_code=rc, seconds=round(time.time() - t0, 3),
-                              meaning=_MEANING.get(rc, "killed or crashed"))
-                if rc == EXIT_RESCALE:
+                              meaning=code.meaning if code is not None else "killed or crashed")
+                if rc == ExitCode.RESCALE:
                     if after["phase"] == phase:
                         self._say(f"fleetmpi: phase {phase} asked for a rescale but named no new phase; stopping")
-                        return EXIT_FAILED
+                        return ExitCode.FAILED
                     continue
-                if rc not in _MEANING:
+                if code is None:
                     self.jd.update_state(status="FAILED", reason=f"exit code {rc}")
                     self._say(f"fleetmpi: phase {phase} failed with exit code {rc} ({_describe_rc(rc)}); "
                               f"log: {log}; `fleetmpi run {self.jd.root}` resumes from the newest checkpoint")
-                    return EXIT_FAILED
-                if rc in (EXIT_FAILED, EXIT_BAD_INPUT):
-                    self.jd.update_state(status="FAILED", reason=_MEANING[rc])
+                    return ExitCode.FAILED
+                if rc in (ExitCode.FAILED, ExitCode.BAD_INPUT):
+                    self.jd.update_state(status="FAILED", reason=code.meaning)
                 return rc
         finally:
             for s, h in prev.items():

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import fleetmpi
-from fleetmpi import EXIT_FAILED
-from fleetmpi.errors import BadInput
+from fleetmpi.errors import BadInput, ExitCode
 from fleetmpi.jobdir import JobDir, atomic_write_bytes
 from fleetmpi.launch.slurm import chain as chain_mod
 from fleetmpi.launch.slurm.chain import record, runs, sync_state
@@ -193,7 +192,7 @@ class SlurmBackend:
                     else:
                         what = "left the queue without writing its exit code (UNKNOWN)"
                     self._say(f"fleetmpi: Slurm job {jid} {what}; see {chain_mod.log_path(jd, jid)}")
-                    return EXIT_FAILED
+                    return ExitCode.FAILED
             self.sleep(poll_s)
 
     def _say(self, line: str) -> None:

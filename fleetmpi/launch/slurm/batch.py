@@ -19,8 +19,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from fleetmpi import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, EXIT_RESCALE, EXIT_STOPPED
-from fleetmpi.errors import BadInput
+from fleetmpi.errors import BadInput, ExitCode
 from fleetmpi.jobdir import JobDir
 from fleetmpi.launch.slurm import chain as chain_mod
 from fleetmpi.launch.slurm.backend import SlurmBackend, describe_phase
@@ -56,7 +55,7 @@ def begin(jd: JobDir, phase: str) -> int:
     sync_state(jd, status="STARTING")
     jd.event("slurm_start", job_id=job_id, restart=restart, phase=phase, nodes=env.get("SLURM_JOB_NUM_NODES"),
              partition=env.get("SLURM_JOB_PARTITION"), nodelist=env.get("SLURM_JOB_NODELIST"))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _classify_stop(job_id: str, stop_signal: str, signal_time: float | None, spec: Spec, phase: str,
@@ -94,7 +93,7 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     goal_reached = jd.read_state().get("status") == "COMPLETED"
     # srun exits 0 when its node fails, and a node set DOWN (by an admin or a health check)
     # keeps running this script until KillWait is over: ask Slurm before believing rc.
-    lost = None if rc == EXIT_OK and goal_reached else _lost_state(job_id)
+    lost = None if rc == ExitCode.OK and goal_reached else _lost_state(job_id)
     if lost:
         return _lost(jd, job_id, restart, phase, rc, stop_signal, lost)
     # TERM to the batch shell means Slurm is ending the job (scancel, preemption by
@@ -103,7 +102,7 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     # `scancel --signal=USR2 --batch`) asks for a checkpoint and a new allocation.
     cancelled = stop_signal == "TERM"
     # Ranks that a forwarded signal reached before they could install their handlers die of it.
-    stopped = rc == EXIT_STOPPED or (bool(stop_signal) and rc not in (EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_RESCALE))
+    stopped = rc == ExitCode.STOPPED or (bool(stop_signal) and rc not in set(ExitCode) - {ExitCode.STOPPED})
     stop = None
     if cancelled:
         stop = "cancelled"
@@ -113,23 +112,23 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
     state = jd.read_state()
     backend = SlurmBackend(jd, spec)
-    if rc == EXIT_OK and goal_reached:
-        return _end(jd, EXIT_OK, "COMPLETED", str(state.get("reason") or "goal"))
-    if rc in (EXIT_FAILED, EXIT_BAD_INPUT):
-        meaning = "training failed" if rc == EXIT_FAILED else "bad input"
+    if rc == ExitCode.OK and goal_reached:
+        return _end(jd, ExitCode.OK, "COMPLETED", str(state.get("reason") or "goal"))
+    if rc in (ExitCode.FAILED, ExitCode.BAD_INPUT):
+        meaning = "training failed" if rc == ExitCode.FAILED else "bad input"
         return _end(jd, rc, "FAILED", f"phase {phase}: {meaning}; see {chain_mod.log_path(jd, job_id)}")
     if cancelled:
-        return _end(jd, EXIT_STOPPED, "CANCELLED", f"Slurm job {job_id} was cancelled (TERM: scancel, preemption or "
+        return _end(jd, ExitCode.STOPPED, "CANCELLED", f"Slurm job {job_id} was cancelled (TERM: scancel, preemption or "
                     f"shutdown); `fleetmpi submit {jd.root}` resumes from the newest checkpoint")
-    if rc == EXIT_RESCALE:
+    if rc == ExitCode.RESCALE:
         target = state.get("phase")
         if target == phase or target not in spec.fleet.phases:
-            return _end(jd, EXIT_FAILED, "FAILED", f"phase {phase} asked for a rescale but named no new phase")
+            return _end(jd, ExitCode.FAILED, "FAILED", f"phase {phase} asked for a rescale but named no new phase")
         try:
             backend.submit(str(target), by="rescale")
         except SubmissionError as e:
             return _end(jd, e.exit_code, "FAILED", f"could not submit phase {target}: {e}")
-        return EXIT_OK
+        return ExitCode.OK
     if stop is not None:
         counter, cap = (("slurm_timeouts", spec.scheduler.max_timeouts) if stop == "timeout"
                         else ("slurm_preemptions", spec.scheduler.max_preemptions))
@@ -137,7 +136,7 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
         sync_state(jd, **{counter: n})
         if n > cap:
             key = "max_timeouts" if stop == "timeout" else "max_preemptions"
-            return _end(jd, EXIT_STOPPED, "STOPPED", f"stopped by {stop} {n} times (scheduler.{key}={cap}); "
+            return _end(jd, ExitCode.STOPPED, "STOPPED", f"stopped by {stop} {n} times (scheduler.{key}={cap}); "
                         f"`fleetmpi submit {jd.root}` resumes from the newest checkpoint")
         try:
             if spec.scheduler.requeue:
@@ -150,11 +149,11 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
                 backend.submit(phase, by=stop)
         except SubmissionError as e:
             return _end(jd, e.exit_code, "FAILED", f"could not resubmit phase {phase} after a {stop}: {e}")
-        return EXIT_OK
-    if rc == EXIT_OK:
-        return _end(jd, EXIT_FAILED, "FAILED", f"phase {phase}: the step exited 0 but the job did not reach its goal "
+        return ExitCode.OK
+    if rc == ExitCode.OK:
+        return _end(jd, ExitCode.FAILED, "FAILED", f"phase {phase}: the step exited 0 but the job did not reach its goal "
                     f"(srun does so when a node fails); see {chain_mod.log_path(jd, job_id)}")
-    return _end(jd, EXIT_FAILED, "FAILED", f"phase {phase}: the ranks ended with exit code {rc} "
+    return _end(jd, ExitCode.FAILED, "FAILED", f"phase {phase}: the ranks ended with exit code {rc} "
                 f"(killed or crashed); see {chain_mod.log_path(jd, job_id)}")
 
 
@@ -181,7 +180,7 @@ def _lost(jd: JobDir, job_id: str, restart: int, phase: str, rc: int, stop_signa
           "checkpoint", file=sys.stderr, flush=True)
     record(jd, "exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None,
            stop="lost", slurm_state=lost)
-    return EXIT_FAILED
+    return ExitCode.FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,16 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as e:
         print(f"fleetmpi: error: {e}", file=sys.stderr, flush=True)
         if args.cmd == "continue":
-            return _end(jd, EXIT_BAD_INPUT, "FAILED", str(e))
-        return EXIT_BAD_INPUT
+            return _end(jd, ExitCode.BAD_INPUT, "FAILED", str(e))
+        return ExitCode.BAD_INPUT
     except Exception as e:
         traceback.print_exc()
         if args.cmd == "continue":
             try:
-                return _end(jd, EXIT_FAILED, "FAILED", f"continuation crashed: {type(e).__name__}: {e}")
+                return _end(jd, ExitCode.FAILED, "FAILED", f"continuation crashed: {type(e).__name__}: {e}")
             except Exception:
                 pass
-        return EXIT_FAILED
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

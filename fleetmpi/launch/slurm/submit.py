@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fleetmpi.errors import BadInput, FleetError
+from fleetmpi.errors import BadInput, ExitCode, FleetError
 from fleetmpi.launch.slurm.cmd import ACTIVE_STATES, SlurmCommandError, is_permanent_shape, is_transient, retry_delay_s, run_slurm
 
 KEY_PREFIX = "fleetmpi."
@@ -32,7 +32,7 @@ class SubmissionError(FleetError):
 class ShapeUnavailable(SubmissionError, BadInput):
     """The cluster has no node of the shape a phase asks for; no retry can help."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 OnRetry = Callable[[int, str, float], None]   # (attempt that failed, error text, seconds to wait)
