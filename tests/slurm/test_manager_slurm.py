@@ -51,7 +51,7 @@ class SlurmSpy:
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from fleetmpi.launch.slurm import backend, batch
+        from fleetmpi.launch.slurm import batch
         from fleetmpi.launch.slurm import cmd as slurm_cmd
         from fleetmpi.launch.slurm import submit as slurm_submit
         self.real, self.name = SlurmJobs(), SlurmJobs.name
@@ -66,7 +66,7 @@ class SlurmSpy:
             return real_run(cmd, **kw)
 
         # Every module that holds its own reference to the one door to Slurm.
-        for module in (slurm_cmd, slurm_submit, backend, batch):
+        for module in (slurm_cmd, slurm_submit, batch):
             monkeypatch.setattr(module, "run_slurm", run_slurm)
 
     def squeues(self, where: str | None = None) -> int:
