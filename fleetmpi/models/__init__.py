@@ -8,11 +8,23 @@ from fleetmpi.models.mlp import MLP
 from fleetmpi.models.softmax import SoftmaxRegression
 from fleetmpi.spec import ModelSpec
 
+# The built-in kinds' tasks; ``task_of`` answers for a custom class too.
 TASKS = {"linear": "regression", "logistic": "binary", "softmax": "multiclass", "mlp": "multiclass"}
+
+
+def task_of(spec: ModelSpec) -> str:
+    """Return the task (regression | binary | multiclass) of ``spec``; imports a custom class (BadInput if it cannot)."""
+    if spec.kind == "custom":
+        from fleetmpi.models.custom import resolve
+        return resolve(spec).task
+    return TASKS[spec.kind]
 
 
 def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
     """Return the model for ``spec`` on ``d`` features (and ``classes`` labels if classifying)."""
+    if spec.kind == "custom":
+        from fleetmpi.models.custom import build
+        return build(spec, d, classes)
     if spec.kind == "linear":
         return LinearRegression(d, spec.l2)
     if spec.kind == "logistic":
@@ -25,4 +37,4 @@ def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
     return MLP((d, *spec.hidden, k), spec.l2)
 
 
-__all__ = ["TASKS", "Model", "build_model"]
+__all__ = ["TASKS", "Model", "build_model", "task_of"]
