@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fleetmpi.errors import BadInput
 from fleetmpi.models.base import Model
 from fleetmpi.models.linear import LinearRegression, LogisticRegression
 from fleetmpi.models.mlp import MLP
@@ -18,6 +19,16 @@ def task_of(spec: ModelSpec) -> str:
         from fleetmpi.models.custom import resolve
         return resolve(spec).task
     return TASKS[spec.kind]
+
+
+def preflight(spec: ModelSpec, sync_kind: str, d: int, classes: int | None) -> None:
+    """Build a custom model once on the driver, so a class that breaks the contract exits 2 before a job dir exists."""
+    if spec.kind != "custom":
+        return      # built-in kinds fulfil the contract and have per-row factors
+    from fleetmpi.models.custom import build
+    model = build(spec, d, classes)
+    if sync_kind == "exact" and not model.has_row_factors:
+        raise BadInput(model.no_row_factors())
 
 
 def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
@@ -37,4 +48,4 @@ def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
     return MLP((d, *spec.hidden, k), spec.l2)
 
 
-__all__ = ["TASKS", "Model", "build_model", "task_of"]
+__all__ = ["TASKS", "Model", "build_model", "preflight", "task_of"]

@@ -156,10 +156,19 @@ class CustomModel(Model):
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
         return float(self.inner.loss_grad_sum(X, y, params, g_out))
 
+    @property
+    def has_row_factors(self) -> bool:
+        """Return whether the class overrides row_factors (``sync: exact`` needs it)."""
+        return type(self.inner).row_factors is not Model.row_factors
+
+    def no_row_factors(self) -> str:
+        """Return the one-line error for ``sync: exact`` with a class that has no row_factors."""
+        return (f"model.class {self.spec.class_path!r}: sync kind exact needs per-row factors, and "
+                f"{type(self.inner).__name__} has no row_factors method; add one or use sync: {{kind: dense}}")
+
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
-        if type(self.inner).row_factors is Model.row_factors:
-            raise BadInput(f"model.class {self.spec.class_path!r}: sync kind exact needs per-row factors, and "
-                           f"{type(self.inner).__name__} has no row_factors method; add one or use sync: {{kind: dense}}")
+        if not self.has_row_factors:
+            raise BadInput(self.no_row_factors())
         loss, factors = self.inner.row_factors(X, y, params)
         return float(loss), factors
 
