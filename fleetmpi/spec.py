@@ -26,15 +26,37 @@ class DataSpec:
     block_rows: int = check(positive, 32)
 
 
+# Keys a custom model's section keeps for itself; every other key is an option for its class.
+CUSTOM_KEYS = ("kind", "class", "path", "l2", "classes", "init_scale", "options")
+# Keyword arguments the framework passes a custom class itself (so no option may take them).
+CUSTOM_RESERVED = ("d", "classes", "l2")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    kind: Literal["linear", "logistic", "softmax", "mlp"]
+    """The model section: a built-in kind, or ``custom`` with ``class: "module:Class"``.
+
+    A custom class is imported with ``path`` (default: the spec file's folder, made
+    absolute at load) appended to ``sys.path`` on the driver and on every rank; other
+    keys of a custom section are keyword arguments for the class (``options``).
+    """
+
+    _aliases: ClassVar[dict[str, str]] = {"class": "class_path"}
+    kind: Literal["linear", "logistic", "softmax", "mlp", "custom"]
     l2: float = check(non_negative, 0.0)
     hidden: tuple[int, ...] = ()
     classes: int | None = check(lambda v: None if v >= 2 else f"expected >= 2 classes, got {v}", None)
     init_scale: float = check(positive, 0.01)
+    class_path: str | None = None                 # custom: "package.module:ClassName"
+    path: str | None = None                       # custom: folder appended to sys.path to import it
+    options: Mapping[str, Any] | None = None      # custom: keyword arguments for the class
 
     def validate(self) -> tuple[str, str] | None:
+        if self.kind == "custom":
+            return _check_custom(self)
+        for key, given in (("class", self.class_path), ("path", self.path), ("options", self.options)):
+            if given is not None:
+                return key, f"only kind custom takes {key}; kind is {self.kind!r}"
         if self.kind == "mlp":
             if not 1 <= len(self.hidden) <= 2:
                 return "hidden", f"mlp needs 1 or 2 hidden layer sizes, e.g. [64] or [128, 64]; got {list(self.hidden)}"
@@ -45,6 +67,90 @@ class ModelSpec:
         if self.classes is not None and self.kind in ("linear", "logistic"):
             return "classes", f"kind {self.kind!r} takes no classes (logistic is binary: labels 0/1)"
         return None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Return the custom class's options as keyword arguments (empty for built-in kinds)."""
+        return dict(self.options or {})
+
+    def plain(self) -> dict[str, Any]:
+        """Return the section as the user writes it: custom options flattened, unused custom keys left out."""
+        d = to_plain(self)
+        cls = d.pop("class_path")
+        if self.kind != "custom":
+            for key in ("path", "options"):
+                d.pop(key)
+            return d
+        d.pop("hidden")
+        options = d.pop("options") or {}
+        return {"kind": d.pop("kind"), "class": cls, **d, **options}
+
+    def identity(self) -> dict[str, Any]:
+        """Return what decides the parameter layout and meaning: the section, and a custom class's source hash.
+
+        ``path`` is left out (moving the module's folder changes nothing); the module's
+        source hash is in (editing the class makes old checkpoints incompatible).
+        """
+        d = self.plain()
+        if self.kind == "custom":
+            from fleetmpi.models.custom import resolve
+            d.pop("path")
+            d["source_sha256"] = resolve(self).source_sha256
+        return d
+
+
+def _check_custom(m: ModelSpec) -> tuple[str, str] | None:
+    """Return (key, problem) for a custom section's own keys; the class is imported later, at start-up."""
+    cls = m.class_path
+    if cls is None:
+        return "class", 'kind custom needs class: "module:ClassName", e.g. class: "poisson:PoissonRegression"'
+    mod, sep, name = cls.partition(":")
+    if not sep or not all(p.isidentifier() for p in mod.split(".")) or not all(
+            p.isidentifier() for p in name.split(".")):
+        return "class", f'expected "package.module:ClassName" (dotted module, a colon, the class), got {cls!r}'
+    for key, value in (m.options or {}).items():
+        if not key.isidentifier():
+            return key, "a custom model's option must be a Python identifier (it becomes a keyword argument)"
+        if key in CUSTOM_RESERVED:
+            return key, f"{key} is passed by fleetmpi itself; options may not be named {', '.join(CUSTOM_RESERVED)}"
+        err = _plain_value(value)
+        if err:
+            return key, err
+    return None
+
+
+def _plain_value(v: Any) -> str | None:
+    """Return why ``v`` cannot be a JSON option value (it goes into hashes and model files), or None."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return None
+    if isinstance(v, float):
+        return None if v == v and abs(v) != float("inf") else f"expected a finite number, got {v!r}"
+    if isinstance(v, (list, tuple)):
+        return next((e for e in map(_plain_value, v) if e), None)
+    if isinstance(v, Mapping):
+        if not all(isinstance(k, str) for k in v):
+            return "option mappings need string keys"
+        return next((e for e in map(_plain_value, v.values()) if e), None)
+    return f"expected a string, number, true/false, null, a list or a mapping, got {type(v).__name__} {v!r}"
+
+
+def fold_model_options(raw: dict[str, Any]) -> dict[str, Any]:
+    """Return ``raw`` with a custom model section's extra keys moved under ``options`` (kwargs for the class)."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or model.get("kind") != "custom":
+        return raw
+    extra = {k: v for k, v in model.items() if k not in CUSTOM_KEYS}
+    if not extra:
+        return raw
+    given = model.get("options")
+    if given is not None and not isinstance(given, dict):
+        return raw   # the schema reports options' type
+    both = sorted(set(extra) & set(given or {}))
+    if both:
+        raise SchemaError(f"model.{both[0]}", "given both as a key and under model.options; give it once")
+    folded = {k: v for k, v in model.items() if k in CUSTOM_KEYS}
+    folded["options"] = {**(given or {}), **extra}
+    return {**raw, "model": folded}
 
 
 @dataclass(frozen=True)
@@ -275,6 +381,7 @@ class Spec:
         """Return the spec as plain data, data paths absolute, so a job dir stands on its own."""
         d = to_plain(self)
         d.pop("_base_dir", None)
+        d["model"] = self.model.plain()
         for r in d["fleet"]["rules"]:
             r["in"] = r.pop("in_phases")
         d["data"]["train"] = str(self.data_path(self.data.train).resolve())
@@ -287,7 +394,7 @@ class Spec:
 
     def model_hash(self) -> str:
         """Hash of the model section, which decides the parameter layout and its meaning."""
-        return _hash({"model": to_plain(self.model)})
+        return _hash({"model": self.model.identity()})
 
 
 def _hash(obj: Any) -> str:
@@ -405,13 +512,18 @@ def from_raw(raw: dict[str, Any], source: str, base_dir: Path) -> Spec:
     """Validate a raw mapping into a Spec; ``source`` names the file in errors."""
     raw = {k: v for k, v in raw.items() if k != "_base_dir"}
     try:
-        spec = build(Spec, raw)
+        spec = build(Spec, fold_model_options(raw))
     except SchemaError as e:
         raise BadInput(f"{source}: {e}") from None
     err = _check_fleet(spec)
     if err:
         raise BadInput(f"{source}: {err[0]}: {err[1]}")
     object.__setattr__(spec, "_base_dir", str(base_dir))
+    if spec.model.kind == "custom":
+        # Absolute now, so the job dir's copy of the spec imports from the same folder.
+        folder = Path(spec.model.path or ".").expanduser()
+        folder = folder if folder.is_absolute() else base_dir / folder
+        object.__setattr__(spec.model, "path", str(folder.resolve()))
     return spec
 
 

@@ -172,9 +172,10 @@ def _check_folder_path(path: Path, label: str) -> None:
 def _check_inputs(spec: Any) -> None:
     """Check data files before a job dir is made, so bad data leaves nothing behind."""
     from fleetmpi.engine.data import describe
-    from fleetmpi.models import TASKS
-    task = TASKS[spec.model.kind]
+    from fleetmpi.models import preflight, task_of
+    task = task_of(spec.model)
     info = describe(spec.data_path(spec.data.train), task, spec.model.classes)
+    preflight(spec.model, spec.sync.kind, info.d, info.classes)
     if spec.data.valid:
         v = describe(spec.data_path(spec.data.valid), task, spec.model.classes or info.classes)
         if v.d != info.d:

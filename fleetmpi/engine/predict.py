@@ -19,20 +19,37 @@ CHUNK_ROWS = 65536
 def load_model(path: Path) -> tuple[Model, np.ndarray, dict[str, Any]]:
     """Return (model, params, meta) from a verified model file."""
     arrays, meta = read_h5_verified(path, kind="model")
-    if meta.get("kind") not in TASKS:
-        raise CheckpointError(f"{path}: model kind {meta.get('kind')!r} is not one of {', '.join(TASKS)}; "
+    if meta.get("kind") not in (*TASKS, "custom"):
+        raise CheckpointError(f"{path}: model kind {meta.get('kind')!r} is not one of {', '.join(TASKS)}, custom; "
                               "expected a model.h5 written by this fleetmpi")
     try:
-        hidden = tuple(meta.get("sizes", [])[1:-1]) if meta["kind"] == "mlp" else ()
-        mspec = ModelSpec(kind=meta["kind"], l2=float(meta.get("l2", 0.0)), hidden=hidden,
-                          classes=meta.get("classes") if meta["kind"] in ("softmax", "mlp") else None)
-        model = build_model(mspec, int(meta["d"]), meta.get("classes"))
+        if meta["kind"] == "custom":
+            model = _custom_model(path, meta)
+        else:
+            hidden = tuple(meta.get("sizes", [])[1:-1]) if meta["kind"] == "mlp" else ()
+            mspec = ModelSpec(kind=meta["kind"], l2=float(meta.get("l2", 0.0)), hidden=hidden,
+                              classes=meta.get("classes") if meta["kind"] in ("softmax", "mlp") else None)
+            model = build_model(mspec, int(meta["d"]), meta.get("classes"))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: model metadata is incomplete ({e}); expected a model.h5 written by fleetmpi") from None
     params = arrays.get("params")
     if params is None or params.shape != (model.n_params,):
         raise CheckpointError(f"{path}: params missing or of the wrong shape for a {meta['kind']} model")
     return model, params.astype(np.float64), meta
+
+
+def _custom_model(path: Path, meta: dict[str, Any]) -> Model:
+    """Rebuild a custom model from its meta; refuse a class whose module source changed since training."""
+    mspec = ModelSpec(kind="custom", class_path=str(meta["class"]), path=meta.get("path"),
+                      options=dict(meta.get("options") or {}), l2=float(meta.get("l2", 0.0)),
+                      init_scale=float(meta.get("init_scale", 0.01)),
+                      classes=meta.get("classes") if meta.get("task") == "multiclass" else None)
+    model = build_model(mspec, int(meta["d"]), meta.get("classes"))
+    now, then = getattr(model, "source_sha256", None), meta.get("source_sha256")
+    if now != then:
+        raise BadInput(f"{path}: trained with {meta['class']} whose module source had sha256 {str(then)[:12]}, "
+                       f"but it now has {str(now)[:12]}; restore the module the model was trained with")
+    return model
 
 
 def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]:

@@ -29,7 +29,7 @@ class Trainer:
         from fleetmpi import spec as specmod
         from fleetmpi.engine import checkpoint
         from fleetmpi.engine.data import RankReader, SampleOrder, contiguous_share, describe
-        from fleetmpi.models import TASKS, build_model
+        from fleetmpi.models import build_model, task_of
         from fleetmpi.optim import LBFGS, SGD
         from fleetmpi.sync import build_sync
 
@@ -42,7 +42,7 @@ class Trainer:
             raise BadInput(f"{jd.state_path}: phase {self.phase_name!r} is not in the spec's fleet.phases")
         self.job_start = float(state.get("created", time.time()))
         sp = self.spec
-        task = TASKS[sp.model.kind]
+        task = task_of(sp.model)
         info = _on_root(comm, lambda: describe(sp.data_path(sp.data.train), task, sp.model.classes))
         self.n = info.n
         self.model = build_model(sp.model, info.d, info.classes)

@@ -2,17 +2,40 @@
 
 from __future__ import annotations
 
+from fleetmpi.errors import BadInput
 from fleetmpi.models.base import Model
 from fleetmpi.models.linear import LinearRegression, LogisticRegression
 from fleetmpi.models.mlp import MLP
 from fleetmpi.models.softmax import SoftmaxRegression
 from fleetmpi.spec import ModelSpec
 
+# The built-in kinds' tasks; ``task_of`` answers for a custom class too.
 TASKS = {"linear": "regression", "logistic": "binary", "softmax": "multiclass", "mlp": "multiclass"}
+
+
+def task_of(spec: ModelSpec) -> str:
+    """Return the task (regression | binary | multiclass) of ``spec``; imports a custom class (BadInput if it cannot)."""
+    if spec.kind == "custom":
+        from fleetmpi.models.custom import resolve
+        return resolve(spec).task
+    return TASKS[spec.kind]
+
+
+def preflight(spec: ModelSpec, sync_kind: str, d: int, classes: int | None) -> None:
+    """Build a custom model once on the driver, so a class that breaks the contract exits 2 before a job dir exists."""
+    if spec.kind != "custom":
+        return      # built-in kinds fulfil the contract and have per-row factors
+    from fleetmpi.models.custom import build
+    model = build(spec, d, classes)
+    if sync_kind == "exact" and not model.has_row_factors:
+        raise BadInput(model.no_row_factors())
 
 
 def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
     """Return the model for ``spec`` on ``d`` features (and ``classes`` labels if classifying)."""
+    if spec.kind == "custom":
+        from fleetmpi.models.custom import build
+        return build(spec, d, classes)
     if spec.kind == "linear":
         return LinearRegression(d, spec.l2)
     if spec.kind == "logistic":
@@ -25,4 +48,4 @@ def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
     return MLP((d, *spec.hidden, k), spec.l2)
 
 
-__all__ = ["TASKS", "Model", "build_model"]
+__all__ = ["TASKS", "Model", "build_model", "preflight", "task_of"]

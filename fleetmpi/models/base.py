@@ -1,4 +1,12 @@
-"""The contract every model family fulfils."""
+"""The contract every model family fulfils, built-in or a user's own (``kind: custom``).
+
+Parameters are one flat float64 vector of length ``n_params``. Every rank holds the same
+parameters and calls the same methods on its own rows, so nothing here may depend on
+the rank, the rank count or which other rows share a batch: the framework sums what
+these methods return over the ranks (gradient and loss sums), divides by the global
+batch and adds L2 itself (``l2 * weight_mask() * params``). ``X`` is float32 (n, d) and
+``y`` float32 (n,), both C-contiguous; ``n`` may be 0.
+"""
 
 from __future__ import annotations
 
@@ -12,46 +20,56 @@ class Model(ABC):
     """A model over a flat float64 parameter vector; gradients are sums over rows."""
 
     kind: str
-    task: str  # regression | binary | multiclass
+    task: str  # regression | binary | multiclass: what y holds and what predict returns
 
     def __init__(self, l2: float) -> None:
         self.l2 = l2
 
     @property
     @abstractmethod
-    def n_params(self) -> int: ...
+    def n_params(self) -> int:
+        """Return the parameter count (the length of every params, gradient and mask vector)."""
 
     @abstractmethod
     def init(self, rng: np.random.Generator, scale: float) -> np.ndarray:
-        """Return freshly initialised parameters (float64, length n_params)."""
+        """Return fresh parameters, float64 (n_params,), drawn only from ``rng`` (N(0, scale) weights, typically).
+
+        Every rank gets an ``rng`` with the same seed and must return the same vector.
+        """
 
     @abstractmethod
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
-        """Fill g_out with the gradient summed over the rows; return the summed loss (no L2)."""
+        """Overwrite g_out (float64, (n_params,)) with the gradient summed over the n rows; return the summed loss.
+
+        Sums, not means, and without L2: the framework adds the ranks' sums and divides by
+        the global batch. Zero rows give a zero gradient and a loss of 0.0.
+        """
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
-        """Return (summed loss, per-tensor row factors (U (n, d), V (n, k))) for exact sync.
+        """Return (summed loss, per-tensor row factors [(U (n, d_t), V (n, k_t)), ...]) for ``sync: exact``.
 
-        The gradient sum over the rows is, tensor after tensor in parameter order, the
-        (d + 1, k) block sum_i [U_i, 1] (outer) V_i; each row's factors depend only on
-        that row and ``params`` (see ``kernels.exact``).
+        Optional (without it ``sync: exact`` refuses the model). Parameters read as
+        consecutive (d_t + 1, k_t) tensors, weights then a bias row; their gradient sum is
+        sum_i [U_i, 1] (outer) V_i, tensor after tensor, so sum_t (d_t + 1) k_t = n_params.
+        Row i's factors may depend only on row i and ``params`` (fixed summation order, no
+        BLAS), so every split of rows over ranks gives bitwise the same sum (``kernels.exact``).
         """
         raise NotImplementedError(f"model kind {self.kind!r} has no per-row factors; exact sync cannot use it")
 
     @abstractmethod
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
-        """Return predictions: values (regression), P(y=1) (binary) or class probabilities (n, k)."""
+        """Return predictions for the n rows: values (n,) (regression), P(y=1) (n,) (binary) or probabilities (n, k)."""
 
     @abstractmethod
     def weight_mask(self) -> np.ndarray:
-        """Return a float64 mask that is 1 on weights and 0 on biases (L2 skips biases)."""
+        """Return float64 (n_params,): 1 where L2 applies (weights), 0 where it does not (biases)."""
 
     def meta(self) -> dict[str, Any]:
-        """Return what is needed to rebuild this model from a saved file."""
+        """Return JSON-able fields that rebuild this model from a saved file (kind, l2, shapes)."""
         return {"kind": self.kind, "l2": self.l2}
 
     def check_labels(self, y: np.ndarray, k: int) -> None:
-        """Refuse labels the kernels would index out of range (cheap: one pass over y)."""
+        """Refuse labels outside class ids 0..k-1, which kernels would index out of range (one pass over y)."""
         if y.size and (y.min() < 0 or y.max() >= k):
             raise ValueError(f"labels must be class ids in 0..{k - 1}; batch holds [{y.min():g}, {y.max():g}]")
 
