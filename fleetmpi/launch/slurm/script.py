@@ -18,17 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fleetmpi.schema import identifier
+from fleetmpi.schema import identifier, sbatch_extra_option
 
 # Values sbatch reads from '#SBATCH' lines: nothing a shell or sbatch's own parser could split.
 _COMMENT_RE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,200}$")
 _GRES_ONE = r"[A-Za-z][A-Za-z0-9_]*(:[A-Za-z0-9_.-]+)?(:[0-9]+)?"
 _GRES_RE = re.compile(rf"^{_GRES_ONE}(,{_GRES_ONE})*$")
 _OUTPUT_RE = re.compile(r"^[A-Za-z0-9_.%][A-Za-z0-9_.%/-]*$")
-_EXTRA_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=[A-Za-z0-9_.,:/@%+=\[\]-]+)?$")
-# Flags fleetmpi sets itself or relies on; extra_sbatch may not change them.
-_RESERVED_EXTRA = frozenset({"hold", "parsable", "wrap", "chdir", "ntasks", "test-only", "wait", "no-requeue",
-                             "gpus", "gpus-per-node", "gpus-per-task", "array", "export-file"})
 RANKS_SIGNAL = {"srun": "USR2", "mpiexec": "TERM"}
 
 
@@ -171,25 +167,11 @@ def _check_value(name: str, v: Any) -> str | None:
         if isinstance(v, str) or not isinstance(v, (list, tuple)):
             return f"expected a list of options, got {v!r}"
         for opt in v:
-            err = check_extra_option(opt)
+            err = sbatch_extra_option(opt)
             if err:
                 return err
         return None
     return f"unknown option; valid: {', '.join(SBATCH_OPTIONS)}"  # pragma: no cover
-
-
-def check_extra_option(v: Any) -> str | None:
-    """Return why ``v`` cannot be an extra '#SBATCH' option, or None (used by the spec validator)."""
-    m = _EXTRA_RE.match(v) if isinstance(v, str) else None
-    if not m:
-        return ("expected one long option without spaces or quotes, e.g. '--constraint=ib' or "
-                f"'--exclusive', got {v!r}")
-    flag = m.group(1)
-    managed = {_flag(n) for n in SBATCH_OPTIONS if n != "additional"}
-    if flag in managed or flag in _RESERVED_EXTRA:
-        return (f"{v!r} sets --{flag}, which fleetmpi sets itself (from the phase or the scheduler section); "
-                f"extra_sbatch may not use: {', '.join(sorted(managed | _RESERVED_EXTRA))}")
-    return None
 
 
 def check_options(options: Mapping[str, Any]) -> None:
