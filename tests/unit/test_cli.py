@@ -24,7 +24,7 @@ def _help(*argv: str) -> str:
 
 
 def test_every_help_text_is_free_of_module_paths() -> None:
-    parser, commands = build_parser()
+    _, commands = build_parser()
     assert set(commands) == {"run", "inspect", "predict", "make-data", "approve", "events", "queue", "sweep",
                              "manager", "status", "cancel", "report", "submit"}
     for argv in [(), *((name,) for name in commands)]:
