@@ -56,6 +56,11 @@ def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: 
             raise ValueError(f"sbatch option {name} ({_flag(name)}): {err}")
     if command.launcher == "mpiexec" and not command.mpiexec:
         raise ValueError("launcher mpiexec needs the absolute path of mpiexec (BatchCommand.mpiexec)")
+    return "\n".join([*_header(opts), *_body(command, nodes * ntasks_per_node, ntasks_per_node)])
+
+
+def _header(opts: Mapping[str, Any]) -> list[str]:
+    """Return the shebang and the '#SBATCH' lines of checked options ``opts`` (SBATCH_OPTIONS order)."""
     lines = ["#!/bin/bash"]
     for name, value in opts.items():
         if name == "additional" or value is None:
@@ -68,15 +73,19 @@ def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: 
             lines.append(f"#SBATCH --mem={value}M")
         else:
             lines.append(f"#SBATCH --{_flag(name)}={value}")
-    lines += [f"#SBATCH {opt}" for opt in additional]
+    return lines + [f"#SBATCH {opt}" for opt in opts["additional"]]
+
+
+def _body(command: BatchCommand, ranks: int, ranks_per_node: int) -> list[str]:
+    """Return the shell lines that begin the phase, run its ranks, and hand the exit code on."""
     q = shlex.quote
     if command.launcher == "srun":
         step = ["srun", "--mpi=pmi2"]
     else:
-        step = ['"$mpiexec"', "-n", str(nodes * ntasks_per_node), "-ppn", str(ntasks_per_node)]
+        step = ['"$mpiexec"', "-n", str(ranks), "-ppn", str(ranks_per_node)]
     step += [q(a) for a in command.launcher_args] + ['"$python"', "-m", "fleetmpi.engine.worker", '"$job_dir"']
     sig = RANKS_SIGNAL[command.launcher]
-    lines += [
+    return [
         "# One phase of a fleetmpi job, rendered by fleetmpi.launch.slurm.script.render_sbatch.",
         f"# Phase {command.phase} ({command.shape}). sbatch runs this in the job dir; logic lives in",
         "# `python -m fleetmpi.launch.slurm.batch begin|continue`, the shell only starts and signals the ranks.",
@@ -117,7 +126,6 @@ def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: 
         '    --signal "$stop_signal" --signal-time "$stop_time"',
         "",
     ]
-    return "\n".join(lines)
 
 
 SBATCH_OPTIONS: tuple[str, ...] = tuple(
