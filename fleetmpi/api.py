@@ -126,9 +126,9 @@ def _load(spec: Spec | str | Path, overrides: Sequence[str]) -> tuple[Spec, str]
 
 def _check_launchable(sp: Spec) -> None:
     """Refuse a job the manager could never start, before it enters the ledger."""
-    from fleetmpi.cli import _check_inputs
     from fleetmpi.launch.local import find_mpiexec
-    _check_inputs(sp)
+    from fleetmpi.preflight import check_inputs
+    check_inputs(sp)
     backends = default_backends()
     if sp.scheduler.backend not in backends:
         raise BadInput(f"scheduler.backend {sp.scheduler.backend!r}: the manager has no such backend here "

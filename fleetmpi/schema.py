@@ -60,6 +60,30 @@ def identifier(v: Any) -> str | None:
     return f"expected 1-64 characters of letters, digits, '_', '.', '-' (not starting with '.', '_' or '-'), got {v!r}"
 
 
+# sbatch flags fleetmpi's renderer sets itself (fleetmpi.launch.slurm.script.SBATCH_OPTIONS;
+# tests/unit/test_slurm_units.py checks the two agree) and flags it relies on: a spec's
+# scheduler.extra_sbatch may use neither. They live here so the spec validates without the launcher.
+SBATCH_MANAGED_FLAGS = frozenset({"account", "comment", "cpus-per-task", "gres", "job-name", "mem", "nodes",
+                                  "ntasks-per-node", "open-mode", "output", "partition", "qos", "requeue",
+                                  "signal", "time"})
+SBATCH_RESERVED_FLAGS = frozenset({"hold", "parsable", "wrap", "chdir", "ntasks", "test-only", "wait", "no-requeue",
+                                   "gpus", "gpus-per-node", "gpus-per-task", "array", "export-file"})
+_SBATCH_EXTRA_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=[A-Za-z0-9_.,:/@%+=\[\]-]+)?$")
+
+
+def sbatch_extra_option(v: Any) -> str | None:
+    """Return why ``v`` cannot be an extra '#SBATCH' option (scheduler.extra_sbatch), or None."""
+    m = _SBATCH_EXTRA_RE.match(v) if isinstance(v, str) else None
+    if not m:
+        return ("expected one long option without spaces or quotes, e.g. '--constraint=ib' or "
+                f"'--exclusive', got {v!r}")
+    flag = m.group(1)
+    if flag in SBATCH_MANAGED_FLAGS or flag in SBATCH_RESERVED_FLAGS:
+        return (f"{v!r} sets --{flag}, which fleetmpi sets itself (from the phase or the scheduler section); "
+                f"extra_sbatch may not use: {', '.join(sorted(SBATCH_MANAGED_FLAGS | SBATCH_RESERVED_FLAGS))}")
+    return None
+
+
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:

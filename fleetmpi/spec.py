@@ -306,8 +306,8 @@ class FleetSpec:
 
 
 def _sbatch_option(v: Any) -> str | None:
-    from fleetmpi.launch.slurm.script import check_extra_option
-    return check_extra_option(v)
+    from fleetmpi.schema import sbatch_extra_option
+    return sbatch_extra_option(v)
 
 
 @dataclass(frozen=True)

@@ -1,21 +1,23 @@
-"""The ``fleetmpi`` command: run, inspect, predict, make-data, approve, events.
+"""The ``fleetmpi`` command: one parser, one command table, one mapping of errors to exit codes.
 
+Each module adds its subcommands with ``add_parsers(sub)`` and returns their handlers:
+fleetmpi.cli.train (run, inspect, predict, make-data, approve, events), fleetmpi.cli.jobs
+(the ledger: queue, sweep, manager, status, cancel, report) and fleetmpi.cli.slurm (submit).
 Bad input exits 2 with one line on stderr (a traceback only with --debug).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
+from fleetmpi.cli import jobs, slurm, train
 from fleetmpi.errors import BadInput, ExitCode, FleetError
+
+Handler = Callable[[argparse.Namespace], int]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,50 +27,20 @@ class _Parser(argparse.ArgumentParser):
         raise BadInput(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    """Return the ``fleetmpi`` parser and its command table (subcommand name -> handler)."""
     p = _Parser(prog="fleetmpi", description="Data-parallel training over MPI ranks whose fleet changes while it trains.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-
-    r = sub.add_parser("run", help="run a job on this machine (mpiexec), through rescales, to its goal")
-    r.add_argument("spec", help="job spec (YAML), or an existing job dir to resume")
-    r.add_argument("--job-dir", help="job directory (default: runs/NAME beside the current folder)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a spec value, e.g. --set optimizer.lr=0.05 (repeatable)")
-    r.add_argument("--json", action="store_true", help="print the outcome as JSON on stdout")
-
-    i = sub.add_parser("inspect", help="show a checkpoint or model file")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true")
-
-    pr = sub.add_parser("predict", help="predict with a trained model")
-    pr.add_argument("model", help="model.h5 written by a finished job")
-    pr.add_argument("data", help="HDF5 file with dataset X (float32, n x d)")
-    pr.add_argument("--out", required=True, help="output HDF5 file (datasets pred, and proba for classifiers)")
-    pr.add_argument("--json", action="store_true")
-
-    m = sub.add_parser("make-data", help="write a synthetic or bundled dataset as HDF5 (X, y)")
-    m.add_argument("--task", choices=["binary", "multiclass", "regression"], default="binary")
-    m.add_argument("--from", dest="source", choices=["synthetic", "digits", "breast_cancer"], default="synthetic")
-    m.add_argument("--n", type=int, default=10000, help="rows (synthetic)")
-    m.add_argument("--d", type=int, default=32, help="features (synthetic)")
-    m.add_argument("--classes", type=int, default=4, help="classes (synthetic multiclass)")
-    m.add_argument("--noise", type=float, default=0.5, help="label noise scale (synthetic)")
-    m.add_argument("--valid-fraction", type=float, default=0.2)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--out", required=True, help="output folder: writes train.h5 and valid.h5")
-
-    a = sub.add_parser("approve", help="approve a job's pending rescale (approval: manual)")
-    a.add_argument("job_dir")
-
-    e = sub.add_parser("events", help="print a job's events")
-    e.add_argument("job_dir")
-    e.add_argument("--json", action="store_true")
-    for name in _EXTENSIONS:
-        # Each module adds its subcommands: register(subparsers, commands_dict).
-        importlib.import_module(name).register(sub, _COMMANDS)
-    return p
+    commands: dict[str, Handler] = {}
+    for module in (train, jobs, slurm):
+        added = module.add_parsers(sub)
+        twice = set(added) & set(commands)
+        if twice:
+            raise RuntimeError(f"subcommand(s) {', '.join(sorted(twice))} defined twice")  # a programming error
+        commands.update(added)
+    return p, commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,14 +48,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("FLEETMPI_DEBUG") == "1"
     try:
-        args = _parser().parse_args(argv)
-        return _COMMANDS[args.cmd](args)
-    except BadInput as e:
-        if debug:
-            traceback.print_exc()
-        print(f"fleetmpi: error: {e}", file=sys.stderr)
-        return ExitCode.BAD_INPUT
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as e:
+        parser, commands = build_parser()
+        args = parser.parse_args(argv)
+        return commands[args.cmd](args)
+    except (BadInput, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
+            PermissionError) as e:
         if debug:
             traceback.print_exc()
         print(f"fleetmpi: error: {e}", file=sys.stderr)
@@ -95,177 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
-
-
-def open_job(given: Path, job_dir: str | None, overrides: list[str], verb: str,
-             preflight: Callable[[Any, Any], object]) -> tuple[Any, Any]:
-    """Return (JobDir, Spec): a new job dir for a spec file, or the existing one ``given`` names.
-
-    Shared by ``run`` and the backends' submit commands (``verb`` names the command in
-    errors). ``preflight(spec, jobdir)`` checks what the launch needs before the job dir
-    exists, beside the data checks done here.
-    """
-    from fleetmpi import spec as specmod
-    from fleetmpi.jobdir import JobDir
-
-    if given.is_dir():  # `fleetmpi run JOB_DIR` resumes
-        if job_dir and Path(job_dir).resolve() != given.resolve():
-            raise BadInput(f"{verb} {given}: a job dir was given twice ({given} and --job-dir {job_dir})")
-        jd = JobDir(given)
-        if not jd.exists():
-            raise BadInput(f"{given}: not a fleetmpi job dir (no spec.yaml and state.json); pass a spec file")
-        if overrides:
-            raise BadInput(f"{verb} {given}: --set cannot change a job that exists; start a new --job-dir")
-        spec = specmod.load(jd.spec)
-    else:
-        spec = specmod.load(given, overrides)
-        jd = JobDir(job_dir or Path("runs") / spec.name)
-        if jd.exists():
-            stored = specmod.load(jd.spec)
-            if stored.spec_hash() != spec.spec_hash():
-                raise BadInput(f"{jd.root}: holds a job with a different spec than {given}"
-                               f"{' with --set ' + ' '.join(overrides) if overrides else ''}; "
-                               f"use a new --job-dir, or `fleetmpi {verb} " + str(jd.root) + "` to resume it as it was")
-        else:
-            # Everything a launch needs is checked before the job dir exists, so a refusal
-            # leaves nothing behind (and a corrected spec is not refused as a different one).
-            _check_folder_path(jd.root, "--job-dir" if job_dir else "job dir")
-            _check_inputs(spec)
-            preflight(spec, jd)
-            jd.create(specmod.dump(spec), spec.fleet.start, spec.scheduler.backend)
-    return jd, spec
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    from fleetmpi.launch.local import LocalBackend, find_mpiexec
-
-    jd, spec = open_job(Path(args.spec), args.job_dir, args.overrides, "run", lambda spec, _jd: find_mpiexec(spec))
-    state = jd.read_state()
-    if state.get("status") == "COMPLETED":
-        print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
-              file=sys.stderr)
-        rc: int = ExitCode.OK
-    else:
-        phase = state.get("phase")
-        if not isinstance(phase, str) or phase not in spec.fleet.phases:
-            raise BadInput(f"{jd.state_path}: phase {phase!r} is not in the spec's fleet.phases "
-                           f"({', '.join(spec.fleet.phases)}); the file was edited or belongs to another job")
-        _check_inputs(spec)   # data may have moved since the job was created
-        find_mpiexec(spec)
-        if state.get("status") not in ("NEW", None):
-            jd.event("resume_requested", status=state.get("status"))
-        rc = LocalBackend(jd, spec).run()
-    if args.json:
-        print(json.dumps(_outcome(jd, rc), indent=1))
-    return rc
-
-
-def _check_folder_path(path: Path, label: str) -> None:
-    """Refuse a folder to be created that is, or lies under, an existing file."""
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise BadInput(f"{label} {path}: {p} is not a folder")
-            return
-
-
-def _check_inputs(spec: Any) -> None:
-    """Check data files before a job dir is made, so bad data leaves nothing behind."""
-    from fleetmpi.engine.data import describe
-    from fleetmpi.models import preflight, task_of
-    task = task_of(spec.model)
-    info = describe(spec.data_path(spec.data.train), task, spec.model.classes)
-    preflight(spec.model, spec.sync.kind, info.d, info.classes)
-    if spec.data.valid:
-        v = describe(spec.data_path(spec.data.valid), task, spec.model.classes or info.classes)
-        if v.d != info.d:
-            raise BadInput(f"{v.path}: validation X has {v.d} columns but training X has {info.d}")
-    if spec.optimizer.batch > info.n:
-        raise BadInput(f"{spec.data.train}: optimizer.batch {spec.optimizer.batch} exceeds the {info.n} training rows")
-
-
-def _outcome(jd: Any, rc: int) -> dict[str, Any]:
-    state = jd.read_state()
-    last_goal = next((e for e in reversed(jd.read_events()) if e["event"] == "goal"), None)
-    return {"job_dir": str(jd.root), "exit_code": rc, "status": state.get("status"), "phase": state.get("phase"),
-            "phases_run": state.get("phases_run", []), "model": str(jd.model) if jd.model.exists() else None,
-            "goal": last_goal}
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    from fleetmpi.engine.checkpoint import summary
-    info = summary(Path(args.path))
-    if args.json:
-        print(json.dumps(info, indent=1, default=str))
-        return ExitCode.OK
-    meta = info.get("meta", {})
-    print(f"{info['path']}: {info['kind']} ({info['format']}), {info['size_bytes']} bytes, sha256 {info['sha256'][:16]}…")
-    for key in ("step", "epoch", "phase", "optimizer", "ranks", "reason", "kind", "name"):
-        if key in meta:
-            print(f"  {key}: {meta[key]}")
-    for name, a in info["arrays"].items():
-        stats = ", ".join(f"{k} {v:.4g}" for k, v in a.items() if k in ("min", "max", "l2_norm") and v is not None)
-        print(f"  array {name}: {a['dtype']} {tuple(a['shape'])}{' — ' + stats if stats else ''}")
-    return ExitCode.OK
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from fleetmpi.engine.predict import predict_file
-    res = predict_file(Path(args.model), Path(args.data), Path(args.out))
-    if args.json:
-        print(json.dumps(res, indent=1))
-    else:
-        print(f"fleetmpi: wrote {res['rows']} predictions to {res['out']}", file=sys.stderr)
-    return ExitCode.OK
-
-
-def _cmd_make_data(args: argparse.Namespace) -> int:
-    from fleetmpi.makedata import make_data
-    _check_folder_path(Path(args.out), "--out")
-    out = make_data(source=args.source, task=args.task, n=args.n, d=args.d, classes=args.classes,
-                    noise=args.noise, valid_fraction=args.valid_fraction, seed=args.seed, out=Path(args.out))
-    for path, rows in out.items():
-        print(f"fleetmpi: wrote {path} ({rows} rows)", file=sys.stderr)
-    return ExitCode.OK
-
-
-def _cmd_approve(args: argparse.Namespace) -> int:
-    from fleetmpi.jobdir import JobDir, atomic_write_bytes
-    jd = JobDir(args.job_dir)
-    state = jd.read_state()
-    pending = state.get("pending_approval")
-    if not pending:
-        raise BadInput(f"{jd.root}: no rescale is waiting for approval (status {state.get('status')})")
-    if not (isinstance(pending, dict) and isinstance(pending.get("id"), str) and isinstance(pending.get("goto"), str)):
-        raise BadInput(f"{jd.state_path}: pending_approval is {pending!r}; expected an object with id and goto")
-    # The event first: the worker may act on the file the moment it appears.
-    jd.event("approved", id=pending["id"], goto=pending["goto"], user=os.environ.get("USER", ""))
-    atomic_write_bytes(jd.approval, json.dumps({"id": pending["id"], "user": os.environ.get("USER", "")}).encode())
-    print(f"fleetmpi: approved rescale to {pending['goto']} ({pending['id']})", file=sys.stderr)
-    return ExitCode.OK
-
-
-def _cmd_events(args: argparse.Namespace) -> int:
-    from fleetmpi.jobdir import JobDir
-    jd = JobDir(args.job_dir)
-    jd.read_state()
-    for ev in jd.read_events():
-        if args.json:
-            print(json.dumps(ev))
-        else:
-            import time
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.pop("t")))
-            kind = ev.pop("event")
-            ev.pop("host", None)
-            print(f"{when} {kind:<18} " + " ".join(f"{k}={v}" for k, v in ev.items()))
-    return ExitCode.OK
-
-
-# Modules that add subcommands (Slurm submission, the job ledger) beside the built-ins.
-_EXTENSIONS: tuple[str, ...] = ("fleetmpi.cli.jobs", "fleetmpi.cli.slurm")
-
-_COMMANDS = {"run": _cmd_run, "inspect": _cmd_inspect, "predict": _cmd_predict, "make-data": _cmd_make_data,
-             "approve": _cmd_approve, "events": _cmd_events}
 
 
 if __name__ == "__main__":

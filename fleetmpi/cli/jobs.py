@@ -1,7 +1,7 @@
 """Ledger subcommands: queue, sweep, manager, status, cancel, report.
 
-It also lets ``approve`` and ``events`` take a ledger job id (or name) where they took a
-job dir: the id is resolved to the job's dir and the built-in handler runs unchanged.
+``status``, ``cancel`` and ``report`` (like ``approve`` and ``events``) take a job dir or a
+ledger job id or name; fleetmpi.cli.common.resolve_job decides which.
 """
 
 from __future__ import annotations
@@ -12,19 +12,19 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from fleetmpi.errors import BadInput, ExitCode
+from fleetmpi.cli.common import JOB_HELP, add_set, resolve_job
+from fleetmpi.errors import ExitCode
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def register(sub: Any, commands: dict[str, Handler]) -> None:
-    """Add this module's subcommands to the `fleetmpi` parser (see cli._EXTENSIONS)."""
+def add_parsers(sub: Any) -> dict[str, Handler]:
+    """Add the ledger subcommands to ``sub`` (argparse subparsers); return their handlers by name."""
     q = sub.add_parser("queue", help="register a job in the ledger (status NEW) for `fleetmpi manager`; returns at once")
     q.add_argument("spec", help="job spec (YAML)")
-    _add_set(q)
+    add_set(q)
     q.add_argument("--job-dir", help="job directory (default: $FLEETMPI_HOME/jobs/ID-NAME)")
     q.add_argument("--max-queued", type=int, help="refuse if you already have this many NEW jobs (FLEETMPI_MAX_QUEUED)")
     q.add_argument("--json", action="store_true", help="print the job's status record as JSON")
@@ -33,7 +33,7 @@ def register(sub: Any, commands: dict[str, Handler]) -> None:
     sw.add_argument("spec", help="job spec (YAML)")
     sw.add_argument("--grid", action="append", required=True, metavar="KEY.PATH=V1,V2,...",
                     help="values of one spec key (repeatable: the grid is their product)")
-    _add_set(sw)
+    add_set(sw)
     sw.add_argument("--max-queued", type=int, help="as for queue")
     sw.add_argument("--json", action="store_true")
 
@@ -46,55 +46,21 @@ def register(sub: Any, commands: dict[str, Handler]) -> None:
     m.add_argument("--poll-max-s", type=float, help="longest poll interval when idle (FLEETMPI_POLL_MAX_S, default 60)")
     m.add_argument("--json", action="store_true", help="with --once: print what the cycle did as JSON")
 
-    st = sub.add_parser("status", help="show ledger jobs (all, or one in detail)")
-    st.add_argument("job", nargs="?", help="job id or name (a job dir: see fleetmpi.cli.slurm)")
+    st = sub.add_parser("status", help="show ledger jobs (all, or one in detail), or a job dir's status")
+    st.add_argument("job", nargs="?", help=f"{JOB_HELP} (a job dir: its state and Slurm jobs)")
     st.add_argument("--active", action="store_true", help="only NEW and active jobs")
     st.add_argument("--json", action="store_true")
 
     c = sub.add_parser("cancel", help="cancel a ledger job (running ranks checkpoint first)")
-    c.add_argument("job", help="job id or name")
+    c.add_argument("job", help=JOB_HELP)
 
     r = sub.add_parser("report", help="plot loss, sync bytes per step and ranks over steps to a PNG")
-    r.add_argument("job", help="job id or name, or a job dir")
+    r.add_argument("job", help=JOB_HELP)
     r.add_argument("--out", required=True, help="output PNG")
     r.add_argument("--json", action="store_true")
 
-    commands.update({"queue": _cmd_queue, "sweep": _cmd_sweep, "manager": _cmd_manager, "status": _cmd_status,
-                     "cancel": _cmd_cancel, "report": _cmd_report})
-    for name in ("approve", "events"):
-        if name in commands:
-            commands[name] = _by_job_id(commands[name])
-            for action in sub.choices[name]._actions:  # argparse keeps no public handle on a positional
-                if action.dest == "job_dir":
-                    action.help = "job dir, or a ledger job id or name"
-
-
-def _add_set(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a spec value, e.g. --set optimizer.lr=0.05 (repeatable)")
-
-
-def _job_dir_of(ref: str) -> str:
-    """Return ``ref`` if it is a folder, else the job dir of ledger job ``ref`` (if there is one)."""
-    from fleetmpi.jobs.ledger import JobNotFound, Ledger
-    if Path(ref).is_dir():
-        return ref
-    ledger = Ledger.existing()
-    if ledger is None:
-        return ref
-    try:
-        return ledger.find(ref).job_dir
-    except JobNotFound:
-        return ref  # the built-in handler says what is wrong with it as a job dir
-    finally:
-        ledger.close()
-
-
-def _by_job_id(handler: Handler) -> Handler:
-    def run(args: argparse.Namespace) -> int:
-        args.job_dir = _job_dir_of(args.job_dir)
-        return handler(args)
-    return run
+    return {"queue": _cmd_queue, "sweep": _cmd_sweep, "manager": _cmd_manager, "status": _cmd_status,
+            "cancel": _cmd_cancel, "report": _cmd_report}
 
 
 def _cmd_queue(args: argparse.Namespace) -> int:
@@ -158,13 +124,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from fleetmpi.api import job_record
     from fleetmpi.jobs.ledger import ACTIVE, NEW, Ledger
     from fleetmpi.rules import format_bytes
-    ledger = Ledger.existing()
     if args.job:
-        if ledger is None:
-            raise BadInput(f"no job {args.job!r}: the ledger does not exist yet (`fleetmpi queue SPEC` makes it)")
-        job = ledger.find(args.job)
+        ref = resolve_job(args.job)
+        if ref.is_dir:
+            from fleetmpi.cli.slurm import job_dir_status
+            return job_dir_status(ref.job_dir, args.json)
+        job = ref.ledger_row()
         rec = job_record(job)
-        allocs = ledger.allocations(job.id)
+        allocs = Ledger().allocations(job.id)
         rec["allocations"] = [{"attempt": a.attempt, "backend": a.backend, "backend_id": a.backend_id,
                                "phase": a.phase, "shape": a.shape, "state": a.state, "exit_code": a.exit_code,
                                "start": a.started, "end": a.ended, "reason": a.reason, "log": a.log} for a in allocs]
@@ -182,6 +149,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
                   f"{a['state']}" + (f" exit {a['exit_code']}" if a["exit_code"] is not None else "")
                   + (f" ({a['reason']})" if a["reason"] else ""))
         return ExitCode.OK
+    ledger = Ledger.existing()
     rows = [] if ledger is None else ledger.jobs([NEW, *ACTIVE] if args.active else None)
     recs = [job_record(r) for r in rows]
     if args.json:
@@ -203,10 +171,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_cancel(args: argparse.Namespace) -> int:
     from fleetmpi.jobs.ledger import Ledger
     from fleetmpi.jobs.manager import cancel_job
-    ledger = Ledger.existing()
-    if ledger is None:
-        raise BadInput(f"no job {args.job!r}: the ledger does not exist yet")
-    job = cancel_job(ledger, args.job)
+    row = resolve_job(args.job).ledger_row()
+    ledger = Ledger()
+    job = cancel_job(ledger, row.id)
     live = ledger.allocations(job.id, live=True)
     print(f"fleetmpi: job {job.id} ({job.name}) CANCELLED"
           + (f"; SIGTERM sent to {len(live)} allocation(s), its ranks checkpoint and stop" if live else ""),
@@ -217,9 +184,10 @@ def _cmd_cancel(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from fleetmpi.jobdir import JobDir
     from fleetmpi.jobs.report import write
-    jd = JobDir(_job_dir_of(args.job))
+    ref = resolve_job(args.job)
+    jd = JobDir(ref.job_dir)
     jd.read_state()  # a clear error if this is no job dir
-    title = args.job if Path(args.job).is_dir() else f"job {args.job}: {jd.root.name}"
+    title = args.job if ref.is_dir or ref.row is None else f"job {args.job}: {jd.root.name}"
     info = write(jd, args.out, title)
     if args.json:
         print(json.dumps(info, indent=1))

@@ -1,4 +1,4 @@
-"""Slurm subcommands: ``submit`` (and ``status`` of a job dir, whatever its backend).
+"""Slurm subcommands: ``submit``, and the status of a job dir (which ``status`` prints).
 
 ``fleetmpi submit SPEC --backend slurm [--wait] [--json]`` creates the job dir exactly as
 ``fleetmpi run`` does, checks every phase's shape with Slurm, and submits the start phase;
@@ -15,40 +15,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fleetmpi.cli.common import add_set
 from fleetmpi.errors import BadInput, ExitCode
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-def register(sub: Any, commands: dict[str, Handler]) -> None:
-    """Add ``submit`` and the job-dir form of ``status`` to the `fleetmpi` parser (cli._EXTENSIONS)."""
+def add_parsers(sub: Any) -> dict[str, Handler]:
+    """Add ``submit`` to ``sub`` (argparse subparsers); return its handler by name."""
     s = sub.add_parser("submit", help="submit a job to Slurm; it resubmits itself through rescales to its goal")
     s.add_argument("spec", help="job spec (YAML), or an existing job dir to submit again from its checkpoint")
     s.add_argument("--backend", choices=["slurm"], help="override scheduler.backend (default: the spec's)")
     s.add_argument("--job-dir", help="job directory (default: runs/NAME beside the current folder)")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a spec value, e.g. --set scheduler.account=proj (repeatable)")
+    add_set(s, "scheduler.account=proj")
     s.add_argument("--wait", action="store_true",
                    help="follow the chain of Slurm jobs; exit with the training's final code")
     s.add_argument("--json", action="store_true", help="print the chain (job ids, phases, shapes, exit codes)")
-    commands["submit"] = _cmd_submit
-    if "status" in sub.choices:
-        # The ledger's status takes a job id or name; a job dir gets this module's answer.
-        commands["status"] = _job_dir_first(commands["status"])
-    else:
-        st = sub.add_parser("status", help="show a job dir's status: state, Slurm jobs, exit codes")
-        st.add_argument("job", help="job dir")
-        st.add_argument("--json", action="store_true")
-        commands["status"] = _cmd_status
-
-
-def _job_dir_first(other: Handler) -> Handler:
-    def run(args: argparse.Namespace) -> int:
-        ref = getattr(args, "job", None)
-        if ref and Path(ref).is_dir() and (Path(ref) / "state.json").is_file():
-            return _cmd_status(args)
-        return other(args)
-    return run
+    return {"submit": _cmd_submit}
 
 
 def _preflight(spec: Any, jd: Any) -> None:
@@ -60,7 +43,7 @@ def _preflight(spec: Any, jd: Any) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from fleetmpi.cli import open_job
+    from fleetmpi.cli.train import open_job
     from fleetmpi.launch.slurm.backend import SlurmBackend, status_report
     from fleetmpi.launch.slurm.chain import runs
     from fleetmpi.launch.slurm.cmd import ACTIVE_STATES, squeue_states
@@ -115,15 +98,16 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return ExitCode.OK if rc is None else rc
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
+def job_dir_status(job_dir: Path, as_json: bool) -> int:
+    """Print a job dir's status (state, Slurm jobs, exit codes), whatever its backend; return 0."""
     from fleetmpi.jobdir import JobDir
     from fleetmpi.launch.slurm.backend import status_report
 
-    jd = JobDir(args.job)
+    jd = JobDir(job_dir)
     if not jd.exists():
         raise BadInput(f"{jd.root}: not a fleetmpi job dir (no spec.yaml and state.json)")
     info = status_report(jd)
-    if args.json:
+    if as_json:
         print(json.dumps(info, indent=1))
         return ExitCode.OK
     line = f"{jd.root}: {info['status']}, phase {info['phase']}"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from fleetmpi.errors import FleetError
+from fleetmpi.errors import ExitCode, FleetError
 from fleetmpi.jobdir import JobDir
 from fleetmpi.jobs.rows import AllocRow, JobRow
 
@@ -50,6 +50,7 @@ class AllocState:
 
     @property
     def ended(self) -> bool:
+        """Return whether the allocation has ended (its state is none of LIVE_STATES)."""
         return self.state not in LIVE_STATES
 
 
@@ -64,15 +65,29 @@ class Launch:
 
 
 class Backend(Protocol):
-    """The three operations the manager needs from a backend."""
+    """The three operations the manager needs from a backend; none of them retries."""
 
-    name: str
+    name: str  # the spec's scheduler.backend value this backend serves ("local", "slurm")
 
-    def launch(self, job: JobRow, attempt: int) -> Launch: ...
+    def launch(self, job: JobRow, attempt: int) -> Launch:
+        """Start attempt ``attempt`` (1-based) of ``job`` from its job dir's newest checkpoint; return at once.
 
-    def poll(self, allocations: Sequence[AllocRow]) -> dict[str, AllocState]: ...
+        Raise TransientLaunchError when a later try may succeed (capacity, a scheduler
+        timeout); any other FleetError fails the job.
+        """
+        ...
 
-    def cancel(self, allocation: AllocRow) -> None: ...
+    def poll(self, allocations: Sequence[AllocRow]) -> dict[str, AllocState]:
+        """Return the state of every live allocation given, by backend_id, in one query per call.
+
+        An allocation missing from the answer is taken as still live; an ended one carries
+        the exit code of its last phase (fleetmpi.errors.ExitCode, or another code for a crash).
+        """
+        ...
+
+    def cancel(self, allocation: AllocRow) -> None:
+        """Ask ``allocation`` to stop (its ranks checkpoint and exit 4); return without waiting."""
+        ...
 
 
 # Runners this process started, so that it reaps them (and reads their exit code) itself.
@@ -184,13 +199,13 @@ class LocalJobs:
             except FleetError:
                 status = None
             if status == "COMPLETED":
-                code = 0
+                code = int(ExitCode.OK)
             elif rc is not None:
                 code, detail = rc, "the runner `fleetmpi run` ended before any phase ended"
             else:
                 return AllocState("LOST", None, f"runner pid {a.info.get('pid')} is gone and {jd.events} "
                                                 "records no phase exit")
-        return AllocState("COMPLETED" if code == 0 else "FAILED", code, detail)
+        return AllocState("COMPLETED" if ExitCode.of(code) is ExitCode.OK else "FAILED", code, detail)
 
 
 def read_events(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
@@ -362,13 +377,13 @@ def _chain_end(end: dict[str, Any], last: dict[str, Any]) -> AllocState:
     """
     status, code, reason = str(end.get("status")), end.get("exit_code"), str(end.get("reason") or "")
     if status == "COMPLETED":
-        return AllocState("COMPLETED", 0)
+        return AllocState("COMPLETED", int(ExitCode.OK))
     if status == "STOPPED":  # the chain's own resubmissions after stops reached their cap
         return AllocState("CHAIN_STOPPED", code, reason)
     if status == "CANCELLED":  # TERM to the batch shell: scancel, or Slurm ending the job
         return AllocState("CANCELLED", code, reason)
     ran = last.get("exit_code")
-    if isinstance(ran, int) and ran not in (0, 1, 2, 3, 4) and not last.get("signal"):
+    if isinstance(ran, int) and ExitCode.of(ran) is None and not last.get("signal"):
         return AllocState("FAILED", ran, reason)
     return AllocState("FAILED", code, reason)
 

@@ -51,16 +51,27 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, TextIO
 
-from fleetmpi.errors import BadInput, FleetError, one_line
+from fleetmpi.errors import BadInput, ExitCode, FleetError, one_line
 from fleetmpi.jobdir import JobDir
 from fleetmpi.jobs import notify
 from fleetmpi.jobs.backends import AllocState, Backend, TransientLaunchError, default_backends, last_metrics, read_events
 from fleetmpi.jobs.ledger import ACTIVE, CANCELLED, COMPLETED, FAILED, NEW, TERMINAL, Ledger
 from fleetmpi.jobs.rows import AllocRow, JobRow
 
-DONE, CONTINUE, RETRY, FAIL, EXTERNAL_CANCEL = "done", "continue", "retry", "fail", "cancelled"
+
+class Outcome(StrEnum):
+    """What the manager does about an allocation that ended (see the module doc)."""
+
+    DONE = "done"                   # COMPLETED
+    CONTINUATION = "continue"       # back to NEW at once, not a failure (rescale, time limit after a checkpoint)
+    RETRY = "retry"                 # back to NEW after the backoff while attempts remain
+    FAIL = "fail"                   # FAILED with the reason: retrying cannot help
+    EXTERNAL_CANCEL = "cancelled"   # CANCELLED outside fleetmpi (scancel)
+
+
 TRANSIENT_STATES = frozenset({"NODE_FAIL", "BOOT_FAIL", "PREEMPTED", "LOST", "DEADLINE"})
 
 
@@ -106,32 +117,33 @@ class ManagerConfig:
         return cfg
 
 
-def classify(st: AllocState, has_checkpoint: bool) -> tuple[str, str]:
+def classify(st: AllocState, has_checkpoint: bool) -> tuple[Outcome, str]:
     """Return (outcome, reason) for an allocation that ended; outcomes as in the module doc."""
     code, detail = st.exit_code, f": {st.detail}" if st.detail else ""
     if st.state == "TIMEOUT":
         if has_checkpoint:
-            return CONTINUE, "time limit reached; continuing from the newest checkpoint"
-        return FAIL, f"time limit reached before any checkpoint{detail}; raise the phase's time_min"
+            return Outcome.CONTINUATION, "time limit reached; continuing from the newest checkpoint"
+        return Outcome.FAIL, f"time limit reached before any checkpoint{detail}; raise the phase's time_min"
     if st.state in TRANSIENT_STATES:
-        return RETRY, f"allocation {st.state}{detail}"
+        return Outcome.RETRY, f"allocation {st.state}{detail}"
     if st.state == "CHAIN_STOPPED":
-        return FAIL, f"stopped, and the Slurm chain's own resubmissions gave up{detail}"
+        return Outcome.FAIL, f"stopped, and the Slurm chain's own resubmissions gave up{detail}"
     if st.state == "CANCELLED":
-        return EXTERNAL_CANCEL, f"allocation cancelled outside fleetmpi{detail}"
+        return Outcome.EXTERNAL_CANCEL, f"allocation cancelled outside fleetmpi{detail}"
     if st.state == "OUT_OF_MEMORY":
-        return FAIL, f"out of memory{detail}; raise the phase's mem_gb"
-    if code == 0:
-        return DONE, "goal reached"
-    if code == 3:
-        return CONTINUE, "rescale: continuing in the next phase"
-    if code == 4:
-        return RETRY, f"stopped by a signal after a checkpoint (exit 4){detail}"
-    if code in (1, 2):
-        return FAIL, f"exit code {code} ({'training failed' if code == 1 else 'bad input'}){detail}"
+        return Outcome.FAIL, f"out of memory{detail}; raise the phase's mem_gb"
     if code is None:
-        return RETRY, f"allocation {st.state} without an exit code{detail}"
-    return RETRY, f"a rank was killed or crashed (exit code {code}){detail}"
+        return Outcome.RETRY, f"allocation {st.state} without an exit code{detail}"
+    known = ExitCode.of(code)
+    if known is ExitCode.OK:
+        return Outcome.DONE, "goal reached"
+    if known is ExitCode.RESCALE:
+        return Outcome.CONTINUATION, "rescale: continuing in the next phase"
+    if known is ExitCode.STOPPED:
+        return Outcome.RETRY, f"stopped by a signal after a checkpoint (exit {code}){detail}"
+    if known in (ExitCode.FAILED, ExitCode.BAD_INPUT):
+        return Outcome.FAIL, f"exit code {code} ({known.meaning}){detail}"
+    return Outcome.RETRY, f"a rank was killed or crashed (exit code {code}){detail}"
 
 
 @dataclass
@@ -229,18 +241,18 @@ class Manager:
         now = time.time()
         to: str | None
         why: str | None
-        if outcome == DONE:
+        if outcome is Outcome.DONE:
             to, why = COMPLETED, None
-        elif outcome == CONTINUE:
+        elif outcome is Outcome.CONTINUATION:
             to, why = NEW, None
             values["not_before"] = now
-        elif outcome == RETRY and job.failures + 1 < job.max_attempts:
+        elif outcome is Outcome.RETRY and job.failures + 1 < job.max_attempts:
             to, why = NEW, f"attempt {a.attempt} (retry {job.failures + 1} of {job.max_attempts - 1}): {reason}"
             values.update(failures=job.failures + 1, not_before=now + job.backoff_s)
-        elif outcome == RETRY:
+        elif outcome is Outcome.RETRY:
             to, why = FAILED, f"gave up after {job.failures + 1} failed attempts; last: {reason}; log: {a.log}"
             values["failures"] = job.failures + 1
-        elif outcome == EXTERNAL_CANCEL:
+        elif outcome is Outcome.EXTERNAL_CANCEL:
             to, why = CANCELLED, reason
         else:
             to, why = FAILED, f"{reason}; log: {a.log}"

@@ -17,6 +17,8 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from fleetmpi.errors import BadInput, ExitCode
@@ -83,6 +85,60 @@ def _end(jd: JobDir, code: int, status: str, reason: str) -> int:
     return code
 
 
+class Action(Enum):
+    """What the continuation does after a phase ended."""
+
+    LOST = "lost"            # Slurm ended the allocation as lost: record it, end and submit nothing
+    COMPLETE = "complete"    # the goal was reached: end the chain COMPLETED
+    FAIL = "fail"            # the phase failed (exit 1 or 2): end the chain FAILED
+    CANCEL = "cancel"        # TERM reached the batch shell: end the chain CANCELLED
+    RESCALE = "rescale"      # exit 3: submit the phase the job moved to
+    RESUBMIT = "resubmit"    # stopped by a signal after a checkpoint: the same phase again, within the caps
+    NO_GOAL = "no_goal"      # exit 0 without the goal (srun does so when a node fails): FAILED
+    CRASHED = "crashed"      # any other exit code (ranks killed or crashed): FAILED
+
+
+@dataclass(frozen=True)
+class PhaseExit:
+    """How a phase ended: the action, and what the exit record says about a stop."""
+
+    action: Action
+    cancelled: bool = False  # TERM reached the batch shell (recorded as stop "cancelled")
+    stopped: bool = False    # the ranks stopped for a signal: time limit or preemption, told apart later
+
+
+def classify_exit(rc: int, stop_signal: str, goal_reached: bool, lost: str | None) -> PhaseExit:
+    """Return what to do after a phase that exited ``rc`` (``stop_signal``: USR2, TERM or '').
+
+    ``lost`` is Slurm's state of the job when Slurm ended it as lost (NODE_FAIL...), else None.
+    """
+    if lost and not (rc == ExitCode.OK and goal_reached):
+        return PhaseExit(Action.LOST)
+    # TERM to the batch shell means Slurm is ending the job (scancel, preemption by
+    # cancellation, node shutdown); it kills what is left after KillWait. A person or a
+    # policy wants it gone, so the chain ends there. USR2 (the time-limit warning, or
+    # `scancel --signal=USR2 --batch`) asks for a checkpoint and a new allocation.
+    cancelled = stop_signal == "TERM"
+    # Ranks that a forwarded signal reached before they could install their handlers die of it.
+    stopped = not cancelled and (
+        rc == ExitCode.STOPPED or (bool(stop_signal) and rc not in set(ExitCode) - {ExitCode.STOPPED}))
+    if rc == ExitCode.OK and goal_reached:
+        action = Action.COMPLETE
+    elif rc in (ExitCode.FAILED, ExitCode.BAD_INPUT):
+        action = Action.FAIL
+    elif cancelled:
+        action = Action.CANCEL
+    elif rc == ExitCode.RESCALE:
+        action = Action.RESCALE
+    elif stopped:
+        action = Action.RESUBMIT
+    elif rc == ExitCode.OK:
+        action = Action.NO_GOAL
+    else:
+        action = Action.CRASHED
+    return PhaseExit(action, cancelled, stopped)
+
+
 def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: float | None = None) -> int:
     """Act on the phase's exit code: submit what comes next or end the chain; return the script's code."""
     from fleetmpi.spec import load
@@ -94,33 +150,32 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     # srun exits 0 when its node fails, and a node set DOWN (by an admin or a health check)
     # keeps running this script until KillWait is over: ask Slurm before believing rc.
     lost = None if rc == ExitCode.OK and goal_reached else _lost_state(job_id)
-    if lost:
-        return _lost(jd, job_id, restart, phase, rc, stop_signal, lost)
-    # TERM to the batch shell means Slurm is ending the job (scancel, preemption by
-    # cancellation, node shutdown); it kills what is left after KillWait. A person or a
-    # policy wants it gone, so the chain ends there. USR2 (the time-limit warning, or
-    # `scancel --signal=USR2 --batch`) asks for a checkpoint and a new allocation.
-    cancelled = stop_signal == "TERM"
-    # Ranks that a forwarded signal reached before they could install their handlers die of it.
-    stopped = rc == ExitCode.STOPPED or (bool(stop_signal) and rc not in set(ExitCode) - {ExitCode.STOPPED})
+    verdict = classify_exit(rc, stop_signal, goal_reached, lost)
+    if verdict.action is Action.LOST:
+        return _lost(jd, job_id, restart, phase, rc, stop_signal, str(lost))
     stop = None
-    if cancelled:
+    if verdict.cancelled:
         stop = "cancelled"
-    elif stopped:
+    elif verdict.stopped:
         stop = _classify_stop(job_id, stop_signal, signal_time, spec, phase, this.get("started"))
     record(jd, "exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
     jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
+    return _act(jd, spec, phase, job_id, restart, rc, verdict.action, stop)
+
+
+def _act(jd: JobDir, spec: Spec, phase: str, job_id: str, restart: int, rc: int, action: Action,
+         stop: str | None) -> int:
+    """Record the chain's end or submit what comes next, as ``action`` says; return the script's code."""
     state = jd.read_state()
     backend = SlurmBackend(jd, spec)
-    if rc == ExitCode.OK and goal_reached:
+    if action is Action.COMPLETE:
         return _end(jd, ExitCode.OK, "COMPLETED", str(state.get("reason") or "goal"))
-    if rc in (ExitCode.FAILED, ExitCode.BAD_INPUT):
-        meaning = "training failed" if rc == ExitCode.FAILED else "bad input"
-        return _end(jd, rc, "FAILED", f"phase {phase}: {meaning}; see {chain_mod.log_path(jd, job_id)}")
-    if cancelled:
+    if action is Action.FAIL:
+        return _end(jd, rc, "FAILED", f"phase {phase}: {ExitCode(rc).meaning}; see {chain_mod.log_path(jd, job_id)}")
+    if action is Action.CANCEL:
         return _end(jd, ExitCode.STOPPED, "CANCELLED", f"Slurm job {job_id} was cancelled (TERM: scancel, preemption or "
                     f"shutdown); `fleetmpi submit {jd.root}` resumes from the newest checkpoint")
-    if rc == ExitCode.RESCALE:
+    if action is Action.RESCALE:
         target = state.get("phase")
         if target == phase or target not in spec.fleet.phases:
             return _end(jd, ExitCode.FAILED, "FAILED", f"phase {phase} asked for a rescale but named no new phase")
@@ -129,7 +184,7 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
         except SubmissionError as e:
             return _end(jd, e.exit_code, "FAILED", f"could not submit phase {target}: {e}")
         return ExitCode.OK
-    if stop is not None:
+    if action is Action.RESUBMIT and stop is not None:
         counter, cap = (("slurm_timeouts", spec.scheduler.max_timeouts) if stop == "timeout"
                         else ("slurm_preemptions", spec.scheduler.max_preemptions))
         n = int(state.get(counter, 0)) + 1
@@ -150,7 +205,7 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
         except SubmissionError as e:
             return _end(jd, e.exit_code, "FAILED", f"could not resubmit phase {phase} after a {stop}: {e}")
         return ExitCode.OK
-    if rc == ExitCode.OK:
+    if action is Action.NO_GOAL:
         return _end(jd, ExitCode.FAILED, "FAILED", f"phase {phase}: the step exited 0 but the job did not reach its goal "
                     f"(srun does so when a node fails); see {chain_mod.log_path(jd, job_id)}")
     return _end(jd, ExitCode.FAILED, "FAILED", f"phase {phase}: the ranks ended with exit code {rc} "

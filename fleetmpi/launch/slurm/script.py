@@ -18,17 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fleetmpi.schema import identifier
+from fleetmpi.schema import identifier, sbatch_extra_option
 
 # Values sbatch reads from '#SBATCH' lines: nothing a shell or sbatch's own parser could split.
 _COMMENT_RE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,200}$")
 _GRES_ONE = r"[A-Za-z][A-Za-z0-9_]*(:[A-Za-z0-9_.-]+)?(:[0-9]+)?"
 _GRES_RE = re.compile(rf"^{_GRES_ONE}(,{_GRES_ONE})*$")
 _OUTPUT_RE = re.compile(r"^[A-Za-z0-9_.%][A-Za-z0-9_.%/-]*$")
-_EXTRA_RE = re.compile(r"^--([a-z][a-z0-9-]*)(=[A-Za-z0-9_.,:/@%+=\[\]-]+)?$")
-# Flags fleetmpi sets itself or relies on; extra_sbatch may not change them.
-_RESERVED_EXTRA = frozenset({"hold", "parsable", "wrap", "chdir", "ntasks", "test-only", "wait", "no-requeue",
-                             "gpus", "gpus-per-node", "gpus-per-task", "array", "export-file"})
 RANKS_SIGNAL = {"srun": "USR2", "mpiexec": "TERM"}
 
 
@@ -60,6 +56,11 @@ def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: 
             raise ValueError(f"sbatch option {name} ({_flag(name)}): {err}")
     if command.launcher == "mpiexec" and not command.mpiexec:
         raise ValueError("launcher mpiexec needs the absolute path of mpiexec (BatchCommand.mpiexec)")
+    return "\n".join([*_header(opts), *_body(command, nodes * ntasks_per_node, ntasks_per_node)])
+
+
+def _header(opts: Mapping[str, Any]) -> list[str]:
+    """Return the shebang and the '#SBATCH' lines of checked options ``opts`` (SBATCH_OPTIONS order)."""
     lines = ["#!/bin/bash"]
     for name, value in opts.items():
         if name == "additional" or value is None:
@@ -72,15 +73,19 @@ def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: 
             lines.append(f"#SBATCH --mem={value}M")
         else:
             lines.append(f"#SBATCH --{_flag(name)}={value}")
-    lines += [f"#SBATCH {opt}" for opt in additional]
+    return lines + [f"#SBATCH {opt}" for opt in opts["additional"]]
+
+
+def _body(command: BatchCommand, ranks: int, ranks_per_node: int) -> list[str]:
+    """Return the shell lines that begin the phase, run its ranks, and hand the exit code on."""
     q = shlex.quote
     if command.launcher == "srun":
         step = ["srun", "--mpi=pmi2"]
     else:
-        step = ['"$mpiexec"', "-n", str(nodes * ntasks_per_node), "-ppn", str(ntasks_per_node)]
+        step = ['"$mpiexec"', "-n", str(ranks), "-ppn", str(ranks_per_node)]
     step += [q(a) for a in command.launcher_args] + ['"$python"', "-m", "fleetmpi.engine.worker", '"$job_dir"']
     sig = RANKS_SIGNAL[command.launcher]
-    lines += [
+    return [
         "# One phase of a fleetmpi job, rendered by fleetmpi.launch.slurm.script.render_sbatch.",
         f"# Phase {command.phase} ({command.shape}). sbatch runs this in the job dir; logic lives in",
         "# `python -m fleetmpi.launch.slurm.batch begin|continue`, the shell only starts and signals the ranks.",
@@ -121,7 +126,6 @@ def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: 
         '    --signal "$stop_signal" --signal-time "$stop_time"',
         "",
     ]
-    return "\n".join(lines)
 
 
 SBATCH_OPTIONS: tuple[str, ...] = tuple(
@@ -171,25 +175,11 @@ def _check_value(name: str, v: Any) -> str | None:
         if isinstance(v, str) or not isinstance(v, (list, tuple)):
             return f"expected a list of options, got {v!r}"
         for opt in v:
-            err = check_extra_option(opt)
+            err = sbatch_extra_option(opt)
             if err:
                 return err
         return None
     return f"unknown option; valid: {', '.join(SBATCH_OPTIONS)}"  # pragma: no cover
-
-
-def check_extra_option(v: Any) -> str | None:
-    """Return why ``v`` cannot be an extra '#SBATCH' option, or None (used by the spec validator)."""
-    m = _EXTRA_RE.match(v) if isinstance(v, str) else None
-    if not m:
-        return ("expected one long option without spaces or quotes, e.g. '--constraint=ib' or "
-                f"'--exclusive', got {v!r}")
-    flag = m.group(1)
-    managed = {_flag(n) for n in SBATCH_OPTIONS if n != "additional"}
-    if flag in managed or flag in _RESERVED_EXTRA:
-        return (f"{v!r} sets --{flag}, which fleetmpi sets itself (from the phase or the scheduler section); "
-                f"extra_sbatch may not use: {', '.join(sorted(managed | _RESERVED_EXTRA))}")
-    return None
 
 
 def check_options(options: Mapping[str, Any]) -> None:

@@ -1,0 +1,206 @@
+"""Training subcommands: run, inspect, predict, make-data, approve, events."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fleetmpi.cli.common import JOB_HELP, add_set, resolve_job
+from fleetmpi.errors import BadInput, ExitCode
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add_parsers(sub: Any) -> dict[str, Handler]:
+    """Add the training subcommands to ``sub`` (argparse subparsers); return their handlers by name."""
+    r = sub.add_parser("run", help="run a job on this machine (mpiexec), through rescales, to its goal")
+    r.add_argument("spec", help="job spec (YAML), or an existing job dir to resume")
+    r.add_argument("--job-dir", help="job directory (default: runs/NAME beside the current folder)")
+    add_set(r)
+    r.add_argument("--json", action="store_true", help="print the outcome as JSON on stdout")
+
+    i = sub.add_parser("inspect", help="show a checkpoint or model file")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("predict", help="predict with a trained model")
+    pr.add_argument("model", help="model.h5 written by a finished job")
+    pr.add_argument("data", help="HDF5 file with dataset X (float32, n x d)")
+    pr.add_argument("--out", required=True, help="output HDF5 file (datasets pred, and proba for classifiers)")
+    pr.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("make-data", help="write a synthetic or bundled dataset as HDF5 (X, y)")
+    m.add_argument("--task", choices=["binary", "multiclass", "regression"], default="binary")
+    m.add_argument("--from", dest="source", choices=["synthetic", "digits", "breast_cancer"], default="synthetic")
+    m.add_argument("--n", type=int, default=10000, help="rows (synthetic)")
+    m.add_argument("--d", type=int, default=32, help="features (synthetic)")
+    m.add_argument("--classes", type=int, default=4, help="classes (synthetic multiclass)")
+    m.add_argument("--noise", type=float, default=0.5, help="label noise scale (synthetic)")
+    m.add_argument("--valid-fraction", type=float, default=0.2)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True, help="output folder: writes train.h5 and valid.h5")
+
+    a = sub.add_parser("approve", help="approve a job's pending rescale (approval: manual)")
+    a.add_argument("job", help=JOB_HELP)
+
+    e = sub.add_parser("events", help="print a job's events")
+    e.add_argument("job", help=JOB_HELP)
+    e.add_argument("--json", action="store_true")
+    return {"run": _cmd_run, "inspect": _cmd_inspect, "predict": _cmd_predict, "make-data": _cmd_make_data,
+            "approve": _cmd_approve, "events": _cmd_events}
+
+
+def open_job(given: Path, job_dir: str | None, overrides: list[str], verb: str,
+             preflight: Callable[[Any, Any], object]) -> tuple[Any, Any]:
+    """Return (JobDir, Spec): a new job dir for a spec file, or the existing one ``given`` names.
+
+    Shared by ``run`` and the backends' submit commands (``verb`` names the command in
+    errors). ``preflight(spec, jobdir)`` checks what the launch needs before the job dir
+    exists, beside the data checks done here.
+    """
+    from fleetmpi import spec as specmod
+    from fleetmpi.jobdir import JobDir
+    from fleetmpi.preflight import check_inputs
+
+    if given.is_dir():  # `fleetmpi run JOB_DIR` resumes
+        if job_dir and Path(job_dir).resolve() != given.resolve():
+            raise BadInput(f"{verb} {given}: a job dir was given twice ({given} and --job-dir {job_dir})")
+        jd = JobDir(given)
+        if not jd.exists():
+            raise BadInput(f"{given}: not a fleetmpi job dir (no spec.yaml and state.json); pass a spec file")
+        if overrides:
+            raise BadInput(f"{verb} {given}: --set cannot change a job that exists; start a new --job-dir")
+        spec = specmod.load(jd.spec)
+    else:
+        spec = specmod.load(given, overrides)
+        jd = JobDir(job_dir or Path("runs") / spec.name)
+        if jd.exists():
+            stored = specmod.load(jd.spec)
+            if stored.spec_hash() != spec.spec_hash():
+                raise BadInput(f"{jd.root}: holds a job with a different spec than {given}"
+                               f"{' with --set ' + ' '.join(overrides) if overrides else ''}; "
+                               f"use a new --job-dir, or `fleetmpi {verb} " + str(jd.root) + "` to resume it as it was")
+        else:
+            # Everything a launch needs is checked before the job dir exists, so a refusal
+            # leaves nothing behind (and a corrected spec is not refused as a different one).
+            check_folder_path(jd.root, "--job-dir" if job_dir else "job dir")
+            check_inputs(spec)
+            preflight(spec, jd)
+            jd.create(specmod.dump(spec), spec.fleet.start, spec.scheduler.backend)
+    return jd, spec
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fleetmpi.launch.local import LocalBackend, find_mpiexec
+    from fleetmpi.preflight import check_inputs
+
+    jd, spec = open_job(Path(args.spec), args.job_dir, args.overrides, "run", lambda spec, _jd: find_mpiexec(spec))
+    state = jd.read_state()
+    if state.get("status") == "COMPLETED":
+        print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
+              file=sys.stderr)
+        rc: int = ExitCode.OK
+    else:
+        phase = state.get("phase")
+        if not isinstance(phase, str) or phase not in spec.fleet.phases:
+            raise BadInput(f"{jd.state_path}: phase {phase!r} is not in the spec's fleet.phases "
+                           f"({', '.join(spec.fleet.phases)}); the file was edited or belongs to another job")
+        check_inputs(spec)   # data may have moved since the job was created
+        find_mpiexec(spec)
+        if state.get("status") not in ("NEW", None):
+            jd.event("resume_requested", status=state.get("status"))
+        rc = LocalBackend(jd, spec).run()
+    if args.json:
+        print(json.dumps(_outcome(jd, rc), indent=1))
+    return rc
+
+
+def check_folder_path(path: Path, label: str) -> None:
+    """Refuse a folder to be created that is, or lies under, an existing file."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise BadInput(f"{label} {path}: {p} is not a folder")
+            return
+
+
+def _outcome(jd: Any, rc: int) -> dict[str, Any]:
+    state = jd.read_state()
+    last_goal = next((e for e in reversed(jd.read_events()) if e["event"] == "goal"), None)
+    return {"job_dir": str(jd.root), "exit_code": rc, "status": state.get("status"), "phase": state.get("phase"),
+            "phases_run": state.get("phases_run", []), "model": str(jd.model) if jd.model.exists() else None,
+            "goal": last_goal}
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from fleetmpi.engine.checkpoint import summary
+    info = summary(Path(args.path))
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return ExitCode.OK
+    meta = info.get("meta", {})
+    print(f"{info['path']}: {info['kind']} ({info['format']}), {info['size_bytes']} bytes, sha256 {info['sha256'][:16]}…")
+    for key in ("step", "epoch", "phase", "optimizer", "ranks", "reason", "kind", "name"):
+        if key in meta:
+            print(f"  {key}: {meta[key]}")
+    for name, a in info["arrays"].items():
+        stats = ", ".join(f"{k} {v:.4g}" for k, v in a.items() if k in ("min", "max", "l2_norm") and v is not None)
+        print(f"  array {name}: {a['dtype']} {tuple(a['shape'])}{' — ' + stats if stats else ''}")
+    return ExitCode.OK
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fleetmpi.engine.predict import predict_file
+    res = predict_file(Path(args.model), Path(args.data), Path(args.out))
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(f"fleetmpi: wrote {res['rows']} predictions to {res['out']}", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _cmd_make_data(args: argparse.Namespace) -> int:
+    from fleetmpi.makedata import make_data
+    check_folder_path(Path(args.out), "--out")
+    out = make_data(source=args.source, task=args.task, n=args.n, d=args.d, classes=args.classes,
+                    noise=args.noise, valid_fraction=args.valid_fraction, seed=args.seed, out=Path(args.out))
+    for path, rows in out.items():
+        print(f"fleetmpi: wrote {path} ({rows} rows)", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _cmd_approve(args: argparse.Namespace) -> int:
+    from fleetmpi.jobdir import JobDir, atomic_write_bytes
+    jd = JobDir(resolve_job(args.job).job_dir)
+    state = jd.read_state()
+    pending = state.get("pending_approval")
+    if not pending:
+        raise BadInput(f"{jd.root}: no rescale is waiting for approval (status {state.get('status')})")
+    if not (isinstance(pending, dict) and isinstance(pending.get("id"), str) and isinstance(pending.get("goto"), str)):
+        raise BadInput(f"{jd.state_path}: pending_approval is {pending!r}; expected an object with id and goto")
+    # The event first: the worker may act on the file the moment it appears.
+    jd.event("approved", id=pending["id"], goto=pending["goto"], user=os.environ.get("USER", ""))
+    atomic_write_bytes(jd.approval, json.dumps({"id": pending["id"], "user": os.environ.get("USER", "")}).encode())
+    print(f"fleetmpi: approved rescale to {pending['goto']} ({pending['id']})", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    from fleetmpi.jobdir import JobDir
+    jd = JobDir(resolve_job(args.job).job_dir)
+    jd.read_state()
+    for ev in jd.read_events():
+        if args.json:
+            print(json.dumps(ev))
+        else:
+            import time
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.pop("t")))
+            kind = ev.pop("event")
+            ev.pop("host", None)
+            print(f"{when} {kind:<18} " + " ".join(f"{k}={v}" for k, v in ev.items()))
+    return ExitCode.OK

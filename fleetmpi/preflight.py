@@ -1,0 +1,22 @@
+"""Checks a job must pass before its job dir is made, shared by the CLI and the Python API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleetmpi.errors import BadInput
+
+
+def check_inputs(spec: Any) -> None:
+    """Check the data files of ``spec`` (a fleetmpi.spec.Spec) so bad data leaves nothing behind."""
+    from fleetmpi.engine.data import describe
+    from fleetmpi.models import preflight, task_of
+    task = task_of(spec.model)
+    info = describe(spec.data_path(spec.data.train), task, spec.model.classes)
+    preflight(spec.model, spec.sync.kind, info.d, info.classes)   # a user's model class, before a job dir exists
+    if spec.data.valid:
+        v = describe(spec.data_path(spec.data.valid), task, spec.model.classes or info.classes)
+        if v.d != info.d:
+            raise BadInput(f"{v.path}: validation X has {v.d} columns but training X has {info.d}")
+    if spec.optimizer.batch > info.n:
+        raise BadInput(f"{spec.data.train}: optimizer.batch {spec.optimizer.batch} exceeds the {info.n} training rows")
