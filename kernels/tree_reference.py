@@ -81,7 +81,7 @@ def grow_tree(codes: np.ndarray, gq: np.ndarray, hq: np.ndarray, nbins: list[int
             G, H = int(gq[rows].sum()), int(hq[rows].sum())
             f = -1
             if lvl < depth:
-                f, b, gl, hl = _best(_hist(codes, gq, hq, rows, nbins), G, H, mask, inv_g, inv_h, l2, mcw)
+                f, b, _, _ = _best(_hist(codes, gq, hq, rows, nbins), G, H, mask, inv_g, inv_h, l2, mcw)
             if f < 0:
                 value[node] = -(G * inv_g) / (H * inv_h + l2) * lr
                 continue

@@ -28,6 +28,7 @@ from numba import njit
 from kernels.exact import fixed_scale
 
 __all__ = [
+    "add_leaves",
     "best_splits",
     "bin_rows",
     "build_histograms",
@@ -41,7 +42,6 @@ __all__ = [
     "partition",
     "predict_raw",
     "quantize",
-    "add_leaves",
     "warmup",
 ]
 

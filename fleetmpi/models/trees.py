@@ -327,7 +327,7 @@ class TreeLearner:
             # derive its sibling from the parent: integer sums make the subtraction exact.
             small = np.array([2 * q + (0 if hs[2 * q] <= hs[2 * q + 1] else 1) for q in range(len(pairs))])
             built = self._reduce_hist(K.build_histograms(codes, gq, hq, order, starts[small], counts[small], foff))
-            child = np.empty((len(ids),) + hist.shape[1:], np.int64)
+            child = np.empty((len(ids), *hist.shape[1:]), np.int64)
             for q, j in enumerate(pairs):
                 s = small[q]
                 child[s] = built[q]
@@ -344,6 +344,6 @@ class TreeLearner:
         ba = np.array(tbin, np.int32)
         cuts = self.ensemble.cuts
         thr = np.where(fa >= 0, cuts[np.maximum(fa, 0), np.maximum(ba, 0)], np.float32(0)).astype(np.float32)
-        tree = {"feature": fa, "bin": ba, "threshold": thr, "left": np.array(left, np.int32),
+        tree: dict[str, np.ndarray] = {"feature": fa, "bin": ba, "threshold": thr, "left": np.array(left, np.int32),
                 "right": np.array(right, np.int32), "value": value}
         return tree, (order, np.ascontiguousarray(seg[:, 0]), np.ascontiguousarray(seg[:, 1]), values)
