@@ -29,6 +29,7 @@ faults: install   # the fault campaign with full trial counts; table in bench/re
 
 bench: install
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0   # PyTorch CPU baseline
+	$(PY) -c "import lightgbm, xgboost" 2>/dev/null || $(PY) -m pip install -q lightgbm==4.7.0 xgboost==3.2.0   # tree baselines
 	$(PY) bench/run.py
 
 gpu-check:   # on a machine with a GPU: every GPU test and bench/bench_gpu.py (see the script)

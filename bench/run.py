@@ -32,6 +32,7 @@ OPTIONAL = [  # benchmarks of layers that ship separately; run when present
     ("time to loss vs peers", [PY, str(HERE / "bench_peers.py")]),
     ("scaling", [PY, str(HERE / "bench_scaling.py")]),
     ("ledger", [PY, str(HERE / "bench_ledger.py")]),
+    ("trees vs LightGBM / XGBoost", [PY, str(HERE / "bench_trees.py")]),
     ("gpu kernels and phase", [PY, str(HERE / "bench_gpu.py")]),   # prints "no GPU: skipped" without one
 ]
 

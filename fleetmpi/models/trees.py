@@ -1,0 +1,349 @@
+"""Histogram tree learner (gbdt, forest, one tree) that runs on one rank or data-parallel.
+
+Like LightGBM's serial -> data-parallel learner split, the learner is whole on one rank
+and takes two reducers for what crosses ranks: ``reduce`` sums int64 arrays (the level's
+histograms, class counts; ``MPI.INT64_T`` SUM over MPI) and ``reduce_max`` takes the
+elementwise max of float64 arrays (gradient bounds that set the fixed-point scale). On
+one rank both are the identity. Histograms are integer sums of per-row rounded
+gradients, so every rank count gives the same splits and leaves bit for bit.
+
+Rows are the caller's: each rank passes its own rows' uint8 codes, labels and global row
+ids (which seed row sampling, so sampling never depends on the rank). Cut points come
+from a seeded sample of global rows (``cut_sample_ids``, ``gather_sample``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kernels import trees as K
+
+__all__ = ["Ensemble", "TreeLearner", "TreeParams", "cut_sample_ids", "gather_sample", "mpi_reducers"]
+
+Reduce = Callable[[np.ndarray], np.ndarray]
+KINDS = ("gbdt", "forest", "tree")
+TASKS = ("regression", "binary", "multiclass")
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _identity(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+@dataclass(frozen=True)
+class TreeParams:
+    """Settings of one tree ensemble (the spec's ``model:`` for kind gbdt | forest | tree)."""
+
+    kind: str = "gbdt"
+    task: str = "binary"
+    classes: int = 2
+    trees: int = 100
+    depth: int = 6
+    learning_rate: float = 0.1
+    bins: int = 255
+    l2: float = 1.0
+    min_child_weight: float = 1.0
+    row_sample: float = 1.0
+    col_sample: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task == "multiclass" and self.classes < 2:
+            raise ValueError(f"multiclass needs classes >= 2, got {self.classes}")
+        if not 2 <= self.bins <= K.MAX_BINS:
+            raise ValueError(f"model.bins must be in 2..{K.MAX_BINS}, got {self.bins}")
+        if not 1 <= self.depth <= 30 or self.trees < 1:
+            raise ValueError(f"model.depth must be in 1..30 and model.trees >= 1, got {self.depth}, {self.trees}")
+        for name in ("row_sample", "col_sample"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"model.{name} must be in (0, 1], got {v}")
+        if self.l2 < 0 or self.min_child_weight < 0 or self.learning_rate <= 0:
+            raise ValueError("model.l2 and min_child_weight must be >= 0 and learning_rate > 0")
+
+    @property
+    def outputs(self) -> int:
+        """Return the number of raw scores per row (one tree per output per round)."""
+        return self.classes if self.task == "multiclass" else 1
+
+
+@dataclass
+class Ensemble:
+    """Trees as flat node arrays plus the cuts that bin their inputs; ``state()`` checkpoints it."""
+
+    cuts: np.ndarray
+    ncuts: np.ndarray
+    base: np.ndarray
+    task: str
+    rounds: int = 0
+    trees: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Return the node arrays of every tree concatenated, with tree offsets and classes."""
+        names = ("feature", "bin", "threshold", "left", "right", "value")
+        dtypes = (np.int32, np.int32, np.float32, np.int32, np.int32, np.float64)
+        out = {n: (np.concatenate([t[n] for t in self.trees]) if self.trees else np.empty(0, dt))
+               for n, dt in zip(names, dtypes)}
+        sizes = [t["feature"].size for t in self.trees]
+        out["offsets"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        out["tree_class"] = np.array([int(t["class"][0]) for t in self.trees], np.int32)
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Return every array a checkpoint needs, by name (round as a 0-d int64)."""
+        return {"cuts": self.cuts, "ncuts": self.ncuts, "base": self.base, "round": np.array(self.rounds),
+                **self.arrays()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], task: str) -> Ensemble:
+        """Return the ensemble a ``state()`` dict describes."""
+        off = state["offsets"]
+        trees = []
+        for t in range(off.size - 1):
+            sl = slice(int(off[t]), int(off[t + 1]))
+            tree = {n: np.array(state[n][sl]) for n in ("feature", "bin", "threshold", "left", "right", "value")}
+            tree["class"] = np.array([state["tree_class"][t]], np.int32)
+            trees.append(tree)
+        return cls(np.array(state["cuts"]), np.array(state["ncuts"]), np.array(state["base"]), task,
+                   int(state["round"]), trees)
+
+    def raw(self, X: np.ndarray) -> np.ndarray:
+        """Return raw scores (n, outputs) of float32 rows X."""
+        a = self.arrays()
+        return K.predict_raw(X, a["feature"], a["threshold"], a["left"], a["right"], a["value"], a["offsets"],
+                             a["tree_class"], self.base)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Return predictions: values (regression), P(y=1) (binary) or class probabilities (n, k)."""
+        z = self.raw(X)
+        if self.task == "regression":
+            return z[:, 0]
+        if self.task == "binary":
+            return 1.0 / (1.0 + np.exp(-z[:, 0]))
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+
+def cut_sample_ids(n_global: int, size: int, seed: int) -> np.ndarray:
+    """Return the sorted global row ids (at most ``size``) every rank bins from; rank-free."""
+    if n_global <= size:
+        return np.arange(n_global, dtype=np.int64)
+    return np.sort(np.random.default_rng([seed, 0x637574]).choice(n_global, size, replace=False)).astype(np.int64)
+
+
+def gather_sample(X: np.ndarray, row_ids: np.ndarray, ids: np.ndarray,
+                  allgather: Callable[[Any], list[Any]] = lambda o: [o]) -> np.ndarray:
+    """Return the sample rows ``ids`` in global id order, each read by the rank that holds it."""
+    mine = np.isin(row_ids, ids)
+    parts = allgather((row_ids[mine], np.ascontiguousarray(X[mine], dtype=np.float32)))
+    rid = np.concatenate([p[0] for p in parts])
+    rows = np.concatenate([p[1] for p in parts])
+    return rows[np.argsort(rid, kind="stable")]
+
+
+def mpi_reducers(comm: Any) -> tuple[Reduce, Reduce]:
+    """Return (int64 SUM, float64 MAX) Allreduce callables over comm."""
+    from mpi4py import MPI
+
+    def reduce(a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a, dtype=np.int64)
+        out = np.empty_like(a)
+        comm.Allreduce([a, MPI.INT64_T], [out, MPI.INT64_T], op=MPI.SUM)
+        return out
+
+    def reduce_max(a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        out = np.empty_like(a)
+        comm.Allreduce([a, MPI.DOUBLE], [out, MPI.DOUBLE], op=MPI.MAX)
+        return out
+
+    return reduce, reduce_max
+
+
+def _uniform(row_ids: np.ndarray, *key: int) -> np.ndarray:
+    """Return a uniform [0, 1) number per global row id from splitmix64 of (key, id)."""
+    z = row_ids.astype(np.uint64)
+    for k in key:
+        z = (z + np.uint64(k & 0xFFFFFFFFFFFFFFFF)) * _GOLDEN
+        z ^= z >> np.uint64(31)
+    z = z + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+# Poisson(1) cumulative probabilities: bootstrap counts by inverse transform.
+_POISSON_CDF = np.cumsum([math.exp(-1.0) / math.factorial(k) for k in range(20)])
+
+
+class TreeLearner:
+    """Grow trees level by level on this rank's rows; ``reduce``/``reduce_max`` join the ranks."""
+
+    def __init__(self, params: TreeParams, cuts: np.ndarray, ncuts: np.ndarray, reduce: Reduce = _identity,
+                 reduce_max: Reduce = _identity) -> None:
+        self.p = params
+        self.reduce = reduce
+        self.reduce_max = reduce_max
+        self.foff = K.feature_offsets(ncuts)
+        self.ensemble = Ensemble(cuts, ncuts, np.zeros(params.outputs), params.task)
+        self.hist_bytes = 0            # int64 bytes this rank put into reduce() so far
+        self._n_global: int | None = None
+
+    # ----------------------------------------------------------------- set-up
+
+    def init_base(self, y: np.ndarray) -> np.ndarray:
+        """Set the base score from the global label mean (exact integer sums); return it."""
+        p = self.p
+        n = int(self.reduce(np.array([y.shape[0]], np.int64))[0])
+        if p.task == "regression":
+            bound = float(self.reduce_max(np.array([np.abs(y).max() if y.size else 0.0]))[0])
+            scale = K.fixed_scale(bound, max(n, 1))
+            s = self.reduce(np.array([K.quantize(y.astype(np.float64), scale).sum()], np.int64))[0]
+            base = np.array([float(s) / scale / max(n, 1)])
+        else:
+            counts = self.reduce(np.bincount(y.astype(np.int64), minlength=p.outputs if p.outputs > 1 else 2))
+            frac = np.clip(counts / max(n, 1), 1e-6, 1.0 - 1e-6)
+            base = np.array([math.log(frac[1] / frac[0])]) if p.task == "binary" else np.log(frac)
+        self.ensemble.base = base
+        return base
+
+    # ----------------------------------------------------------------- one round
+
+    def fit_round(self, codes: np.ndarray, y: np.ndarray, pred: np.ndarray, row_ids: np.ndarray) -> float:
+        """Grow one round's trees (one per output) on local rows; add them to pred (n, outputs); return local loss."""
+        p, r = self.p, self.ensemble.rounds
+        score = np.broadcast_to(self.ensemble.base, pred.shape) if p.kind == "forest" else pred
+        if p.task == "regression":
+            loss, g, h = K.grad_squared(np.ascontiguousarray(score[:, 0]), y)
+            g, h = g[None], h[None]
+        elif p.task == "binary":
+            loss, g, h = K.grad_logistic(np.ascontiguousarray(score[:, 0]), y)
+            g, h = g[None], h[None]
+        else:
+            loss, g, h = K.grad_softmax(np.ascontiguousarray(score), y)
+        lr = {"gbdt": p.learning_rate, "forest": 1.0 / p.trees, "tree": 1.0}[p.kind]
+        for c in range(p.outputs):
+            w = self._row_weights(row_ids, r, c)
+            gc, hc = (g[c], h[c]) if w is None else (g[c] * w, h[c] * w)
+            tree, add = self._grow(codes, gc, hc, r, c, lr)
+            tree["class"] = np.array([c], np.int32)
+            self.ensemble.trees.append(tree)
+            col = np.ascontiguousarray(pred[:, c])
+            K.add_leaves(*add, col)
+            pred[:, c] = col
+        self.ensemble.rounds += 1
+        return loss
+
+    def _row_weights(self, row_ids: np.ndarray, r: int, c: int) -> np.ndarray | None:
+        p = self.p
+        if p.kind == "forest":
+            u = _uniform(row_ids, p.seed, r, c, 1)
+            return np.searchsorted(_POISSON_CDF, u, side="right").astype(np.float64)
+        if p.row_sample < 1.0:
+            return (_uniform(row_ids, p.seed, r, c, 0) < p.row_sample).astype(np.float64)
+        return None
+
+    def _colmask(self, r: int, c: int, ids: list[int]) -> np.ndarray:
+        p = self.p
+        d = self.foff.size - 1
+        mask = np.zeros((len(ids), d), np.bool_)
+        if p.kind == "forest":
+            m = max(1, int(math.isqrt(d)))
+            for j, node in enumerate(ids):
+                mask[j, np.random.default_rng([p.seed, r, c, 2, node]).choice(d, m, replace=False)] = True
+        elif p.col_sample < 1.0:
+            m = max(1, int(round(p.col_sample * d)))
+            mask[:, np.random.default_rng([p.seed, r, c, 3]).choice(d, m, replace=False)] = True
+        else:
+            mask[:] = True
+        return mask
+
+    def _reduce_hist(self, h: np.ndarray) -> np.ndarray:
+        self.hist_bytes += h.nbytes
+        return self.reduce(h.reshape(-1)).reshape(h.shape)
+
+    def _grow(self, codes: np.ndarray, g: np.ndarray, h: np.ndarray, r: int, c: int, lr: float
+              ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Return one tree's node arrays and (order, leaf starts, counts, values) for the pred update."""
+        p, foff = self.p, self.foff
+        n = codes.shape[0]
+        if self._n_global is None:
+            self._n_global = int(self.reduce(np.array([n], np.int64))[0])
+        n_global = self._n_global
+        local = np.array([np.abs(g).max() if n else 0.0, h.max() if n else 0.0])
+        bg, bh = self.reduce_max(local)
+        sg, sh = K.fixed_scale(float(bg), max(n_global, 1)), K.fixed_scale(float(bh), max(n_global, 1))
+        gq, hq = K.quantize(g, sg), K.quantize(h, sh)
+        inv_g, inv_h = 1.0 / sg, 1.0 / sh
+
+        order = np.arange(n, dtype=np.int32)
+        starts, counts = np.zeros(1, np.int64), np.full(1, n, np.int64)
+        hist = self._reduce_hist(K.build_histograms(codes, gq, hq, order, starts, counts, foff))
+        gs = hist[:, foff[0]:foff[1], 0].sum(axis=1)
+        hs = hist[:, foff[0]:foff[1], 1].sum(axis=1)
+        ids = [0]
+        feature, tbin, left, right = [-1], [-1], [-1], [-1]
+        leaf_ids: list[int] = []
+        leaf_seg: list[tuple[int, int, int, int]] = []      # start, count, gq sum, hq sum
+        for depth in range(p.depth):
+            f, t, _, lg, lh = K.best_splits(hist, gs, hs, foff, self._colmask(r, c, ids), inv_g, inv_h,
+                                           p.l2, p.min_child_weight)
+            split = f >= 0
+            nleft = K.partition(codes, order, starts, counts, f, t) if split.any() else counts
+            c_ids, c_starts, c_counts, c_gs, c_hs, pairs = [], [], [], [], [], []
+            for j, node in enumerate(ids):
+                if not split[j]:
+                    leaf_ids.append(node)
+                    leaf_seg.append((int(starts[j]), int(counts[j]), int(gs[j]), int(hs[j])))
+                    continue
+                li, ri = len(feature), len(feature) + 1
+                feature[node], tbin[node], left[node], right[node] = int(f[j]), int(t[j]), li, ri
+                feature += [-1, -1]
+                tbin += [-1, -1]
+                left += [-1, -1]
+                right += [-1, -1]
+                c_ids += [li, ri]
+                c_starts += [int(starts[j]), int(starts[j] + nleft[j])]
+                c_counts += [int(nleft[j]), int(counts[j] - nleft[j])]
+                c_gs += [int(lg[j]), int(gs[j] - lg[j])]
+                c_hs += [int(lh[j]), int(hs[j] - lh[j])]
+                pairs.append(j)
+            ids = c_ids
+            starts, counts = np.array(c_starts, np.int64), np.array(c_counts, np.int64)
+            gs, hs = np.array(c_gs, np.int64), np.array(c_hs, np.int64)
+            if not ids or depth == p.depth - 1:
+                break
+            # Build the child with the smaller global hessian (all ranks agree on it) and
+            # derive its sibling from the parent: integer sums make the subtraction exact.
+            small = np.array([2 * q + (0 if hs[2 * q] <= hs[2 * q + 1] else 1) for q in range(len(pairs))])
+            built = self._reduce_hist(K.build_histograms(codes, gq, hq, order, starts[small], counts[small], foff))
+            child = np.empty((len(ids), *hist.shape[1:]), np.int64)
+            for q, j in enumerate(pairs):
+                s = small[q]
+                child[s] = built[q]
+                child[s ^ 1] = hist[j] - built[q]
+            hist = child
+        for j, node in enumerate(ids):
+            leaf_ids.append(node)
+            leaf_seg.append((int(starts[j]), int(counts[j]), int(gs[j]), int(hs[j])))
+        seg = np.array(leaf_seg, np.int64).reshape(-1, 4)
+        values = K.leaf_values(seg[:, 2], seg[:, 3], inv_g, inv_h, p.l2, lr)
+        value = np.zeros(len(feature))
+        value[leaf_ids] = values
+        fa = np.array(feature, np.int32)
+        ba = np.array(tbin, np.int32)
+        cuts = self.ensemble.cuts
+        thr = np.where(fa >= 0, cuts[np.maximum(fa, 0), np.maximum(ba, 0)], np.float32(0)).astype(np.float32)
+        tree: dict[str, np.ndarray] = {"feature": fa, "bin": ba, "threshold": thr, "left": np.array(left, np.int32),
+                "right": np.array(right, np.int32), "value": value}
+        return tree, (order, np.ascontiguousarray(seg[:, 0]), np.ascontiguousarray(seg[:, 1]), values)

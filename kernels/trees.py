@@ -1,0 +1,406 @@
+"""Histogram tree kernels: cut points, uint8 binning, int64 histograms, splits, prediction.
+
+The pieces follow LightGBM's and XGBoost's hist learners, kept apart so a data-parallel
+learner can put one integer Allreduce between histogram build and split finding:
+
+* ``cut_points`` turns a sample of rows into at most ``bins - 1`` float32 cuts per
+  feature; ``bin_rows`` maps float32 rows to uint8 codes, ``code = #{cuts < x}``.
+* Gradients and hessians are rounded once per row to int64 (``quantize`` at a
+  power-of-two scale from global bounds, as kernels.exact does), so a histogram is an
+  integer sum: the same for any split of rows over ranks, and a sibling derived by
+  subtraction equals the one built directly.
+* ``build_histograms`` fills (nodes, bins, 2) int64 histograms for row segments of a
+  partitioned row order; ``best_splits`` scans them (gain with l2 and
+  min_child_weight; ties go to the lowest (feature, bin)); ``partition`` splits each
+  segment stably into left then right rows.
+* ``predict_raw`` walks raw float32 rows through an ensemble stored as flat node arrays.
+
+Every kernel is plain numba, fastmath off: results depend on the inputs only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from kernels.exact import fixed_scale
+
+__all__ = [
+    "add_leaves",
+    "best_splits",
+    "bin_rows",
+    "build_histograms",
+    "cut_points",
+    "feature_offsets",
+    "fixed_scale",
+    "grad_logistic",
+    "grad_softmax",
+    "grad_squared",
+    "leaf_values",
+    "partition",
+    "predict_raw",
+    "quantize",
+    "warmup",
+]
+
+MAX_BINS = 256          # codes are uint8
+
+
+# --------------------------------------------------------------------------- bins
+
+
+def cut_points(sample: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (cuts (d, bins-1) float32 padded with +inf, ncuts (d,) int32) from sample rows.
+
+    A feature with at most ``bins`` distinct values gets a cut at each distinct value but
+    the largest (every value its own bin); otherwise the cuts are the distinct values at
+    the sample's k/bins quantiles (k = 1 .. bins-1), less the largest value. A constant
+    feature has no cut. The result depends on the sample's values only, not its row order.
+    """
+    if not 2 <= int(bins) <= MAX_BINS:
+        raise ValueError(f"bins must be in 2..{MAX_BINS}, got {bins}")
+    if not isinstance(sample, np.ndarray) or sample.ndim != 2 or sample.shape[0] == 0:
+        raise ValueError(f"sample must be a 2-D array with at least one row, got {getattr(sample, 'shape', sample)}")
+    S = np.asarray(sample, dtype=np.float32)
+    if not np.isfinite(S).all():
+        r, c = np.argwhere(~np.isfinite(S))[0]
+        raise ValueError(f"sample row {r}, feature {c} is {S[r, c]}; cut points need finite values")
+    m, d = S.shape
+    bins = int(bins)
+    cuts = np.full((d, bins - 1), np.inf, dtype=np.float32)
+    ncuts = np.zeros(d, dtype=np.int32)
+    qidx = (np.arange(1, bins, dtype=np.int64) * m) // bins
+    for f in range(d):
+        v = np.sort(S[:, f])
+        u = np.unique(v)
+        if u.size <= bins:
+            c = u[:-1]
+        else:
+            c = np.unique(v[qidx])
+            c = c[c < u[-1]]
+        cuts[f, : c.size] = c
+        ncuts[f] = c.size
+    return cuts, ncuts
+
+
+def feature_offsets(ncuts: np.ndarray) -> np.ndarray:
+    """Return (d + 1,) int64 offsets of each feature's ncuts + 1 bins in a flat histogram."""
+    off = np.zeros(ncuts.size + 1, dtype=np.int64)
+    np.cumsum(ncuts.astype(np.int64) + 1, out=off[1:])
+    return off
+
+
+@njit(cache=True, nogil=True)
+def _bin_rows(X: np.ndarray, cuts: np.ndarray, ncuts: np.ndarray, out: np.ndarray) -> int:
+    """Fill out (n, d) uint8 with #{cuts < x}; return the first row holding NaN, or -1."""
+    n, d = X.shape
+    for i in range(n):
+        for f in range(d):
+            x = X[i, f]
+            if x != x:
+                return i
+            lo = 0
+            hi = ncuts[f]
+            c = cuts[f]
+            while lo < hi:             # first cut >= x
+                mid = (lo + hi) >> 1
+                if c[mid] < x:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            out[i, f] = lo
+    return -1
+
+
+def bin_rows(X: np.ndarray, cuts: np.ndarray, ncuts: np.ndarray) -> np.ndarray:
+    """Return (n, d) uint8 codes of float32 rows: values above every cut get the last bin."""
+    if not isinstance(X, np.ndarray) or X.ndim != 2 or X.shape[1] != cuts.shape[0]:
+        raise ValueError(f"X must be 2-D with {cuts.shape[0]} columns, got {getattr(X, 'shape', X)}")
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    out = np.empty(X.shape, dtype=np.uint8)
+    bad = _bin_rows(X, cuts, ncuts, out)
+    if bad >= 0:
+        f = int(np.flatnonzero(np.isnan(X[bad]))[0])
+        raise ValueError(f"row {bad}, feature {f} is NaN; tree inputs must be finite")
+    return out
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@njit(cache=True, nogil=True)
+def _grad_squared(pred: np.ndarray, y: np.ndarray, g: np.ndarray, h: np.ndarray) -> float:
+    n = pred.shape[0]
+    loss = 0.0
+    for i in range(n):
+        r = pred[i] - np.float64(y[i])
+        g[i] = r
+        h[i] = 1.0
+        loss += 0.5 * r * r
+    return loss
+
+
+@njit(cache=True, nogil=True)
+def _grad_logistic(pred: np.ndarray, y: np.ndarray, g: np.ndarray, h: np.ndarray) -> float:
+    n = pred.shape[0]
+    loss = 0.0
+    for i in range(n):
+        z = pred[i]
+        yi = np.float64(y[i])
+        e = math.exp(-abs(z))
+        q = 1.0 / (1.0 + e)
+        p = q if z >= 0.0 else e * q
+        loss += math.log1p(e) + max(z, 0.0) - yi * z
+        g[i] = p - yi
+        h[i] = max(p * (1.0 - p), 1e-16)
+    return loss
+
+
+@njit(cache=True, nogil=True)
+def _grad_softmax(pred: np.ndarray, y: np.ndarray, g: np.ndarray, h: np.ndarray) -> float:
+    n, k = pred.shape
+    factor = k / (k - 1.0)          # LightGBM's: the diagonal of the softmax Hessian, rescaled
+    loss = 0.0
+    for i in range(n):
+        m = pred[i, 0]
+        for c in range(1, k):
+            m = max(m, pred[i, c])
+        s = 0.0
+        for c in range(k):
+            s += math.exp(pred[i, c] - m)
+        yi = int(y[i])
+        loss += math.log(s) + m - pred[i, yi]
+        for c in range(k):
+            p = math.exp(pred[i, c] - m) / s
+            g[c, i] = p - (1.0 if c == yi else 0.0)
+            h[c, i] = max(factor * p * (1.0 - p), 1e-16)
+    return loss
+
+
+def grad_squared(pred: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Return (summed 0.5 (pred - y)^2, g (n,), h (n,)) of squared error."""
+    g, h = np.empty(pred.shape[0]), np.empty(pred.shape[0])
+    return float(_grad_squared(pred, y, g, h)), g, h
+
+
+def grad_logistic(pred: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Return (summed log-loss, g (n,), h (n,)) of logistic loss on raw scores pred."""
+    g, h = np.empty(pred.shape[0]), np.empty(pred.shape[0])
+    return float(_grad_logistic(pred, y, g, h)), g, h
+
+
+def grad_softmax(pred: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Return (summed cross-entropy, g (k, n), h (k, n)) of softmax on raw scores pred (n, k)."""
+    n, k = pred.shape
+    g, h = np.empty((k, n)), np.empty((k, n))
+    return float(_grad_softmax(pred, y, g, h)), g, h
+
+
+def quantize(v: np.ndarray, scale: float) -> np.ndarray:
+    """Return round(v * scale) as int64 (half to even); scale is a power of two."""
+    return np.rint(v * scale).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- histograms
+
+
+@njit(cache=True, nogil=True)
+def _build(codes: np.ndarray, gq: np.ndarray, hq: np.ndarray, order: np.ndarray, starts: np.ndarray,
+           counts: np.ndarray, foff: np.ndarray, out: np.ndarray) -> None:
+    d = codes.shape[1]
+    for j in range(starts.shape[0]):
+        hist = out[j]
+        for p in range(starts[j], starts[j] + counts[j]):
+            i = order[p]
+            g = gq[i]
+            h = hq[i]
+            row = codes[i]
+            for f in range(d):
+                b = foff[f] + row[f]
+                hist[b, 0] += g
+                hist[b, 1] += h
+
+
+def build_histograms(codes: np.ndarray, gq: np.ndarray, hq: np.ndarray, order: np.ndarray,
+                     starts: np.ndarray, counts: np.ndarray, foff: np.ndarray) -> np.ndarray:
+    """Return (len(starts), total bins, 2) int64 sums of (gq, hq) over each order segment's rows."""
+    out = np.zeros((starts.shape[0], int(foff[-1]), 2), dtype=np.int64)
+    _build(codes, gq, hq, order, starts, counts, foff, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _best_splits(hist: np.ndarray, gsum: np.ndarray, hsum: np.ndarray, foff: np.ndarray, colmask: np.ndarray,
+                 inv_g: float, inv_h: float, l2: float, mcw: float, feat: np.ndarray, thr: np.ndarray,
+                 gain: np.ndarray, lg: np.ndarray, lh: np.ndarray) -> None:
+    k = hist.shape[0]
+    d = foff.shape[0] - 1
+    for j in range(k):
+        G = gsum[j] * inv_g
+        H = hsum[j] * inv_h
+        parent = G * G / (H + l2)
+        best = 0.0
+        feat[j] = -1
+        thr[j] = -1
+        gain[j] = 0.0
+        lg[j] = 0
+        lh[j] = 0
+        for f in range(d):
+            if not colmask[j, f]:
+                continue
+            gl = 0
+            hl = 0
+            for b in range(foff[f], foff[f + 1] - 1):
+                gl += hist[j, b, 0]
+                hl += hist[j, b, 1]
+                HL = hl * inv_h
+                HR = (hsum[j] - hl) * inv_h
+                if HL < mcw or HR < mcw:
+                    continue
+                GL = gl * inv_g
+                GR = (gsum[j] - gl) * inv_g
+                s = GL * GL / (HL + l2) + GR * GR / (HR + l2) - parent
+                if s > best:
+                    best = s
+                    feat[j] = f
+                    thr[j] = b - foff[f]
+                    gain[j] = s
+                    lg[j] = gl
+                    lh[j] = hl
+
+
+def best_splits(hist: np.ndarray, gsum: np.ndarray, hsum: np.ndarray, foff: np.ndarray, colmask: np.ndarray,
+                inv_g: float, inv_h: float, l2: float, min_child_weight: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Return per node (feature or -1, threshold bin, gain, left gq sum, left hq sum) of the best split.
+
+    A split sends codes <= threshold bin left; its gain is GL^2/(HL+l2) + GR^2/(HR+l2) -
+    G^2/(H+l2) with both children's hessian at least min_child_weight; only a positive
+    gain splits, and equal gains go to the lowest (feature, bin).
+    """
+    k = hist.shape[0]
+    feat = np.empty(k, np.int32)
+    thr = np.empty(k, np.int32)
+    gain = np.empty(k)
+    lg = np.empty(k, np.int64)
+    lh = np.empty(k, np.int64)
+    _best_splits(hist, gsum, hsum, foff, colmask, float(inv_g), float(inv_h), float(l2), float(min_child_weight),
+                 feat, thr, gain, lg, lh)
+    return feat, thr, gain, lg, lh
+
+
+@njit(cache=True, nogil=True)
+def _partition(codes: np.ndarray, order: np.ndarray, starts: np.ndarray, counts: np.ndarray, feat: np.ndarray,
+               thr: np.ndarray, nleft: np.ndarray, tmp: np.ndarray) -> None:
+    for j in range(starts.shape[0]):
+        f = feat[j]
+        if f < 0:
+            nleft[j] = counts[j]
+            continue
+        s = starts[j]
+        t = thr[j]
+        nl = 0
+        nr = 0
+        for p in range(s, s + counts[j]):
+            i = order[p]
+            if codes[i, f] <= t:
+                order[s + nl] = i        # s + nl <= p: never overwrites an unread row
+                nl += 1
+            else:
+                tmp[nr] = i
+                nr += 1
+        for r in range(nr):
+            order[s + nl + r] = tmp[r]
+        nleft[j] = nl
+
+
+def partition(codes: np.ndarray, order: np.ndarray, starts: np.ndarray, counts: np.ndarray, feat: np.ndarray,
+              thr: np.ndarray) -> np.ndarray:
+    """Split each segment of order in place, stably, into rows with code <= thr then the rest; return left counts."""
+    nleft = np.empty(starts.shape[0], np.int64)
+    tmp = np.empty(int(counts.max()) if counts.size else 0, order.dtype)
+    _partition(codes, order, starts, counts, feat, thr, nleft, tmp)
+    return nleft
+
+
+def leaf_values(gsum: np.ndarray, hsum: np.ndarray, inv_g: float, inv_h: float, l2: float,
+                learning_rate: float) -> np.ndarray:
+    """Return the Newton step -G/(H + l2) times learning_rate of each leaf's int sums."""
+    G = gsum.astype(np.float64) * inv_g
+    H = hsum.astype(np.float64) * inv_h
+    return -G / (H + l2) * learning_rate
+
+
+@njit(cache=True, nogil=True)
+def _add_leaves(order: np.ndarray, starts: np.ndarray, counts: np.ndarray, values: np.ndarray,
+                pred: np.ndarray) -> None:
+    for j in range(starts.shape[0]):
+        v = values[j]
+        for p in range(starts[j], starts[j] + counts[j]):
+            pred[order[p]] += v
+
+
+def add_leaves(order: np.ndarray, starts: np.ndarray, counts: np.ndarray, values: np.ndarray,
+               pred: np.ndarray) -> None:
+    """Add each leaf's value to pred (n,) of the rows in its order segment."""
+    _add_leaves(order, starts, counts, values, pred)
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+@njit(cache=True, nogil=True)
+def _predict(X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
+             value: np.ndarray, offsets: np.ndarray, tree_class: np.ndarray, out: np.ndarray) -> None:
+    n = X.shape[0]
+    for i in range(n):
+        x = X[i]
+        for t in range(offsets.shape[0] - 1):
+            base = offsets[t]
+            node = base
+            while feature[node] >= 0:
+                if x[feature[node]] <= threshold[node]:
+                    node = base + left[node]
+                else:
+                    node = base + right[node]
+            out[i, tree_class[t]] += value[node]
+
+
+def predict_raw(X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
+                value: np.ndarray, offsets: np.ndarray, tree_class: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """Return raw scores (n, classes) of float32 rows: base plus every tree's leaf for its class.
+
+    Node arrays are flat over trees; tree t owns nodes offsets[t]:offsets[t+1], its root
+    first, left/right indices relative to its root; a leaf has feature -1. A row goes
+    left where x[feature] <= threshold (the float32 cut), as bin_rows would bin it.
+    """
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    out = np.empty((X.shape[0], base.size))
+    out[:] = base
+    _predict(X, feature, threshold, left, right, value, offsets, tree_class, out)
+    return out
+
+
+def warmup() -> None:
+    """Compile every kernel for the dtypes the learner uses, or load it from numba's cache."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8, 2)).astype(np.float32)
+    cuts, ncuts = cut_points(X, 4)
+    codes = bin_rows(X, cuts, ncuts)
+    y = (X[:, 0] > 0).astype(np.float32)
+    pred = np.zeros(8)
+    grad_squared(pred, y)
+    _, g, h = grad_logistic(pred, y)
+    grad_softmax(np.zeros((8, 2)), y)
+    foff = feature_offsets(ncuts)
+    order = np.arange(8, dtype=np.int32)
+    starts, counts = np.zeros(1, np.int64), np.full(1, 8, np.int64)
+    hist = build_histograms(codes, quantize(g, 2.0**20), quantize(h, 2.0**20), order, starts, counts, foff)
+    f, t, _, _, _ = best_splits(hist, hist[:, : foff[1], 0].sum(1), hist[:, : foff[1], 1].sum(1), foff,
+                                np.ones((1, 2), np.bool_), 2.0**-20, 2.0**-20, 1.0, 0.0)
+    partition(codes, order, starts, counts, f, t)
+    add_leaves(order, starts, counts, np.ones(1), pred)
+    predict_raw(X, np.array([-1], np.int32), np.zeros(1, np.float32), np.zeros(1, np.int32), np.zeros(1, np.int32),
+                np.ones(1), np.array([0, 1], np.int64), np.zeros(1, np.int32), np.zeros(1))
