@@ -201,6 +201,7 @@ class Ledger:
             raise damaged(self.path, f"quick_check: {'; '.join(problems)}")
         folder = self.path.parent / "backups"
         make_dirs(folder, HOME_MODE)
+        os.chmod(folder, HOME_MODE)  # copies of the ledger are as private as the ledger
         dest = folder / f"ledger-{time.strftime('%Y%m%d-%H%M%S')}.db"
         tmp = folder / f".{dest.name}.tmp.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
