@@ -14,8 +14,9 @@ point) order the UTF-8 header ``"<name>\\t<dtype.str>\\t<d0,d1,...>\\t<nbytes>\\
 followed by the array's raw little-endian C-order bytes; then ``"meta\\t<len>\\n"`` and
 the UTF-8 meta JSON. Lengths in the headers make the framing unambiguous.
 
-Writes go to ``.<name>.tmp.<pid>`` in the target folder, are fsynced, renamed onto the
-final name with ``os.replace`` and the folder is fsynced, so a reader sees either the
+Writes go to ``.<name>.tmp.<pid>`` in the target folder (created exclusively, never
+through a symbolic link, mode 0o644 at most whatever the umask), are fsynced, renamed
+onto the final name with ``os.replace`` and the folder is fsynced, so a reader sees either the
 old file or the complete new one. Read failures of any kind become ``CheckpointError``
 with one line ``"PATH: <what is wrong> (<what is expected>)"``; a missing file stays
 ``FileNotFoundError``.
@@ -36,6 +37,7 @@ import h5py
 import numpy as np
 
 from fleetmpi.errors import CheckpointError, one_line
+from fleetmpi.jobdir import fsync_dir, open_new
 
 __all__ = ["FORMAT", "read_h5_header", "read_h5_verified", "write_h5_atomic"]
 
@@ -76,6 +78,11 @@ def write_h5_atomic(
             f"{folder}: folder does not exist (create it before writing {path.name})"
         )
     tmp = folder / f".{path.name}.tmp.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()  # left by a crashed process with the same pid
+    # HDF5 creates files 0o666 & ~umask; a file made here first keeps this mode when h5py
+    # truncates it, and O_EXCL | O_NOFOLLOW means it is ours, not a planted link.
+    os.close(open_new(tmp))
     try:
         # locking=False: the temp name is private to this process, and HDF5's own file
         # locks fail on some parallel file systems.
@@ -93,7 +100,7 @@ def write_h5_atomic(
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_path(folder)
+    fsync_dir(folder)
 
 
 def read_h5_verified(

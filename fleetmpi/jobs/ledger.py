@@ -11,22 +11,39 @@ the same job one wins and the other gets ``False``. An illegal change raises
 terminal (or folds a rescale), and claimed in one transaction, so each goes out once.
 
 The schema, its migrations and the row types are in fleetmpi.jobs.rows.
+
+A damaged ledger (not SQLite, truncated, failing ``quick_check``, a row of the wrong
+type, or emptied while job dirs exist) is never used nor silently replaced: every public
+method raises :class:`LedgerDamaged` (exit 2, one line naming the file, the newest
+backup and ``fleetmpi ledger rebuild``). :meth:`Ledger.backup` keeps rolling copies in
+``$FLEETMPI_HOME/backups``; :func:`rebuild_from_job_dirs` makes a new ledger from the
+job dirs in ``$FLEETMPI_HOME/jobs``. A job id is never reused while a job dir
+``jobs/<id>-<name>`` exists, even when the ledger is behind the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import getpass
+import hashlib
 import json
 import os
+import pwd
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from fleetmpi.errors import BadInput
-from fleetmpi.jobs.rows import JSON_COLUMNS, AllocRow, JobRow, NoteRow, connect, decode_row, migrate
+import yaml
+
+from fleetmpi.errors import BadInput, one_line
+from fleetmpi.jobdir import JobDir, fsync_dir, make_dirs, open_new, read_lines
+from fleetmpi.jobs.rows import DB_MODE, JSON_COLUMNS, AllocRow, JobRow, NoteRow, connect, decode_row, migrate
 
 NEW, LAUNCHED, RUNNING, RESCALING = "NEW", "LAUNCHED", "RUNNING", "RESCALING"
 COMPLETED, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
@@ -57,12 +74,63 @@ class QueueFull(BadInput):
     """The owner already has max_queued jobs waiting (status NEW)."""
 
 
+class LedgerDamaged(BadInput):
+    """The ledger file is not a sound SQLite ledger; the message says how to recover."""
+
+
+HOME_MODE = 0o700  # private: the ledger and job list of one user
+_DIR_ID = re.compile(r"^(\d+)-")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
 def home(create: bool = True) -> Path:
-    """Return $FLEETMPI_HOME (default ~/.fleetmpi), created if missing unless ``create`` is False."""
+    """Return $FLEETMPI_HOME (default ~/.fleetmpi), created (mode 0o700) if missing unless ``create`` is False."""
     path = Path(os.environ.get("FLEETMPI_HOME") or Path.home() / ".fleetmpi").expanduser()
     if create:
-        path.mkdir(parents=True, exist_ok=True)
+        make_dirs(path, HOME_MODE)
     return path
+
+
+def job_dir_ids(jobs_dir: Path) -> list[int]:
+    """Return the ids of the job dirs ``<id>-<name>`` in ``jobs_dir``, sorted."""
+    try:
+        names = [e.name for e in os.scandir(jobs_dir) if e.is_dir()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(m.group(1)) for m in map(_DIR_ID.match, names) if m)
+
+
+def newest_backup(home_dir: Path) -> Path | None:
+    """Return the newest ``backups/ledger-*.db`` under ``home_dir``, or None."""
+    found = sorted((home_dir / "backups").glob("ledger-*.db"))
+    return found[-1] if found else None
+
+
+def damaged(path: Path, what: str) -> LedgerDamaged:
+    """Return the one-line error for a damaged ledger at ``path``, with both ways to recover."""
+    backup = newest_backup(path.parent)
+    restore = (f"stop the manager, then `cp {backup} {path}` and delete {path}-wal and {path}-shm"
+               if backup else f"no backup exists in {path.parent / 'backups'}")
+    # SQLite quotes damaged bytes back: escape control characters so the message stays one line.
+    what = "".join(c if c.isprintable() else repr(c)[1:-1] for c in one_line(what))
+    return LedgerDamaged(f"{path}: the job ledger is damaged ({what}); to recover: {restore}; "
+                         f"or run `fleetmpi ledger rebuild` to rebuild it from the job dirs in {path.parent / 'jobs'}")
+
+
+def _guarded(method: Callable[Concatenate[Ledger, _P], _R]) -> Callable[Concatenate[Ledger, _P], _R]:
+    """Turn damage errors inside ``method`` into LedgerDamaged (a busy or read-only ledger is not damaged)."""
+    @functools.wraps(method)
+    def run(self: Ledger, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
+            # UnicodeDecodeError: a flipped byte in a text value no longer decodes.
+            text = str(e)
+            if isinstance(e, sqlite3.OperationalError) and ("locked" in text or "readonly" in text):
+                raise
+            raise damaged(self.path, text) from e
+    return run
 
 
 def check_transition(frm: str, to: str) -> None:
@@ -77,11 +145,27 @@ def check_transition(frm: str, to: str) -> None:
 class Ledger:
     """The job ledger; every method is one transaction."""
 
+    @_guarded
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = Path(path) if path is not None else home() / "ledger.db"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent, HOME_MODE)
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            # An empty file is what SQLite makes of a new ledger, but with job dirs beside it
+            # the ledger was lost: starting empty would hide those jobs and reuse their ids.
+            ids = job_dir_ids(self.jobs_dir)
+            if ids:
+                raise damaged(self.path, f"the file is empty but {len(ids)} job dirs exist, ids {ids[0]} to {ids[-1]}")
         self.conn = connect(self.path)
-        migrate(self.conn)
+        try:
+            migrate(self.conn)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Return the folder of default job dirs (``jobs/`` beside the ledger file)."""
+        return self.path.parent / "jobs"
 
     @classmethod
     def existing(cls, path: Path | str | None = None) -> Ledger | None:
@@ -103,7 +187,47 @@ class Ledger:
             raise
         self.conn.execute("COMMIT")
 
+    @_guarded
+    def backup(self, keep: int = 24) -> Path:
+        """Copy the ledger, consistent while in use, to ``backups/ledger-YYYYmmdd-HHMMSS.db``; keep the newest ``keep``.
+
+        A ledger that fails ``quick_check`` is not copied (LedgerDamaged), so a damaged
+        file never pushes the good backups out.
+        """
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"backup keep={keep!r} is not valid (expected an integer >= 1)")
+        problems = [r[0] for r in self.conn.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise damaged(self.path, f"quick_check: {'; '.join(problems)}")
+        folder = self.path.parent / "backups"
+        make_dirs(folder, HOME_MODE)
+        os.chmod(folder, HOME_MODE)  # copies of the ledger are as private as the ledger
+        dest = folder / f"ledger-{time.strftime('%Y%m%d-%H%M%S')}.db"
+        tmp = folder / f".{dest.name}.tmp.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # left by a crashed process with the same pid
+        os.close(open_new(tmp, DB_MODE))
+        try:
+            copy = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                self.conn.backup(copy)
+                # A rollback-journal copy is one self-contained file: `cp` restores it.
+                copy.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                copy.close()
+            _fsync_file(tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        fsync_dir(folder)
+        for old in sorted(folder.glob("ledger-*.db"))[:-keep]:
+            old.unlink()
+        return dest
+
     # -- jobs -----------------------------------------------------------------------------
+    @_guarded
     def add_job(self, *, name: str, spec_path: str, spec_hash: str, backend: str, phase: str, shape: str,
                 max_attempts: int, backoff_s: float, notify: Sequence[dict[str, Any]],
                 make_dir: Callable[[int], str], owner: str | None = None, max_queued: int | None = None) -> int:
@@ -116,22 +240,29 @@ class Ledger:
                 if waiting >= max_queued:
                     raise QueueFull(f"{owner} already has {waiting} queued (NEW) jobs, the limit "
                                     f"(--max-queued or FLEETMPI_MAX_QUEUED) is {max_queued}; wait or cancel some")
+            # Never hand out an id whose job dir exists (a ledger restored from a backup or
+            # rebuilt is behind the jobs folder): the default dir of id N is jobs/N-NAME.
+            seq = c.execute("SELECT seq FROM sqlite_sequence WHERE name='jobs'").fetchone()
+            dirs = job_dir_ids(self.jobs_dir)
+            new_id = max(seq[0] if seq else 0, dirs[-1] if dirs else 0) + 1
             cur = c.execute(
-                "INSERT INTO jobs (name, owner, spec_path, spec_hash, job_dir, backend, status, phase, shape,"
-                " max_attempts, backoff_s, created, updated, notify) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (name, owner, spec_path, spec_hash, f"<pending {now}>", backend, NEW, phase, shape,
+                "INSERT INTO jobs (id, name, owner, spec_path, spec_hash, job_dir, backend, status, phase, shape,"
+                " max_attempts, backoff_s, created, updated, notify) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (new_id, name, owner, spec_path, spec_hash, f"<pending {now}>", backend, NEW, phase, shape,
                  max_attempts, backoff_s, now, now, json.dumps(list(notify))))
             job_id = int(cur.lastrowid or 0)
             c.execute("UPDATE jobs SET job_dir=? WHERE id=?", (make_dir(job_id), job_id))
             self._event(c, job_id, "manager", "queued", owner=owner, spec=spec_path)
         return job_id
 
+    @_guarded
     def get(self, job_id: int) -> JobRow:
         row = self.conn.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None:
             raise KeyError(f"no job {job_id} in {self.path}")
         return JobRow.of(row)
 
+    @_guarded
     def find(self, ref: str | int) -> JobRow:
         """Return the job with id ``ref``, or the one job named ``ref``; BadInput otherwise."""
         text = str(ref)
@@ -147,6 +278,7 @@ class Ledger:
             raise BadInput(f"job name {text!r} is ambiguous in {self.path}: ids {ids}; pass an id")
         raise JobNotFound(f"no job {text!r} in {self.path} (pass a job id or name; `fleetmpi status` lists them)")
 
+    @_guarded
     def jobs(self, statuses: Iterable[str] | None = None) -> list[JobRow]:
         if statuses is None:
             rows = self.conn.execute("SELECT * FROM jobs ORDER BY id").fetchall()
@@ -156,17 +288,20 @@ class Ledger:
                                      st).fetchall()
         return [JobRow.of(r) for r in rows]
 
+    @_guarded
     def launchable(self, now: float) -> list[JobRow]:
         """Return NEW jobs whose wait is over, oldest first."""
         rows = self.conn.execute("SELECT * FROM jobs WHERE status=? AND not_before<=? ORDER BY id", (NEW, now))
         return [JobRow.of(r) for r in rows.fetchall()]
 
+    @_guarded
     def next_due(self, now: float) -> float | None:
         """Return the earliest not_before after ``now`` of a NEW job (a retry's wait), or None."""
         due = self.conn.execute("SELECT MIN(not_before) FROM jobs WHERE status=? AND not_before>?",
                                 (NEW, now)).fetchone()[0]
         return None if due is None else float(due)
 
+    @_guarded
     def claim(self, job_id: int, by: str, now: float, max_running: int | None = None) -> bool:
         """NEW -> LAUNCHED for ``by`` (attempts + 1) unless another manager or the limit got there first."""
         check_transition(NEW, LAUNCHED)
@@ -185,6 +320,7 @@ class Ledger:
             self._event(c, job_id, "manager", "claimed", by=by)
         return True
 
+    @_guarded
     def transition(self, job_id: int, to: str, *, expect: Iterable[str] | None = None, reason: str | None = None,
                    **values: Any) -> bool:
         """Change a job's status; False if its status is not in ``expect`` (someone else acted)."""
@@ -217,6 +353,7 @@ class Ledger:
             self._queue_notes(c, job_id, json.loads(row["notify"]), "terminal", "terminal", to, reason)
         return True
 
+    @_guarded
     def fold(self, job_id: int, offset: int, new_offset: int, events: Sequence[dict[str, Any]],
              progress: dict[str, Any] | None = None) -> bool:
         """Fold job-dir events read from ``offset`` to ``new_offset``; False if already folded."""
@@ -261,6 +398,7 @@ class Ledger:
         return True
 
     # -- allocations ----------------------------------------------------------------------
+    @_guarded
     def add_allocation(self, job_id: int, *, attempt: int, backend: str, backend_id: str, host: str | None,
                        phase: str | None, shape: str | None, log: str | None, info: dict[str, Any]) -> int:
         with self.write() as c:
@@ -272,15 +410,18 @@ class Ledger:
                         backend_id=backend_id, log=log)
             return int(cur.lastrowid or 0)
 
+    @_guarded
     def allocations(self, job_id: int | None = None, live: bool = False) -> list[AllocRow]:
         where = [*(["job_id=?"] if job_id is not None else []), *(["ended IS NULL"] if live else [])]
         sql = "SELECT * FROM allocations" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id"
         return [AllocRow.of(r) for r in self.conn.execute(sql, [job_id] if job_id is not None else [])]
 
+    @_guarded
     def set_allocation_state(self, alloc_id: int, state: str) -> None:
         with self.write() as c:
             c.execute("UPDATE allocations SET state=? WHERE id=? AND ended IS NULL", (state, alloc_id))
 
+    @_guarded
     def end_allocation(self, alloc_id: int, *, state: str, exit_code: int | None, reason: str,
                        job_to: str | None = None, job_reason: str | None = None, **values: Any) -> bool:
         """Record an allocation's end and, in the same transaction, the job's next status.
@@ -305,10 +446,12 @@ class Ledger:
         c.execute("INSERT INTO events (job_id, t, source, kind, data) VALUES (?,?,?,?,?)",
                   (job_id, time.time(), source, kind, json.dumps(data, default=str)))
 
+    @_guarded
     def add_event(self, job_id: int, kind: str, **data: Any) -> None:
         with self.write() as c:
             self._event(c, job_id, "manager", kind, **data)
 
+    @_guarded
     def events(self, job_id: int, kind: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM events WHERE job_id=?" + (" AND kind=?" if kind else "") + " ORDER BY id"
         return [decode_row(r) for r in self.conn.execute(sql, [job_id, *([kind] if kind else [])])]
@@ -325,6 +468,7 @@ class Ledger:
                               " reason) VALUES (?,?,?,?,?,?,?)",
                               (job_id, on_event, f"{i}.{kind}", kind, entry[kind], status, reason))
 
+    @_guarded
     def claim_notes(self, by: str, now: float, limit: int = 100) -> list[NoteRow]:
         """Claim due notifications for delivery (state SENDING, tries + 1) in one transaction."""
         with self.write() as c:
@@ -336,6 +480,7 @@ class Ledger:
                           (by, r["id"]))
         return [NoteRow(**{**dict(zip(r.keys(), r)), "tries": r["tries"] + 1}) for r in rows]
 
+    @_guarded
     def finish_note(self, note_id: int, *, error: str | None = None, retry_at: float | None = None) -> None:
         """Record a delivery: sent (no error), to retry at ``retry_at``, or given up."""
         state = "SENT" if error is None else ("PENDING" if retry_at is not None else "FAILED")
@@ -344,10 +489,12 @@ class Ledger:
                       "sent=CASE WHEN ?='SENT' THEN ? ELSE sent END WHERE id=?",
                       (state, error, retry_at, state, time.time(), note_id))
 
+    @_guarded
     def notes(self, job_id: int | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM notifications" + (" WHERE job_id=?" if job_id is not None else "") + " ORDER BY id"
         return [decode_row(r) for r in self.conn.execute(sql, [] if job_id is None else [job_id])]
 
+    @_guarded
     def idle(self) -> bool:
         """Return whether nothing is left: no NEW or active job, live allocation or pending notification.
 
@@ -358,3 +505,138 @@ class Ledger:
              " + (SELECT COUNT(*) FROM allocations WHERE ended IS NULL)"
              " + (SELECT COUNT(*) FROM notifications WHERE state='PENDING')")
         return int(self.conn.execute(q).fetchone()[0]) == 0
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _owner_of(path: Path) -> str:
+    try:
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (KeyError, OSError):
+        return getpass.getuser()
+
+
+def _recover_job(root: Path, job_id: int, now: float) -> dict[str, Any]:
+    """Return the jobs row of job dir ``root`` and its events, as well as they can be recovered."""
+    from fleetmpi import spec as specmod
+    jd = JobDir(root)
+    state = jd.read_state()
+    text = jd.spec.read_text()
+    raw = yaml.safe_load(text)
+    raw = raw if isinstance(raw, dict) else {}
+    try:
+        sp = specmod.load(jd.spec)
+        spec_hash, notify = sp.spec_hash(), [
+            {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(n).items()} for n in sp.notify]
+        max_attempts, backoff_s = sp.retry.max_attempts, sp.retry.backoff_s
+    except (BadInput, OSError, ValueError, TypeError):
+        # The spec no longer loads (its data moved): keep what the YAML says.
+        retry = raw.get("retry")
+        retry = retry if isinstance(retry, dict) else {}
+        spec_hash, notify = hashlib.sha256(text.encode()).hexdigest(), []
+        max_attempts, backoff_s = int(retry.get("max_attempts", 3)), float(retry.get("backoff_s", 30.0))
+    events = list(read_lines(jd.events))
+    kinds = [str(e.get("event")) for e in events]
+    starts = [e for e in events if e.get("event") == "phase_start"]
+    goals = [e for e in events if e.get("event") == "goal"]
+    found = str(state.get("status", "NEW"))
+    reason = state.get("reason")
+    if found in (COMPLETED, FAILED):
+        status = found
+    elif "cancel_requested" in kinds:
+        status, reason = CANCELLED, reason or "cancelled by the user"
+    else:
+        # Allocations died with the old ledger: requeue, and the next launch resumes from
+        # the newest checkpoint (`fleetmpi run` on an existing job dir does that).
+        status = NEW
+        if found != NEW:
+            reason = f"ledger rebuilt while the job dir said {found}; requeued to resume from its newest checkpoint"
+    attempts = [int(m.group(1)) for m in (re.match(r"manager-attempt-(\d+)\.log$", f.name)
+                                          for f in jd.logs.glob("manager-attempt-*.log")) if m]
+    created = float(state.get("created") or (events[0].get("t") if events else None) or now)
+    goal: dict[str, Any] = goals[-1] if goals else {}
+    keep = ("step", "epoch", "reason", "loss", "valid_loss", "model")
+    row = {
+        "id": job_id, "name": str(raw.get("name") or _DIR_ID.sub("", root.name)), "owner": _owner_of(root),
+        "spec_path": str(jd.spec), "spec_hash": spec_hash, "job_dir": str(root.resolve()),
+        "backend": str(state.get("backend") or "local"), "status": status,
+        "phase": state.get("phase"), "shape": starts[-1].get("shape") if starts else None,
+        "attempts": max(attempts, default=0 if status == NEW and not starts else 1), "failures": 0,
+        "max_attempts": max_attempts, "backoff_s": backoff_s, "created": created, "updated": now,
+        "started": starts[0].get("t") if starts else None,
+        "ended": (float(events[-1].get("t") or now) if events else now) if status in TERMINAL else None,
+        "last_error": reason if status != COMPLETED else None,
+        "events_offset": jd.events.stat().st_size if jd.events.exists() else 0,
+        "notify": json.dumps(notify), "result": json.dumps({k: goal.get(k) for k in keep}) if goals else None,
+    }
+    return {"row": row, "events": events, "found": found}
+
+
+def rebuild_from_job_dirs(home_dir: Path | str | None = None) -> dict[str, Any]:
+    """Write a new ledger from the job dirs in ``home_dir/jobs`` (ids from their names); return a summary.
+
+    Each job comes back with its id, name, status, phase, attempts and result and its
+    job-dir events; allocations and notifications are not recoverable. Jobs that were
+    active are requeued (NEW). The new file replaces ``ledger.db`` atomically; the old one
+    (and its -wal, -shm) is kept as ``ledger.db.corrupt-<time>``. Stop the manager first.
+    Job dirs made with ``--job-dir`` elsewhere are not found (queue them again).
+    """
+    home_dir = Path(home_dir) if home_dir is not None else home()
+    make_dirs(home_dir, HOME_MODE)
+    db = home_dir / "ledger.db"
+    now = time.time()
+    recovered: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    jobs_dir = home_dir / "jobs"
+    roots = sorted((int(m.group(1)), p) for p in (jobs_dir.iterdir() if jobs_dir.is_dir() else ())
+                   if (m := _DIR_ID.match(p.name)) and p.is_dir())
+    taken: set[int] = set()
+    for job_id, root in roots:
+        if job_id in taken:
+            skipped.append({"job_dir": str(root), "reason": f"id {job_id} is taken by another job dir"})
+            continue
+        try:
+            recovered.append(_recover_job(root, job_id, now))
+            taken.add(job_id)
+        except (BadInput, OSError, ValueError, yaml.YAMLError) as e:
+            skipped.append({"job_dir": str(root), "reason": one_line(e)})
+    tmp = home_dir / f".ledger.db.rebuild.{os.getpid()}"
+    for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    conn = connect(tmp, check=False)
+    try:
+        migrate(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        for rec in recovered:
+            row = rec["row"]
+            conn.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+            for ev in rec["events"]:
+                conn.execute("INSERT INTO events (job_id, t, source, kind, data) VALUES (?,?,?,?,?)",
+                             (row["id"], float(ev.get("t") or now), "job", str(ev.get("event", "?")), json.dumps(ev)))
+            conn.execute("INSERT INTO events (job_id, t, source, kind, data) VALUES (?,?,?,?,?)",
+                         (row["id"], now, "manager", "rebuilt", json.dumps({"job_dir_status": rec["found"]})))
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA journal_mode=DELETE")  # one self-contained file to rename into place
+    finally:
+        conn.close()
+    _fsync_file(tmp)
+    kept = None
+    if db.exists() or db.is_symlink():
+        kept = home_dir / f"ledger.db.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(db, kept)
+        # A -wal left beside the new file would be replayed into it: it goes with the old one.
+        for suffix in ("-wal", "-shm"):
+            if Path(f"{db}{suffix}").exists():
+                os.replace(f"{db}{suffix}", f"{kept}{suffix}")
+    os.replace(tmp, db)
+    fsync_dir(home_dir)
+    jobs = [{k: r["row"][k] for k in ("id", "name", "status", "attempts", "job_dir")} for r in recovered]
+    return {"ledger": str(db), "kept_aside": str(kept) if kept else None, "jobs": jobs, "skipped": skipped,
+            "counts": {st: sum(1 for j in jobs if j["status"] == st) for st in sorted({j["status"] for j in jobs})}}

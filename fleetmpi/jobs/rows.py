@@ -3,12 +3,20 @@
 Versions live in ``PRAGMA user_version``; :data:`MIGRATIONS` holds one step per version
 (append a step, never edit a shipped one) and :func:`migrate` applies the missing ones in
 one transaction. Status changes are not made here: see fleetmpi.jobs.ledger.
+
+Damage is reported as ``sqlite3.DatabaseError`` from here (a file that is not SQLite, a
+failed ``quick_check``, a row whose values do not have their column's type) so that the
+ledger turns every kind into one message with the way to recover.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sqlite3
+import types
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -80,22 +88,84 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     return found
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open ``path`` in autocommit mode (transactions are explicit), WAL, 60 s busy wait."""
+SQLITE_HEADER = b"SQLite format 3\x00"
+DB_MODE = 0o600  # the ledger holds every user's job names, paths and notify targets
+
+
+def check_header(path: Path) -> None:
+    """Raise sqlite3.DatabaseError unless ``path`` is empty or starts with SQLite's 16-byte header."""
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if head and (len(head) < 100 or not head.startswith(SQLITE_HEADER)):
+        what = "truncated inside its header" if head.startswith(SQLITE_HEADER[:len(head)]) else "not an SQLite file"
+        raise sqlite3.DatabaseError(f"{what} (first bytes {head[:16]!r})")
+
+
+def connect(path: Path, check: bool = True) -> sqlite3.Connection:
+    """Open ``path`` in autocommit mode (transactions are explicit), WAL, 60 s busy wait.
+
+    A missing file is created with mode 0o600 (SQLite gives its -wal and -shm files the
+    same mode). With ``check``, the header and ``PRAGMA quick_check`` must pass.
+    """
+    path = Path(path)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, DB_MODE))
+    except FileExistsError:
+        pass
+    if check:
+        check_header(path)
     conn = sqlite3.connect(path, timeout=60.0, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.execute("PRAGMA foreign_keys=ON")
+    try:
+        conn.row_factory = sqlite3.Row
+        if check:
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError(f"quick_check: {'; '.join(problems)}")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
 def decode_row(row: sqlite3.Row) -> dict[str, Any]:
+    """Return ``row`` as a dict with its JSON columns decoded; DatabaseError if one is not JSON."""
     d = dict(zip(row.keys(), row))
     for k in JSON_COLUMNS:
         if k in d and d[k] is not None:
-            d[k] = json.loads(d[k])
+            try:
+                d[k] = json.loads(d[k])
+            except (json.JSONDecodeError, TypeError) as e:
+                raise sqlite3.DatabaseError(f"column {k!r} of row {d.get('id')} is not JSON ({e})") from None
     return d
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Return whether ``value`` fits the type hint of a row field (a damaged row may not)."""
+    if isinstance(hint, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def typed_row(cls: Any, d: dict[str, Any]) -> Any:
+    """Build dataclass ``cls`` from ``d``; DatabaseError if a value has the wrong type."""
+    hints = _hints(cls)
+    for f in fields(cls):
+        if f.name not in d or not _matches(d[f.name], hints[f.name]):
+            raise sqlite3.DatabaseError(f"{cls.__name__} {d.get('id')}: column {f.name!r} holds "
+                                        f"{d.get(f.name)!r:.40}, not a {hints[f.name]}")
+    return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -130,8 +200,7 @@ class JobRow:
 
     @classmethod
     def of(cls, row: sqlite3.Row) -> JobRow:
-        d = decode_row(row)
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return typed_row(cls, decode_row(row))
 
 
 @dataclass(frozen=True)
@@ -156,8 +225,7 @@ class AllocRow:
 
     @classmethod
     def of(cls, row: sqlite3.Row) -> AllocRow:
-        d = decode_row(row)
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        return typed_row(cls, decode_row(row))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import multiprocessing
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fleetmpi.errors import BadInput
@@ -23,6 +24,7 @@ from fleetmpi.jobs.ledger import (
     IllegalTransition,
     JobNotFound,
     Ledger,
+    LedgerDamaged,
     QueueFull,
     check_transition,
 )
@@ -226,3 +228,59 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 def test_launched_is_active() -> None:
     assert LAUNCHED in ACTIVE and NEW not in ACTIVE and not ACTIVE & TERMINAL
+
+
+def test_backup_is_private_restorable_and_rolls(tmp_path: Path, _home: Path) -> None:
+    rng = np.random.default_rng(5)
+    names = [f"job{int(x)}" for x in rng.integers(0, 10**6, 3)]
+    ledger = Ledger()
+    ids = [add(ledger, tmp_path, name=n) for n in names]
+    folder = _home / "backups"
+    folder.mkdir()
+    for old in ("20000101-000000", "20000101-000001", "20000101-000002"):
+        (folder / f"ledger-{old}.db").write_bytes(b"old")
+    dest = ledger.backup(keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["ledger-20000101-000002.db", dest.name]
+    assert dest.stat().st_mode & 0o777 == 0o600 and folder.stat().st_mode & 0o777 == 0o700
+    assert _home.stat().st_mode & 0o777 == 0o700 and ledger.path.stat().st_mode & 0o777 == 0o600
+    copy = Ledger(dest)
+    assert [(j.id, j.name) for j in copy.jobs()] == list(zip(ids, names))
+    with pytest.raises(ValueError, match="keep=0"):
+        ledger.backup(keep=0)
+
+
+def test_garbage_file_is_damage_with_the_way_to_recover(tmp_path: Path, _home: Path) -> None:
+    _home.mkdir()
+    (_home / "ledger.db").write_bytes(np.random.default_rng(2).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(LedgerDamaged, match=r"not an SQLite file.*no backup exists.*fleetmpi ledger rebuild"):
+        Ledger()
+
+
+def test_row_of_the_wrong_type_is_damage(tmp_path: Path) -> None:
+    ledger = Ledger()
+    job = add(ledger, tmp_path)
+    ledger.conn.execute("UPDATE jobs SET attempts='x' WHERE id=?", (job,))
+    with pytest.raises(LedgerDamaged, match="column 'attempts' holds 'x'"):
+        ledger.jobs()
+    ledger.conn.execute("UPDATE jobs SET attempts=0, notify='[{' WHERE id=?", (job,))
+    with pytest.raises(LedgerDamaged, match=r"column 'notify' of row .* is not JSON"):
+        ledger.get(job)
+
+
+def test_empty_file_is_a_new_ledger_only_without_job_dirs(_home: Path) -> None:
+    _home.mkdir()
+    (_home / "ledger.db").write_bytes(b"")
+    Ledger().close()
+    (_home / "ledger.db").write_bytes(b"")
+    (_home / "jobs" / "000004-x").mkdir(parents=True)
+    with pytest.raises(LedgerDamaged, match="file is empty but 1 job dirs exist, ids 4 to 4"):
+        Ledger()
+
+
+def test_ids_never_reuse_an_existing_job_dir(tmp_path: Path, _home: Path) -> None:
+    taken = int(np.random.default_rng(9).integers(2, 500))
+    ledger = Ledger()
+    assert add(ledger, tmp_path) == 1
+    (_home / "jobs" / f"{taken:06d}-other").mkdir(parents=True)
+    assert add(ledger, tmp_path) == taken + 1
+    assert add(ledger, tmp_path) == taken + 2
