@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from campaign import CAMPAIGN, Campaign
+from campaign import report as report_campaign
 
 ROOT = Path(__file__).resolve().parent.parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -107,3 +110,10 @@ def run_rescaled_and_solo(tmp_path: Path, data: Path, fleet: dict[str, Any], **c
         assert proc.returncode == 0, proc.stderr
         jobs.append(tmp_path / name)
     return jobs[0], jobs[1]
+
+
+@pytest.fixture(scope="session")
+def campaign() -> Iterator[Campaign]:
+    """Return the fault campaign (tests/faults/campaign.py); print its table when the session ends."""
+    yield CAMPAIGN
+    report_campaign()

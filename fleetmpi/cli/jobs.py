@@ -59,8 +59,14 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     r.add_argument("--out", required=True, help="output PNG")
     r.add_argument("--json", action="store_true")
 
+    lg = sub.add_parser("ledger", help="maintain the job ledger ($FLEETMPI_HOME/ledger.db)")
+    lsub = lg.add_subparsers(dest="ledger_cmd", metavar="ACTION", required=True)
+    rb = lsub.add_parser("rebuild", help="rebuild the ledger from the job dirs under $FLEETMPI_HOME/jobs "
+                                         "(stop the manager first; the old file is kept aside)")
+    rb.add_argument("--json", action="store_true", help="print what was rebuilt as JSON")
+
     return {"queue": _cmd_queue, "sweep": _cmd_sweep, "manager": _cmd_manager, "status": _cmd_status,
-            "cancel": _cmd_cancel, "report": _cmd_report}
+            "cancel": _cmd_cancel, "report": _cmd_report, "ledger": _cmd_ledger}
 
 
 def _cmd_queue(args: argparse.Namespace) -> int:
@@ -194,4 +200,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     else:
         print(f"fleetmpi: wrote {info['out']} ({info['axes']} panels, {info['phases']} phase(s), "
               f"{info['bytes']} bytes)", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    from fleetmpi.jobs.ledger import home, rebuild_from_job_dirs
+    summary = rebuild_from_job_dirs(home())
+    by_status: dict[str, int] = {}
+    for j in summary["jobs"]:
+        by_status[j["status"]] = by_status.get(j["status"], 0) + 1
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())) or "none"
+    aside = f"; the old file is kept as {summary['kept_aside']}" if summary.get("kept_aside") else ""
+    skipped = f"; skipped {len(summary['skipped'])} folder(s) (see --json)" if summary["skipped"] else ""
+    print(f"fleetmpi: rebuilt {summary['ledger']} from {len(summary['jobs'])} job dir(s) ({counts}){aside}{skipped}",
+          file=sys.stderr)
+    if args.json:
+        print(json.dumps(summary, indent=1, default=str))
     return ExitCode.OK

@@ -187,6 +187,11 @@ class Ledger:
             raise
         self.conn.execute("COMMIT")
 
+    def newest_backup_age_s(self) -> float | None:
+        """Return the age in seconds of the newest backup, or None when there is none."""
+        found = sorted((self.path.parent / "backups").glob("ledger-*.db"))
+        return time.time() - found[-1].stat().st_mtime if found else None
+
     @_guarded
     def backup(self, keep: int = 24) -> Path:
         """Copy the ledger, consistent while in use, to ``backups/ledger-YYYYmmdd-HHMMSS.db``; keep the newest ``keep``.

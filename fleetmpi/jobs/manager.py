@@ -162,6 +162,12 @@ class CycleReport:
         return bool(self.folded or self.ended or self.launched or self.notified)
 
 
+# The manager copies the ledger this often (seconds) and keeps this many copies
+# ($FLEETMPI_HOME/backups/); `fleetmpi ledger rebuild` recovers without them.
+BACKUP_EVERY_S = 3600.0
+BACKUP_KEEP = 24
+
+
 class Manager:
     """Drive the ledger's jobs through their backends (see the module doc for one cycle)."""
 
@@ -216,7 +222,17 @@ class Manager:
         self._reap_interrupted_launches()
         rep.launched = self._launch_due()
         rep.notified = self._deliver_notes()
+        self._backup_if_due()
         return rep
+
+    def _backup_if_due(self) -> None:
+        """Keep a rolling copy of the ledger: one per BACKUP_EVERY_S, the newest BACKUP_KEEP (cron --once too)."""
+        age = self.ledger.newest_backup_age_s()
+        if age is None or age >= BACKUP_EVERY_S:
+            try:
+                self.ledger.backup(keep=BACKUP_KEEP)
+            except OSError as e:   # a full disk must not stop the jobs; say it once
+                self._warn("backup", f"ledger backup failed (jobs go on): {e}")
 
     def _fold(self, job: JobRow) -> int:
         """Fold new whole lines of the job's events.jsonl into the ledger; return how many."""

@@ -2,7 +2,7 @@
 
 Every test here injects one kind of fault into a real run (kill -9 of a rank or of the
 driver, a signal, a corrupt or truncated file, a full disk, a hostile spec or CLI call)
-and records how each trial ended through the ``campaign`` fixture. `make test` runs a few
+and records how each trial ended through the ``campaign`` fixture (tests/conftest.py). `make test` runs a few
 trials of each (enough to reproduce every bug the campaign found); `make faults`
 (FLEETMPI_FAULTS=full) runs the full counts and writes the table to
 bench/results/faults.json.

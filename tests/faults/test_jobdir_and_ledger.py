@@ -7,7 +7,6 @@ or a bad copy leaves it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shlex
@@ -19,17 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from campaign import Campaign, trials
+from conftest import cli, write_spec
 
 from fleetmpi import spec as specmod
 from fleetmpi.jobdir import JobDir
-
-# tests/faults/conftest.py takes the module name `conftest` in this tier, so the shared
-# helpers (tests/conftest.py) are loaded from their file under a name of their own.
-_shared = importlib.util.spec_from_file_location("fleetmpi_tests_shared", Path(__file__).parents[1] / "conftest.py")
-assert _shared is not None and _shared.loader is not None
-shared = importlib.util.module_from_spec(_shared)
-_shared.loader.exec_module(shared)
-cli, write_spec = shared.cli, shared.write_spec
 
 pytestmark = pytest.mark.faults
 
@@ -196,9 +188,9 @@ def test_rebuild_restores_the_jobs_and_ids_continue(ledger_home: tuple[Path, Pat
     home, spec, env = ledger_home
     before = json.loads(cli("status", "--json", env=env, check=True).stdout)
     (home / "ledger.db").write_bytes(b"")
-    from fleetmpi.jobs.ledger import rebuild_from_job_dirs
-
-    summary = rebuild_from_job_dirs(home)
+    lost = cli("status", env=env)
+    assert lost.returncode == 2 and "ledger rebuild" in lost.stderr, lost.stderr
+    summary = json.loads(cli("ledger", "rebuild", "--json", env=env, check=True).stdout)
 
     after = json.loads(cli("status", "--json", env=env, check=True).stdout)
     keys = ("id", "name", "status", "attempts", "job_dir")
