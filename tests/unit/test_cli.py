@@ -26,8 +26,8 @@ def _help(*argv: str) -> str:
 def test_every_help_text_is_free_of_module_paths() -> None:
     _, commands = build_parser()
     assert set(commands) == {"run", "inspect", "predict", "make-data", "approve", "events", "queue", "sweep",
-                             "manager", "status", "cancel", "report", "submit"}
-    for argv in [(), *((name,) for name in commands)]:
+                             "manager", "status", "cancel", "report", "submit", "ledger"}
+    for argv in [(), *((name,) for name in commands), ("ledger", "rebuild")]:
         text = _help(*argv)
         assert "usage: fleetmpi" in text
         assert "fleetmpi." not in text and "cli_" not in text, f"fleetmpi {' '.join(argv)} --help:\n{text}"
