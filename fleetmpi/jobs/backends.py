@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fleetmpi.errors import ExitCode, FleetError
-from fleetmpi.jobdir import JobDir
+from fleetmpi.jobdir import JobDir, make_dirs
 from fleetmpi.jobs.rows import AllocRow, JobRow
 
 # Slurm's states of an allocation that has not ended (local: PENDING/RUNNING only).
@@ -120,12 +120,12 @@ class LocalJobs:
         jd = JobDir(job.job_dir)
         if not jd.exists():
             raise FileNotFoundError(f"{jd.root}: job dir is missing or holds no spec.yaml/state.json")
-        jd.logs.mkdir(exist_ok=True)
+        make_dirs(jd.logs)
         log = jd.logs / f"manager-attempt-{attempt}.log"
         offset = jd.events.stat().st_size if jd.events.exists() else 0
         cmd = [sys.executable, "-m", "fleetmpi.cli", "run", str(jd.root)]
         env = {**worker_env(), "FLEETMPI_PROGRESS": "lines"}
-        with open(log, "ab") as out:
+        with os.fdopen(jd.open_append(log), "ab") as out:
             out.write(f"$ {' '.join(cmd)}\n".encode())
             out.flush()
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import fleetmpi
 from fleetmpi.errors import BadInput, ExitCode
-from fleetmpi.jobdir import JobDir, atomic_write_bytes
+from fleetmpi.jobdir import JobDir, atomic_write_bytes, make_dirs
 from fleetmpi.launch.slurm import chain as chain_mod
 from fleetmpi.launch.slurm.chain import record, runs, sync_state
 from fleetmpi.launch.slurm.cmd import (
@@ -114,7 +114,7 @@ class SlurmBackend:
             jd.update_state(slurm_uid=uid)
         index = chain_mod.submissions(jd)
         key = submission_key(uid, index)
-        chain_mod.slurm_dir(jd).mkdir(exist_ok=True)
+        make_dirs(chain_mod.slurm_dir(jd))
         script = chain_mod.slurm_dir(jd) / f"{index:03d}-{phase}.sbatch"
         atomic_write_bytes(script, render_phase(self.spec, jd, phase, key).encode())
         shape_words = describe_phase(self.spec, phase)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleetmpi.jobdir import JobDir, append_line, atomic_write_bytes, read_lines
+from fleetmpi.jobdir import JobDir, atomic_write_bytes, make_dirs, read_lines
 from fleetmpi.launch.slurm.cmd import SlurmCommandError, sacct_states, squeue_states
 
 # What the allocation looked like, as the batch script saw it.
@@ -50,8 +50,8 @@ def log_path(jd: JobDir, job_id: str) -> Path:
 def record(jd: JobDir, kind: str, **fields: Any) -> dict[str, Any]:
     """Append one fact to the chain (fsynced)."""
     rec = {"t": time.time(), "kind": kind, **fields}
-    slurm_dir(jd).mkdir(exist_ok=True)
-    append_line(chain_path(jd), rec, sync=True)
+    make_dirs(slurm_dir(jd))
+    jd.append_line(chain_path(jd), rec, sync=True)
     return rec
 
 
