@@ -140,7 +140,7 @@ def _convert(tp: Any, raw: Any, path: str, hints_of: Callable[[type], dict[str, 
             return raw
     elif tp is float:
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            if raw != raw or raw in (float("inf"), float("-inf")):
+            if raw != raw or raw in (float("inf"), float("-inf")) or (isinstance(raw, int) and abs(raw) > 1e308):
                 raise SchemaError(path, f"expected a finite number, got {quote(raw)}")
             return float(raw)
         if isinstance(raw, str):
