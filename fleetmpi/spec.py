@@ -178,13 +178,13 @@ class MonitorSpec:
 
 @dataclass(frozen=True)
 class PhaseSpec:
-    nodes: int = check(in_range(1, MAX_NODES), 1)
-    ranks_per_node: int = check(in_range(1, MAX_RANKS_PER_NODE), 1)
+    nodes: int = check(positive_at_most(MAX_NODES), 1)
+    ranks_per_node: int = check(positive_at_most(MAX_RANKS_PER_NODE), 1)
     partition: str | None = check(identifier, None)
     gpus_per_node: int = check(in_range(0, MAX_GPUS_PER_NODE), 0)
-    cpus_per_rank: int = check(in_range(1, MAX_RANKS_PER_NODE), 1)
+    cpus_per_rank: int = check(positive_at_most(MAX_RANKS_PER_NODE), 1)
     device: Literal["cpu", "gpu", "auto"] = "cpu"
-    time_min: int | None = check(in_range(1, MAX_TIME_MIN), None)
+    time_min: int | None = check(positive_at_most(MAX_TIME_MIN), None)
     mem_gb: float | None = check(positive_at_most(MAX_MEM_GB), None)
 
     def validate(self) -> tuple[str, str] | None:
