@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from enum import IntEnum
 
-__all__ = ["BadInput", "CheckpointError", "ExitCode", "FleetError", "TrainingFailed"]
+__all__ = ["BadInput", "CheckpointError", "ExitCode", "FleetError", "TrainingFailed", "one_line", "quote"]
 
 
 class ExitCode(IntEnum):
@@ -45,6 +45,19 @@ _LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
 def one_line(text: object) -> str:
     """Return ``str(text)`` with line breaks folded into single spaces."""
     return _LINE_BREAKS.sub(" ", str(text)).strip()
+
+
+QUOTE_CHARS = 200
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """Return ``repr(value)`` on one line, cut after ``limit`` characters with the full length noted.
+
+    Error messages quote rejected values through this so that a 100 KB value gives a
+    readable line; spec loading bounds a value's size, so the repr itself stays cheap.
+    """
+    text = one_line(repr(value))
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class FleetError(Exception):

@@ -4,6 +4,7 @@ dataset that an installed package bundles on disk (scikit-learn's digits, breast
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -25,6 +26,42 @@ def _write(path: Path, X: np.ndarray, y: np.ndarray, attrs: dict[str, object]) -
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+def available_memory() -> int:
+    """Return the bytes of memory available to new allocations (MemAvailable), else free pages."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_room(task: str, n: int, d: int, classes: int, out: Path) -> None:
+    """Refuse sizes whose arrays would not fit in available memory, or whose files not on ``out``'s disk."""
+    k = {"regression": 1, "binary": 2}.get(task, classes)
+    # Peak while generating: X as float64 and as float32 (12 B), the split copy (4 B), the
+    # teacher's logits and noise (16 B per class), y and the permutation (~32 B per row).
+    need_mem = n * d * 16 + n * k * 16 + n * 32
+    have_mem = available_memory()
+    if need_mem > have_mem:
+        raise BadInput(f"make-data: --n {n} --d {d} needs about {_gib(need_mem)} of memory, but {_gib(have_mem)} "
+                       "is available; lower --n or --d")
+    folder = out
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    need_disk = n * d * 4 + n * 8 + (1 << 20)
+    have_disk = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
+    if need_disk > have_disk:
+        raise BadInput(f"make-data: --n {n} --d {d} writes about {_gib(need_disk)} to {out}, but {folder} has "
+                       f"{_gib(have_disk)} free; lower --n or --d or choose another --out")
 
 
 def synthetic(task: str, n: int, d: int, classes: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,6 +104,7 @@ def make_data(source: str, task: str, n: int, d: int, classes: int, noise: float
     if source == "synthetic":
         if n < 2 or d < 1 or (task == "multiclass" and classes < 2):
             raise BadInput(f"make-data: need --n >= 2, --d >= 1 and --classes >= 2; got n={n} d={d} classes={classes}")
+        check_room(task, n, d, classes, out)
         X, y = synthetic(task, n, d, classes, noise, seed)
         prov = f"synthetic {task}: linear teacher, n={n} d={d} noise={noise} seed={seed}"
         k = {"binary": 2, "multiclass": classes}.get(task)

@@ -15,6 +15,8 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from fleetmpi.errors import quote
+
 T = TypeVar("T")
 
 
@@ -37,16 +39,23 @@ def check(fn: Callable[[Any], str | None], default: Any = dataclasses.MISSING) -
 
 
 def positive(v: Any) -> str | None:
-    return None if v > 0 else f"expected a number > 0, got {v!r}"
+    return None if v > 0 else f"expected a number > 0, got {quote(v)}"
 
 
 def non_negative(v: Any) -> str | None:
-    return None if v >= 0 else f"expected a number >= 0, got {v!r}"
+    return None if v >= 0 else f"expected a number >= 0, got {quote(v)}"
+
+
+def positive_at_most(hi: float) -> Callable[[Any], str | None]:
+    """Accept numbers in (0, hi]: a positive count or size with a sane upper bound."""
+    def _check(v: Any) -> str | None:
+        return None if 0 < v <= hi else f"expected a number > 0 and <= {hi:g}, got {quote(v)}"
+    return _check
 
 
 def in_range(lo: float, hi: float) -> Callable[[Any], str | None]:
     def _check(v: Any) -> str | None:
-        return None if lo <= v <= hi else f"expected a number in [{lo}, {hi}], got {v!r}"
+        return None if lo <= v <= hi else f"expected a number in [{lo}, {hi}], got {quote(v)}"
     return _check
 
 
@@ -57,7 +66,7 @@ def identifier(v: Any) -> str | None:
     """Accept names safe as file names and Slurm job names: letters, digits, '_', '.', '-'."""
     if _NAME_RE.match(v):
         return None
-    return f"expected 1-64 characters of letters, digits, '_', '.', '-' (not starting with '.', '_' or '-'), got {v!r}"
+    return f"expected 1-64 characters of letters, digits, '_', '.', '-' (not starting with '.', '_' or '-'), got {quote(v)}"
 
 
 # sbatch flags fleetmpi's renderer sets itself (fleetmpi.launch.slurm.script.SBATCH_OPTIONS;
@@ -122,27 +131,27 @@ def _convert(tp: Any, raw: Any, path: str, hints_of: Callable[[type], dict[str, 
         deeper = [e for e in errors if e.path != path]
         if deeper:
             raise deeper[0]
-        raise SchemaError(path, f"expected {_type_name(tp)}, got {raw!r}")
+        raise SchemaError(path, f"expected {_type_name(tp)}, got {quote(raw)}")
     if origin is Literal:
         if raw in get_args(tp) and type(raw) in {type(a) for a in get_args(tp)}:
             return raw
-        raise SchemaError(path, f"expected one of {_type_name(tp)}, got {raw!r}")
+        raise SchemaError(path, f"expected one of {_type_name(tp)}, got {quote(raw)}")
     if origin is tuple:
         (item,) = get_args(tp)[:1]
         if not isinstance(raw, list):
-            raise SchemaError(path, f"expected {_type_name(tp)}, got {raw!r}")
+            raise SchemaError(path, f"expected {_type_name(tp)}, got {quote(raw)}")
         return tuple(_convert(item, v, f"{path}[{i}]", hints_of) for i, v in enumerate(raw))
     if origin in (dict, collections.abc.Mapping):
         _, val_tp = get_args(tp)
         if not isinstance(raw, dict):
-            raise SchemaError(path, f"expected {_type_name(tp)}, got {raw!r}")
+            raise SchemaError(path, f"expected {_type_name(tp)}, got {quote(raw)}")
         out = {}
         for k, v in raw.items():
             if not isinstance(k, str):
-                raise SchemaError(path, f"expected string keys, got {k!r}")
+                raise SchemaError(path, f"expected string keys, got {quote(k)}")
             err = identifier(k)
             if err:
-                raise SchemaError(f"{path}.{k}", f"bad name: {err}")
+                raise SchemaError(f"{path}.{_key(k)}", f"bad name: {err}")
             out[k] = _convert(val_tp, v, f"{path}.{k}", hints_of)
         return types.MappingProxyType(out)
     if dataclasses.is_dataclass(tp):
@@ -155,8 +164,8 @@ def _convert(tp: Any, raw: Any, path: str, hints_of: Callable[[type], dict[str, 
             return raw
     elif tp is float:
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            if raw != raw or raw in (float("inf"), float("-inf")):
-                raise SchemaError(path, f"expected a finite number, got {raw!r}")
+            if raw != raw or raw in (float("inf"), float("-inf")) or (isinstance(raw, int) and abs(raw) > 1e308):
+                raise SchemaError(path, f"expected a finite number, got {quote(raw)}")
             return float(raw)
         if isinstance(raw, str):
             # YAML 1.1 reads "1e-4" as a string; accept plain float literals written that way.
@@ -172,7 +181,13 @@ def _convert(tp: Any, raw: Any, path: str, hints_of: Callable[[type], dict[str, 
             if "\n" in raw or "\x00" in raw:
                 raise SchemaError(path, "expected a single-line string without NUL bytes")
             return raw
-    raise SchemaError(path, f"expected {_type_name(tp)}, got {raw!r}")
+    raise SchemaError(path, f"expected {_type_name(tp)}, got {quote(raw)}")
+
+
+def _key(key: Any) -> str:
+    """Return a mapping key as it appears in a key path, cut so that a huge unknown key stays readable."""
+    text = str(key)
+    return text if len(text) <= 64 else quote(text, 64)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -185,14 +200,15 @@ def build(cls: type[T], raw: Any, path: str = "",
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise SchemaError(path, f"expected a mapping with keys {', '.join(f.name for f in dataclasses.fields(cls))}; got {raw!r}")  # type: ignore[arg-type]
+        keys = ", ".join(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        raise SchemaError(path, f"expected a mapping with keys {keys}; got {quote(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     aliases = getattr(cls, "_aliases", {})
     hints = hints_of(cls)
     values: dict[str, Any] = {}
     for key, val in raw.items():
         name = aliases.get(key, key)
-        sub = f"{path}.{key}" if path else str(key)
+        sub = f"{path}.{_key(key)}" if path else _key(key)
         if name not in fields or name.startswith("_"):
             valid = sorted(set(k for k in fields if not k.startswith("_")) - set(aliases.values()) | set(aliases))
             raise SchemaError(sub, f"unknown key; valid keys: {', '.join(valid)}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +17,34 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from fleetmpi.errors import BadInput
-from fleetmpi.schema import SchemaError, build, check, identifier, in_range, non_negative, positive, to_plain
+from fleetmpi.errors import BadInput, one_line, quote
+from fleetmpi.schema import (
+    SchemaError,
+    build,
+    check,
+    identifier,
+    in_range,
+    non_negative,
+    positive,
+    positive_at_most,
+    to_plain,
+)
+
+# Limits on a spec as read (file or --set value), checked while the YAML is composed, so an
+# alias bomb or a deep nesting is refused in milliseconds instead of hanging or recursing.
+MAX_SPEC_BYTES = 1 << 20     # a real spec is a few KB; 1 MiB leaves room for long rule lists
+MAX_SPEC_NODES = 10_000      # scalars + lists + mappings, every alias counted as what it expands to
+MAX_SPEC_DEPTH = 32          # the schema nests 5 deep; 32 leaves room and stays far from Python's recursion limit
+
+# Bounds on a phase, checked for every phase at load, not when the phase is reached.
+MAX_NODES = 10_000           # the largest clusters have ~10k nodes; more is a typo
+MAX_RANKS_PER_NODE = 1024    # the largest nodes have 192-384 cores (768 threads); more is a typo
+MAX_RANKS = 1 << 20          # nodes x ranks_per_node: more ranks than any machine has run
+MAX_GPUS_PER_NODE = 64       # nodes carry 4-16 GPUs
+MAX_MEM_GB = 65536.0         # 64 TiB: the largest shared-memory nodes
+MAX_TIME_MIN = 525_600       # one year; Slurm partitions allow days to weeks
+MAX_STEPS = 10**12
+MAX_EPOCHS = 1e6
 
 
 @dataclass(frozen=True)
@@ -24,6 +52,9 @@ class DataSpec:
     train: str
     valid: str | None = None
     block_rows: int = check(positive, 32)
+    # One pass over X and y of train and valid at start-up refuses NaN / inf; false skips it
+    # for huge files already checked (a NaN then fails training instead).
+    check: bool = True
 
 
 # Keys a custom model's section keeps for itself; every other key is an option for its class.
@@ -212,13 +243,23 @@ class SyncSpec:
         return None
 
 
+def _loss_target(v: float) -> str | None:
+    # Every loss (log-loss, squared error, with l2) is >= 0 and a goal is met when loss < target.
+    return None if v > 0 else f"expected a loss target > 0 (a loss is never below 0), got {quote(v)}"
+
+
+def _accuracy_target(v: float) -> str | None:
+    # The goal is met when accuracy > target, and accuracy is at most 1.
+    return None if 0 <= v < 1 else f"expected an accuracy in [0, 1) (met when accuracy > it), got {quote(v)}"
+
+
 @dataclass(frozen=True)
 class GoalSpec:
-    loss_below: float | None = None
-    valid_loss_below: float | None = None
-    valid_accuracy_above: float | None = check(in_range(0.0, 1.0), None)
-    max_epochs: float | None = check(positive, None)
-    max_steps: int | None = check(positive, None)
+    loss_below: float | None = check(_loss_target, None)
+    valid_loss_below: float | None = check(_loss_target, None)
+    valid_accuracy_above: float | None = check(_accuracy_target, None)
+    max_epochs: float | None = check(positive_at_most(MAX_EPOCHS), None)
+    max_steps: int | None = check(positive_at_most(MAX_STEPS), None)
 
     def validate(self) -> tuple[str, str] | None:
         if self.max_epochs is None and self.max_steps is None:
@@ -243,14 +284,20 @@ class MonitorSpec:
 
 @dataclass(frozen=True)
 class PhaseSpec:
-    nodes: int = check(positive, 1)
-    ranks_per_node: int = check(positive, 1)
+    nodes: int = check(positive_at_most(MAX_NODES), 1)
+    ranks_per_node: int = check(positive_at_most(MAX_RANKS_PER_NODE), 1)
     partition: str | None = check(identifier, None)
-    gpus_per_node: int = check(non_negative, 0)
-    cpus_per_rank: int = check(positive, 1)
+    gpus_per_node: int = check(in_range(0, MAX_GPUS_PER_NODE), 0)
+    cpus_per_rank: int = check(positive_at_most(MAX_RANKS_PER_NODE), 1)
     device: Literal["cpu", "gpu", "auto"] = "cpu"
-    time_min: int | None = check(positive, None)
-    mem_gb: float | None = check(positive, None)
+    time_min: int | None = check(positive_at_most(MAX_TIME_MIN), None)
+    mem_gb: float | None = check(positive_at_most(MAX_MEM_GB), None)
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.nodes * self.ranks_per_node > MAX_RANKS:
+            return "ranks_per_node", (f"nodes x ranks_per_node = {self.nodes * self.ranks_per_node} ranks; "
+                                      f"at most {MAX_RANKS} are supported")
+        return None
 
     @property
     def ranks(self) -> int:
@@ -326,6 +373,8 @@ class SchedulerSpec:
     max_timeouts: int = check(non_negative, 3)
     max_preemptions: int = check(non_negative, 10)
     requeue: bool = False                           # after a stop: `scontrol requeue` instead of a new job
+    # Local backend: allow a phase more ranks than this machine has cores (FLEETMPI_OVERSUBSCRIBE wins).
+    oversubscribe: bool = False
     submit_attempts: int = check(positive, 6)       # sbatch tries on transient errors
     submit_backoff_s: float = check(non_negative, 2.0)  # first retry delay, doubled per try (at most 60 s)
 
@@ -442,16 +491,21 @@ def _check_fleet(spec: Spec) -> tuple[str, str] | None:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``key.path=value`` applied (value parsed as YAML)."""
+    """Return a copy of ``raw`` with each ``key.path=value`` applied (value parsed as YAML, with the file's limits)."""
     out = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
+        shown = quote(item)
         if not sep or not key or any(not part for part in key.split(".")):
-            raise BadInput(f"--set {item!r}: expected key.path=value, e.g. --set optimizer.lr=0.05")
+            raise BadInput(f"--set {shown}: expected key.path=value, e.g. --set optimizer.lr=0.05")
+        if len(key.split(".")) > MAX_SPEC_DEPTH:
+            raise BadInput(f"--set {shown}: key path deeper than {MAX_SPEC_DEPTH} levels; the spec nests 5 deep")
         try:
-            value = yaml.load(text, Loader=_UniqueKeySafeLoader) if text else ""
+            value = parse_yaml(text.encode("utf-8", "surrogateescape")) if text else ""
+        except SpecTooLarge as e:
+            raise BadInput(f"--set {shown}: {e}") from None
         except yaml.YAMLError as e:
-            raise BadInput(f"--set {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
+            raise BadInput(f"--set {shown}: value is not valid YAML ({_yaml_problem(e)})") from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -459,10 +513,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise BadInput(f"--set {item!r}: {part!r} is not a mapping in the spec")
+                raise BadInput(f"--set {shown}: {quote(part, 64)} is not a mapping in the spec")
             node = nxt
         node[parts[-1]] = value
     return out
+
+
+class SpecTooLarge(ValueError):
+    """A YAML text over a size, node-count or depth limit (the message says which and where)."""
 
 
 class _UniqueKeySafeLoader(yaml.SafeLoader):
@@ -481,26 +539,106 @@ class _UniqueKeySafeLoader(yaml.SafeLoader):
                 continue  # unhashable: the base class reports it
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (a key may appear once per mapping)", key_node.start_mark)
+                    None, None, f"duplicate key {quote(key, 64)} (a key may appear once per mapping)",
+                    key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+class _LimitedLoader(_UniqueKeySafeLoader):
+    """Loader that counts nodes as composed, each alias as the size of what it repeats, and the depth.
+
+    Aliases compose to shared nodes, so a bomb of 10 levels of 9 aliases is small as a graph
+    but 9**10 nodes to every consumer that walks it (schema, repr, deepcopy); counting the
+    expanded size while composing refuses it before anything walks it.
+    """
+
+    def __init__(self, stream: str | bytes) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+        self._aliases = 0
+        self._sizes: dict[int, int] = {}   # id(node) -> its expanded size, once composed
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        mark = event.start_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        is_alias = isinstance(event, yaml.AliasEvent)
+        self._depth += 1
+        if self._depth > MAX_SPEC_DEPTH:
+            raise SpecTooLarge(f"nested deeper than {MAX_SPEC_DEPTH} levels{where}; a spec nests about 5 deep")
+        before = self._nodes
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if is_alias:
+            self._aliases += 1
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise SpecTooLarge(f"alias *{quote(event.anchor, 64)}{where} refers to a node that contains it; "
+                                   "a spec cannot be recursive")
+            self._nodes += size
+        else:
+            self._nodes += 1
+            self._sizes[id(node)] = self._nodes - before
+        if self._nodes > MAX_SPEC_NODES:
+            what = "aliases expand to" if self._aliases else "holds"
+            raise SpecTooLarge(f"{what} more than {MAX_SPEC_NODES} values{where}; a spec holds a few hundred")
+        return node
+
+    def compose_document(self) -> yaml.Node | None:
+        self._sizes.clear()
+        return super().compose_document()  # type: ignore[no-any-return]
+
+
+def parse_yaml(text: bytes) -> Any:
+    """Return the YAML document in ``text`` (UTF-8), within the size, node and depth limits.
+
+    Raises SpecTooLarge over a limit, yaml.YAMLError on bad YAML, UnicodeDecodeError on bad UTF-8.
+    """
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecTooLarge(f"{len(text)} bytes; a spec may have at most {MAX_SPEC_BYTES} bytes (1 MiB)")
+    try:
+        return yaml.load(text.decode("utf-8"), Loader=_LimitedLoader)
+    except ValueError as e:
+        if isinstance(e, (SpecTooLarge, UnicodeDecodeError)):
+            raise
+        # Python refuses int() of more than 4300 digits; YAML reads such a number as an int.
+        if "digits" in str(e):
+            raise SpecTooLarge("a number has more than 4300 digits; numbers in a spec are small") from None
+        raise SpecTooLarge(f"a value cannot be read ({quote(str(e), 120)})") from None
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    return f"{getattr(e, 'problem', None) or e}{where}".replace("\n", " ")
+    return one_line(f"{getattr(e, 'problem', None) or e}{where}")[:300]
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """Return the raw mapping in a YAML spec file; BadInput with file and line on any problem."""
     try:
-        text = path.read_text()
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(f"Is a directory: {str(path)!r}")
+        if not stat.S_ISREG(st.st_mode):
+            # Reading a FIFO or a device blocks or never ends.
+            raise BadInput(f"{path}: not a regular file (a FIFO, socket or device); a spec is a YAML file")
+        if st.st_size > MAX_SPEC_BYTES:
+            raise BadInput(f"{path}: spec is {st.st_size} bytes; a spec may have at most {MAX_SPEC_BYTES} bytes (1 MiB)")
+        with path.open("rb") as fh:
+            data = fh.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise BadInput(f"{path}: spec file not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise BadInput(f"{path}: cannot read spec ({e.__class__.__name__}: {e})".replace("\n", " ")) from None
+    except (IsADirectoryError, PermissionError, NotADirectoryError) as e:
+        raise BadInput(f"{path}: cannot read spec ({e.__class__.__name__}: {e})") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeySafeLoader)
+        raw = parse_yaml(data)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: cannot read spec ({e.__class__.__name__}: {e})") from None
+    except SpecTooLarge as e:
+        raise BadInput(f"{path}: spec refused: {e}") from None
     except yaml.YAMLError as e:
         raise BadInput(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(raw, dict):
@@ -532,6 +670,38 @@ def load(path: Path | str, overrides: list[str] | None = None) -> Spec:
     path = Path(path)
     raw = apply_overrides(read_yaml(path), overrides or [])
     return from_raw(raw, str(path), path.resolve().parent)
+
+
+def machine_cores() -> int:
+    """Return the number of cores this process may run on (its CPU affinity, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_local_fit(spec: Spec, cores: int | None = None, source: str = "spec",
+                    environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a local-backend spec with a phase of more ranks than ``cores``, unless oversubscription is allowed.
+
+    Precedence: FLEETMPI_OVERSUBSCRIBE=1 (allow) or =0 (refuse) > scheduler.oversubscribe > refuse.
+    The local launcher calls this before it starts a job; every phase is checked, not only the first.
+    """
+    if spec.scheduler.backend != "local":
+        return
+    env = os.environ if environ is None else environ
+    flag = env.get("FLEETMPI_OVERSUBSCRIBE", "").strip()
+    if flag not in ("", "0", "1"):
+        raise BadInput(f"FLEETMPI_OVERSUBSCRIBE={quote(flag, 40)}: expected 1 (allow more ranks than cores) or 0")
+    allowed = flag == "1" if flag else spec.scheduler.oversubscribe
+    if allowed:
+        return
+    cores = machine_cores() if cores is None else cores
+    for name, ph in spec.fleet.phases.items():
+        if ph.ranks > cores:
+            raise BadInput(f"{source}: fleet.phases.{name}: {ph.ranks} ranks ({ph.nodes} x {ph.ranks_per_node}) "
+                           f"but this machine has {cores} cores; lower ranks_per_node, or allow it with "
+                           "scheduler.oversubscribe: true or FLEETMPI_OVERSUBSCRIBE=1")
 
 
 def dump(spec: Spec) -> str:

@@ -9,6 +9,8 @@ file and ``B``, never on ``P``.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +19,18 @@ import numpy as np
 from h5py import h5s, h5t
 from numba import njit
 
-from fleetmpi.errors import BadInput
+from fleetmpi.errors import BadInput, quote
 
 # Multiplicative hash of a row index, summed per step into a fingerprint of the batch.
 # Each term is < 2**31, so the sum of up to 2**22 rows stays exact in float64.
 _FP_MULT = np.uint64(2654435761)
 _FP_MASK = np.uint64(2**31 - 1)
+
+# Labels derived from the data may not ask for more classes than this (a label of 2**40 would
+# otherwise size the model at 2**40 columns); model.classes in the spec lifts it on purpose.
+MAX_CLASSES = 100_000
+# The finite check reads this many bytes of X per block, so its memory stays bounded.
+CHECK_BLOCK_BYTES = 16 << 20
 
 
 def row_fingerprint(lo: int, hi: int) -> float:
@@ -84,17 +92,23 @@ class DataInfo:
     classes: int | None   # label count for classification, None for regression
 
 
-def describe(path: Path, task: str, classes: int | None = None) -> DataInfo:
+def describe(path: Path, task: str, classes: int | None = None, check: bool = True) -> DataInfo:
     """Check a dataset file's layout for ``task`` and return its shape; BadInput on problems.
 
-    ``task`` is 'regression', 'binary' or 'multiclass'. Labels are scanned in chunks (only
-    ``y``, never ``X``) to check that they are valid class ids.
+    ``task`` is 'regression', 'binary' or 'multiclass'. Labels are scanned in chunks to
+    check that they are valid class ids. With ``check`` (the spec's ``data.check``), X and
+    y are also read once, in blocks of bounded memory, and NaN or inf is refused naming the
+    first bad row and column.
     """
     with open_h5(path) as f:
         X, y = _datasets(f, path)
         n, d = X.shape
         if n == 0 or d == 0:
             raise BadInput(f"{path}: dataset X is empty (shape {X.shape}); need at least one row and one column")
+        if check:
+            check_finite(path, X, "X")
+            if task == "regression":
+                check_finite(path, y, "y")
         if task == "regression":
             return DataInfo(path, n, d, None)
         lo, hi, integral = np.inf, -np.inf, True
@@ -102,7 +116,8 @@ def describe(path: Path, task: str, classes: int | None = None) -> DataInfo:
             chunk = np.asarray(y[start:start + (1 << 20)], dtype=np.float64)
             bad = np.flatnonzero(~np.isfinite(chunk))
             if bad.size:
-                raise BadInput(f"{path}: y holds NaN or inf at row {start + int(bad[0])}; labels must be finite class ids")
+                raise BadInput(f"{path}: dataset y holds NaN or inf at row {start + int(bad[0])}; "
+                               "labels must be finite class ids")
             lo, hi = min(lo, chunk.min()), max(hi, chunk.max())
             integral &= bool(np.all(chunk == np.round(chunk)))
         if not integral or lo < 0:
@@ -114,16 +129,89 @@ def describe(path: Path, task: str, classes: int | None = None) -> DataInfo:
                                "use kind softmax for more classes")
             return DataInfo(path, n, d, 2)
         attr = f.attrs.get("classes")
-        k = classes or (int(attr) if attr is not None else int(hi) + 1)
+        if classes is None and hi >= MAX_CLASSES:
+            raise BadInput(f"{path}: y holds label {hi:.0f}, which would make {hi + 1:.0f} classes; labels must be "
+                           f"class ids below {MAX_CLASSES}, or set model.classes for more")
+        if classes is None and attr is not None and not 2 <= _as_int(attr) <= MAX_CLASSES:
+            raise BadInput(f"{path}: attribute classes={quote(attr, 60)}; expected a whole number in "
+                           f"[2, {MAX_CLASSES}] (or set model.classes)")
+        k = classes or (_as_int(attr) if attr is not None else int(hi) + 1)
         if hi >= k:
             raise BadInput(f"{path}: y holds label {hi:g} but the model has {k} classes (labels must be 0..{k - 1})")
         return DataInfo(path, n, d, max(k, 2))
 
 
+def _as_int(v: object) -> int:
+    """Return an HDF5 attribute as an int, or -1 when it is not one whole number."""
+    try:
+        f = float(np.asarray(v).item())
+    except (TypeError, ValueError):
+        return -1
+    return int(f) if np.isfinite(f) and f == int(f) else -1
+
+
+def check_finite(path: Path, dset: h5py.Dataset, name: str) -> None:
+    """Read ``dset`` once in blocks of about CHECK_BLOCK_BYTES; BadInput naming the first NaN/inf row and column."""
+    n = dset.shape[0]
+    row_bytes = max(1, int(np.prod(dset.shape[1:], dtype=np.int64)) * dset.dtype.itemsize)
+    step = max(1, CHECK_BLOCK_BYTES // row_bytes)
+    if dset.chunks:   # whole chunks per block: HDF5 decompresses each chunk once
+        step = max(dset.chunks[0], step // dset.chunks[0] * dset.chunks[0])
+    for start in range(0, n, step):
+        block = dset[start:start + step]
+        if block.dtype.kind != "f":
+            return    # integers cannot hold NaN or inf
+        ok = np.isfinite(block)
+        if ok.all():
+            continue
+        bad_rows = ok if ok.ndim == 1 else ok.all(axis=1)
+        r = int(np.flatnonzero(~bad_rows)[0])
+        value = block[r] if block.ndim == 1 else block[r][~ok[r]][0]
+        col = "" if block.ndim == 1 else f", column {int(np.flatnonzero(~ok[r])[0])}"
+        what = "NaN" if np.isnan(value) else "inf"
+        raise BadInput(f"{path}: dataset {name} holds {what} at row {start + r}{col}; data must be finite "
+                       "(fix or drop those rows; data.check: false skips this check)")
+
+
+def _check_extent(path: Path, dset: h5py.Dataset, name: str, file_size: int) -> None:
+    """Refuse a dataset whose declared shape is not backed by stored bytes (a 2**40-row header, a truncated file)."""
+    if dset.size == 0 or dset.is_virtual or dset.external:
+        return
+    declared = f"declares shape {dset.shape} ({dset.size * dset.dtype.itemsize} bytes)"
+    if dset.chunks is None:
+        layout = dset.id.get_create_plist().get_layout()
+        if layout == h5py.h5d.COMPACT:
+            return
+        stored, offset = dset.id.get_storage_size(), dset.id.get_offset()
+        need = dset.size * dset.dtype.itemsize
+        if stored < need or offset is None or offset + need > file_size:
+            raise BadInput(f"{path}: dataset {name} {declared} but the file holds {file_size} bytes "
+                           f"({stored} stored for it); the file is truncated or was never fully written")
+        return
+    needed = 1
+    for extent, chunk in zip(dset.shape, dset.chunks):
+        needed *= -(-extent // chunk)
+    try:
+        have = dset.id.get_num_chunks()
+    except (AttributeError, RuntimeError):   # HDF5 < 1.10.5 cannot count chunks
+        return
+    if have < needed:
+        raise BadInput(f"{path}: dataset {name} {declared} but only {have} of its {needed} chunks are written; "
+                       "rows never written read as fill values, so the file is incomplete")
+
+
 def open_h5(path: Path) -> h5py.File:
     """Open an HDF5 file read-only; BadInput naming the file when it cannot be."""
-    if path.is_dir():  # h5py's message for a folder is a read failure with a timestamp
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: data file not found") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read data file ({e.__class__.__name__}: {e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):  # h5py's message for a folder is a read failure with a timestamp
         raise BadInput(f"{path}: is a folder, not an HDF5 data file")
+    if not stat.S_ISREG(st.st_mode):   # opening a FIFO blocks; a device never ends
+        raise BadInput(f"{path}: not a regular file (a FIFO, socket or device); a data file is an HDF5 file")
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:
@@ -146,6 +234,9 @@ def _datasets(f: h5py.File, path: Path) -> tuple[h5py.Dataset, h5py.Dataset]:
         raise BadInput(f"{path}: y must have shape ({X.shape[0]},) to match X, got {y.shape}")
     if y.dtype.kind not in "fiu":
         raise BadInput(f"{path}: y must be numeric, got {y.dtype}")
+    size = os.stat(path).st_size
+    _check_extent(path, X, "X", size)
+    _check_extent(path, y, "y", size)
     return X, y
 
 

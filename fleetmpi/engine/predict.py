@@ -72,8 +72,16 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
             raise BadInput(f"{data_path}: X has no rows to predict")
         if X.dtype != np.float32:
             raise BadInput(f"{data_path}: X must be float32, got {X.dtype}")
-        parts = [model.predict(np.ascontiguousarray(X[i:i + CHUNK_ROWS]), params)
-                 for i in range(0, X.shape[0], CHUNK_ROWS)]
+        parts = []
+        for i in range(0, X.shape[0], CHUNK_ROWS):
+            rows = np.ascontiguousarray(X[i:i + CHUNK_ROWS])
+            finite = np.isfinite(rows)
+            if not finite.all():   # a prediction from NaN or inf is NaN or arbitrary: refuse, never guess
+                r = int(np.flatnonzero(~finite.all(axis=1))[0])
+                c = int(np.flatnonzero(~finite[r])[0])
+                raise BadInput(f"{data_path}: dataset X holds {'NaN' if np.isnan(rows[r, c]) else 'inf'} at row "
+                               f"{i + r}, column {c}; predict needs finite features (drop or impute those rows)")
+            parts.append(model.predict(rows, params))
     raw = np.concatenate(parts) if parts else np.empty(0)
     arrays: dict[str, np.ndarray] = {}
     if model.task == "regression":
