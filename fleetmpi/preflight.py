@@ -12,10 +12,10 @@ def check_inputs(spec: Any) -> None:
     from fleetmpi.engine.data import describe
     from fleetmpi.models import preflight, task_of
     task = task_of(spec.model)
-    info = describe(spec.data_path(spec.data.train), task, spec.model.classes)
+    info = describe(spec.data_path(spec.data.train), task, spec.model.classes, check=spec.data.check)
     preflight(spec.model, spec.sync.kind, info.d, info.classes)   # a user's model class, before a job dir exists
     if spec.data.valid:
-        v = describe(spec.data_path(spec.data.valid), task, spec.model.classes or info.classes)
+        v = describe(spec.data_path(spec.data.valid), task, spec.model.classes or info.classes, check=spec.data.check)
         if v.d != info.d:
             raise BadInput(f"{v.path}: validation X has {v.d} columns but training X has {info.d}")
     if spec.optimizer.batch > info.n:

@@ -58,6 +58,9 @@ class DataSpec:
 
 
 # Keys a custom model's section keeps for itself; every other key is an option for its class.
+# Class ids a classifier may have (labels 0..MAX_CLASSES-1): beyond it a stray label would
+# size a model of terabytes; the data check refuses such labels too.
+MAX_CLASSES = 100_000
 CUSTOM_KEYS = ("kind", "class", "path", "l2", "classes", "init_scale", "options")
 # Keyword arguments the framework passes a custom class itself (so no option may take them).
 CUSTOM_RESERVED = ("d", "classes", "l2")
@@ -76,7 +79,8 @@ class ModelSpec:
     kind: Literal["linear", "logistic", "softmax", "mlp", "custom"]
     l2: float = check(non_negative, 0.0)
     hidden: tuple[int, ...] = ()
-    classes: int | None = check(lambda v: None if v >= 2 else f"expected >= 2 classes, got {v}", None)
+    classes: int | None = check(lambda v: None if 2 <= v <= MAX_CLASSES else
+                                f"expected 2..{MAX_CLASSES} classes, got {v}", None)
     init_scale: float = check(positive, 0.01)
     class_path: str | None = None                 # custom: "package.module:ClassName"
     path: str | None = None                       # custom: folder appended to sys.path to import it

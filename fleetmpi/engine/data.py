@@ -20,15 +20,15 @@ from h5py import h5s, h5t
 from numba import njit
 
 from fleetmpi.errors import BadInput, quote
+from fleetmpi.spec import MAX_CLASSES
 
 # Multiplicative hash of a row index, summed per step into a fingerprint of the batch.
 # Each term is < 2**31, so the sum of up to 2**22 rows stays exact in float64.
 _FP_MULT = np.uint64(2654435761)
 _FP_MASK = np.uint64(2**31 - 1)
 
-# Labels derived from the data may not ask for more classes than this (a label of 2**40 would
-# otherwise size the model at 2**40 columns); model.classes in the spec lifts it on purpose.
-MAX_CLASSES = 100_000
+# Labels derived from the data may not ask for more classes than spec.MAX_CLASSES (a label of
+# 2**40 would otherwise size the model at 2**40 columns).
 # The finite check reads this many bytes of X per block, so its memory stays bounded.
 CHECK_BLOCK_BYTES = 16 << 20
 
@@ -131,7 +131,7 @@ def describe(path: Path, task: str, classes: int | None = None, check: bool = Tr
         attr = f.attrs.get("classes")
         if classes is None and hi >= MAX_CLASSES:
             raise BadInput(f"{path}: y holds label {hi:.0f}, which would make {hi + 1:.0f} classes; labels must be "
-                           f"class ids below {MAX_CLASSES}, or set model.classes for more")
+                           f"class ids below {MAX_CLASSES}")
         if classes is None and attr is not None and not 2 <= _as_int(attr) <= MAX_CLASSES:
             raise BadInput(f"{path}: attribute classes={quote(attr, 60)}; expected a whole number in "
                            f"[2, {MAX_CLASSES}] (or set model.classes)")

@@ -9,7 +9,6 @@ NaN rows, and `make-data` with a huge --n. A run past its deadline is recorded a
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import random
 import shutil
@@ -23,13 +22,7 @@ import numpy as np
 import pytest
 import yaml
 from campaign import Campaign, trials
-
-# tests/faults/conftest.py shadows tests/conftest.py as module 'conftest': load the shared helpers by path.
-_spec = importlib.util.spec_from_file_location("fleetmpi_tests_shared", Path(__file__).resolve().parents[1] / "conftest.py")
-assert _spec is not None and _spec.loader is not None
-_shared = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_shared)
-ROOT, cli, write_spec = _shared.ROOT, _shared.cli, _shared.write_spec
+from conftest import ROOT, cli, write_spec
 
 pytestmark = pytest.mark.faults
 

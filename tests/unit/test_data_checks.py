@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from fleetmpi.engine import data as datamod
-from fleetmpi.engine.data import MAX_CLASSES, describe, open_h5
+from fleetmpi.engine.data import describe, open_h5
 from fleetmpi.errors import BadInput
 from fleetmpi.makedata import check_room
+from fleetmpi.spec import MAX_CLASSES
 
 N, D, K = 300, 6, 3
 
@@ -112,8 +113,7 @@ def test_clean_file_passes_with_check(tmp_path: Path) -> None:
 def test_huge_label_is_refused_not_allocated(tmp_path: Path) -> None:
     y = labels().astype(np.float64)
     y[9] = 2.0**40
-    refused(write(tmp_path / "big.h5", rand_x(), y), "multiclass", "label 1099511627776", f"{MAX_CLASSES}",
-            "model.classes")
+    refused(write(tmp_path / "big.h5", rand_x(), y), "multiclass", "label 1099511627776", f"{MAX_CLASSES}")
 
 
 def test_label_just_under_the_limit_is_accepted(tmp_path: Path) -> None:
