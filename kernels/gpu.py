@@ -36,7 +36,6 @@ __all__ = [
     "SIGN_BIT",
     "TPB",
     "decode",
-    "device_copy",
     "encode",
     "encode_scratch",
     "linear_grad",
@@ -376,13 +375,6 @@ def _sgd(params: Any, velocity: Any, g: Any, mask: Any, batch: float, l2: float,
             params[j] = _add(p, -_mul(lr, gr))
 
 
-@cuda.jit
-def _copy(src: Any, dst: Any) -> None:
-    i = cuda.grid(1)
-    if i < src.shape[0]:
-        dst[i] = src[i]
-
-
 # --------------------------------------------------------------------------- checks
 
 
@@ -574,12 +566,6 @@ def sgd_update(params: Any, velocity: Any, g: Any, mask: Any, batch: float, l2: 
     if n:
         _sgd[-(-n // TPB), TPB, stream](params, velocity, g, mask, float(batch), float(l2), float(lr),
                                         float(momentum))
-
-
-def device_copy(src: Any, dst: Any, stream: Any = 0) -> None:
-    """Copy a 1-D device array into another with a kernel (the benchmark's copy-kernel baseline)."""
-    if src.shape[0]:   # a grid of 0 blocks is an error on a GPU (the simulator accepts it)
-        _copy[-(-src.shape[0] // TPB), TPB, stream](src, dst)
 
 
 def stream_sync(stream: Any) -> None:

@@ -67,7 +67,6 @@ def signatures() -> dict[str, tuple[Any, tuple[Any, ...]]]:
         "_decode_counts": (g._decode_counts, (uint32[::1], int64, i32, i32)),
         "_counts_to_grad": (g._counts_to_grad, (i32, float64, f64)),
         "_sgd": (g._sgd, (f64, f64, f64, f64, float64, float64, float64, float64)),
-        "_copy": (g._copy, (f64, f64)),
     }
     for k in SOFTMAX_CLASSES:
         table[f"softmax[k={k}]"] = (g._softmax_kernel(k), (X, f32, f64, int64, part, part))

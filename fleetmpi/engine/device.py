@@ -1,8 +1,9 @@
 """Where a phase computes: device choice, local rank -> GPU, CUDA-aware MPI, NVML, staging.
 
-Nothing here imports numba.cuda, pynvml or cupy at import time, and nothing touches a
-GPU until a function below is called: the worker decides (STYLE: no side effects on
-import).
+Importing this module loads numba.cuda (through ``kernels.gpu``, which owns the one
+``simulated()``) but no pynvml or cupy, and nothing touches a GPU until a function below
+is called: the worker decides (docs/architecture.md: no side effects on import). CPU
+phases never import it.
 
 ``choose`` resolves a phase's ``device`` setting (cpu | gpu | auto) once, collectively:
 ``auto`` is the GPU only if every rank sees one (``numba.cuda.is_available()``, True
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fleetmpi.errors import BadInput
+from kernels.gpu import simulated
 
 CUDA_AWARE_ENV = "FLEETMPI_CUDA_AWARE_MPI"
 NO_GPU = "no CUDA GPU visible (numba.cuda.is_available() is False without the simulator)"
@@ -47,12 +49,6 @@ class Device:
         sim = ", CUDA simulator: kernels run on the CPU" if self.simulated else ""
         mpi = "CUDA-aware MPI: device buffers" if self.cuda_aware else "MPI not CUDA-aware: pinned host staging"
         return f"gpu {self.index} ({self.name}{sim}), {mpi} [{self.why}]"
-
-
-def simulated() -> bool:
-    """Return whether numba runs CUDA in its simulator (NUMBA_ENABLE_CUDASIM=1 when numba was imported)."""
-    from numba import config
-    return bool(getattr(config, "ENABLE_CUDASIM", 0))
 
 
 def gpu_visible() -> bool:

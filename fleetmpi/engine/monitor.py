@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
+from fleetmpi.engine.technique import StepRecord
 from fleetmpi.jobdir import JobDir, append_line
-from fleetmpi.launch.slurm.cmd import IdleNodes
 from fleetmpi.rules import format_bytes
 from fleetmpi.spec import Spec
 
@@ -22,7 +23,8 @@ class Monitor:
 
     def __init__(self, jd: JobDir, spec: Spec, phase: str, ranks: int, n_train: int,
                  carried: dict[str, Any], job_start: float, progress: str,
-                 stream: TextIO = sys.stderr) -> None:
+                 stream: TextIO = sys.stderr, idle_nodes: Callable[[], dict[str, float]] | None = None) -> None:
+        """Start the phase's metrics; ``idle_nodes`` returns the scheduler's idle_nodes metrics (None: none)."""
         self.jd, self.spec, self.phase, self.ranks, self.n = jd, spec, phase, ranks, n_train
         self.sync_total = int(carried.get("sync_bytes_total", 0))
         self.wire_total = float(carried.get("wire_bytes_total", 0.0))
@@ -41,27 +43,24 @@ class Monitor:
         self.progress = progress
         self._bar: Any = None
         self._last_line = 0.0
-        # sinfo is asked (at most every 30 s) only when a rule reads idle_nodes on Slurm.
-        idle_rules = any("idle_nodes" in r.when for r in spec.fleet.rules)
-        self._idle = IdleNodes() if spec.scheduler.backend == "slurm" and idle_rules else None
+        self._idle = idle_nodes
 
     # -- per step -------------------------------------------------------------------------
-    def step(self, *, step: int, epoch: float, loss: float, lr: float, optimizer: str,
-             samples: int, payload_bytes: int, wire_bytes: float, compute_s: float,
-             comm_s: float, cursor: int, batch_fp: float) -> None:
+    def step(self, rec: StepRecord, *, step: int, epoch: float, optimizer: str) -> None:
         """Record one finished step (``step`` counts steps done, so it starts at 1)."""
         now = time.time()
         if self.phase_start_step is None:
             self.phase_start_step = step - 1
-        self.sync_total += payload_bytes
-        self.wire_total += wire_bytes
+        self.sync_total += rec.payload_bytes
+        self.wire_total += rec.wire_bytes
+        loss = rec.loss
         self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
         if self.ema < self.best_loss * (1.0 - self.spec.monitor.plateau_rel_tol):
             self.best_loss, self.best_step = self.ema, step
         for w in (self._win, self._log_win):
-            w.add(now, samples, payload_bytes, wire_bytes, compute_s, comm_s)
-        self.last = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "optimizer": optimizer,
-                     "cursor": cursor, "batch_fp": batch_fp, "t": now}
+            w.add(now, rec.samples, rec.payload_bytes, rec.wire_bytes, rec.compute_s, rec.comm_s)
+        self.last = {"step": step, "epoch": epoch, "loss": loss, "lr": rec.lr, "optimizer": optimizer,
+                     "cursor": rec.cursor, "batch_fp": rec.batch_fp, "t": now}
         if step % self.spec.monitor.log_every_steps == 0:
             self._write(self._record(self._log_win))
             self._log_win = _Window()
@@ -109,7 +108,7 @@ class Monitor:
         m.update(self.valid)
         m.update(self.util)
         if self._idle is not None:
-            m.update(self._idle.metrics())
+            m.update(self._idle())
         return m
 
     def summary(self) -> dict[str, Any]:

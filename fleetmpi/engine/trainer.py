@@ -7,52 +7,68 @@ it in the same order. Rank 0 alone writes files (checkpoints, the model).
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from fleetmpi.errors import BadInput, TrainingFailed
+from fleetmpi.engine.gradient import FlatState
+from fleetmpi.engine.technique import StepRecord, Technique, technique_class
+from fleetmpi.errors import BadInput
 from fleetmpi.jobdir import JobDir
+from fleetmpi.spec import Spec
 
-# Extras summed with the gradient each step: loss sum, row count, batch fingerprint, signal.
-N_EXTRAS = 4
+T = TypeVar("T")
 
 
 class Trainer:
-    """State and collective operations of one phase on one rank."""
+    """State and collective operations of one phase on one rank; the technique in use steps it."""
 
     device = "cpu"                      # where the phase computes: cpu | gpu (fleetmpi.engine.gpu)
     device_detail = "cpu"               # one line for the log
     notes: tuple[str, ...] = ()         # further lines for the log (rank 0)
+    flat_state_class: type[FlatState] = FlatState   # the gradient techniques' state on this device
 
-    def __init__(self, comm: Any, jd: JobDir) -> None:
-        from fleetmpi import spec as specmod
-        from fleetmpi.engine import checkpoint
-        from fleetmpi.engine.data import RankReader, SampleOrder, contiguous_share, describe
-        from fleetmpi.models import build_model, task_of
-        from fleetmpi.optim import LBFGS, SGD
-        from fleetmpi.sync import build_sync
-
-        self.comm, self.jd = comm, jd
+    def __init__(self, comm: Any, jd: JobDir, spec: Spec, state: dict[str, Any], device_detail: str = "cpu") -> None:
+        """Open the phase's data and resume from the newest valid checkpoint or start fresh (collective)."""
+        self.comm, self.jd, self.spec = comm, jd, spec
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.spec = specmod.load(jd.spec)
-        state = jd.read_state()
+        self.device_detail = device_detail
         self.phase_name: str = state["phase"]
-        if self.phase_name not in self.spec.fleet.phases:
+        if self.phase_name not in spec.fleet.phases:
             raise BadInput(f"{jd.state_path}: phase {self.phase_name!r} is not in the spec's fleet.phases")
         self.job_start = float(state.get("created", time.time()))
-        sp = self.spec
-        task = task_of(sp.model)
-        info = _on_root(comm, lambda: describe(sp.data_path(sp.data.train), task, sp.model.classes))
-        self.n = info.n
-        self.model = build_model(sp.model, info.d, info.classes)
-        self.reader = RankReader(sp.data_path(sp.data.train))
+        self.pending: dict[str, Any] | None = state.get("pending_approval")
+        self.stop_signal = 0
+        self._util_mark = (time.perf_counter(), time.process_time())
+        self._shared: dict[str, Any] = {}
+        self._techniques: dict[str, Technique] = {}
+        self._open_data()
+        from fleetmpi.engine import checkpoint
+        ckpt, skipped = _on_root(comm, lambda: checkpoint.latest_valid(jd.ckpt))
+        self.skipped = [(str(path), why) for path, why in skipped]
+        self.resumed_from = str(ckpt.path) if ckpt else None
+        if ckpt is not None:
+            self._resume(ckpt)
+        else:
+            self._fresh()
+
+    def _open_data(self) -> None:
+        """Describe the training data on rank 0, open this rank's reader and its validation rows."""
+        from fleetmpi.engine.data import RankReader, SampleOrder, contiguous_share, describe
+        from fleetmpi.models import task_of
+        sp, comm = self.spec, self.comm
+        self.task = task = task_of(sp.model)
+        # The pre-flight (fleetmpi.preflight) scanned the files for NaN/inf once; phases do not repeat it.
+        info = _on_root(comm, lambda: describe(sp.data_path(sp.data.train), task, sp.model.classes, check=False))
+        self.n, self.d, self.classes = info.n, info.d, info.classes
+        self.reader = self._open_reader(sp.data_path(sp.data.train))
         if not self.reader.direct:
             self.notes = (f"{self.reader.path} is chunked or compressed: rows are read by HDF5 hyperslab, several "
                           "times slower at small batches than a contiguous copy (h5repack -f NONE -l CONTI IN OUT)",)
         self.valid_xy: tuple[np.ndarray, np.ndarray] | None
         if sp.data.valid:
-            vinfo = _on_root(comm, lambda: describe(sp.data_path(sp.data.valid), task, info.classes))
+            vinfo = _on_root(comm, lambda: describe(sp.data_path(sp.data.valid), task, info.classes, check=False))
             if vinfo.d != info.d:
                 raise BadInput(f"{vinfo.path}: validation X has {vinfo.d} columns but training X has {info.d}")
             vr = RankReader(sp.data_path(sp.data.valid), direct=False)   # one contiguous read: no map needed
@@ -62,121 +78,59 @@ class Trainer:
         else:
             self.valid_xy, self.n_valid = None, 0
         self.order = SampleOrder(self.n, sp.optimizer.batch, sp.seed, sp.data.block_rows)
-        p = self.model.n_params
-        self.mask = self.model.weight_mask()
-        self.sync = build_sync(sp.sync, comm, p, N_EXTRAS)
-        self.grad = self.sync.grad_out   # kernels write into the sync's send buffer
-        self.sgd = SGD(sp.optimizer, p)
-        self.lbfgs = LBFGS(sp.optimizer.lbfgs, p)
-        self.lbfgs_data: tuple[np.ndarray, np.ndarray, float, int] | None = None
 
-        # Resume from the newest valid checkpoint, or start fresh.
-        found = _on_root(comm, lambda: checkpoint.latest_valid(jd.ckpt))
-        ckpt, skipped = found
-        self.skipped = [(str(path), why) for path, why in skipped]
-        self.resumed_from = str(ckpt.path) if ckpt else None
-        if ckpt is not None:
-            checkpoint.check_compatible(ckpt, sp.model_hash())
-            meta = ckpt.meta
-            self.params = np.array(ckpt.arrays["params"], dtype=np.float64)
-            if self.params.shape != (p,):
-                raise BadInput(f"{ckpt.path}: params have shape {self.params.shape} but the model needs ({p},)")
-            self.step, self.cursor = int(meta["step"]), int(meta["cursor"])
-            self.samples_seen = int(meta["samples_seen"])
-            self.optimizer = str(meta["optimizer"])
-            self.fired = set(meta.get("fired", []))
-            self.carried = dict(meta.get("summary", {}))
-            self.sgd.load_state(ckpt.arrays)
-            self.lbfgs.load_state(ckpt.arrays)
-            self.sync.load_state(ckpt.arrays)
-        else:
-            self.params = self.model.init(np.random.default_rng([sp.seed, 0x1417]), sp.model.init_scale)
-            self.step = self.cursor = self.samples_seen = 0
-            self.optimizer = sp.optimizer.kind
-            self.fired = set()
-            self.carried = {}
-        self.stop_signal = 0
-        self._util_mark = (time.perf_counter(), time.process_time())
-        self.pending: dict[str, Any] | None = state.get("pending_approval")
-        self.phase_index = len(state.get("phases_run", []))
+    def _open_reader(self, path: Any) -> Any:
+        """Return this rank's reader of the training rows (a GPU phase reads into pinned buffers)."""
+        from fleetmpi.engine.data import RankReader
+        return RankReader(path)
 
-    # -- one step ---------------------------------------------------------------------------
-    def sgd_step(self) -> dict[str, Any]:
-        B = self.spec.optimizer.batch
-        start, stop = self.order.share(self.step, self.rank, self.size)
-        X, y, fp = self.reader.read(self.order.ranges(start, stop))
-        t0 = time.perf_counter()
-        loss_sum = self.sync.local_grad(self.model, X, y, self.params, self.grad)
-        t1 = time.perf_counter()
-        g, ex = self.sync.reduce(self.grad, np.array([loss_sum, len(y), fp, self.stop_signal]))
-        t2 = time.perf_counter()
-        grad = g / B
-        if self.model.l2:
-            grad += self.model.l2 * self.mask * self.params
-        lr = self.sgd.step(self.params, grad, self.step)
-        rec = {"loss": ex[0] / B, "lr": lr, "samples": int(ex[1]), "batch_fp": ex[2], "cursor": self.cursor,
-               "compute_s": t1 - t0, "comm_s": t2 - t1, "payload_bytes": self.sync.payload_bytes,
-               "wire_bytes": self.sync.wire_bytes, "signal": ex[3]}
-        self.cursor += B
-        self.samples_seen += B
-        return rec
+    def _resume(self, ckpt: Any) -> None:
+        """Take counters, rule history and the technique's state from checkpoint ``ckpt`` (every rank)."""
+        from fleetmpi.engine import checkpoint
+        checkpoint.check_compatible(ckpt, self.spec.model_hash())
+        meta = ckpt.meta
+        self.step, self.cursor = int(meta["step"]), int(meta["cursor"])
+        self.samples_seen = int(meta["samples_seen"])
+        self.optimizer = str(meta["optimizer"])
+        self.fired: set[int] = set(meta.get("fired", []))
+        self.carried: dict[str, Any] = dict(meta.get("summary", {}))
+        self.technique = self._technique(self.optimizer)
+        self.technique.load_state(ckpt.arrays)
 
-    def _lbfgs_rows(self) -> tuple[np.ndarray, np.ndarray, float, int]:
-        if self.lbfgs_data is None:
-            from fleetmpi.engine.data import contiguous_share
-            batch = self.spec.optimizer.lbfgs.batch
-            if batch == "full" or batch >= self.n:
-                lo, hi = contiguous_share(self.n, self.rank, self.size)
-                X, y = self.reader.read_contiguous(lo, hi)
-                from fleetmpi.engine.data import row_fingerprint
-                self.lbfgs_data = (X, y, row_fingerprint(lo, hi), self.n)
-            else:
-                # A fixed batch: the first ``batch`` positions of epoch 0's order.
-                order = type(self.order)(self.n, batch, self.spec.seed, self.spec.data.block_rows)
-                X, y, fp = self.reader.read(order.ranges(*order.share(0, self.rank, self.size)))
-                self.lbfgs_data = (X.copy(), y.copy(), fp, int(batch))
-        return self.lbfgs_data
+    def _fresh(self) -> None:
+        """Start at step 0 with the spec's technique and its fresh state."""
+        self.step = self.cursor = self.samples_seen = 0
+        self.optimizer = self.spec.optimizer.kind
+        self.fired = set()
+        self.carried = {}
+        self.technique = self._technique(self.optimizer)
 
-    def _global_grad(self, w: np.ndarray, data: tuple[np.ndarray, np.ndarray, float, int]
-                     ) -> tuple[np.ndarray, np.ndarray, float, float, int, float]:
-        """Return (gradient sum over all ranks, extras sum, compute s, comm s, payload B, wire B) at w.
+    # -- techniques -------------------------------------------------------------------------
+    def _technique(self, name: str) -> Technique:
+        """Return this run's technique ``name``, built on first use (BadInput for an unknown name)."""
+        if name not in self._techniques:
+            try:
+                cls = technique_class(name)
+            except ValueError as e:
+                raise BadInput(f"{self.resumed_from or self.jd.spec}: {e}") from None
+            self._techniques[name] = cls(self)
+        return self._techniques[name]
 
-        Collective: one evaluation of the L-BFGS objective's data term on this rank's rows.
-        """
-        X, y, fp, _ = data
-        t0 = time.perf_counter()
-        loss_sum = self.sync.local_grad(self.model, X, y, w, self.grad)
-        t1 = time.perf_counter()
-        g, ex = self.sync.reduce(self.grad, np.array([loss_sum, len(y), fp, self.stop_signal]))
-        return g, ex, t1 - t0, time.perf_counter() - t1, self.sync.payload_bytes, self.sync.wire_bytes
+    def shared(self, key: str, make: Callable[[], T]) -> T:
+        """Return the object techniques of one family share under ``key``, made by ``make`` once."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return cast(T, self._shared[key])
 
-    def lbfgs_step(self) -> dict[str, Any]:
-        data = self._lbfgs_rows()
-        fp, N = data[2], data[3]
-        acc: dict[str, float] = {"compute_s": 0.0, "comm_s": 0.0, "payload": 0, "wire": 0.0, "signal": 0.0,
-                                 "evals": 0}
+    def switch(self, name: str) -> None:
+        """Continue the phase with technique ``name`` (every rank alike, after a rule's decision)."""
+        self.technique = self._technique(name)
+        self.optimizer = name
+        self.technique.enter()
 
-        def objective(w: np.ndarray) -> tuple[float, np.ndarray]:
-            g, ex, compute_s, comm_s, payload, wire = self._global_grad(w, data)
-            acc["compute_s"] += compute_s
-            acc["comm_s"] += comm_s
-            acc["payload"] += payload
-            acc["wire"] += wire
-            acc["signal"] = max(acc["signal"], ex[3])
-            acc["evals"] += 1
-            grad = g / N
-            loss = ex[0] / N
-            if self.model.l2:
-                grad = grad + self.model.l2 * self.mask * w
-                loss += 0.5 * self.model.l2 * float(np.sum(self.mask * w * w))
-            return loss, grad.copy()
-
-        loss, _moved = self.lbfgs.step(self.params, objective)
-        evals = int(acc["evals"])
-        self.samples_seen += evals * N
-        return {"loss": loss, "lr": self.lbfgs.last_step, "samples": evals * N, "batch_fp": fp,
-                "cursor": self.cursor, "compute_s": acc["compute_s"], "comm_s": acc["comm_s"],
-                "payload_bytes": acc["payload"], "wire_bytes": acc["wire"], "signal": acc["signal"]}
+    def train_step(self) -> StepRecord:
+        """Take one step of the technique in use (collective)."""
+        return self.technique.step()
 
     # -- collectives at evaluation points ---------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -185,11 +139,11 @@ class Trainer:
         if self.valid_xy is None:
             return {}
         X, y = self.valid_xy
-        loss, correct = self.model.eval_sums(X, y, self.params) if len(y) else (0.0, 0.0)
+        loss, correct = self.technique.eval_sums(X, y) if len(y) else (0.0, 0.0)
         tot = np.empty(2)
         self.comm.Allreduce(np.array([loss, correct]), tot, op=MPI.SUM)
         out = {"valid_loss": tot[0] / self.n_valid}
-        if self.model.task != "regression":
+        if self.task != "regression":
             out["valid_accuracy"] = tot[1] / self.n_valid
         return out
 
@@ -212,23 +166,13 @@ class Trainer:
 
     def checkpoint(self, reason: str, summary: dict[str, Any]) -> None:
         """Write a checkpoint of the global state (collective; rank 0 writes)."""
-        from mpi4py import MPI
-
         from fleetmpi.engine import checkpoint
-        # Every rank must hold the same parameters; check before trusting rank 0's copy.
-        probe = np.array([float(self.params.sum()), float(np.dot(self.params, self.params))])
-        lo, hi = np.empty(2), np.empty(2)
-        self.comm.Allreduce(probe, lo, op=MPI.MIN)
-        self.comm.Allreduce(probe, hi, op=MPI.MAX)
-        if not np.array_equal(lo, hi):
-            raise TrainingFailed(f"ranks hold different parameters at step {self.step}; refusing to checkpoint")
-        extra = self.sync.gather_state()
+        arrays = self.technique.state()
         if self.rank == 0:
-            arrays = {"params": self.params, **self.sgd.state(), **self.lbfgs.state(), **extra}
             meta = {"step": self.step, "cursor": self.cursor, "samples_seen": self.samples_seen,
                     "epoch": self.samples_seen / self.n, "optimizer": self.optimizer, "phase": self.phase_name,
                     "fired": sorted(self.fired), "spec_hash": self.spec.spec_hash(),
-                    "model_hash": self.spec.model_hash(), "model": self.model.meta(),
+                    "model_hash": self.spec.model_hash(), "model": self.technique.model_meta(),
                     "rng": {"order": "numpy default_rng([seed, epoch]).permutation(blocks)",
                             "seed": self.spec.seed, "block_rows": self.order.block_rows},
                     "ranks": self.size, "reason": reason, "summary": summary}
@@ -237,31 +181,11 @@ class Trainer:
         self.comm.Barrier()
 
     def write_model(self, metrics: dict[str, Any]) -> None:
-        from fleetmpi.h5store import write_h5_atomic
-        meta = {**self.model.meta(), "name": self.spec.name, "step": self.step,
+        """Write the final model (rank 0)."""
+        meta = {"name": self.spec.name, "step": self.step,
                 "epoch": self.samples_seen / self.n, "spec_hash": self.spec.spec_hash(),
                 "model_hash": self.spec.model_hash(), "metrics": metrics}
-        write_h5_atomic(self.jd.model, {"params": self.params}, meta, kind="model")
-
-
-def open_trainer(comm: Any, jd: JobDir) -> Trainer:
-    """Return this rank's trainer for the job's phase on the device the phase asks for (collective).
-
-    ``device: gpu`` or ``auto`` resolve through ``fleetmpi.engine.device.choose`` (every rank
-    alike); a GPU phase gets a ``GpuTrainer``, which imports numba.cuda only then.
-    """
-    from fleetmpi import spec as specmod
-    from fleetmpi.engine import device
-    sp = specmod.load(jd.spec)
-    phase = str(jd.read_state().get("phase"))
-    setting = sp.fleet.phases[phase].device if phase in sp.fleet.phases else "cpu"
-    dev = device.choose(comm, str(phase), setting, sp.model.kind, sp.sync.kind)
-    if dev.kind == "gpu":
-        from fleetmpi.engine.gpu import GpuTrainer
-        return GpuTrainer(comm, jd, dev)
-    t = Trainer(comm, jd)
-    t.device_detail = dev.describe()
-    return t
+        self.technique.write_model(self.jd.model, meta)
 
 
 def _on_root(comm: Any, fn: Any) -> Any:

@@ -1,8 +1,10 @@
 """The rank main loop: batch -> kernel -> sync -> step -> monitor, one training phase.
 
 Run as ``python -m fleetmpi.engine.worker JOB_DIR`` under mpiexec or srun. Exit codes as in
-DESIGN.md: 0 goal, 1 failure, 2 bad input, 3 rescale, 4 stopped by a signal after a
-checkpoint. Any rank's unexpected exception aborts the whole world with rank/size@host.
+docs/architecture.md (``fleetmpi.errors.ExitCode``): 0 goal, 1 failure, 2 bad input, 3
+rescale, 4 stopped by a signal after a checkpoint. Any rank's unexpected exception aborts
+the whole world with rank/size@host. A step is the technique's
+(``fleetmpi.engine.technique``): this loop knows none of them by name.
 """
 
 from __future__ import annotations
@@ -13,17 +15,48 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from enum import IntEnum
 from typing import Any
 
 import numpy as np
 
-from fleetmpi.engine.trainer import Trainer, open_trainer
+from fleetmpi.engine.technique import TECHNIQUES, StepRecord
+from fleetmpi.engine.trainer import Trainer
 from fleetmpi.errors import BadInput, ExitCode, TrainingFailed
 from fleetmpi.jobdir import JobDir
 
-# Decision codes rank 0 broadcasts at evaluation points.
-CONTINUE, GOAL, GOTO, SWITCH, STOP = 0, 1, 2, 3, 4
-OPTIMIZERS = ("sgd", "lbfgs")
+
+class Decision(IntEnum):
+    """What rank 0 decided at an evaluation point; broadcast with one integer argument."""
+
+    CONTINUE = 0
+    GOAL = 1      # write the model and end the phase
+    GOTO = 2      # argument: index of the next phase in fleet.phases
+    SWITCH = 3    # argument: index of the technique in TECHNIQUES
+    STOP = 4      # a stop rule fired: checkpoint, then end as at the goal
+
+
+def open_trainer(comm: Any, jd: JobDir) -> Trainer:
+    """Return this rank's trainer for the job's phase on the device the phase asks for (collective).
+
+    The spec is loaded here, once per rank. ``device: gpu`` or ``auto`` resolve through
+    ``fleetmpi.engine.device.choose`` (every rank alike); a GPU phase gets a ``GpuTrainer``,
+    which imports numba.cuda only then.
+    """
+    from fleetmpi import spec as specmod
+    sp = specmod.load(jd.spec)
+    state = jd.read_state()
+    phase = str(state.get("phase"))
+    setting = sp.fleet.phases[phase].device if phase in sp.fleet.phases else "cpu"
+    if setting == "cpu":
+        return Trainer(comm, jd, sp, state)
+    from fleetmpi.engine import device
+    dev = device.choose(comm, phase, setting, sp.model.kind, sp.sync.kind)
+    if dev.kind == "gpu":
+        from fleetmpi.engine.gpu import GpuTrainer
+        return GpuTrainer(comm, jd, sp, state, dev)
+    return Trainer(comm, jd, sp, state, dev.describe())
 
 
 class Phase:
@@ -35,79 +68,83 @@ class Phase:
         self.goal_reason = "goal"   # set by _decide on rank 0
 
     def run(self) -> int:
-        import psutil
-
-        from kernels import cpu
-
-        comm, jd = self.comm, self.jd
+        """Start the phase on every rank, then train until a decision ends it; return the exit code."""
         # Before start-up (data, checkpoint, kernel load): a signal that comes early waits for
         # the first step and a checkpoint instead of killing a rank.
-        stop_flag = {"n": 0}
+        self.stop_flag = {"n": 0}
 
         def on_signal(signum: int, _frame: Any) -> None:
-            stop_flag["n"] = signum
+            self.stop_flag["n"] = signum
 
         for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
             signal.signal(s, on_signal)
-        t = open_trainer(comm, jd)
-        sp = t.spec
+        t = open_trainer(self.comm, self.jd)
+        mon = self._start(t)
+        return self._loop(t, mon)
+
+    def _start(self, t: Trainer) -> Any:
+        """Warm the kernels; on rank 0 record the phase's start and return its Monitor (None elsewhere)."""
+        from kernels import cpu
+        sp, jd = t.spec, self.jd
         cpu.warmup()
-        hosts = comm.gather(socket.gethostname(), root=0)
+        hosts = self.comm.gather(socket.gethostname(), root=0)
+        if self.rank != 0:
+            return None
+        from fleetmpi.engine.monitor import Monitor
+        from fleetmpi.rules import parse_condition
+        self.conditions = [parse_condition(r.when) for r in sp.fleet.rules]
+        progress = _progress_mode(sp.monitor.progress)
+        mon = Monitor(jd, sp, t.phase_name, self.size, t.n, t.carried, t.job_start, progress,
+                      idle_nodes=_idle_nodes(sp))
+        state = jd.read_state()
+        runs = state.get("phases_run", [])
+        runs.append({"phase": t.phase_name, "ranks": self.size, "start": time.time(), "step": t.step,
+                     "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
+        jd.update_state(status="RUNNING", phases_run=runs)
+        for path, why in t.skipped:
+            # Keep the bytes for a post-mortem, but out of the step-*.h5 namespace so
+            # that pruning counts only good checkpoints.
+            aside = f"{path}.corrupt"
+            os.replace(path, aside)
+            jd.event("checkpoint_skipped", path=path, moved_to=aside, reason=why)
+        if t.resumed_from:
+            jd.event("resume", checkpoint=t.resumed_from, step=t.step, phase=t.phase_name)
+        jd.event("phase_start", phase=t.phase_name, ranks=self.size, hosts=sorted(set(hosts)),
+                 step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape(), device=t.device)
+        mon.say(f"fleetmpi: phase {t.phase_name} on {self.size} rank(s) "
+                f"({', '.join(sorted(set(hosts)))}), step {t.step}, optimizer {t.optimizer}"
+                + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else "")
+                + f", device {t.device_detail}")
+        for note in t.notes:
+            mon.say(f"fleetmpi: note: {note}")
+        return mon
+
+    def _loop(self, t: Trainer, mon: Any) -> int:
+        """Step until the goal, a rescale, a stop rule or a signal; return the exit code (collective)."""
+        import psutil
+        sp, jd, comm = t.spec, self.jd, self.comm
         proc = psutil.Process()
-        mon = None
-        if self.rank == 0:
-            from fleetmpi.rules import parse_condition
-            self.conditions = [parse_condition(r.when) for r in sp.fleet.rules]
-            progress = _progress_mode(sp.monitor.progress)
-            from fleetmpi.engine.monitor import Monitor
-            mon = Monitor(jd, sp, t.phase_name, self.size, t.n, t.carried, t.job_start, progress)
-            state = jd.read_state()
-            runs = state.get("phases_run", [])
-            runs.append({"phase": t.phase_name, "ranks": self.size, "start": time.time(), "step": t.step,
-                         "slurm_job_id": os.environ.get("SLURM_JOB_ID")})
-            jd.update_state(status="RUNNING", phases_run=runs)
-            for path, why in t.skipped:
-                # Keep the bytes for a post-mortem, but out of the step-*.h5 namespace so
-                # that pruning counts only good checkpoints.
-                aside = f"{path}.corrupt"
-                os.replace(path, aside)
-                jd.event("checkpoint_skipped", path=path, moved_to=aside, reason=why)
-            if t.resumed_from:
-                jd.event("resume", checkpoint=t.resumed_from, step=t.step, phase=t.phase_name)
-            jd.event("phase_start", phase=t.phase_name, ranks=self.size, hosts=sorted(set(hosts)),
-                     step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape(), device=t.device)
-            mon.say(f"fleetmpi: phase {t.phase_name} on {self.size} rank(s) "
-                    f"({', '.join(sorted(set(hosts)))}), step {t.step}, optimizer {t.optimizer}"
-                    + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else "")
-                    + f", device {t.device_detail}")
-            for note in t.notes:
-                mon.say(f"fleetmpi: note: {note}")
-
-
         goal, ev = sp.goal, sp.monitor.eval_every_steps
         fault = _test_fault(self.rank)
         first_step = True
         decision = np.zeros(2, dtype=np.int64)
         while True:
-            t.stop_signal = 1 if stop_flag["n"] else 0   # summed over ranks: a count, not a number
-            rec = t.sgd_step() if t.optimizer == "sgd" else t.lbfgs_step()
+            t.stop_signal = 1 if self.stop_flag["n"] else 0   # summed over ranks: a count, not a number
+            rec: StepRecord = t.train_step()
             t.step += 1
             if fault is not None and t.step == fault:
                 raise RuntimeError(f"injected fault at step {t.step} (FLEETMPI_TEST_FAULT)")
             if first_step and self.rank == 0:
                 jd.event("first_step", phase=t.phase_name, step=t.step)
                 first_step = False
-            if not np.isfinite(rec["loss"]):
-                raise TrainingFailed(f"training loss is {rec['loss']} at step {t.step} (phase {t.phase_name}); "
+            if not np.isfinite(rec.loss):
+                raise TrainingFailed(f"training loss is {rec.loss} at step {t.step} (phase {t.phase_name}); "
                                      f"lower optimizer.lr or raise model.l2")
             epoch = t.samples_seen / t.n
             if mon is not None:
-                mon.step(step=t.step, epoch=epoch, loss=rec["loss"], lr=rec["lr"], optimizer=t.optimizer,
-                         samples=rec["samples"], payload_bytes=rec["payload_bytes"], wire_bytes=rec["wire_bytes"],
-                         compute_s=rec["compute_s"], comm_s=rec["comm_s"], cursor=rec["cursor"],
-                         batch_fp=rec["batch_fp"])
-            if rec["signal"]:
-                return self._stopped(t, mon, stop_flag["n"])
+                mon.step(rec, step=t.step, epoch=epoch, optimizer=t.optimizer)
+            if rec.signal:
+                return self._stopped(t, mon, self.stop_flag["n"])
             budget_done = ((goal.max_steps is not None and t.step >= goal.max_steps)
                            or (goal.max_epochs is not None and epoch >= goal.max_epochs - 1e-12))
             if t.step % ev == 0 or budget_done:
@@ -117,27 +154,23 @@ class Phase:
                     metrics = mon.evaluated(valid, util)
                     decision[:] = self._decide(t, metrics, budget_done)
                 comm.Bcast(decision, root=0)
-                code, arg = int(decision[0]), int(decision[1])
-                if code == GOAL:
+                code, arg = Decision(int(decision[0])), int(decision[1])
+                if code == Decision.GOAL:
                     return self._goal(t, mon)
-                if code == STOP:
+                if code == Decision.STOP:
                     t.checkpoint("stop rule", mon.summary() if mon else {})
                     return self._goal(t, mon)
-                if code == SWITCH:
-                    t.optimizer = OPTIMIZERS[arg]
-                    t.lbfgs.f = None
-                if code == GOTO:
+                if code == Decision.SWITCH:
+                    t.switch(list(TECHNIQUES)[arg])
+                if code == Decision.GOTO:
                     return self._rescale(t, mon, list(sp.fleet.phases)[arg])
             if t.step % sp.checkpoint.every_steps == 0:
                 t.checkpoint("schedule", mon.summary() if mon else {})
-        # not reached
-        return ExitCode.FAILED  # pragma: no cover
 
-    def _decide(self, t: Trainer, metrics: dict[str, float], budget_done: bool) -> tuple[int, int]:
-        """Judge goal, approvals and rules on rank 0; return (decision code, argument)."""
+    def _decide(self, t: Trainer, metrics: dict[str, float], budget_done: bool) -> tuple[Decision, int]:
+        """Judge goal, approvals and rules on rank 0; return (decision, argument)."""
         sp, jd = t.spec, self.jd
         goal = sp.goal
-        self.last_metrics = metrics
         reached = [
             ("loss_below", goal.loss_below is not None and metrics["loss"] < goal.loss_below),
             ("valid_loss_below", goal.valid_loss_below is not None
@@ -148,13 +181,13 @@ class Phase:
         hit = [name for name, ok in reached if ok]
         if hit or budget_done:
             self.goal_reason = ", ".join(hit) if hit else "budget (max_steps / max_epochs) exhausted"
-            return GOAL, 0
+            return Decision.GOAL, 0
         phases = list(sp.fleet.phases)
         if t.pending is not None:
             approval = _read_json(jd.approval)
             if approval and approval.get("id") == t.pending["id"]:
                 jd.event("approval_used", id=t.pending["id"], goto=t.pending["goto"])
-                return GOTO, phases.index(t.pending["goto"])
+                return Decision.GOTO, phases.index(t.pending["goto"])
         for i, (rule, cond) in enumerate(zip(sp.fleet.rules, self.conditions)):
             if rule.phases is not None and t.phase_name not in rule.phases:
                 continue
@@ -175,14 +208,14 @@ class Phase:
                     jd.update_state(pending_approval=t.pending)
                     jd.event("approval_pending", **t.pending)
                     continue
-                return GOTO, phases.index(act.goto)
+                return Decision.GOTO, phases.index(act.goto)
             if act.optimizer:
                 t.fired.add(i)
                 jd.event("optimizer_switch", step=t.step, **{"from": t.optimizer, "to": act.optimizer})
-                return SWITCH, OPTIMIZERS.index(act.optimizer)
+                return Decision.SWITCH, list(TECHNIQUES).index(act.optimizer)
             self.goal_reason = f"stop rule {i}: {rule.when}"
-            return STOP, 0
-        return CONTINUE, 0
+            return Decision.STOP, 0
+        return Decision.CONTINUE, 0
 
     def _goal(self, t: Trainer, mon: Any) -> int:
         if self.rank == 0:
@@ -223,6 +256,15 @@ class Phase:
             mon.close()
         self.comm.Barrier()
         return ExitCode.STOPPED
+
+
+def _idle_nodes(sp: Any) -> Callable[[], dict[str, float]] | None:
+    """Return the sampler of idle_nodes metrics when a rule reads them on Slurm, else None."""
+    if sp.scheduler.backend != "slurm" or not any("idle_nodes" in r.when for r in sp.fleet.rules):
+        return None
+    # sinfo is asked at most every 30 s, and only here: the engine knows no scheduler otherwise.
+    from fleetmpi.launch.slurm.cmd import IdleNodes
+    return IdleNodes().metrics
 
 
 def _test_fault(rank: int) -> int | None:

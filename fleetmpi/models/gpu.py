@@ -7,21 +7,29 @@ device vector of ``n_params + 1``, the dense sync's send layout.
 
 linear, logistic, softmax: numba.cuda fused kernels (run under the CUDA simulator too).
 mlp: cupy's BLAS on views of the device arrays, only where cupy is installed and a real
-GPU is present; ``fleetmpi.engine.device.gpu_model_refusal`` refuses it elsewhere, before any
-rank starts. (Exact sync computes every model's per-row factors on the host, so it needs
+GPU is present; the engine refuses it elsewhere, before any rank starts. The engine hands
+in where arrays live (its placement): a model does not choose its device. (Exact sync
+computes every model's per-row factors on the host, so it needs
 no GpuModel.)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from fleetmpi.engine.device import Placement
 from fleetmpi.models.base import Model
 from kernels import gpu as kg
 from kernels import gpu_mlp
+
+
+class Placement(Protocol):
+    """What a GPU model needs of the placement the engine hands in (its stream and scratch)."""
+
+    stream: Any
+
+    def empty(self, shape: Any, dtype: Any) -> Any: ...
 
 
 class GpuModel:

@@ -79,10 +79,12 @@ class LBFGS:
         return f0, False
 
     def state(self) -> dict[str, np.ndarray]:
+        """Return history, gradient and objective under their checkpoint names (f NaN: none yet)."""
         f = np.array([np.nan if self.f is None else self.f])
         return {"lbfgs_S": self.S, "lbfgs_Y": self.Y, "lbfgs_g": self.g, "lbfgs_f": f}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take the history from a checkpoint's arrays where it fits the model (every rank)."""
         if "lbfgs_S" in arrays and arrays["lbfgs_S"].shape[1:] == self.S.shape[1:]:
             self.S, self.Y = arrays["lbfgs_S"].copy(), arrays["lbfgs_Y"].copy()
             self.g = arrays["lbfgs_g"].copy()

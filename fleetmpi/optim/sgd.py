@@ -34,23 +34,30 @@ class SGD:
         self.velocity = np.zeros(n_params)
 
     def lr(self, step: int) -> float:
+        """Return the learning rate at global step ``step`` (0-based)."""
         return learning_rate(self.spec.lr, self.spec.schedule, step)
 
     def step(self, params: np.ndarray, grad: np.ndarray, step: int) -> float:
         """Update ``params`` in place from the mean gradient; return the learning rate used."""
         lr = self.lr(step)
+        self.apply(params, grad, lr)
+        return lr
+
+    def apply(self, params: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        """Update ``params`` in place from the mean gradient at learning rate ``lr``."""
         if self.spec.momentum:
             self.velocity *= self.spec.momentum
             self.velocity += grad
             params -= lr * self.velocity
         else:
             params -= lr * grad
-        return lr
 
     def state(self) -> dict[str, np.ndarray]:
+        """Return the velocity under its checkpoint name."""
         return {"sgd_velocity": self.velocity}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Take the velocity from a checkpoint's arrays where it fits the model (every rank)."""
         v = arrays.get("sgd_velocity")
         if v is not None and v.shape == self.velocity.shape:
             self.velocity[...] = v

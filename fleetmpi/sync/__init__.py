@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fleetmpi.spec import SyncSpec
-from fleetmpi.sync.base import Sync
+from fleetmpi.sync.base import N_EXTRAS, Extra, Extras, Sync
 from fleetmpi.sync.dense import DenseSync
 from fleetmpi.sync.exact import ExactSync
 from fleetmpi.sync.threshold import ThresholdSync
@@ -13,7 +13,7 @@ from fleetmpi.sync.threshold import ThresholdSync
 DEFAULT_TARGET_DENSITY = 0.01
 
 
-def build_sync(spec: SyncSpec, comm: Any, n_params: int, n_extras: int) -> Sync:
+def build_sync(spec: SyncSpec, comm: Any, n_params: int, n_extras: int = N_EXTRAS) -> Sync:
     """Return the sync object for ``spec`` over ``comm``."""
     if spec.kind == "threshold":
         if spec.tau is None:
@@ -25,4 +25,4 @@ def build_sync(spec: SyncSpec, comm: Any, n_params: int, n_extras: int) -> Sync:
     return DenseSync(comm, n_params, n_extras)
 
 
-__all__ = ["DenseSync", "ExactSync", "Sync", "ThresholdSync", "build_sync"]
+__all__ = ["N_EXTRAS", "DenseSync", "ExactSync", "Extra", "Extras", "Sync", "ThresholdSync", "build_sync"]

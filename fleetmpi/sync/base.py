@@ -3,9 +3,46 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, ClassVar
 
 import numpy as np
+
+
+class Extra(IntEnum):
+    """Position of each float64 extra summed with the gradient (the sync's send layout, after it).
+
+    LOSS comes first: a GPU gradient kernel writes [gradient sum | loss sum] straight into
+    the dense send buffer, and the other extras follow from the host.
+    """
+
+    LOSS = 0        # summed loss over the rows (no L2)
+    ROWS = 1        # rows this rank contributed
+    BATCH_FP = 2    # fingerprint of the rows (a sum of integers, exact in float64)
+    SIGNAL = 3      # 1 where a stop signal reached the rank: summed, a count of ranks
+
+
+N_EXTRAS = len(Extra)
+
+
+@dataclass(frozen=True)
+class Extras:
+    """The extras of one sync call, by name: this rank's on the way in, their global sums out."""
+
+    loss: float
+    rows: float
+    batch_fp: float
+    signal: float
+
+    def array(self) -> np.ndarray:
+        """Return the float64 send layout (``Extra`` order)."""
+        return np.array([self.loss, self.rows, self.batch_fp, self.signal])
+
+    @classmethod
+    def of(cls, ex: np.ndarray) -> Extras:
+        """Return the extras held in a reduced float64 array in ``Extra`` order."""
+        return cls(float(ex[Extra.LOSS]), float(ex[Extra.ROWS]), float(ex[Extra.BATCH_FP]), float(ex[Extra.SIGNAL]))
 
 
 class Sync(ABC):
@@ -18,6 +55,9 @@ class Sync(ABC):
     """
 
     kind: str
+    # Whether the sum is bitwise independent of the rank count (it needs each row, not a
+    # kernel's summed gradient): the one way the engine asks "is this exact sync?".
+    exact: ClassVar[bool] = False
 
     def __init__(self, comm: Any, n_params: int, n_extras: int) -> None:
         self.comm = comm
@@ -33,6 +73,7 @@ class Sync(ABC):
         self.grad_out = np.empty(n_params)
 
     def _count(self, payload: int, wire: float) -> None:
+        """Record one call's bytes: ``payload`` handed to MPI (B), ``wire`` estimated on the wire (B)."""
         self.payload_bytes, self.wire_bytes = payload, wire
         self.payload_total += payload
         self.wire_total += wire
@@ -51,6 +92,9 @@ class Sync(ABC):
     def reduce(self, grad: np.ndarray, extras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return (global gradient sum, global extras sum); collective over ``comm``.
 
+        Every rank calls it with ``grad`` of n_params float64 (this rank's gradient sum) and
+        ``extras`` of n_extras float64 (``Extra`` layout for the engine); every rank gets the
+        same sums back. Counts this call's bytes (``payload_bytes``, ``wire_bytes``).
         Pass ``grad_out`` as ``grad`` to skip a copy. The results may be views into the
         sync's buffers, valid until the next call.
         """

@@ -8,7 +8,9 @@ checkpoint written by a GPU phase is a CPU phase's checkpoint.
 MPI sees device buffers only when it is CUDA-aware (``Device.cuda_aware``); otherwise
 the buffers cross through pinned host memory. Either way the stream is synchronised
 before every MPI call: MPI knows nothing of CUDA streams. Byte accounting is the host
-kind's, per call: ``payload_bytes`` handed to MPI, ``wire_bytes`` estimated on the wire.
+object's own (``Sync._count``; threshold: ``ThresholdSync.exchange_counts`` and ``settle``
+are the very calls the host kind makes), so ``payload_bytes`` and ``wire_bytes`` read it.
+The extras follow ``fleetmpi.sync.base.Extra``: the kernel writes the loss, the host the rest.
 
 dense      kernel writes [gradient | loss] into the device send buffer; one Allreduce.
 threshold  residual, encode and decode on the device (``kernels.gpu``); the packed
@@ -20,15 +22,28 @@ exact      per-row factors and their fixed-point sums on the HOST (``kernels.exa
 
 from __future__ import annotations
 
-from typing import Any, cast
+import time
+from typing import Any, Protocol, cast
 
 import numpy as np
 from mpi4py import MPI
 
-from fleetmpi.engine.device import Placement
-from fleetmpi.sync.base import Sync
-from fleetmpi.sync.threshold import ThresholdSync, next_tau
+from fleetmpi.sync.base import Extra, Extras, Sync
+from fleetmpi.sync.threshold import ThresholdSync
 from kernels import gpu as kg
+
+
+class Placement(Protocol):
+    """What a device sync needs of the engine's placement (``fleetmpi.engine.device.Placement``)."""
+
+    stream: Any
+
+    def empty(self, shape: Any, dtype: Any) -> Any: ...
+    def zeros(self, shape: Any, dtype: Any) -> Any: ...
+    def pinned(self, shape: Any, dtype: Any) -> np.ndarray: ...
+    def upload(self, host: np.ndarray, dev: Any) -> None: ...
+    def download(self, dev: Any, host: np.ndarray) -> np.ndarray: ...
+    def sync(self) -> None: ...
 
 
 class DeviceSync:
@@ -40,10 +55,23 @@ class DeviceSync:
         self.host, self.comm, self.place, self.cuda_aware = host, comm, place, cuda_aware
         self.size = comm.Get_size()
         self.P, self.E = host.n_params, host.n_extras
-        self.payload_bytes = 0
-        self.wire_bytes = 0.0
-        self._tail = place.pinned(self.E - 1, np.float64)   # extras after the loss: rows, fp, signal
+        self._tail = place.pinned(self.E - 1, np.float64)   # the extras after Extra.LOSS
         self._setup()
+
+    @property
+    def exact(self) -> bool:
+        """Return whether the host kind is exact (``Sync.exact``): then rows go to ``reduce_rows``."""
+        return self.host.exact
+
+    @property
+    def payload_bytes(self) -> int:
+        """Return the bytes this rank handed to MPI in the last call (the host sync's count)."""
+        return self.host.payload_bytes
+
+    @property
+    def wire_bytes(self) -> float:
+        """Return the bytes this rank put on the wire in the last call, estimated (the host sync's count)."""
+        return self.host.wire_bytes
 
     def _setup(self) -> None:
         P, E, place = self.P, self.E, self.place
@@ -61,10 +89,12 @@ class DeviceSync:
     def reduce(self, rows: int, fp: float, signal: float) -> tuple[Any, np.ndarray]:
         """Return (global gradient sum on the device, global extras on the host); collective.
 
-        The kernel that filled ``out`` must have been launched on the placement's stream.
+        Every rank calls it once its kernel filled ``out`` on the placement's stream with
+        [gradient sum | loss sum]; ``rows``, ``fp`` and ``signal`` are this rank's other
+        extras. The gradient stays valid until the next call.
         """
         P, place = self.P, self.place
-        self._tail[:] = (rows, fp, signal)
+        self._tail[:] = Extras(0.0, rows, fp, signal).array()[Extra.LOSS + 1:]
         if self.cuda_aware:
             place.upload(self._tail, self._dsend[P + 1:])
             place.sync()
@@ -79,11 +109,13 @@ class DeviceSync:
             self.comm.Allreduce(self._hsend, self._hrecv, op=MPI.SUM)
             place.upload(self._hrecv[:P], self._dgrad)
             grad, ex = self._dgrad, self._hrecv[P:]
-        self._count((P + self.E) * 8, self._wire)
+        self.host._count((P + self.E) * 8, self._wire)
         return grad, ex.copy()
 
-    def _count(self, payload: int, wire: float) -> None:
-        self.payload_bytes, self.wire_bytes = payload, wire
+    def reduce_rows(self, model: Any, X: np.ndarray, y: np.ndarray, params: np.ndarray, fp: float,
+                    signal: float) -> tuple[Any, np.ndarray, float]:
+        """Return (global gradient sum on the device, global extras, local s) from rows; exact kinds only."""
+        raise RuntimeError(f"{self.kind} sync on a GPU phase: a kernel fills out, then reduce(rows, fp, signal)")
 
     def to_host(self) -> None:
         """Copy device-held sync state into the host sync (before a checkpoint gathers it)."""
@@ -108,8 +140,6 @@ class ThresholdDeviceSync(DeviceSync):
         self._bad = place.zeros(1, np.int32)
         self._dgrad = place.empty(P, np.float64)
         self._loss = place.pinned(1, np.float64)
-        self._record = np.empty(self.E + 1)
-        self._records = np.empty((self.size, self.E + 1))
         self._hpacked = place.pinned(max(P, 1), np.uint32)
         self._recv_cap = 0
         self.from_host()
@@ -127,12 +157,7 @@ class ThresholdDeviceSync(DeviceSync):
         tau = host.tau
         place.download(self.out[P:], self._loss)
         m = kg.encode(self.residual, self.out[:P], tau, self._packed, place.stream, self._scratch)  # synchronises
-        self._record[0] = m
-        self._record[1:] = (self._loss[0], rows, fp, signal)
-        self.comm.Allgather(self._record, self._records)
-        counts = self._records[:, 0].astype(np.int64)
-        displs = np.zeros_like(counts)
-        np.cumsum(counts[:-1], out=displs[1:])
+        counts, displs, ex = host.exchange_counts(m, Extras(float(self._loss[0]), rows, fp, signal).array())
         total = int(counts.sum())
         drecv = self._recv(max(total, 1))
         if self.cuda_aware:
@@ -146,13 +171,8 @@ class ThresholdDeviceSync(DeviceSync):
             if total:
                 place.upload(hrecv[:total], drecv[:total])
         kg.decode(drecv, total, tau, self._dgrad, self._counts, place.stream, self._bad)   # synchronises
-        host.sent_entries = m
-        host.density = total / (self.size * P) if P else 0.0
-        if host.adaptive:
-            host.tau = next_tau(tau, host.density, host.target_density, host.tau0)
-        payload = 4 * m + self._record.nbytes
-        self._count(payload, float((self.size - 1) * payload))
-        return self._dgrad, self._records[:, 1:].sum(axis=0)
+        host.settle(m, total)
+        return self._dgrad, ex
 
     def to_host(self) -> None:
         self.place.download(self.residual, self.th.residual)
@@ -174,15 +194,16 @@ class ExactDeviceSync(DeviceSync):
 
     def reduce_rows(self, model: Any, X: np.ndarray, y: np.ndarray, params: np.ndarray, fp: float,
                     signal: float) -> tuple[Any, np.ndarray, float]:
-        """Return (global gradient sum on the device, global extras, seconds of local work); collective."""
-        import time
+        """Return (global gradient sum on the device, global extras, seconds of local work); collective.
+
+        Every rank passes its rows and host ``params`` alike to a CPU phase's exact sync.
+        """
         t0 = time.perf_counter()
         loss = self.host.local_grad(model, X, y, params, self.host.grad_out)
         t1 = time.perf_counter()
-        g, ex = self.host.reduce(self.host.grad_out, np.array([loss, len(y), fp, signal]))
+        g, ex = self.host.reduce(self.host.grad_out, Extras(loss, len(y), fp, signal).array())
         self._hgrad[:] = g
         self.place.upload(self._hgrad, self._dgrad)
-        self._count(self.host.payload_bytes, self.host.wire_bytes)
         return self._dgrad, ex, t1 - t0
 
     def reduce(self, rows: int, fp: float, signal: float) -> tuple[Any, np.ndarray]:

@@ -39,6 +39,7 @@ _NO_U = np.empty((1, 0))
 
 class ExactSync(Sync):
     kind = "exact"
+    exact = True
 
     def __init__(self, comm: Any, n_params: int, n_extras: int) -> None:
         super().__init__(comm, n_params, n_extras)

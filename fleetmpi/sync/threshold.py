@@ -60,26 +60,43 @@ class ThresholdSync(Sync):
     def reduce(self, grad: np.ndarray, extras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         tau = self.tau
         m = compress.encode(self.residual, np.ascontiguousarray(grad, dtype=np.float64), tau, self._packed)
-        self._record[0] = m
-        self._record[1:] = extras
-        self.comm.Allgather(self._record, self._records)
-        counts = self._records[:, 0].astype(np.int64)
-        displs = np.zeros_like(counts)
-        np.cumsum(counts[:-1], out=displs[1:])
+        counts, displs, ex = self.exchange_counts(m, extras)
         total = int(counts.sum())
         if self._recv.shape[0] < total:
             self._recv = np.empty(total, np.uint32)
         recv = self._recv[:total]
         self.comm.Allgatherv([self._packed[:m], MPI.UINT32_T], [recv, (counts, displs), MPI.UINT32_T])
         compress.decode(recv, tau, self._out)
+        self.settle(m, total)
+        return self._out, ex
+
+    def exchange_counts(self, m: int, extras: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return (entries per rank, their offsets, global extras sum) from this rank's count ``m``.
+
+        Collective: one Allgather of [m, extras...] (float64). The host and the device
+        threshold syncs both call it before their Allgatherv of the packed entries.
+        """
+        self._record[0] = m
+        self._record[1:] = extras
+        self.comm.Allgather(self._record, self._records)
+        counts = self._records[:, 0].astype(np.int64)
+        displs = np.zeros_like(counts)
+        np.cumsum(counts[:-1], out=displs[1:])
+        return counts, displs, self._records[:, 1:].sum(axis=0)
+
+    def settle(self, m: int, total: int) -> None:
+        """After a call that sent ``m`` entries here and ``total`` over all ranks: density, tau, bytes.
+
+        Not collective, but every rank computes the same density and tau from the
+        allgathered counts.
+        """
         self.sent_entries = m
         self.density = total / (self.size * self.n_params) if self.n_params else 0.0
         if self.adaptive:
-            self.tau = next_tau(tau, self.density, self.target_density, self.tau0)
+            self.tau = next_tau(self.tau, self.density, self.target_density, self.tau0)
         # This rank's block reaches P-1 peers; the record is tiny but counted all the same.
         payload = 4 * m + self._record.nbytes
         self._count(payload, float((self.size - 1) * payload))
-        return self._out, self._records[:, 1:].sum(axis=0)
 
     def gather_state(self) -> dict[str, np.ndarray]:
         """Return {"sync_residual": residuals summed over ranks, "sync_tau": [tau]} on rank 0."""

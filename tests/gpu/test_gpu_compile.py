@@ -61,7 +61,7 @@ def test_every_kernel_of_kernels_gpu_is_in_the_compile_table() -> None:
     # A kernel added to kernels.gpu without a signature here would first compile on a user's GPU.
     table = {kernel.py_func.__name__ for kernel, _ in gpu_compile.signatures().values()}
     assert gpu_compile.module_kernels() <= table
-    assert len(gpu_compile.module_kernels()) >= 9
+    assert len(gpu_compile.module_kernels()) >= 8
 
 
 def test_all_kernels_compile_and_assemble_for_sm80_and_sm90(compiled: list[dict[str, Any]]) -> None:
