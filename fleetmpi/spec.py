@@ -127,11 +127,35 @@ class ModelSpec:
         source hash is in (editing the class makes old checkpoints incompatible).
         """
         d = self.plain()
-        if self.kind == "custom":
-            from fleetmpi.models.custom import resolve
+        if self.kind == "custom" and self.class_path is not None:
             d.pop("path")
-            d["source_sha256"] = resolve(self).source_sha256
+            d["source_sha256"] = module_source_sha256(self.class_path, self.path)
         return d
+
+
+def module_source_sha256(class_path: str, folder: str | None) -> str:
+    """Return the SHA-256 of the source file of ``class_path``'s module ("" if it has none).
+
+    Found with importlib's finder (the spec's folder appended to sys.path as the ranks do),
+    so the spec layer hashes a user's model without depending on fleetmpi.models.
+    """
+    import hashlib
+    import importlib.util
+    import sys
+    if folder and folder not in sys.path:
+        sys.path.append(folder)
+    mod_name = class_path.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(mod_name)
+    except (ImportError, ValueError):
+        return ""
+    if found is None or not found.origin or not found.origin.endswith(".py"):
+        return ""
+    try:
+        with open(found.origin, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _check_custom(m: ModelSpec) -> tuple[str, str] | None:

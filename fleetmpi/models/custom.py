@@ -13,19 +13,17 @@ Every problem is a ``BadInput`` (exit 2) naming ``model.class`` and what would b
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fleetmpi.errors import BadInput
 from fleetmpi.models.base import Model
-from fleetmpi.spec import ModelSpec
+from fleetmpi.spec import ModelSpec, module_source_sha256
 
 TASK_NAMES = ("regression", "binary", "multiclass")
 
@@ -88,11 +86,7 @@ def _resolve(class_path: str, folder: str | None) -> Resolved:
     task = getattr(obj, "task", None)
     if task not in TASK_NAMES:
         raise BadInput(f"{where}: class attribute task is {task!r}; expected one of {' | '.join(TASK_NAMES)}")
-    try:
-        source = inspect.getsourcefile(module)
-        digest = hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else ""
-    except (OSError, TypeError):
-        digest = ""
+    digest = module_source_sha256(class_path, folder)
     if not digest:
         raise BadInput(f"{where}: cannot read the source of module {mod_name!r}; a custom model must be a .py file "
                        "(its hash goes into the model hash)")

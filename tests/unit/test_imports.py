@@ -1,6 +1,8 @@
 """Enforce what may import what, reading every module's imports with ``ast``.
 
 Both top-level and function-level imports count (a deferred import is still a dependency).
+Imports under ``if TYPE_CHECKING:`` count for the layering rules but not for cycles: they
+never run, so they cannot make import order matter (a technique may name its run's type).
 Each rule names the importing modules, the modules they may not import, and why:
 
 ==================================  ==========================================  =====================================
@@ -43,6 +45,19 @@ class Import:
     name: str | None    # the name imported by `from M import name`
     path: Path
     line: int
+    typing_only: bool = False   # under `if TYPE_CHECKING:`: never executed
+
+
+def _typing_only_nodes(tree: ast.AST) -> set[int]:
+    """Return the ids of import nodes inside ``if TYPE_CHECKING:`` blocks."""
+    found: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            test = node.test
+            name = test.id if isinstance(test, ast.Name) else test.attr if isinstance(test, ast.Attribute) else ""
+            if name == "TYPE_CHECKING":
+                found |= {id(n) for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.Import | ast.ImportFrom)}
+    return found
 
 
 def _module_name(path: Path) -> str:
@@ -61,9 +76,12 @@ def _imports(modules: dict[str, Path]) -> list[Import]:
     out = []
     for mod, path in modules.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        typing_only = _typing_only_nodes(tree)
+        for node in ast.walk(tree):
+            t = id(node) in typing_only
             if isinstance(node, ast.Import):
-                out += [Import(mod, a.name, None, path, node.lineno) for a in node.names]
+                out += [Import(mod, a.name, None, path, node.lineno, t) for a in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # relative: resolve against this module's package
@@ -71,7 +89,7 @@ def _imports(modules: dict[str, Path]) -> list[Import]:
                     base = ".".join([*up, *([base] if base else [])])
                 for a in node.names:
                     sub = f"{base}.{a.name}"
-                    out.append(Import(mod, sub if sub in modules else base, a.name, path, node.lineno))
+                    out.append(Import(mod, sub if sub in modules else base, a.name, path, node.lineno, t))
     return out
 
 
@@ -172,7 +190,7 @@ def _graph() -> dict[str, set[str]]:
     for i in IMPORTS:
         # A submodule importing its own package counts: with the package importing the
         # submodule back, which runs first would decide what exists.
-        if i.target in MODULES and i.target != i.importer:
+        if i.target in MODULES and i.target != i.importer and not i.typing_only:
             graph[i.importer].add(i.target)
     return graph
 
@@ -188,6 +206,6 @@ def test_no_import_cycles() -> None:
     for comp in _components(graph):
         members = set(comp)
         edges = [_where(i) for i in IMPORTS if i.importer in members and i.target in members
-                 and i.target in graph[i.importer]]
+                 and i.target in graph[i.importer] and not i.typing_only]
         lines.append(" <-> ".join(comp) + "\n    " + "\n    ".join(edges))
     assert not lines, "import cycles:\n  " + "\n  ".join(lines)
