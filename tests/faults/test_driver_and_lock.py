@@ -230,12 +230,12 @@ def test_kill9_during_a_checkpoint_write_leaves_a_temp_the_next_start_removes(tm
     temp = None
     deadline = time.time() + 60
     while temp is None and time.time() < deadline and driver.poll() is None:
-        for entry in os.scandir(job / "ckpt"):
-            if entry.name.startswith(".step-") and ".h5.tmp." in entry.name:
-                pid = int(entry.name.rsplit(".", 1)[1])
-                os.kill(pid, signal.SIGKILL)
-                temp = Path(entry.path)
-                break
+        with os.scandir(job / "ckpt") as entries:
+            for entry in entries:
+                if entry.name.startswith(".step-") and ".h5.tmp." in entry.name:
+                    os.kill(int(entry.name.rsplit(".", 1)[1]), signal.SIGKILL)
+                    temp = Path(entry.path)
+                    break
     _, err = driver.communicate(timeout=60)
     assert temp is not None, "no checkpoint temp file was seen while the run wrote a checkpoint every step"
     left = temp.exists()
@@ -263,11 +263,9 @@ def test_start_over_only_corrupt_checkpoints_says_it_restarts_from_step_0(tmp_pa
     assert driver.returncode == 4
     ckpts = sorted((job / "ckpt").glob("step-*.h5"))
     assert len(ckpts) >= 2
-    for path in ckpts:   # flip bytes in the middle: every array's checksum fails
-        data = bytearray(path.read_bytes())
-        mid = len(data) // 2
-        data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
-        path.write_bytes(bytes(data))
+    for path in ckpts:   # cut each in half, as a disk that lost its tail would
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
     again = cli("run", str(job), timeout=300)
     ok = again.returncode == 0 and "training restarts from step 0" in again.stderr
     campaign.record("every checkpoint corrupt at start", ok=ok)
