@@ -62,6 +62,7 @@ class JobLock:
         """Take the lock or raise JobDirBusy naming the holder; record this holder."""
         path = self.jd.root / "lock"
         fd = _inherited_fd(path)
+        handed = fd is not None
         if fd is None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         deadline = time.monotonic() + self.wait_s
@@ -79,7 +80,8 @@ class JobLock:
             time.sleep(0.2)
         self.fd = fd
         old = read_holder(self.jd)
-        if old is not None and not (old.get("pid") == self.pid and old.get("host") == socket.gethostname()):
+        mine = old is not None and old.get("pid") == self.pid and old.get("host") == socket.gethostname()
+        if old is not None and not mine and not handed:
             # The last holder never released (it was killed): whatever it wrote is checked by
             # the next start (checkpoints are verified, temps of dead pids removed).
             self.taken_over = old
@@ -101,6 +103,18 @@ class JobLock:
             finally:
                 os.close(self.fd)
                 self.fd = None
+
+    def fileno(self) -> int:
+        """Return the descriptor of the held lock file (to pass to a child); ValueError when not held."""
+        if self.fd is None:
+            raise ValueError(f"{self.jd.root}/lock is not held by this JobLock")
+        return self.fd
+
+    def hand_over(self) -> None:
+        """Close this process's copy of the lock, leaving it held by the children given the open file."""
+        if self.fd is not None:
+            os.close(self.fd)   # no LOCK_UN: that would release the children's lock too
+            self.fd = None
 
     def __enter__(self) -> JobLock:
         return self.acquire()
