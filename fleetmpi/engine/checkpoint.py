@@ -2,13 +2,15 @@
 
 Each checkpoint is a fleetmpi-h5/1 file of kind ``"checkpoint"`` (see ``h5store``) whose
 meta records the training step under the key ``"step"``. Only files named
-``step-<8 or more digits>.h5`` count; temp files left by a crash (``.step-*.tmp.<pid>``)
-and anything else in the folder are ignored and never deleted.
+``step-<8 or more digits>.h5`` count; temp files left by a crash (``.step-*.h5.tmp.<pid>``)
+are ignored by readers and removed by the launcher at the next start once their writer's pid
+is dead (:func:`remove_stale_temps`); anything else in the folder is never deleted.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,12 +30,15 @@ __all__ = [
     "latest_valid",
     "list_checkpoints",
     "load",
+    "remove_stale_temps",
+    "restart_note",
     "save",
     "summary",
 ]
 
 KIND = "checkpoint"
 _NAME_RE = re.compile(r"^step-(\d{8,})\.h5$")
+_TEMP_RE = re.compile(r"^\.step-\d{8,}\.h5\.tmp\.(\d+)$")
 
 _log = logging.getLogger(__name__)
 
@@ -126,6 +131,49 @@ def latest_valid(ckpt_dir: Path) -> tuple[Checkpoint | None, list[tuple[Path, st
             # FileNotFoundError: pruned by a concurrent save between listing and reading.
             skipped.append((path, str(exc).removeprefix(f"{path}: ")))
     return None, skipped
+
+
+def restart_note(resumed: bool, skipped: list[tuple[Path, str]] | list[tuple[str, str]]) -> str | None:
+    """Return the terminal line for a start that found checkpoints but none valid, else None."""
+    if resumed or not skipped:
+        return None
+    return (f"fleetmpi: every checkpoint failed verification ({len(skipped)} set aside as *.corrupt); "
+            "training restarts from step 0")
+
+
+def remove_stale_temps(ckpt_dir: Path) -> list[tuple[Path, int]]:
+    """Delete checkpoint temps (``.step-*.h5.tmp.<pid>``) whose writer pid is dead on this host.
+
+    Call it while holding the job dir's lock, on the host the ranks ran on. Returns
+    ``(path, pid)`` of each file removed; temps of live pids are left alone.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    removed: list[tuple[Path, int]] = []
+    for entry in sorted(ckpt_dir.iterdir()):
+        match = _TEMP_RE.match(entry.name)
+        if not match or not entry.is_file():
+            continue
+        pid = int(match.group(1))
+        if _pid_alive(pid):
+            continue
+        try:
+            entry.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append((entry, pid))
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def check_compatible(ckpt: Checkpoint, spec_model_hash: str) -> None:

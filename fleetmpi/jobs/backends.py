@@ -117,6 +117,7 @@ class LocalJobs:
 
     def launch(self, job: JobRow, attempt: int) -> Launch:
         from fleetmpi.launch.local import worker_env
+        from fleetmpi.lock import LOCK_FD_ENV, JobDirBusy, JobLock
         jd = JobDir(job.job_dir)
         if not jd.exists():
             raise FileNotFoundError(f"{jd.root}: job dir is missing or holds no spec.yaml/state.json")
@@ -124,12 +125,24 @@ class LocalJobs:
         log = jd.logs / f"manager-attempt-{attempt}.log"
         offset = jd.events.stat().st_size if jd.events.exists() else 0
         cmd = [sys.executable, "-m", "fleetmpi.cli", "run", str(jd.root)]
-        env = {**worker_env(), "FLEETMPI_PROGRESS": "lines"}
-        with os.fdopen(jd.open_append(log), "ab") as out:
-            out.write(f"$ {' '.join(cmd)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    cwd=jd.root, env=env, start_new_session=True)
+        # The manager takes the job dir's lock (a busy one is a transient launch error)
+        # and hands the open lock file to its runner, which holds it from birth: nothing can
+        # slip in between, and the manager never waits on a lock its own child holds.
+        try:
+            lock = JobLock(jd, "fleetmpi manager").acquire()
+        except JobDirBusy as e:
+            raise TransientLaunchError(str(e)) from None   # someone runs it by hand: try again later
+        try:
+            env = {**worker_env(), "FLEETMPI_PROGRESS": "lines", LOCK_FD_ENV: str(lock.fileno())}
+            with os.fdopen(jd.open_append(log), "ab") as out:
+                out.write(f"$ {' '.join(cmd)}\n".encode())
+                out.flush()
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        cwd=jd.root, env=env, start_new_session=True, pass_fds=(lock.fileno(),))
+        except BaseException:
+            lock.release()
+            raise
+        lock.hand_over()
         _CHILDREN[proc.pid] = proc
         info = {"pid": proc.pid, "start_time": _start_time(proc.pid), "events_from": offset, "job_dir": str(jd.root)}
         return Launch(backend_id=f"{self.host}:{proc.pid}", host=self.host, log=str(log), info=info)

@@ -1,24 +1,33 @@
 """Local backend: each phase is ``mpiexec -n P python -m fleetmpi.engine.worker JOB_DIR``.
 
-The launcher runs phases until one ends with something other than a rescale, forwards
-SIGTERM/SIGINT/SIGUSR2 to the ranks as SIGTERM (they checkpoint and exit 4), and turns every
-exit into an event and a one-line reason.
+The launcher holds the job dir's lock (:mod:`fleetmpi.lock`) for the whole run, runs phases
+until one ends with something other than a rescale, passes SIGTERM/SIGINT/SIGUSR2 on to the
+ranks as what they were (they checkpoint and exit 4), and turns every exit into an event and
+a one-line reason. Its ranks do not outlive it: mpiexec gets SIGTERM when the launcher dies
+(PR_SET_PDEATHSIG), and the ranks watch the launcher's pid (:mod:`fleetmpi.engine.watchdog`).
 """
 
 from __future__ import annotations
 
+import codecs
+import ctypes
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import fleetmpi
+from fleetmpi.engine import checkpoint
+from fleetmpi.engine.watchdog import DRIVER_ENV, driver_token
 from fleetmpi.errors import BadInput, ExitCode
 from fleetmpi.jobdir import JobDir
+from fleetmpi.lock import LOCK_FD_ENV, JobLock
 from fleetmpi.spec import Spec
 
 
@@ -49,6 +58,7 @@ def worker_env(progress: str | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if progress:
         env["FLEETMPI_PROGRESS"] = progress
+    env.pop(LOCK_FD_ENV, None)   # a lock handed to this process is not the ranks' to take
     return env
 
 
@@ -58,6 +68,10 @@ class LocalBackend:
     def __init__(self, jd: JobDir, spec: Spec, out: TextIO = sys.stderr) -> None:
         self.jd, self.spec, self.out = jd, spec, out
         self._proc: subprocess.Popen[bytes] | None = None
+        self._signals: list[tuple[int, str]] = []   # (signal, how it was passed on), for the main loop
+        self._lock: JobLock | None = None
+        self._signals_seen: list[int] = []
+        self._skipped: list[tuple[str, str]] = []     # checkpoint_skipped events of the phase starting
 
     def run(self) -> int:
         """Run phases until the goal, a failure or a stop; return the exit code."""
@@ -65,63 +79,197 @@ class LocalBackend:
         progress = None
         if self.spec.monitor.progress == "auto":
             progress = "bar" if self.out.isatty() else "lines"
-        prev = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
-        try:
-            while True:
-                state = self.jd.read_state()
-                phase = state["phase"]
-                index = len(state.get("phases_run", []))
-                ranks = self.spec.phase(phase).ranks
-                cmd = [*mpiexec, "-n", str(ranks), *self.spec.scheduler.launcher_args,
-                       sys.executable, "-m", "fleetmpi.engine.worker", str(self.jd.root)]
-                log = self.jd.phase_log(index, phase)
-                self.jd.event("launch", backend="local", phase=phase, ranks=ranks, command=cmd, log=str(log))
-                t0 = time.time()
-                rc = self._run_phase(cmd, log, worker_env(progress), tee=progress != "bar")
-                after = self.jd.read_state()
-                code = ExitCode.of(rc)
-                self.jd.event("phase_exit", phase=phase, exit_code=rc, seconds=round(time.time() - t0, 3),
-                              meaning=code.meaning if code is not None else "killed or crashed")
-                if rc == ExitCode.RESCALE:
-                    if after["phase"] == phase:
-                        self._say(f"fleetmpi: phase {phase} asked for a rescale but named no new phase; stopping")
-                        return ExitCode.FAILED
-                    continue
-                if code is None:
-                    self.jd.update_state(status="FAILED", reason=f"exit code {rc}")
-                    self._say(f"fleetmpi: phase {phase} failed with exit code {rc} ({_describe_rc(rc)}); "
-                              f"log: {log}; `fleetmpi run {self.jd.root}` resumes from the newest checkpoint")
+        with JobLock(self.jd, "fleetmpi run") as lock:
+            self._lock = lock
+            for path, pid in checkpoint.remove_stale_temps(self.jd.ckpt):
+                self.jd.event("temp_removed", path=str(path), pid=pid,
+                              reason="left by a writer that was killed during a checkpoint write")
+            prev = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
+            try:
+                return self._phases(mpiexec, progress)
+            finally:
+                for s, h in prev.items():
+                    signal.signal(s, h)
+                self._lock = None
+
+    def _phases(self, mpiexec: list[str], progress: str | None) -> int:
+        while True:
+            state = self.jd.read_state()
+            phase = state["phase"]
+            if self._signals:
+                name = _signame(self._signals[0][0])
+                self._report_signals()
+                self.jd.update_state(status="STOPPED", reason=f"stopped by {name}")
+                self._say(f"fleetmpi: stopped by {name} before phase {phase} started; "
+                          f"`fleetmpi run {self.jd.root}` resumes from the newest checkpoint")
+                return ExitCode.STOPPED
+            index = len(state.get("phases_run", []))
+            ranks = self.spec.phase(phase).ranks
+            cmd = [*mpiexec, "-n", str(ranks), *self.spec.scheduler.launcher_args,
+                   sys.executable, "-m", "fleetmpi.engine.worker", str(self.jd.root)]
+            log = self.jd.phase_log(index, phase)
+            self.jd.event("launch", backend="local", phase=phase, ranks=ranks, command=cmd, log=str(log))
+            t0 = time.time()
+            env = worker_env(progress)
+            env[DRIVER_ENV] = driver_token()
+            rc = self._run_phase(cmd, log, env, tee=progress != "bar")
+            self._report_signals()
+            after = self.jd.read_state()
+            code = ExitCode.of(rc)
+            self.jd.event("phase_exit", phase=phase, exit_code=rc, seconds=round(time.time() - t0, 3),
+                          meaning=code.meaning if code is not None else "killed or crashed")
+            if rc == ExitCode.RESCALE:
+                if after["phase"] == phase:
+                    self._say(f"fleetmpi: phase {phase} asked for a rescale but named no new phase; stopping")
                     return ExitCode.FAILED
-                if rc in (ExitCode.FAILED, ExitCode.BAD_INPUT):
-                    self.jd.update_state(status="FAILED", reason=code.meaning)
-                return rc
-        finally:
-            for s, h in prev.items():
-                signal.signal(s, h)
+                continue
+            if code is None:
+                self.jd.update_state(status="FAILED", reason=f"exit code {rc}")
+                self._say(f"fleetmpi: phase {phase} failed with exit code {rc} ({_describe_rc(rc)}); "
+                          f"log: {log}; `fleetmpi run {self.jd.root}` resumes from the newest checkpoint")
+                return ExitCode.FAILED
+            if rc in (ExitCode.FAILED, ExitCode.BAD_INPUT):
+                self.jd.update_state(status="FAILED", reason=code.meaning)
+            if rc == ExitCode.STOPPED and self._signals_seen:
+                self.jd.update_state(reason=f"stopped by {_signame(self._signals_seen[0])}")
+            return rc
 
     def _run_phase(self, cmd: list[str], log: Path, env: dict[str, str], tee: bool) -> int:
+        """Run one phase's mpiexec; with ``tee``, copy its output from the log to ``out`` as it comes.
+
+        mpiexec writes to the log file, never to a pipe of ours: if this process dies, a
+        pipe would break and hydra would die of SIGPIPE and kill the ranks mid-checkpoint.
+        """
+        had_checkpoints = bool(checkpoint.list_checkpoints(self.jd.ckpt))
+        events_from = self.jd.events.stat().st_size if self.jd.events.exists() else 0
+        lock_fd = self._lock.fd if self._lock is not None else None
         with open(log, "ab") as logf:
             logf.write(f"$ {' '.join(cmd)}\n".encode())
             logf.flush()
-            if not tee:
-                self._proc = subprocess.Popen(cmd, env=env)
-                return self._proc.wait()
-            self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            assert self._proc.stdout is not None
-            for line in self._proc.stdout:
-                logf.write(line)
-                self.out.write(line.decode(errors="replace"))
-                self.out.flush()
-            return self._proc.wait()
+            out_from = logf.tell()
+            # The lock goes with mpiexec: ranks that outlive this process still hold the job dir.
+            self._proc = subprocess.Popen(cmd, env=env, preexec_fn=_dies_with(os.getpid()),
+                                          pass_fds=(lock_fd,) if lock_fd is not None else (),
+                                          stdout=logf if tee else None, stderr=subprocess.STDOUT if tee else None)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with open(log, "rb") as follow:
+            follow.seek(out_from)
+            while True:
+                rc = self._proc.poll()
+                chunk = follow.read() if tee else b""
+                if chunk:
+                    self.out.write(decoder.decode(chunk))
+                    self.out.flush()
+                events_from = self._watch_events(events_from, had_checkpoints)
+                self._report_signals()
+                if rc is not None and not chunk:
+                    return rc
+                if not chunk:
+                    time.sleep(0.1)
+
+    def _watch_events(self, offset: int, had_checkpoints: bool) -> int:
+        """Say on the terminal what only the events tell: a start from step 0 over corrupt checkpoints."""
+        try:
+            with open(self.jd.events, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return offset
+        end = data.rfind(b"\n") + 1
+        for line in data[:end].splitlines():
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if ev.get("event") == "checkpoint_skipped":
+                self._skipped.append((str(ev.get("path")), str(ev.get("reason"))))
+            elif ev.get("event") == "phase_start" and ev.get("step") == 0 and had_checkpoints:
+                note = checkpoint.restart_note(False, self._skipped)
+                if note:
+                    self._say(note)
+                self._skipped = []
+        return offset + end
 
     def _forward(self, signum: int, _frame: Any) -> None:
-        # Hydra's mpiexec forwards SIGTERM/SIGINT/SIGUSR1 to every rank but dies on SIGUSR2,
-        # so whatever reached us goes on as SIGTERM; ranks checkpoint on any of them.
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
+        # Runs between bytecodes of the main loop: pass the signal on now, write and say
+        # it from the loop (writing a stream here could re-enter a write in progress).
+        how = "none running"
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            how = _pass_on(proc, signum)
+        self._signals.append((signum, how))
+        self._signals_seen.append(signum)
+
+    def _report_signals(self) -> None:
+        while self._signals:
+            signum, how = self._signals.pop(0)
+            name = _signame(signum)
+            self.jd.event("driver_signal", signal=name, passed_on=how)
+            self._say(f"fleetmpi: received {name}; " + (f"passed on ({how}): the ranks checkpoint and stop"
+                                                        if how != "none running" else "no phase is running"))
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _pass_on(proc: subprocess.Popen[bytes], signum: int) -> str:
+    """Send ``signum`` to the ranks under mpiexec ``proc``; return how it went, in words."""
+    if signum != signal.SIGUSR2:
+        # Hydra's mpiexec forwards SIGTERM and SIGINT to every rank as they are.
+        proc.send_signal(signum)
+        return f"{_signame(signum)} to mpiexec, which forwards it"
+    # Hydra dies on SIGUSR2 (killing the ranks), so it goes straight to the ranks, which
+    # run on this host under mpiexec's proxies; before they exist, SIGTERM does the job.
+    ranks = _ranks_under(proc.pid)
+    for pid in ranks:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+    if ranks:
+        return f"SIGUSR2 to {len(ranks)} rank(s)"
+    proc.send_signal(signal.SIGTERM)
+    return "SIGTERM to mpiexec: no rank had started yet"
+
+
+def _ranks_under(pid: int) -> list[int]:
+    import psutil
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for k in kids:
+        try:
+            if "fleetmpi.engine.worker" in k.cmdline():
+                found.append(k.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _dies_with(parent: int) -> Callable[[], None] | None:
+    """Return a preexec function that makes the child get SIGTERM when ``parent`` dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None   # the ranks' own watch on the driver pid still ends them
+    prctl = ctypes.CDLL(None, use_errno=True).prctl   # resolved before fork: the child only calls it
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        # SIGTERM: hydra forwards it and the ranks checkpoint. The death signal follows the
+        # thread that forked, so the launcher must run phases from one thread (it does).
+        prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:   # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 def _describe_rc(rc: int) -> str:
