@@ -16,6 +16,8 @@ from campaign import CAMPAIGN, Campaign
 from campaign import report as report_campaign
 
 ROOT = Path(__file__).resolve().parent.parent
+# Multi-rank tests run 3 ranks on 2-core CI machines; a test of the refusal sets it to 0.
+os.environ.setdefault("FLEETMPI_OVERSUBSCRIBE", "1")
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 

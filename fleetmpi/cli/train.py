@@ -98,8 +98,13 @@ def open_job(given: Path, job_dir: str | None, overrides: list[str], verb: str,
 def _cmd_run(args: argparse.Namespace) -> int:
     from fleetmpi.launch.local import LocalBackend, find_mpiexec
     from fleetmpi.preflight import check_inputs
+    from fleetmpi.spec import check_local_fit
 
-    jd, spec = open_job(Path(args.spec), args.job_dir, args.overrides, "run", lambda spec, _jd: find_mpiexec(spec))
+    def preflight(spec: Any, _jd: Any) -> None:
+        find_mpiexec(spec)
+        check_local_fit(spec, source=str(args.spec))   # before a job dir exists
+
+    jd, spec = open_job(Path(args.spec), args.job_dir, args.overrides, "run", preflight)
     state = jd.read_state()
     if state.get("status") == "COMPLETED":
         print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
@@ -112,8 +117,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            f"({', '.join(spec.fleet.phases)}); the file was edited or belongs to another job")
         check_inputs(spec)   # data may have moved since the job was created
         find_mpiexec(spec)
-        if state.get("status") not in ("NEW", None):
-            jd.event("resume_requested", status=state.get("status"))
         rc = LocalBackend(jd, spec).run()
     if args.json:
         print(json.dumps(_outcome(jd, rc), indent=1))

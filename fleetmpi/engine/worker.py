@@ -78,6 +78,8 @@ class Phase:
 
         for s in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
             signal.signal(s, on_signal)
+        from fleetmpi.engine.watchdog import watch_parent
+        watch_parent()   # SIGTERM to this rank if the local driver dies (no-op elsewhere)
         t = open_trainer(self.comm, self.jd)
         mon = self._start(t)
         return self._loop(t, mon)

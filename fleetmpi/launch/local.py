@@ -28,7 +28,7 @@ from fleetmpi.engine.watchdog import DRIVER_ENV, driver_token
 from fleetmpi.errors import BadInput, ExitCode
 from fleetmpi.jobdir import JobDir
 from fleetmpi.lock import LOCK_FD_ENV, JobLock
-from fleetmpi.spec import Spec
+from fleetmpi.spec import Spec, check_local_fit
 
 
 def find_mpiexec(spec: Spec) -> list[str]:
@@ -76,11 +76,15 @@ class LocalBackend:
     def run(self) -> int:
         """Run phases until the goal, a failure or a stop; return the exit code."""
         mpiexec = find_mpiexec(self.spec)
+        check_local_fit(self.spec, source=str(self.jd.spec))
         progress = None
         if self.spec.monitor.progress == "auto":
             progress = "bar" if self.out.isatty() else "lines"
         with JobLock(self.jd, "fleetmpi run") as lock:
             self._lock = lock
+            status = self.jd.read_state().get("status")
+            if status not in ("NEW", None):   # recorded only once this run holds the job dir
+                self.jd.event("resume_requested", status=status)
             for path, pid in checkpoint.remove_stale_temps(self.jd.ckpt):
                 self.jd.event("temp_removed", path=str(path), pid=pid,
                               reason="left by a writer that was killed during a checkpoint write")

@@ -94,3 +94,19 @@ def test_cancel_takes_a_job_dir_or_a_ledger_id(queued: tuple[dict[str, str], lis
     stray = cli("cancel", str(tmp_path / "stray"), env=env)
     assert stray.returncode == 2 and "no job in" in stray.stderr and "has this job dir" in stray.stderr
     assert len(stray.stderr.strip().splitlines()) == 1
+
+
+def test_run_refuses_more_ranks_than_cores_before_making_a_job_dir(tmp_path: Path, datasets: dict[str, Path]) -> None:
+    import os
+    cores = len(os.sched_getaffinity(0))
+    spec = write_spec(tmp_path / "wide.yaml", datasets["multiclass"],
+                      fleet={"start": "a", "phases": {"a": {"nodes": 1, "ranks_per_node": cores + 1}}})
+    env = {**os.environ, "FLEETMPI_OVERSUBSCRIBE": "0"}
+    p = cli("run", str(spec), "--job-dir", str(tmp_path / "job"), env=env)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{cores + 1} ranks" in lines[0] and "oversubscribe" in lines[0], p.stderr
+    assert not (tmp_path / "job").exists()
+    ok = cli("run", str(spec), "--job-dir", str(tmp_path / "job"), "--set", "goal.max_steps=2",
+             env={**os.environ, "FLEETMPI_OVERSUBSCRIBE": "1"})
+    assert ok.returncode == 0, ok.stderr[-2000:]
