@@ -68,7 +68,7 @@ def lml_direct(X: np.ndarray, y: np.ndarray, omega: np.ndarray, b: np.ndarray, t
     ls, s, e = split_theta(theta)
     Phi = math.sqrt(2 * s / omega.shape[0]) * np.cos(phase(X, omega, b, ls))
     C = Phi @ Phi.T + e * np.eye(len(y))
-    sign, logdet = np.linalg.slogdet(C)
+    _sign, logdet = np.linalg.slogdet(C)
     return float(-0.5 * y @ np.linalg.solve(C, y) - 0.5 * logdet - 0.5 * len(y) * math.log(2 * math.pi))
 
 
