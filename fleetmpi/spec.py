@@ -76,7 +76,7 @@ class ModelSpec:
     """
 
     _aliases: ClassVar[dict[str, str]] = {"class": "class_path"}
-    kind: Literal["linear", "logistic", "softmax", "mlp", "custom"]
+    kind: Literal["linear", "logistic", "softmax", "mlp", "gp", "custom"]
     l2: float = check(non_negative, 0.0)
     hidden: tuple[int, ...] = ()
     classes: int | None = check(lambda v: None if 2 <= v <= MAX_CLASSES else
@@ -85,8 +85,18 @@ class ModelSpec:
     class_path: str | None = None                 # custom: "package.module:ClassName"
     path: str | None = None                       # custom: folder appended to sys.path to import it
     options: Mapping[str, Any] | None = None      # custom: keyword arguments for the class
+    # gp (random Fourier features; fleetmpi.models.gp): None means the kind's default.
+    features: int | None = None                   # D, the number of random features (default 1024)
+    kernel: Literal["rbf", "matern32", "matern52"] | None = None   # default rbf
+    lengthscale: float | Literal["auto"] | None = None   # auto (default): fitted by maximising the LML
+    ard: bool | None = None                       # auto lengthscale: one per input column (default false: shared)
+    signal: float | Literal["auto"] | None = None  # signal variance on standardised y; default auto
+    noise: float | Literal["auto"] | None = None  # noise variance on standardised y; default auto
 
     def validate(self) -> tuple[str, str] | None:
+        gp = _check_gp(self)
+        if gp is not None or self.kind == "gp":
+            return gp
         if self.kind == "custom":
             return _check_custom(self)
         for key, given in (("class", self.class_path), ("path", self.path), ("options", self.options)):
@@ -112,6 +122,11 @@ class ModelSpec:
         """Return the section as the user writes it: custom options flattened, unused custom keys left out."""
         d = to_plain(self)
         cls = d.pop("class_path")
+        for key in GP_KEYS:
+            # Other kinds leave them out, so adding gp kept their model hashes (and checkpoints) valid.
+            value = d.pop(key)
+            if self.kind == "gp":
+                d[key] = GP_DEFAULTS[key] if value is None else value
         if self.kind != "custom":
             for key in ("path", "options"):
                 d.pop(key)
@@ -131,6 +146,34 @@ class ModelSpec:
             d.pop("path")
             d["source_sha256"] = module_source_sha256(self.class_path, self.path)
         return d
+
+
+# gp's keys with their defaults, and the largest feature count (a D x D Gram of 8 * D**2 bytes).
+GP_DEFAULTS: dict[str, Any] = {"features": 1024, "kernel": "rbf", "lengthscale": "auto", "ard": False,
+                               "signal": "auto", "noise": "auto"}
+GP_KEYS = tuple(GP_DEFAULTS)
+MAX_GP_FEATURES = 16384
+
+
+def _check_gp(m: ModelSpec) -> tuple[str, str] | None:
+    """Return (key, problem) for the gp keys: only kind gp takes them, each within its bounds."""
+    if m.kind != "gp":
+        for key in GP_KEYS:
+            if getattr(m, key) is not None:
+                return key, f"only kind gp takes {key}; kind is {m.kind!r}"
+        return None
+    if m.features is not None and not 1 <= m.features <= MAX_GP_FEATURES:
+        return "features", f"expected a number of random features in 1..{MAX_GP_FEATURES}, e.g. 1024; got {m.features}"
+    for key, lo, hi in (("lengthscale", 1e-6, 1e6), ("signal", 1e-6, 1e6), ("noise", 1e-9, 1e6)):
+        v = getattr(m, key)
+        if isinstance(v, float) and not lo <= v <= hi:
+            return key, f"expected auto or a number in [{lo:g}, {hi:g}] (y is standardised), got {v!r}"
+    if m.ard and isinstance(m.lengthscale, float):
+        return "ard", "ard: true fits one lengthscale per column; it needs lengthscale: auto"
+    for key, given in (("hidden", bool(m.hidden)), ("classes", m.classes is not None), ("l2", m.l2 != 0.0)):
+        if given:
+            return key, "kind gp takes features, kernel, lengthscale, ard, signal, noise; not " + key
+    return None
 
 
 def module_source_sha256(class_path: str, folder: str | None) -> str:
@@ -518,6 +561,22 @@ def _check_fleet(spec: Spec) -> tuple[str, str] | None:
     return None
 
 
+def _check_gp_spec(spec: Spec) -> tuple[str, str] | None:
+    """Return (key, problem) where a gp spec sets what a gp does not use: its fit is its own technique."""
+    if spec.model.kind != "gp":
+        return None
+    # The gp's step is an L-BFGS iteration over its hyperparameters with exact statistics
+    # sums: SGD settings, another technique or a gradient sync would be silently ignored.
+    if spec.optimizer != OptimizerSpec():
+        return "optimizer", "model kind gp fits by its own L-BFGS over hyperparameters; leave the optimizer section out"
+    if spec.sync != SyncSpec():
+        return "sync", "model kind gp sums its statistics exactly across ranks itself; leave the sync section out"
+    for i, rule in enumerate(spec.fleet.rules):
+        if rule.then.optimizer is not None:
+            return f"fleet.rules[{i}].then.optimizer", "model kind gp has one technique (gp); a rule cannot switch it"
+    return None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``key.path=value`` applied (value parsed as YAML, with the file's limits)."""
     out = copy.deepcopy(raw)
@@ -681,7 +740,7 @@ def from_raw(raw: dict[str, Any], source: str, base_dir: Path) -> Spec:
         spec = build(Spec, fold_model_options(raw))
     except SchemaError as e:
         raise BadInput(f"{source}: {e}") from None
-    err = _check_fleet(spec)
+    err = _check_fleet(spec) or _check_gp_spec(spec)
     if err:
         raise BadInput(f"{source}: {err[0]}: {err[1]}")
     object.__setattr__(spec, "_base_dir", str(base_dir))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,22 @@ CHUNK_ROWS = 65536
 
 def load_model(path: Path) -> tuple[Model, np.ndarray, dict[str, Any]]:
     """Return (model, params, meta) from a verified model file."""
-    arrays, meta = read_h5_verified(path, kind="model")
+    return _flat_model(path, *read_h5_verified(path, kind="model"))
+
+
+def _gp_model(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Any:
+    """Return the GpModel of a verified gp model file."""
+    from fleetmpi.models.gp import GpModel
+    try:
+        return GpModel.from_file(arrays, meta)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: gp model is incomplete ({e}); expected a model.h5 written by fleetmpi") from None
+
+
+def _flat_model(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple[Model, np.ndarray, dict[str, Any]]:
+    """Return (model, params, meta) of a flat-parameter model file's contents."""
     if meta.get("kind") not in (*TASKS, "custom"):
-        raise CheckpointError(f"{path}: model kind {meta.get('kind')!r} is not one of {', '.join(TASKS)}, custom; "
+        raise CheckpointError(f"{path}: model kind {meta.get('kind')!r} is not one of {', '.join(TASKS)}, gp, custom; "
                               "expected a model.h5 written by this fleetmpi")
     try:
         if meta["kind"] == "custom":
@@ -55,7 +69,18 @@ def _custom_model(path: Path, meta: dict[str, Any]) -> Model:
 def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]:
     """Predict every row of ``data_path``'s X in chunks and write ``out`` atomically."""
     from fleetmpi.engine.data import open_h5
-    model, params, meta = load_model(model_path)
+    arrays_in, meta = read_h5_verified(model_path, kind="model")
+    if meta.get("kind") == "gp":
+        gp = _gp_model(model_path, arrays_in, meta)
+        d, task = gp.d, gp.task
+        # mean and std of the predictive distribution (noise included); pred repeats the mean.
+        predict_rows: Callable[[np.ndarray], Any] = gp.predict
+    else:
+        model, params, meta = _flat_model(model_path, arrays_in, meta)
+        d, task = model_d(model), model.task
+
+        def predict_rows(rows: np.ndarray) -> Any:
+            return model.predict(rows, params)
     if out.resolve() in (model_path.resolve(), data_path.resolve()):
         raise BadInput(f"--out {out}: would overwrite an input file; choose another path")
     if not out.parent.is_dir():
@@ -66,8 +91,8 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
         if not isinstance(f.get("X"), h5py.Dataset):
             raise BadInput(f"{data_path}: missing dataset 'X' (float32, n x d)")
         X = f["X"]
-        if X.ndim != 2 or X.shape[1] != model_d(model):
-            raise BadInput(f"{data_path}: X has shape {X.shape} but the model takes {model_d(model)} features")
+        if X.ndim != 2 or X.shape[1] != d:
+            raise BadInput(f"{data_path}: X has shape {X.shape} but the model takes {d} features")
         if X.shape[0] == 0:
             raise BadInput(f"{data_path}: X has no rows to predict")
         if X.dtype != np.float32:
@@ -81,20 +106,25 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
                 c = int(np.flatnonzero(~finite[r])[0])
                 raise BadInput(f"{data_path}: dataset X holds {'NaN' if np.isnan(rows[r, c]) else 'inf'} at row "
                                f"{i + r}, column {c}; predict needs finite features (drop or impute those rows)")
-            parts.append(model.predict(rows, params))
-    raw = np.concatenate(parts) if parts else np.empty(0)
+            parts.append(predict_rows(rows))
     arrays: dict[str, np.ndarray] = {}
-    if model.task == "regression":
+    if meta.get("kind") == "gp":
+        raw = arrays["mean"] = np.concatenate([p[0] for p in parts])
+        arrays["std"] = np.concatenate([p[1] for p in parts])
         arrays["pred"] = raw
-    elif model.task == "binary":
+    elif task == "regression":
+        raw = arrays["pred"] = np.concatenate(parts)
+    elif task == "binary":
+        raw = np.concatenate(parts)
         arrays["proba"] = raw
         arrays["pred"] = (raw >= 0.5).astype(np.int64)
     else:
+        raw = np.concatenate(parts)
         arrays["proba"] = raw
         arrays["pred"] = raw.argmax(axis=1).astype(np.int64)
     write_h5_atomic(out, arrays, {"model": str(model_path), "data": str(data_path), "model_meta": meta},
                     kind="predictions")
-    return {"out": str(out), "rows": int(raw.shape[0]), "task": model.task}
+    return {"out": str(out), "rows": int(raw.shape[0]), "task": task}
 
 
 def model_d(model: Model) -> int:

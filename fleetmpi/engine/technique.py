@@ -42,6 +42,7 @@ class StepRecord:
     payload_bytes: int    # bytes this rank handed to MPI (B)
     wire_bytes: float     # bytes this rank put on the wire, estimated (B)
     signal: float         # ranks that had a stop signal when the step began (0: none)
+    solved: bool = False  # the technique is done (a closed-form fit solved): the run ends as at its goal
 
 
 class Technique(ABC):
@@ -86,6 +87,14 @@ class Technique(ABC):
     def eval_sums(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """Return (summed loss, count of correct predictions) of the current model on X's rows; local."""
 
+    def extra_valid(self, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        """Return further validation metrics as sums over X's rows (the run divides by the row count); local.
+
+        Called on every rank at every evaluation, also with 0 rows, and must return the same
+        names on every rank (they are summed in one Allreduce); ``{}`` by default.
+        """
+        return {}
+
     @abstractmethod
     def model_meta(self) -> dict[str, Any]:
         """Return what rebuilds the model from a file (the checkpoint's and model file's "model")."""
@@ -101,7 +110,11 @@ class Technique(ABC):
 TECHNIQUES: dict[str, str] = {
     "sgd": "fleetmpi.engine.gradient:Sgd",
     "lbfgs": "fleetmpi.engine.gradient:Lbfgs",
+    "gp": "fleetmpi.engine.gp:Gp",
 }
+
+# Model kinds that fix their technique (the spec's optimizer section is not theirs).
+MODEL_TECHNIQUES: dict[str, str] = {"gp": "gp"}
 
 
 def technique_class(name: str) -> type[Technique]:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from fleetmpi.engine.gradient import FlatState
-from fleetmpi.engine.technique import StepRecord, Technique, technique_class
+from fleetmpi.engine.technique import MODEL_TECHNIQUES, StepRecord, Technique, technique_class
 from fleetmpi.errors import BadInput
 from fleetmpi.jobdir import JobDir
 from fleetmpi.spec import Spec
@@ -100,7 +100,7 @@ class Trainer:
     def _fresh(self) -> None:
         """Start at step 0 with the spec's technique and its fresh state."""
         self.step = self.cursor = self.samples_seen = 0
-        self.optimizer = self.spec.optimizer.kind
+        self.optimizer = MODEL_TECHNIQUES.get(self.spec.model.kind, self.spec.optimizer.kind)
         self.fired = set()
         self.carried = {}
         self.technique = self._technique(self.optimizer)
@@ -134,17 +134,20 @@ class Trainer:
 
     # -- collectives at evaluation points ---------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Return validation loss/accuracy (collective; empty without validation data)."""
+        """Return validation loss/accuracy and the technique's extra metrics (collective; empty without validation data)."""
         from mpi4py import MPI
         if self.valid_xy is None:
             return {}
         X, y = self.valid_xy
         loss, correct = self.technique.eval_sums(X, y) if len(y) else (0.0, 0.0)
-        tot = np.empty(2)
-        self.comm.Allreduce(np.array([loss, correct]), tot, op=MPI.SUM)
+        extra = self.technique.extra_valid(X, y)
+        names = sorted(extra)
+        tot = np.empty(2 + len(names))
+        self.comm.Allreduce(np.array([loss, correct, *(extra[k] for k in names)]), tot, op=MPI.SUM)
         out = {"valid_loss": tot[0] / self.n_valid}
         if self.task != "regression":
             out["valid_accuracy"] = tot[1] / self.n_valid
+        out.update({k: tot[2 + i] / self.n_valid for i, k in enumerate(names)})
         return out
 
     def utilisation(self, proc: Any) -> dict[str, float]:

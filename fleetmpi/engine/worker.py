@@ -66,6 +66,7 @@ class Phase:
         self.comm, self.jd = comm, jd
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.goal_reason = "goal"   # set by _decide on rank 0
+        self.solved = False         # the last step's technique reported its fit solved
 
     def run(self) -> int:
         """Start the phase on every rank, then train until a decision ends it; return the exit code."""
@@ -147,8 +148,9 @@ class Phase:
                 mon.step(rec, step=t.step, epoch=epoch, optimizer=t.optimizer)
             if rec.signal:
                 return self._stopped(t, mon, self.stop_flag["n"])
+            self.solved = rec.solved
             budget_done = ((goal.max_steps is not None and t.step >= goal.max_steps)
-                           or (goal.max_epochs is not None and epoch >= goal.max_epochs - 1e-12))
+                           or (goal.max_epochs is not None and epoch >= goal.max_epochs - 1e-12) or rec.solved)
             if t.step % ev == 0 or budget_done:
                 valid = t.evaluate()
                 util = t.utilisation(proc)
@@ -182,7 +184,8 @@ class Phase:
         ]
         hit = [name for name, ok in reached if ok]
         if hit or budget_done:
-            self.goal_reason = ", ".join(hit) if hit else "budget (max_steps / max_epochs) exhausted"
+            self.goal_reason = (", ".join(hit) if hit else "solved" if self.solved
+                                else "budget (max_steps / max_epochs) exhausted")
             return Decision.GOAL, 0
         phases = list(sp.fleet.phases)
         if t.pending is not None:

@@ -18,6 +18,8 @@ def task_of(spec: ModelSpec) -> str:
     if spec.kind == "custom":
         from fleetmpi.models.custom import resolve
         return resolve(spec).task
+    if spec.kind == "gp":
+        return "regression"   # fitted by its own technique (fleetmpi.engine.gp), not a flat-parameter Model
     return TASKS[spec.kind]
 
 
