@@ -80,11 +80,15 @@ def gpu_missing() -> str | None:
     return NO_GPU
 
 
+# Model kinds with device kernels (kernels/gpu.py, kernels/gpu_mlp.py).
+GPU_MODEL_KINDS = ("linear", "logistic", "softmax", "mlp")
+
+
 def gpu_model_refusal(model_kind: str, sync_kind: str) -> str | None:
     """Return why this model cannot train on a GPU here, or None if it can."""
-    if model_kind == "custom":
-        # A user's Model computes with numpy/numba on the host; there is no device kernel for it.
-        return "model kind custom computes on the CPU (its class has no GPU kernels); use device: cpu or auto"
+    if model_kind not in GPU_MODEL_KINDS:
+        # A user's Model, trees, GPs and closed-form fits compute with numpy/numba on the host.
+        return f"model kind {model_kind} computes on the CPU only (no GPU kernels); use device: cpu or auto"
     if model_kind != "mlp" or sync_kind == "exact":
         return None     # exact sync computes each row's factors on the host for every model
     if simulated():
