@@ -28,11 +28,15 @@ from fleetmpi.launch.slurm.backend import SlurmBackend, describe_phase
 from fleetmpi.launch.slurm.chain import record, runs, sync_state
 from fleetmpi.launch.slurm.cmd import LOST_STATES, SlurmCommandError, run_slurm, squeue_states
 from fleetmpi.launch.slurm.submit import SubmissionError, requeue
+from fleetmpi.lock import JobDirBusy, JobLock
 from fleetmpi.spec import Spec
 
 # Slack on top of the signal grace when telling a time-limit stop from a preemption:
 # Slurm checks for due signals about once a minute at worst.
 _TIMEOUT_SLACK_S = 60.0
+# How long `begin` waits for the job dir's lock: the allocation before it may still be in
+# its `continue` step (which submitted this one) when this one starts.
+LOCK_WAIT_S = 120.0
 
 
 def _this_run() -> tuple[str, int]:
@@ -258,6 +262,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # short (this process replaced the batch shell and its traps; SIGKILL still ends it).
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # One writer per job dir: the batch shell opened JOB_DIR/lock (FLEETMPI_LOCK_FD); `begin`
+    # locks that open file, so the shell holds the lock for the allocation's life, and
+    # `continue` (the shell itself, exec'd) releases it once what follows is submitted.
+    # `begin` waits for the previous allocation's `continue` to finish releasing.
+    lock = JobLock(jd, f"slurm job {os.environ.get('SLURM_JOB_ID', '?')} phase {args.phase}",
+                   wait_s=LOCK_WAIT_S if args.cmd == "begin" else 0.0,
+                   pid=os.getppid() if args.cmd == "begin" else os.getpid())
+    try:
+        lock.acquire()
+    except JobDirBusy as e:   # someone else writes this job dir: write nothing, end the allocation
+        print(f"fleetmpi: error: {e}", file=sys.stderr, flush=True)
+        return ExitCode.BAD_INPUT
     try:
         if args.cmd == "begin":
             return begin(jd, args.phase)
@@ -276,6 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception:
                 pass
         return ExitCode.FAILED
+    finally:
+        if args.cmd == "begin":
+            lock.hand_over()   # the batch shell keeps holding it
+        else:
+            lock.release()
 
 
 if __name__ == "__main__":

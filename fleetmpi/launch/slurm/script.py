@@ -98,6 +98,8 @@ def _body(command: BatchCommand, ranks: int, ranks_per_node: int) -> list[str]:
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}",
         "export MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-1}",
         'cd -- "$job_dir" || exit 2',
+        "# One writer per job dir: this shell holds JOB_DIR/lock (flock) while the allocation lasts.",
+        'exec 9>>lock && export FLEETMPI_LOCK_FD=9 || exit 2',
         'run="$SLURM_JOB_ID.${SLURM_RESTART_COUNT:-0}"',
         "stop_signal='' stop_time='' step=''",
         "on_stop() {",
