@@ -68,7 +68,7 @@ CUSTOM_RESERVED = ("d", "classes", "l2")
 TREE_KINDS = ("gbdt", "forest", "tree")
 TREE_DEFAULTS: dict[str, Any] = {"trees": 100, "depth": 6, "learning_rate": 0.1, "bins": 255, "l2": 1.0,
                                  "min_child_weight": 1.0, "row_sample": 1.0, "col_sample": 1.0}
-TREE_KEYS = ("task", *TREE_DEFAULTS)
+TREE_KEYS = ("task", *(k for k in TREE_DEFAULTS if k != "l2"))   # l2 is every kind's
 MAX_TREES = 1_000_000         # a million rounds is far beyond any ensemble; more is a typo
 MAX_TREE_DEPTH = 16           # 2^16 leaves per tree: node arrays stay small, codes stay int32
 
