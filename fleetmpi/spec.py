@@ -64,6 +64,17 @@ MAX_CLASSES = 100_000
 CUSTOM_KEYS = ("kind", "class", "path", "l2", "classes", "init_scale", "options")
 # Keyword arguments the framework passes a custom class itself (so no option may take them).
 CUSTOM_RESERVED = ("d", "classes", "l2")
+# Tree ensembles (fleetmpi.engine.trees): their keys, their defaults, and bounds.
+TREE_KINDS = ("gbdt", "forest", "tree")
+TREE_DEFAULTS: dict[str, Any] = {"trees": 100, "depth": 6, "learning_rate": 0.1, "bins": 255, "l2": 1.0,
+                                 "min_child_weight": 1.0, "row_sample": 1.0, "col_sample": 1.0}
+TREE_KEYS = ("task", *(k for k in TREE_DEFAULTS if k != "l2"))   # l2 is every kind's
+MAX_TREES = 1_000_000         # a million rounds is far beyond any ensemble; more is a typo
+MAX_TREE_DEPTH = 16           # 2^16 leaves per tree: node arrays stay small, codes stay int32
+
+
+def _fraction(v: Any) -> str | None:
+    return None if 0.0 < v <= 1.0 else f"expected a fraction in (0, 1], got {quote(v)}"
 
 
 @dataclass(frozen=True)
@@ -76,8 +87,8 @@ class ModelSpec:
     """
 
     _aliases: ClassVar[dict[str, str]] = {"class": "class_path"}
-    kind: Literal["linear", "logistic", "softmax", "mlp", "gp", "custom"]
-    l2: float = check(non_negative, 0.0)
+    kind: Literal["linear", "logistic", "softmax", "mlp", "gp", "custom", "gbdt", "forest", "tree"]
+    l2: float = check(non_negative, 0.0)           # tree kinds: 1.0 unless given (tree_defaults)
     hidden: tuple[int, ...] = ()
     classes: int | None = check(lambda v: None if 2 <= v <= MAX_CLASSES else
                                 f"expected 2..{MAX_CLASSES} classes, got {v}", None)
@@ -93,10 +104,48 @@ class ModelSpec:
     signal: float | Literal["auto"] | None = None  # signal variance on standardised y; default auto
     noise: float | Literal["auto"] | None = None  # noise variance on standardised y; default auto
 
+    # Tree kinds (gbdt | forest | tree) only; None means the TREE_DEFAULTS value.
+    task: Literal["regression", "binary", "multiclass"] | None = None
+    trees: int | None = check(lambda v: None if 1 <= v <= MAX_TREES else
+                              f"expected 1..{MAX_TREES} trees (boosting rounds), got {v}", None)
+    depth: int | None = check(lambda v: None if 1 <= v <= MAX_TREE_DEPTH else
+                              f"expected a tree depth in 1..{MAX_TREE_DEPTH}, got {v}", None)
+    learning_rate: float | None = check(positive_at_most(1.0), None)
+    bins: int | None = check(lambda v: None if 2 <= v <= 256 else f"expected 2..256 bins per feature, got {v}", None)
+    min_child_weight: float | None = check(non_negative, None)
+    row_sample: float | None = check(_fraction, None)
+    col_sample: float | None = check(_fraction, None)
+
+    @property
+    def is_tree(self) -> bool:
+        """Return whether the kind is a tree ensemble (trained by boosting rounds, no optimizer)."""
+        return self.kind in TREE_KINDS
+
+    def tree_value(self, key: str) -> Any:
+        """Return tree key ``key`` as given, or its TREE_DEFAULTS value."""
+        v = getattr(self, key)
+        if key == "trees" and self.kind == "tree":
+            return 1
+        return TREE_DEFAULTS[key] if v is None else v
+
+    @property
+    def tree_task(self) -> str:
+        """Return a tree kind's task: ``task`` if given, else multiclass with classes > 2, else binary."""
+        if self.task is not None:
+            return self.task
+        return "multiclass" if (self.classes or 2) > 2 else "binary"
+
     def validate(self) -> tuple[str, str] | None:
         gp = _check_gp(self)
-        if gp is not None or self.kind == "gp":
+        if gp is not None:
             return gp
+        if self.is_tree:
+            return _check_tree(self)
+        for key in TREE_KEYS:
+            if getattr(self, key) is not None:
+                return key, f"only kinds {', '.join(TREE_KINDS)} take {key}; kind is {self.kind!r}"
+        if self.kind == "gp":
+            return None
         if self.kind == "custom":
             return _check_custom(self)
         for key, given in (("class", self.class_path), ("path", self.path), ("options", self.options)):
@@ -122,6 +171,13 @@ class ModelSpec:
         """Return the section as the user writes it: custom options flattened, unused custom keys left out."""
         d = to_plain(self)
         cls = d.pop("class_path")
+        if self.is_tree:
+            # Resolved, so a key left at its default and one written out hash alike.
+            return {"kind": self.kind, "task": self.tree_task, "classes": self.classes, "l2": self.l2,
+                    **{k: self.tree_value(k) for k in TREE_DEFAULTS
+                       if k != "l2" and not (k == "learning_rate" and self.kind in ("forest", "tree"))}}
+        for key in TREE_KEYS:
+            d.pop(key)   # absent for other kinds: their model hashes stay as they were
         for key in GP_KEYS:
             # Other kinds leave them out, so adding gp kept their model hashes (and checkpoints) valid.
             value = d.pop(key)
@@ -173,6 +229,58 @@ def _check_gp(m: ModelSpec) -> tuple[str, str] | None:
     for key, given in (("hidden", bool(m.hidden)), ("classes", m.classes is not None), ("l2", m.l2 != 0.0)):
         if given:
             return key, "kind gp takes features, kernel, lengthscale, ard, signal, noise; not " + key
+    return None
+
+
+def _check_tree(m: ModelSpec) -> tuple[str, str] | None:
+    """Return (key, problem) for a tree section: keys of other kinds, a forest's learning rate, the task."""
+    for key, given in (("class", m.class_path), ("path", m.path), ("options", m.options)):
+        if given is not None:
+            return key, f"only kind custom takes {key}; kind is {m.kind!r}"
+    if m.hidden:
+        return "hidden", f"only kind mlp takes hidden layers; kind is {m.kind!r}"
+    if m.kind == "forest" and m.learning_rate is not None:
+        return "learning_rate", ("a forest averages its trees and takes no learning_rate; "
+                                 "remove it, or use kind gbdt to boost")
+    if m.kind == "tree" and (m.learning_rate is not None or m.trees not in (None, 1)):
+        return ("trees" if m.learning_rate is None else "learning_rate"), (
+            "kind tree grows one tree at full step (no trees, no learning_rate); use kind gbdt for more")
+    if m.task == "multiclass" and m.classes == 2:
+        return "classes", "task multiclass needs classes >= 3 (two classes: task binary)"
+    if m.task in ("regression", "binary") and m.classes is not None:
+        return "classes", f"task {m.task} takes no classes (binary labels are 0/1); use task: multiclass"
+    return None
+
+
+def tree_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """Return ``raw`` with a tree model's l2 defaulted to 1.0 (the other kinds' default is 0)."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or model.get("kind") not in TREE_KINDS or "l2" in model:
+        return raw
+    return {**raw, "model": {**model, "l2": TREE_DEFAULTS["l2"]}}
+
+
+def _check_tree_spec(raw: dict[str, Any], spec: Spec) -> tuple[str, str] | None:
+    """Return (key, problem) where a tree model meets a gradient optimizer, a switch rule or too small a budget."""
+    m = spec.model
+    if not m.is_tree:
+        if spec.optimizer.kind == "boost":
+            return "optimizer.kind", f"boost trains tree kinds ({', '.join(TREE_KINDS)}); kind {m.kind!r} takes sgd or lbfgs"
+        return None
+    given = raw.get("optimizer")
+    if given is not None and not (isinstance(given, dict) and given.get("kind") == "boost"):
+        asked = given.get("kind", "sgd") if isinstance(given, dict) else given
+        return "optimizer", (f"model kind {m.kind} is trained by boosting rounds and takes no optimizer section "
+                             f"(asked for {quote(asked, 40)}); remove it and tune model.trees, depth, learning_rate")
+    for i, rule in enumerate(spec.fleet.rules):
+        if rule.then.optimizer is not None:
+            return f"fleet.rules[{i}].then.optimizer", (f"model kind {m.kind} has no optimizer to switch to "
+                                                        f"({rule.then.optimizer}); use goto or stop")
+    trees = m.tree_value("trees")
+    for key, bound in (("max_steps", spec.goal.max_steps), ("max_epochs", spec.goal.max_epochs)):
+        if bound is not None and bound > trees:
+            return f"goal.{key}", (f"{bound:g} rounds but model.trees is {trees} (one step and one epoch are one "
+                                   f"round); lower goal.{key} or raise model.trees")
     return None
 
 
@@ -281,7 +389,7 @@ class LbfgsSpec:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    kind: Literal["sgd", "lbfgs"] = "sgd"
+    kind: Literal["sgd", "lbfgs", "boost"] = "sgd"   # boost: set for tree kinds, which take no optimizer section
     lr: float = check(positive, 0.1)
     momentum: float = check(in_range(0.0, 0.999), 0.0)
     batch: int = check(positive, 256)
@@ -737,13 +845,15 @@ def from_raw(raw: dict[str, Any], source: str, base_dir: Path) -> Spec:
     """Validate a raw mapping into a Spec; ``source`` names the file in errors."""
     raw = {k: v for k, v in raw.items() if k != "_base_dir"}
     try:
-        spec = build(Spec, fold_model_options(raw))
+        spec = build(Spec, tree_defaults(fold_model_options(raw)))
     except SchemaError as e:
         raise BadInput(f"{source}: {e}") from None
-    err = _check_fleet(spec) or _check_gp_spec(spec)
+    err = _check_fleet(spec) or _check_gp_spec(spec) or _check_tree_spec(raw, spec)
     if err:
         raise BadInput(f"{source}: {err[0]}: {err[1]}")
     object.__setattr__(spec, "_base_dir", str(base_dir))
+    if spec.model.is_tree and spec.optimizer.kind != "boost":
+        object.__setattr__(spec, "optimizer", OptimizerSpec(kind="boost"))
     if spec.model.kind == "custom":
         # Absolute now, so the job dir's copy of the spec imports from the same folder.
         folder = Path(spec.model.path or ".").expanduser()

@@ -151,6 +151,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     for key in ("step", "epoch", "phase", "optimizer", "ranks", "reason", "kind", "name"):
         if key in meta:
             print(f"  {key}: {meta[key]}")
+    tr = info.get("trees")
+    if tr:
+        print(f"  trees: {tr['trees']} ({tr['rounds']} rounds), depth {tr['depth']}, leaves {tr['leaves']}")
+        imp = ", ".join(f"f{e['feature']} {e['share']:.3f}" for e in tr["importance_gain"])
+        print(f"  importance (share of split gain): {imp or 'no splits'}")
     for name, a in info["arrays"].items():
         stats = ", ".join(f"{k} {v:.4g}" for k, v in a.items() if k in ("min", "max", "l2_norm") and v is not None)
         print(f"  array {name}: {a['dtype']} {tuple(a['shape'])}{' — ' + stats if stats else ''}")

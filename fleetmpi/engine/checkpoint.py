@@ -205,7 +205,7 @@ def summary(path: Path) -> dict[str, Any]:
     path = Path(path)
     arrays, meta = read_h5_verified(path)
     kind, sha256 = read_h5_header(path)
-    return {
+    out = {
         "path": str(path),
         "format": FORMAT,
         "kind": kind,
@@ -215,6 +215,11 @@ def summary(path: Path) -> dict[str, Any]:
         "meta": meta,
         "arrays": {name: _array_stats(arrays[name]) for name in sorted(arrays)},
     }
+    model = meta.get("model") if kind == KIND else meta
+    if isinstance(model, dict) and model.get("kind") in ("gbdt", "forest", "tree") and "offsets" in arrays:
+        from fleetmpi.models.trees import tree_summary
+        out["trees"] = tree_summary(arrays)
+    return out
 
 
 def _array_stats(arr: np.ndarray) -> dict[str, Any]:

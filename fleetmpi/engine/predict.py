@@ -11,14 +11,15 @@ import numpy as np
 
 from fleetmpi.errors import BadInput, CheckpointError
 from fleetmpi.h5store import read_h5_verified, write_h5_atomic
-from fleetmpi.models import TASKS, Model, build_model
+from fleetmpi.models import TASKS, TREE_KINDS, Model, build_model
+from fleetmpi.models.trees import TreeModel
 from fleetmpi.spec import ModelSpec
 
 CHUNK_ROWS = 65536
 
 
-def load_model(path: Path) -> tuple[Model, np.ndarray, dict[str, Any]]:
-    """Return (model, params, meta) from a verified model file."""
+def load_model(path: Path) -> tuple[Model | TreeModel, np.ndarray, dict[str, Any]]:
+    """Return (model, params, meta) from a verified model file (a tree ensemble has empty params)."""
     return _flat_model(path, *read_h5_verified(path, kind="model"))
 
 
@@ -31,11 +32,19 @@ def _gp_model(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -
         raise CheckpointError(f"{path}: gp model is incomplete ({e}); expected a model.h5 written by fleetmpi") from None
 
 
-def _flat_model(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> tuple[Model, np.ndarray, dict[str, Any]]:
-    """Return (model, params, meta) of a flat-parameter model file's contents."""
-    if meta.get("kind") not in (*TASKS, "custom"):
-        raise CheckpointError(f"{path}: model kind {meta.get('kind')!r} is not one of {', '.join(TASKS)}, gp, custom; "
-                              "expected a model.h5 written by this fleetmpi")
+def _flat_model(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]
+                ) -> tuple[Model | TreeModel, np.ndarray, dict[str, Any]]:
+    """Return (model, params, meta) of a model file's contents (a tree ensemble has empty params)."""
+    if meta.get("kind") not in (*TASKS, "custom", *TREE_KINDS):
+        raise CheckpointError(f"{path}: model kind {meta.get('kind')!r} is not one of "
+                              f"{', '.join((*TASKS, 'gp', 'custom', *TREE_KINDS))}; expected a model.h5 written by "
+                              "this fleetmpi")
+    if meta["kind"] in TREE_KINDS:
+        try:
+            return TreeModel(arrays, meta), np.empty(0), meta
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise CheckpointError(f"{path}: tree model arrays or metadata are incomplete ({e}); expected a model.h5 "
+                                  "written by fleetmpi") from None
     try:
         if meta["kind"] == "custom":
             model = _custom_model(path, meta)
@@ -127,5 +136,5 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
     return {"out": str(out), "rows": int(raw.shape[0]), "task": task}
 
 
-def model_d(model: Model) -> int:
+def model_d(model: Model | TreeModel) -> int:
     return int(model.meta()["d"])

@@ -111,6 +111,7 @@ TECHNIQUES: dict[str, str] = {
     "sgd": "fleetmpi.engine.gradient:Sgd",
     "lbfgs": "fleetmpi.engine.gradient:Lbfgs",
     "gp": "fleetmpi.engine.gp:Gp",
+    "boost": "fleetmpi.engine.trees:Boost",
 }
 
 # Model kinds that fix their technique (the spec's optimizer section is not theirs).

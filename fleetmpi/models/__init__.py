@@ -9,8 +9,10 @@ from fleetmpi.models.mlp import MLP
 from fleetmpi.models.softmax import SoftmaxRegression
 from fleetmpi.spec import ModelSpec
 
-# The built-in kinds' tasks; ``task_of`` answers for a custom class too.
+# The built-in kinds' tasks; ``task_of`` answers for a custom class and the tree kinds too.
 TASKS = {"linear": "regression", "logistic": "binary", "softmax": "multiclass", "mlp": "multiclass"}
+# Tree ensembles take their task from the spec (model.task; default binary, multiclass with classes > 2).
+TREE_KINDS = ("gbdt", "forest", "tree")
 
 
 def task_of(spec: ModelSpec) -> str:
@@ -20,6 +22,8 @@ def task_of(spec: ModelSpec) -> str:
         return resolve(spec).task
     if spec.kind == "gp":
         return "regression"   # fitted by its own technique (fleetmpi.engine.gp), not a flat-parameter Model
+    if spec.kind in TREE_KINDS:
+        return spec.tree_task
     return TASKS[spec.kind]
 
 
@@ -50,4 +54,4 @@ def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
     return MLP((d, *spec.hidden, k), spec.l2)
 
 
-__all__ = ["TASKS", "Model", "build_model", "preflight", "task_of"]
+__all__ = ["TASKS", "TREE_KINDS", "Model", "build_model", "preflight", "task_of"]

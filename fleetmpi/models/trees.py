@@ -23,7 +23,8 @@ import numpy as np
 
 from kernels import trees as K
 
-__all__ = ["Ensemble", "TreeLearner", "TreeParams", "cut_sample_ids", "gather_sample", "mpi_reducers"]
+__all__ = ["Ensemble", "TreeLearner", "TreeModel", "TreeParams", "cut_sample_ids", "forest_scores", "gather_sample",
+           "mpi_reducers", "tree_summary"]
 
 Reduce = Callable[[np.ndarray], np.ndarray]
 KINDS = ("gbdt", "forest", "tree")
@@ -89,8 +90,8 @@ class Ensemble:
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Return the node arrays of every tree concatenated, with tree offsets and classes."""
-        names = ("feature", "bin", "threshold", "left", "right", "value")
-        dtypes = (np.int32, np.int32, np.float32, np.int32, np.int32, np.float64)
+        names = ("feature", "bin", "threshold", "left", "right", "value", "gain")
+        dtypes = (np.int32, np.int32, np.float32, np.int32, np.int32, np.float64, np.float64)
         out = {n: (np.concatenate([t[n] for t in self.trees]) if self.trees else np.empty(0, dt))
                for n, dt in zip(names, dtypes)}
         sizes = [t["feature"].size for t in self.trees]
@@ -111,6 +112,8 @@ class Ensemble:
         for t in range(off.size - 1):
             sl = slice(int(off[t]), int(off[t + 1]))
             tree = {n: np.array(state[n][sl]) for n in ("feature", "bin", "threshold", "left", "right", "value")}
+            # Split gains (for importance) came later than the node arrays; older states read as 0.
+            tree["gain"] = np.array(state["gain"][sl]) if "gain" in state else np.zeros(sl.stop - sl.start)
             tree["class"] = np.array([state["tree_class"][t]], np.int32)
             trees.append(tree)
         return cls(np.array(state["cuts"]), np.array(state["ncuts"]), np.array(state["base"]), task,
@@ -121,6 +124,12 @@ class Ensemble:
         a = self.arrays()
         return K.predict_raw(X, a["feature"], a["threshold"], a["left"], a["right"], a["value"], a["offsets"],
                              a["tree_class"], self.base)
+
+    def importance(self, d: int) -> np.ndarray:
+        """Return each of ``d`` features' summed split gain over every tree (gain-based importance)."""
+        a = self.arrays()
+        split = a["feature"] >= 0
+        return np.bincount(a["feature"][split], weights=a["gain"][split], minlength=d)[:d]
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Return predictions: values (regression), P(y=1) (binary) or class probabilities (n, k)."""
@@ -292,11 +301,11 @@ class TreeLearner:
         gs = hist[:, foff[0]:foff[1], 0].sum(axis=1)
         hs = hist[:, foff[0]:foff[1], 1].sum(axis=1)
         ids = [0]
-        feature, tbin, left, right = [-1], [-1], [-1], [-1]
+        feature, tbin, left, right, gains = [-1], [-1], [-1], [-1], [0.0]
         leaf_ids: list[int] = []
         leaf_seg: list[tuple[int, int, int, int]] = []      # start, count, gq sum, hq sum
         for depth in range(p.depth):
-            f, t, _, lg, lh = K.best_splits(hist, gs, hs, foff, self._colmask(r, c, ids), inv_g, inv_h,
+            f, t, gain, lg, lh = K.best_splits(hist, gs, hs, foff, self._colmask(r, c, ids), inv_g, inv_h,
                                            p.l2, p.min_child_weight)
             split = f >= 0
             nleft = K.partition(codes, order, starts, counts, f, t) if split.any() else counts
@@ -308,6 +317,8 @@ class TreeLearner:
                     continue
                 li, ri = len(feature), len(feature) + 1
                 feature[node], tbin[node], left[node], right[node] = int(f[j]), int(t[j]), li, ri
+                gains[node] = float(gain[j])
+                gains += [0.0, 0.0]
                 feature += [-1, -1]
                 tbin += [-1, -1]
                 left += [-1, -1]
@@ -345,5 +356,70 @@ class TreeLearner:
         cuts = self.ensemble.cuts
         thr = np.where(fa >= 0, cuts[np.maximum(fa, 0), np.maximum(ba, 0)], np.float32(0)).astype(np.float32)
         tree: dict[str, np.ndarray] = {"feature": fa, "bin": ba, "threshold": thr, "left": np.array(left, np.int32),
-                "right": np.array(right, np.int32), "value": value}
+                "right": np.array(right, np.int32), "value": value, "gain": np.array(gains, np.float64)}
         return tree, (order, np.ascontiguousarray(seg[:, 0]), np.ascontiguousarray(seg[:, 1]), values)
+
+
+def forest_scores(raw: np.ndarray, base: np.ndarray, kind: str, trees: int, rounds: int) -> np.ndarray:
+    """Return raw scores as the model means them: a forest of ``rounds`` < ``trees`` trees is averaged over those."""
+    if kind != "forest" or rounds in (0, trees):
+        return raw
+    # Each forest tree was stored at weight 1/trees; an early stop averages the trees grown.
+    return base + (raw - base) * (trees / rounds)
+
+
+def tree_depths(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Return each tree's depth (edges from root to its deepest leaf) from flat node arrays."""
+    off, left, right = arrays["offsets"], arrays["left"], arrays["right"]
+    out = np.zeros(off.size - 1, np.int64)
+    for t in range(off.size - 1):
+        base = int(off[t])
+        level, depth = [0], 0
+        while True:
+            nxt = [int(c) for n in level for c in (left[base + n], right[base + n]) if c >= 0]
+            if not nxt:
+                break
+            level, depth = nxt, depth + 1
+        out[t] = depth
+    return out
+
+
+def tree_summary(arrays: dict[str, np.ndarray], top: int = 10) -> dict[str, Any]:
+    """Return trees, rounds, max depth, leaves and the ``top`` features by share of total split gain."""
+    d = int(arrays["cuts"].shape[0])
+    split = arrays["feature"] >= 0
+    gain = np.bincount(arrays["feature"][split], weights=arrays["gain"][split], minlength=d)[:d] \
+        if "gain" in arrays else np.zeros(d)
+    total = float(gain.sum())
+    order = np.argsort(-gain, kind="stable")[:top]
+    depths = tree_depths(arrays)
+    return {"trees": int(arrays["offsets"].size - 1), "rounds": int(arrays["round"]),
+            "depth": int(depths.max()) if depths.size else 0, "leaves": int((~split).sum()),
+            "importance_gain": [{"feature": int(f), "gain": float(gain[f]), "share": float(gain[f] / total)}
+                                for f in order if gain[f] > 0] if total > 0 else []}
+
+
+class TreeModel:
+    """A trained ensemble read from a model file, with the prediction contract of ``fleetmpi.models.Model``."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.kind, self.task = str(meta["kind"]), str(meta["task"])
+        self.trees = int(meta["trees"])
+        self._meta = meta
+        self.ensemble = Ensemble.from_state(arrays, self.task)
+        self.d = int(self.ensemble.cuts.shape[0])
+
+    def meta(self) -> dict[str, Any]:
+        """Return the model file's metadata (d included)."""
+        return {**self._meta, "d": self.d}
+
+    def predict(self, X: np.ndarray, params: np.ndarray | None = None) -> np.ndarray:
+        """Return values (regression), P(y=1) (binary) or class probabilities (n, k) of float32 rows X."""
+        e = self.ensemble
+        z = forest_scores(e.raw(X), e.base, self.kind, self.trees, e.rounds)
+        if self.task == "regression":
+            return z[:, 0]
+        if self.task == "binary":
+            return 1.0 / (1.0 + np.exp(-z[:, 0]))
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)

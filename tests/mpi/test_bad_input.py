@@ -280,7 +280,7 @@ SPEC_CASES = [
     spec_case("spec-nan-lr", put(optimizer__lr=float("nan")), "optimizer.lr", "finite"),
     spec_case("spec-momentum-too-big", put(optimizer__momentum=1.5), "optimizer.momentum", "1.5"),
     spec_case("spec-unknown-optimizer", put(optimizer__kind="adam"), "optimizer.kind", "'adam'", "'sgd'"),
-    spec_case("spec-unknown-model-kind", put(model__kind="forest"), "model.kind", "'forest'", "'softmax'"),
+    spec_case("spec-unknown-model-kind", put(model__kind="xgboost"), "model.kind", "'xgboost'", "'softmax'"),
     spec_case("spec-mlp-without-hidden", put(model__kind="mlp"), "model.hidden", "mlp"),
     spec_case("spec-mlp-zero-width", put(model__kind="mlp", model__hidden=[0]), "model.hidden", ">= 1"),
     spec_case("spec-hidden-on-logistic", put(model__kind="logistic", model__hidden=[16]), "model.hidden",
@@ -560,8 +560,8 @@ def _unknown_kind_model(tmp: Path, src: Source) -> str:
     # real writer (valid checksum) to stand for a model from another fleetmpi version.
     from fleetmpi.h5store import read_h5_verified, write_h5_atomic
     arrays, meta = read_h5_verified(src.job / "model.h5", kind="model")
-    write_h5_atomic(tmp / "forest.h5", arrays, {**meta, "kind": "forest"}, kind="model")
-    return "forest.h5"
+    write_h5_atomic(tmp / "xgboost.h5", arrays, {**meta, "kind": "xgboost"}, kind="model")
+    return "xgboost.h5"
 
 
 def _approve_done(tmp: Path, src: Source) -> list[str]:
@@ -629,7 +629,7 @@ CLI_CASES = [
     Case("cli-predict-data-without-x", _predict(_model, _no_x), ("nox.h5", "'X'"), ("out.h5",)),
     Case("cli-predict-no-rows", _predict(_model, _empty_rows), ("empty.h5", "no rows"), ("out.h5",)),
     Case("cli-predict-x-is-group", _predict(_model, _x_is_group), ("xgrp.h5", "'X'"), ("out.h5",)),
-    Case("cli-predict-unknown-model-kind", _predict(_unknown_kind_model, _valid), ("forest.h5", "'forest'"),
+    Case("cli-predict-unknown-model-kind", _predict(_unknown_kind_model, _valid), ("xgboost.h5", "'xgboost'"),
          ("out.h5",)),
     Case("cli-predict-data-missing", _predict(_model, lambda t, s: "gone.h5"), ("gone.h5", "not found"),
          ("out.h5",)),
@@ -648,7 +648,65 @@ CLI_CASES = [
          ("empty/state.json", "missing")),
 ]
 
-CASES = SPEC_CASES + DATA_CASES + CHECKPOINT_CASES + CLI_CASES
+
+
+def tree(**model: Any) -> Callable[[dict[str, Any]], None]:
+    """Return an edit that makes the base spec a tree model (no optimizer section), ``model`` keys added."""
+    def edit(spec: dict[str, Any]) -> None:
+        spec.pop("optimizer", None)
+        spec["model"] = {"kind": "gbdt", "task": "multiclass", "trees": 6, "depth": 2, **model}
+    return edit
+
+
+def _both(*edits: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def edit(spec: dict[str, Any]) -> None:
+        for e in edits:
+            e(spec)
+    return edit
+
+
+def _resume_tree_as_softmax(tmp: Path, src: Source) -> list[str]:
+    """Run a small gbdt job, then point its job dir's spec at softmax, as if edited after a stop."""
+    spec = copy.deepcopy(BASE_SPEC)
+    tree()(spec)
+    write_spec(tmp / "tree.yaml", spec)
+    ran = fleetmpi(tmp, "run", "tree.yaml", "--job-dir", "job")
+    assert ran.returncode == 0, ran.stderr
+    jd = tmp / "job"
+    edited = yaml.safe_load((jd / "spec.yaml").read_text())
+    edited["model"] = {"kind": "softmax", "l2": 1.0e-4}
+    edited["optimizer"] = BASE_SPEC["optimizer"]
+    write_spec(jd / "spec.yaml", edited)
+    state = json.loads((jd / "state.json").read_text())
+    state["status"] = "STOPPED"
+    (jd / "state.json").write_text(json.dumps(state))
+    return ["run", "job"]
+
+
+TREE_CASES = [
+    spec_case("tree-depth-too-deep", tree(depth=17), "model.depth", "1..16", "17"),
+    spec_case("tree-depth-zero", tree(depth=0), "model.depth", "1..16"),
+    spec_case("tree-bins-too-many", tree(bins=257), "model.bins", "2..256", "257"),
+    spec_case("tree-bins-one", tree(bins=1), "model.bins", "2..256"),
+    spec_case("tree-no-trees", tree(trees=0), "model.trees", "got 0"),
+    spec_case("tree-row-sample-zero", tree(row_sample=0.0), "model.row_sample", "(0, 1]"),
+    spec_case("tree-row-sample-above-one", tree(row_sample=1.5), "model.row_sample", "(0, 1]", "1.5"),
+    spec_case("tree-forest-learning-rate", tree(kind="forest", learning_rate=0.1), "model.learning_rate",
+              "forest", "gbdt"),
+    spec_case("tree-with-sgd", _both(tree(), put(optimizer={"kind": "sgd", "lr": 0.1})), "optimizer", "gbdt",
+              "'sgd'", "no optimizer section"),
+    spec_case("tree-rule-switches-optimizer", _both(tree(), put(fleet__rules=[
+        {"in": "small", "when": "epoch >= 3", "then": {"goto": "wide"}},
+        {"when": "step > 2", "then": {"optimizer": "lbfgs"}}])), "fleet.rules[1].then.optimizer", "gbdt"),
+    spec_case("tree-goal-beyond-trees", _both(tree(), put(goal={"max_steps": 7})), "goal.max_steps",
+              "model.trees is 6"),
+    spec_case("tree-key-on-softmax", put(model__depth=3), "model.depth", "gbdt, forest, tree", "'softmax'"),
+    Case("tree-ckpt-resumed-as-softmax", _resume_tree_as_softmax,
+         ("job/ckpt/step-00000004.h5", "checkpoint was written for model spec"),
+         may_change=("job/events.jsonl", "job/state.json", "job/logs/*")),
+]
+
+CASES = SPEC_CASES + DATA_CASES + CHECKPOINT_CASES + CLI_CASES + TREE_CASES
 
 
 def test_case_ids_are_unique() -> None:

@@ -192,7 +192,7 @@ def test_bounds_accept_real_values(tmp_path: Path) -> None:
 
 
 def test_local_fit_refuses_more_ranks_than_cores(tmp_path: Path) -> None:
-    sp = specmod.load(write(tmp_path, QUICKSTART))
+    sp = specmod.load(write(tmp_path, QUICKSTART), ["scheduler.oversubscribe=false"])   # the demo allows it
     with pytest.raises(BadInput, match=r"fleet\.phases\.wide: 3 ranks .* 2 cores.*oversubscribe"):
         specmod.check_local_fit(sp, cores=2, environ={})
     specmod.check_local_fit(sp, cores=3, environ={})

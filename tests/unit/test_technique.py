@@ -21,7 +21,7 @@ def test_every_registered_name_resolves_to_its_technique() -> None:
     for name in TECHNIQUES:
         cls = technique_class(name)
         assert issubclass(cls, Technique) and cls.name == name
-    with pytest.raises(ValueError, match="unknown training technique 'trees'; valid: gp, lbfgs, sgd"):
+    with pytest.raises(ValueError, match="unknown training technique 'trees'; valid: boost, gp, lbfgs, sgd"):
         technique_class("trees")
 
 
