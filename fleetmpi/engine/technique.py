@@ -101,6 +101,7 @@ class Technique(ABC):
 TECHNIQUES: dict[str, str] = {
     "sgd": "fleetmpi.engine.gradient:Sgd",
     "lbfgs": "fleetmpi.engine.gradient:Lbfgs",
+    "bfgs": "fleetmpi.engine.gradient:Bfgs",
 }
 
 
