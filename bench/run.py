@@ -33,6 +33,7 @@ OPTIONAL = [  # benchmarks of layers that ship separately; run when present
     ("scaling", [PY, str(HERE / "bench_scaling.py")]),
     ("ledger", [PY, str(HERE / "bench_ledger.py")]),
     ("trees vs LightGBM / XGBoost", [PY, str(HERE / "bench_trees.py")]),
+    ("bfgs vs scipy BFGS and lbfgs", [PY, str(HERE / "bench_bfgs.py")]),
     ("gpu kernels and phase", [PY, str(HERE / "bench_gpu.py")]),   # prints "no GPU: skipped" without one
 ]
 
