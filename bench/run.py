@@ -34,6 +34,7 @@ OPTIONAL = [  # benchmarks of layers that ship separately; run when present
     ("ledger", [PY, str(HERE / "bench_ledger.py")]),
     ("trees vs LightGBM / XGBoost", [PY, str(HERE / "bench_trees.py")]),
     ("gp vs scikit-learn GP", [PY, str(HERE / "bench_gp.py")]),
+    ("bfgs vs scipy BFGS and lbfgs", [PY, str(HERE / "bench_bfgs.py")]),
     ("gpu kernels and phase", [PY, str(HERE / "bench_gpu.py")]),   # prints "no GPU: skipped" without one
 ]
 

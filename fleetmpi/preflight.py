@@ -18,5 +18,21 @@ def check_inputs(spec: Any) -> None:
         v = describe(spec.data_path(spec.data.valid), task, spec.model.classes or info.classes, check=spec.data.check)
         if v.d != info.d:
             raise BadInput(f"{v.path}: validation X has {v.d} columns but training X has {info.d}")
+    _check_bfgs_size(spec, info.d, info.classes)
     if spec.optimizer.batch > info.n:
         raise BadInput(f"{spec.data.train}: optimizer.batch {spec.optimizer.batch} exceeds the {info.n} training rows")
+
+
+def _check_bfgs_size(spec: Any, d: int, classes: int | None) -> None:
+    """Refuse a spec that runs BFGS (as its optimizer or by a rule) on a model too large for its matrix."""
+    uses = [("optimizer.kind", spec.optimizer.kind)] + [
+        (f"fleet.rules[{i}].then.optimizer", r.then.optimizer) for i, r in enumerate(spec.fleet.rules)]
+    where = next((key for key, kind in uses if kind == "bfgs"), None)
+    if where is None:
+        return
+    from fleetmpi.models import build_model
+    from fleetmpi.optim.bfgs import size_refusal
+    model = build_model(spec.model, d, spec.model.classes or classes)
+    refusal = size_refusal(model.n_params)
+    if refusal:
+        raise BadInput(f"{where}: {refusal}")

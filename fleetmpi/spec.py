@@ -388,13 +388,23 @@ class LbfgsSpec:
 
 
 @dataclass(frozen=True)
+class BfgsSpec:
+    """Full BFGS's line search and stop; its rows are L-BFGS's (``optimizer.lbfgs.batch``)."""
+
+    max_ls: int = check(positive, 20)
+    c1: float = check(in_range(1e-8, 0.5), 1e-4)
+    tol_grad: float = check(non_negative, 1e-7)
+
+
+@dataclass(frozen=True)
 class OptimizerSpec:
-    kind: Literal["sgd", "lbfgs", "boost"] = "sgd"   # boost: set for tree kinds, which take no optimizer section
+    kind: Literal["sgd", "lbfgs", "bfgs", "boost"] = "sgd"   # boost: set for tree kinds, which take no optimizer section
     lr: float = check(positive, 0.1)
     momentum: float = check(in_range(0.0, 0.999), 0.0)
     batch: int = check(positive, 256)
     schedule: ScheduleSpec = ScheduleSpec()
     lbfgs: LbfgsSpec = LbfgsSpec()
+    bfgs: BfgsSpec = BfgsSpec()
 
 
 @dataclass(frozen=True)
@@ -492,13 +502,13 @@ class PhaseSpec:
 @dataclass(frozen=True)
 class ActionSpec:
     goto: str | None = None
-    optimizer: Literal["sgd", "lbfgs"] | None = None
+    optimizer: Literal["sgd", "lbfgs", "bfgs"] | None = None
     stop: bool = False
 
     def validate(self) -> tuple[str, str] | None:
         n = (self.goto is not None) + (self.optimizer is not None) + bool(self.stop)
         if n != 1:
-            return "goto", "an action is exactly one of {goto: PHASE}, {optimizer: sgd|lbfgs}, {stop: true}"
+            return "goto", "an action is exactly one of {goto: PHASE}, {optimizer: sgd|lbfgs|bfgs}, {stop: true}"
         return None
 
     def describe(self) -> str:

@@ -1,9 +1,10 @@
-"""Gradient techniques on a flat float64 parameter vector: SGD and L-BFGS.
+"""Gradient techniques on a flat float64 parameter vector: SGD, L-BFGS and full BFGS.
 
-Both share one ``FlatState`` per run (model, parameters, weight mask, sync, both
+They share one ``FlatState`` per run (model, parameters, weight mask, sync, the
 optimizers' state), so a rule that switches between them hands over the parameters,
 and a checkpoint holds the same arrays whichever of them runs: ``params``,
-``sgd_velocity``, ``lbfgs_S/Y/g/f``, and the sync's (``sync_residual``, ``sync_tau``).
+``sgd_velocity``, ``lbfgs_S/Y/g/f``, the sync's (``sync_residual``, ``sync_tau``), and
+``bfgs_H/g/f`` once BFGS ran (its d x d matrix is made only for a run that uses it).
 
 ``FlatState`` computes on the host; ``fleetmpi.engine.gpu.GpuFlatState`` overrides its
 device hooks (``sgd_gradient``, ``sgd_apply``, ``global_grad``, ``to_host``,
@@ -13,6 +14,7 @@ device hooks (``sgd_gradient``, ``sgd_apply``, ``global_grad``, ``to_host``,
 from __future__ import annotations
 
 import time
+from abc import abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ from fleetmpi.sync.base import Extra, Extras
 
 if TYPE_CHECKING:
     from fleetmpi.engine.trainer import Trainer
+    from fleetmpi.optim import BFGS, LBFGS
 
 # (this rank's X, y, fingerprint of its rows, global row count) of L-BFGS's objective
 Rows = tuple[np.ndarray, np.ndarray, float, int]
@@ -48,6 +51,7 @@ class FlatState:
         self.sgd = SGD(sp.optimizer, p)
         self.lbfgs = LBFGS(sp.optimizer.lbfgs, p)
         self.lbfgs_data: Rows | None = None
+        self.bfgs: BFGS | None = None     # made by bfgs_state(): d x d floats only where BFGS runs
         self.params = self.model.init(np.random.default_rng([sp.seed, 0x1417]), sp.model.init_scale)
 
     # -- checkpoint state -------------------------------------------------------------------
@@ -66,7 +70,8 @@ class FlatState:
         extra = self.sync.gather_state()
         if run.rank != 0:
             return {}
-        return {"params": self.params, **self.sgd.state(), **self.lbfgs.state(), **extra}
+        bfgs = self.bfgs.state() if self.bfgs is not None else {}
+        return {"params": self.params, **self.sgd.state(), **self.lbfgs.state(), **bfgs, **extra}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Load params, optimizers and this rank's share of the sync's state (every rank)."""
@@ -77,8 +82,20 @@ class FlatState:
         self.params = params
         self.sgd.load_state(arrays)
         self.lbfgs.load_state(arrays)
+        if "bfgs_H" in arrays:
+            self.bfgs_state().load_state(arrays, str(self.run.resumed_from))
         self.sync.load_state(arrays)
         self.from_host()
+
+    def bfgs_state(self) -> BFGS:
+        """Return BFGS's state, made on first use; BadInput if its matrix would pass the size limit."""
+        if self.bfgs is None:
+            from fleetmpi.optim import BFGS
+            try:
+                self.bfgs = BFGS(self.run.spec.optimizer.bfgs, self.n_params)
+            except ValueError as e:
+                raise BadInput(f"{self.run.resumed_from or self.run.jd.spec}: optimizer bfgs: {e}") from None
+        return self.bfgs
 
     # -- device hooks (host versions) -------------------------------------------------------
     def to_host(self) -> None:
@@ -143,8 +160,10 @@ class GradientTechnique(Technique):
         self.flat.load_state(arrays)
 
     def enter(self) -> None:
-        # The parameters moved under another technique: L-BFGS's stored objective is stale.
+        # The parameters moved under another technique: the stored objectives are stale.
         self.flat.lbfgs.f = None
+        if self.flat.bfgs is not None:
+            self.flat.bfgs.f = None
 
     def eval_sums(self, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         self.flat.to_host()
@@ -179,13 +198,21 @@ class Sgd(GradientTechnique):
         return rec
 
 
-class Lbfgs(GradientTechnique):
-    """One L-BFGS iteration with its line search on fixed rows; each objective is one sync."""
+class LineSearchTechnique(GradientTechnique):
+    """A quasi-Newton iteration with its line search on fixed rows; each objective is one sync.
 
-    name = "lbfgs"
+    The rows are ``FlatState.lbfgs_rows`` (the full data unless ``optimizer.lbfgs.batch``
+    fixes a batch); the optimizer's state stays on the host and each objective runs where
+    the state computes (a GPU phase's device, a CPU phase's kernels).
+    """
+
+    @abstractmethod
+    def optimizer(self) -> LBFGS | BFGS:
+        """Return the optimizer whose ``step(params, objective)`` this technique runs."""
 
     def step(self) -> StepRecord:
         run, flat = self.run, self.flat
+        opt = self.optimizer()
         data = flat.lbfgs_rows()
         fp, N = data[2], data[3]
         acc: dict[str, float] = {"compute_s": 0.0, "comm_s": 0.0, "payload": 0, "wire": 0.0, "signal": 0.0,
@@ -206,12 +233,33 @@ class Lbfgs(GradientTechnique):
                 loss += 0.5 * flat.model.l2 * float(np.sum(flat.mask * w * w))
             return loss, grad.copy()
 
-        # History and line search stay on the host; each objective runs where the state computes.
         flat.to_host()
-        loss, _moved = flat.lbfgs.step(flat.params, objective)
+        loss, _moved = opt.step(flat.params, objective)
         flat.from_host()
         evals = int(acc["evals"])
         run.samples_seen += evals * N
-        return StepRecord(loss=loss, lr=flat.lbfgs.last_step, samples=evals * N, batch_fp=fp, cursor=run.cursor,
+        return StepRecord(loss=loss, lr=opt.last_step, samples=evals * N, batch_fp=fp, cursor=run.cursor,
                           compute_s=acc["compute_s"], comm_s=acc["comm_s"], payload_bytes=int(acc["payload"]),
                           wire_bytes=acc["wire"], signal=acc["signal"])
+
+
+class Lbfgs(LineSearchTechnique):
+    """One L-BFGS iteration (history of ``optimizer.lbfgs.history`` pairs)."""
+
+    name = "lbfgs"
+
+    def optimizer(self) -> LBFGS:
+        return self.flat.lbfgs
+
+
+class Bfgs(LineSearchTechnique):
+    """One full-BFGS iteration: a d x d inverse Hessian on every rank, updated in O(d^2)."""
+
+    name = "bfgs"
+
+    def __init__(self, run: Trainer) -> None:
+        super().__init__(run)
+        self.flat.bfgs_state()   # the size limit refuses here, before a step (every rank alike)
+
+    def optimizer(self) -> BFGS:
+        return self.flat.bfgs_state()

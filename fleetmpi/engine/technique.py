@@ -112,6 +112,7 @@ TECHNIQUES: dict[str, str] = {
     "lbfgs": "fleetmpi.engine.gradient:Lbfgs",
     "gp": "fleetmpi.engine.gp:Gp",
     "boost": "fleetmpi.engine.trees:Boost",
+    "bfgs": "fleetmpi.engine.gradient:Bfgs",
 }
 
 # Model kinds that fix their technique (the spec's optimizer section is not theirs).

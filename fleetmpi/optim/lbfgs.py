@@ -1,4 +1,4 @@
-"""Limited-memory BFGS with a deterministic backtracking (Armijo) line search.
+"""Limited-memory BFGS, and the deterministic backtracking (Armijo) line search BFGS shares.
 
 Every rank runs the same arithmetic on the same allreduced loss and gradient, so every
 rank takes the same branch; the objective callable is collective.
@@ -13,6 +13,30 @@ import numpy as np
 from fleetmpi.spec import LbfgsSpec
 
 Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
+# (step length t, trial point, objective and gradient there) of an accepted line search
+Accepted = tuple[float, np.ndarray, float, np.ndarray]
+
+
+def backtrack(params: np.ndarray, d: np.ndarray, f0: float, slope: float, objective: Objective,
+              max_ls: int, c1: float) -> tuple[Accepted | None, int]:
+    """Halve t from 1 until ``f(params + t d) <= f0 + c1 t slope`` (Armijo); return (accepted or None, evals).
+
+    Deterministic (no interpolation), so every rank evaluates the same trial points.
+    """
+    t = 1.0
+    for i in range(max_ls):
+        trial = params + t * d
+        f1, g1 = objective(trial)
+        if np.isfinite(f1) and f1 <= f0 + c1 * t * slope:
+            return (t, trial, f1, g1), i + 1
+        t *= 0.5
+    return None, max_ls
+
+
+def curvature_ok(s: np.ndarray, y: np.ndarray) -> bool:
+    """Return whether step ``s`` and gradient change ``y`` give positive curvature worth keeping."""
+    # Relative to y'y: an absolute eps would skip every pair of a badly scaled objective.
+    return float(s @ y) > 1e-12 * float(y @ y)
 
 
 class LBFGS:
@@ -60,20 +84,17 @@ class LBFGS:
             self.Y = self.Y[:0]
             d = self._direction(g0)
             slope = float(g0 @ d)
-        t = 1.0
-        for _ in range(self.spec.max_ls):
-            trial = params + t * d
-            f1, g1 = objective(trial)
-            self.evals += 1
-            if np.isfinite(f1) and f1 <= f0 + self.spec.c1 * t * slope:
-                s, y = trial - params, g1 - g0
-                if float(s @ y) > 1e-12 * float(y @ y):
-                    self.S = np.vstack([self.S, s])[-self.spec.history:]
-                    self.Y = np.vstack([self.Y, y])[-self.spec.history:]
-                params[...] = trial
-                self.f, self.g, self.last_step = f1, g1.copy(), t
-                return f1, True
-            t *= 0.5
+        found, evals = backtrack(params, d, f0, slope, objective, self.spec.max_ls, self.spec.c1)
+        self.evals += evals
+        if found is not None:
+            t, trial, f1, g1 = found
+            s, y = trial - params, g1 - g0
+            if curvature_ok(s, y):
+                self.S = np.vstack([self.S, s])[-self.spec.history:]
+                self.Y = np.vstack([self.Y, y])[-self.spec.history:]
+            params[...] = trial
+            self.f, self.g, self.last_step = f1, g1.copy(), t
+            return f1, True
         # No acceptable step: drop the curvature history and keep the point.
         self.S, self.Y, self.last_step = self.S[:0], self.Y[:0], 0.0
         return f0, False

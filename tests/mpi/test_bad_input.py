@@ -273,7 +273,7 @@ def _nan_labels() -> np.ndarray:
 SPEC_CASES = [
     spec_case("spec-unknown-top-key", put(colour="blue"), "colour", "unknown key", "valid keys:", "optimizer"),
     spec_case("spec-unknown-nested-key", put(optimizer__lrr=0.1), "optimizer.lrr",
-              "valid keys: batch, kind, lbfgs, lr, momentum, schedule"),
+              "valid keys: batch, bfgs, kind, lbfgs, lr, momentum, schedule"),
     spec_case("spec-wrong-type-batch", put(optimizer__batch="big"), "optimizer.batch", "integer", "'big'"),
     spec_case("spec-bool-as-batch", put(optimizer__batch=True), "optimizer.batch", "integer"),
     spec_case("spec-negative-lr", put(optimizer__lr=-0.1), "optimizer.lr", "> 0", "-0.1"),

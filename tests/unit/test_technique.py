@@ -17,11 +17,11 @@ from fleetmpi.sync import N_EXTRAS, Extra, Extras
 
 
 def test_every_registered_name_resolves_to_its_technique() -> None:
-    assert {"sgd", "lbfgs"} <= set(TECHNIQUES)
+    assert {"sgd", "lbfgs", "bfgs"} <= set(TECHNIQUES)
     for name in TECHNIQUES:
         cls = technique_class(name)
         assert issubclass(cls, Technique) and cls.name == name
-    with pytest.raises(ValueError, match="unknown training technique 'trees'; valid: boost, gp, lbfgs, sgd"):
+    with pytest.raises(ValueError, match="unknown training technique 'trees'; valid: bfgs, boost, gp, lbfgs, sgd"):
         technique_class("trees")
 
 
