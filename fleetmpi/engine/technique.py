@@ -48,6 +48,7 @@ class Technique(ABC):
     """One training technique on one rank of a phase; see the module docstring for "collective"."""
 
     name: ClassVar[str]   # the key in TECHNIQUES, the spec's optimizer.kind and checkpoints' "optimizer"
+    solved = False        # set by a technique whose fit is complete (closed_form): the phase ends with "solved"
 
     def __init__(self, run: Trainer) -> None:
         """Build on ``run`` (every rank alike; collective only if it says so); fresh state, not yet loaded."""
@@ -101,6 +102,7 @@ class Technique(ABC):
 TECHNIQUES: dict[str, str] = {
     "sgd": "fleetmpi.engine.gradient:Sgd",
     "lbfgs": "fleetmpi.engine.gradient:Lbfgs",
+    "closed_form": "fleetmpi.engine.closed_form:ClosedForm",
 }
 
 

@@ -146,7 +146,8 @@ class Phase:
             if rec.signal:
                 return self._stopped(t, mon, self.stop_flag["n"])
             budget_done = ((goal.max_steps is not None and t.step >= goal.max_steps)
-                           or (goal.max_epochs is not None and epoch >= goal.max_epochs - 1e-12))
+                           or (goal.max_epochs is not None and epoch >= goal.max_epochs - 1e-12)
+                           or t.technique.solved)
             if t.step % ev == 0 or budget_done:
                 valid = t.evaluate()
                 util = t.utilisation(proc)
@@ -179,6 +180,9 @@ class Phase:
              and metrics.get("valid_accuracy", -1.0) > goal.valid_accuracy_above),
         ]
         hit = [name for name, ok in reached if ok]
+        if t.technique.solved:   # a closed-form fit ends when solved; the budget only bounds it
+            self.goal_reason = "solved"
+            return Decision.GOAL, 0
         if hit or budget_done:
             self.goal_reason = ", ".join(hit) if hit else "budget (max_steps / max_epochs) exhausted"
             return Decision.GOAL, 0
