@@ -60,7 +60,7 @@ class Trainer:
         sp, comm = self.spec, self.comm
         if sp.lags is not None:   # series data: lag windows are the samples
             from fleetmpi.engine.windows import open_windows
-            open_windows(self)
+            open_windows(self, _on_root)
             return
         self.task = task = task_of(sp.model)
         # The pre-flight (fleetmpi.preflight) scanned the files for NaN/inf once; phases do not repeat it.

@@ -19,9 +19,10 @@ ranks at any window, not per series.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -155,15 +156,17 @@ class WindowReader:
         self._f.close()
 
 
-def open_windows(run: Trainer) -> None:
-    """Set ``run``'s data to lag windows: count, width, training reader, this rank's validation windows, order."""
+def open_windows(run: Trainer, on_root: Callable[[Any, Callable[[], Any]], Any]) -> None:
+    """Set ``run``'s data to lag windows: count, width, training reader, this rank's validation windows, order.
+
+    ``on_root(comm, fn)`` runs ``fn`` on rank 0 and broadcasts its result or BadInput (the trainer's).
+    """
     from fleetmpi.engine.data import SampleOrder
-    from fleetmpi.engine.trainer import _on_root
     sp = run.spec
     lags = sp.lags
     assert lags is not None
     path = sp.data_path(sp.data.train)
-    info: SeriesInfo = _on_root(run.comm, lambda: describe_series(path, lags, sp.data.valid_tail, check=False))
+    info: SeriesInfo = on_root(run.comm, lambda: describe_series(path, lags, sp.data.valid_tail, check=False))
     run.task, run.n, run.d, run.classes = "regression", info.n_train, lags, None
     run.reader = WindowReader(info)
     run.valid_xy = None
