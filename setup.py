@@ -32,7 +32,7 @@ setup(
         "gpu-compile": ["numba-cuda", "cuda-bindings>=13,<14", "nvidia-nvvm>=13,<14", "nvidia-cuda-nvrtc>=13,<14",
                         "nvidia-cuda-nvcc>=13,<14"],
         "plot": ["matplotlib>=3.8"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8", "statsmodels"],
     },
     entry_points={"console_scripts": ["fleetmpi=fleetmpi.cli:main"]},
 )

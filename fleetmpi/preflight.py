@@ -11,6 +11,13 @@ def check_inputs(spec: Any) -> None:
     """Check the data files of ``spec`` (a fleetmpi.spec.Spec) so bad data leaves nothing behind."""
     from fleetmpi.engine.data import describe
     from fleetmpi.models import preflight, task_of
+    if spec.lags is not None:   # series data: lag windows of one file, its tail held out
+        from fleetmpi.engine.windows import describe_series
+        series = describe_series(spec.data_path(spec.data.train), spec.lags, spec.data.valid_tail, check=spec.data.check)
+        if spec.optimizer.kind != "closed_form" and spec.optimizer.batch > series.n_train:
+            raise BadInput(f"{spec.data.train}: optimizer.batch {spec.optimizer.batch} exceeds the {series.n_train} "
+                           "training windows")
+        return
     task = task_of(spec.model)
     info = describe(spec.data_path(spec.data.train), task, spec.model.classes, check=spec.data.check)
     preflight(spec.model, spec.sync.kind, info.d, info.classes)   # a user's model class, before a job dir exists

@@ -48,13 +48,39 @@ MAX_EPOCHS = 1e6
 
 
 @dataclass(frozen=True)
+class WindowsSpec:
+    """Train on lag windows of a series file: row t is [y_{t-1} .. y_{t-lags}], its target y_t."""
+
+    lags: int = check(positive, 1)
+
+
+def _tail(v: float | int | None) -> str | None:
+    # A float is a fraction of every series, an int a count of points (0: no validation).
+    if v is None:
+        return None
+    if isinstance(v, float):
+        return None if 0.0 <= v < 1.0 else f"expected a fraction in [0, 1) or a count of points >= 0, got {v!r}"
+    return None if v >= 0 else f"expected a count of points >= 0 or a fraction in [0, 1), got {v!r}"
+
+
+@dataclass(frozen=True)
 class DataSpec:
     train: str
     valid: str | None = None
     block_rows: int = check(positive, 32)
+    # Series data (fleetmpi.engine.windows): the held-out end of every series, and the lag
+    # windows a non-ar model trains on (kind ar takes its lags from model.lags). Before
+    # ``check``, whose field name hides schema.check below it.
+    valid_tail: int | float | None = check(_tail, None)
+    windows: WindowsSpec | None = None
     # One pass over X and y of train and valid at start-up refuses NaN / inf; false skips it
     # for huge files already checked (a NaN then fails training instead).
     check: bool = True
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.valid_tail is not None and self.valid:
+            return "valid_tail", "series data hold out their tail for validation; give valid_tail or valid, not both"
+        return None
 
 
 # Keys a custom model's section keeps for itself; every other key is an option for its class.
@@ -87,8 +113,11 @@ class ModelSpec:
     """
 
     _aliases: ClassVar[dict[str, str]] = {"class": "class_path"}
-    kind: Literal["linear", "logistic", "softmax", "mlp", "gp", "custom", "gbdt", "forest", "tree"]
+    kind: Literal["linear", "logistic", "softmax", "mlp", "ar", "gp", "custom", "gbdt", "forest", "tree"]
     l2: float = check(non_negative, 0.0)           # tree kinds: 1.0 unless given (tree_defaults)
+    lags: int | None = check(lambda v: None if v >= 1 else f"expected lags >= 1 (points before each target), got {v}",
+                             None)                # ar: the autoregression's order p
+    trend: Literal["const", "none"] = "const"     # ar: an intercept, or none
     hidden: tuple[int, ...] = ()
     classes: int | None = check(lambda v: None if 2 <= v <= MAX_CLASSES else
                                 f"expected 2..{MAX_CLASSES} classes, got {v}", None)
@@ -151,6 +180,15 @@ class ModelSpec:
         for key, given in (("class", self.class_path), ("path", self.path), ("options", self.options)):
             if given is not None:
                 return key, f"only kind custom takes {key}; kind is {self.kind!r}"
+        if self.kind == "ar":
+            if self.lags is None:
+                return "lags", "kind ar needs lags: p >= 1, the points before each target it regresses on, e.g. lags: 3"
+            if self.classes is not None:
+                return "classes", "kind ar forecasts values and takes no classes"
+        else:
+            for key, bad in (("lags", self.lags is not None), ("trend", self.trend != "const")):
+                if bad:
+                    return key, f"only kind ar takes {key}; kind is {self.kind!r} (other kinds use data.windows.lags)"
         if self.kind == "mlp":
             if not 1 <= len(self.hidden) <= 2:
                 return "hidden", f"mlp needs 1 or 2 hidden layer sizes, e.g. [64] or [128, 64]; got {list(self.hidden)}"
@@ -186,8 +224,13 @@ class ModelSpec:
         if self.kind != "custom":
             for key in ("path", "options"):
                 d.pop(key)
+            if self.kind != "ar":   # older specs' hashes stay as they were
+                for key in ("lags", "trend"):
+                    d.pop(key)
             return d
         d.pop("hidden")
+        d.pop("lags")
+        d.pop("trend")
         options = d.pop("options") or {}
         return {"kind": d.pop("kind"), "class": cls, **d, **options}
 
@@ -398,7 +441,9 @@ class BfgsSpec:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    kind: Literal["sgd", "lbfgs", "bfgs", "boost"] = "sgd"   # boost: set for tree kinds, which take no optimizer section
+    # boost: set for tree kinds, which take no optimizer section; closed_form: one pass of
+    # exact sufficient statistics and a Cholesky solve (kind ar).
+    kind: Literal["sgd", "lbfgs", "bfgs", "closed_form", "boost"] = "sgd"
     lr: float = check(positive, 0.1)
     momentum: float = check(in_range(0.0, 0.999), 0.0)
     batch: int = check(positive, 256)
@@ -607,6 +652,13 @@ class Spec:
     # Directory that relative data paths are resolved against (set by load, not by YAML).
     _base_dir: str = "."
 
+    @property
+    def lags(self) -> int | None:
+        """Return the lag window length when the data are series windows (model ar or data.windows), else None."""
+        if self.model.kind == "ar":
+            return self.model.lags
+        return self.data.windows.lags if self.data.windows is not None else None
+
     def data_path(self, rel: str) -> Path:
         """Return a data path resolved against the spec file's folder."""
         p = Path(rel).expanduser()
@@ -620,6 +672,9 @@ class Spec:
         d = to_plain(self)
         d.pop("_base_dir", None)
         d["model"] = self.model.plain()
+        for key in ("valid_tail", "windows"):   # absent unless given: older specs' hashes stay as they were
+            if d["data"][key] is None:
+                d["data"].pop(key)
         for r in d["fleet"]["rules"]:
             r["in"] = r.pop("in_phases")
         d["data"]["train"] = str(self.data_path(self.data.train).resolve())
@@ -637,6 +692,23 @@ class Spec:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _check_series(spec: Spec) -> tuple[str, str] | None:
+    """Return (key, problem) where the model, optimizer and series sections disagree."""
+    m, w = spec.model, spec.data.windows
+    if m.kind == "ar" and w is not None and w.lags != m.lags:
+        return "data.windows.lags", f"is {w.lags} but model.lags is {m.lags}; kind ar needs one lag count (drop data.windows)"
+    if w is not None and m.kind not in ("linear", "ar"):
+        return "data.windows", (f"lag windows have real-valued targets; model kind {m.kind!r} classifies "
+                                "(use kind ar, or linear on data.windows)")
+    if spec.optimizer.kind == "closed_form" and m.kind != "ar":
+        return "optimizer.kind", f"closed_form solves kind ar exactly; model kind {m.kind!r} needs sgd or lbfgs"
+    if spec.data.valid_tail is not None and spec.lags is None:
+        return "data.valid_tail", "holds out the end of series data: set model.kind ar or data.windows.lags"
+    if spec.lags is not None and spec.data.valid:
+        return "data.valid", "series data validate on their own tail: use data.valid_tail instead"
+    return None
 
 
 def _check_fleet(spec: Spec) -> tuple[str, str] | None:
@@ -858,7 +930,7 @@ def from_raw(raw: dict[str, Any], source: str, base_dir: Path) -> Spec:
         spec = build(Spec, tree_defaults(fold_model_options(raw)))
     except SchemaError as e:
         raise BadInput(f"{source}: {e}") from None
-    err = _check_fleet(spec) or _check_gp_spec(spec) or _check_tree_spec(raw, spec)
+    err = _check_fleet(spec) or _check_gp_spec(spec) or _check_tree_spec(raw, spec) or _check_series(spec)
     if err:
         raise BadInput(f"{source}: {err[0]}: {err[1]}")
     object.__setattr__(spec, "_base_dir", str(base_dir))

@@ -32,11 +32,15 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     pr.add_argument("model", help="model.h5 written by a finished job")
     pr.add_argument("data", help="HDF5 file with dataset X (float32, n x d)")
     pr.add_argument("--out", required=True, help="output HDF5 file (datasets pred, and proba for classifiers)")
+    pr.add_argument("--horizon", type=int, help="ar model: forecast H steps after the end of each series in DATA "
+                    "(dataset series); writes forecast (H, m)")
     pr.add_argument("--json", action="store_true")
 
     m = sub.add_parser("make-data", help="write a synthetic or bundled dataset as HDF5 (X, y)")
     m.add_argument("--task", choices=["binary", "multiclass", "regression"], default="binary")
-    m.add_argument("--from", dest="source", choices=["synthetic", "digits", "breast_cancer"], default="synthetic")
+    m.add_argument("--from", dest="source", nargs="+", metavar="SOURCE", default=["synthetic"],
+                   help="synthetic | digits | breast_cancer | csv FILE (with --series-columns)")
+    m.add_argument("--series-columns", help="with --from csv FILE: numeric columns a,b written as series (T, m)")
     m.add_argument("--n", type=int, default=10000, help="rows (synthetic)")
     m.add_argument("--d", type=int, default=32, help="features (synthetic)")
     m.add_argument("--classes", type=int, default=4, help="classes (synthetic multiclass)")
@@ -163,7 +167,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from fleetmpi.engine.predict import predict_file
+    from fleetmpi.engine.predict import forecast_file, predict_file
+    if args.horizon is not None:
+        res = forecast_file(Path(args.model), Path(args.data), Path(args.out), args.horizon)
+        if args.json:
+            print(json.dumps(res, indent=1))
+        else:
+            print(f"fleetmpi: wrote {res['horizon']}-step forecasts of {res['series']} series to {res['out']}",
+                  file=sys.stderr)
+        return ExitCode.OK
     res = predict_file(Path(args.model), Path(args.data), Path(args.out))
     if args.json:
         print(json.dumps(res, indent=1))
@@ -175,7 +187,21 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_make_data(args: argparse.Namespace) -> int:
     from fleetmpi.makedata import make_data
     check_folder_path(Path(args.out), "--out")
-    out = make_data(source=args.source, task=args.task, n=args.n, d=args.d, classes=args.classes,
+    source, *rest = args.source
+    if source == "csv" and args.series_columns is not None:
+        from fleetmpi.series import make_series
+        if len(rest) != 1:
+            raise BadInput("--from csv: expected one CSV file, e.g. --from csv data.csv --series-columns a,b")
+        written = make_series(Path(rest[0]), [c.strip() for c in args.series_columns.split(",")], Path(args.out))
+        for path, points in written.items():
+            print(f"fleetmpi: wrote {path} ({points} points per series)", file=sys.stderr)
+        return ExitCode.OK
+    if args.series_columns is not None:
+        raise BadInput(f"--series-columns: only --from csv FILE takes it, not --from {source}")
+    if source not in ("synthetic", "digits", "breast_cancer") or rest:
+        raise BadInput(f"--from {' '.join(args.source)}: expected synthetic, digits, breast_cancer or "
+                       "csv FILE --series-columns a,b")
+    out = make_data(source=source, task=args.task, n=args.n, d=args.d, classes=args.classes,
                     noise=args.noise, valid_fraction=args.valid_fraction, seed=args.seed, out=Path(args.out))
     for path, rows in out.items():
         print(f"fleetmpi: wrote {path} ({rows} rows)", file=sys.stderr)

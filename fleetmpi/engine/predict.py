@@ -50,8 +50,10 @@ def _flat_model(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]
             model = _custom_model(path, meta)
         else:
             hidden = tuple(meta.get("sizes", [])[1:-1]) if meta["kind"] == "mlp" else ()
+            ar = meta["kind"] == "ar"
             mspec = ModelSpec(kind=meta["kind"], l2=float(meta.get("l2", 0.0)), hidden=hidden,
-                              classes=meta.get("classes") if meta["kind"] in ("softmax", "mlp") else None)
+                              classes=meta.get("classes") if meta["kind"] in ("softmax", "mlp") else None,
+                              lags=int(meta["lags"]) if ar else None, trend="none" if ar and meta["trend"] == "none" else "const")
             model = build_model(mspec, int(meta["d"]), meta.get("classes"))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: model metadata is incomplete ({e}); expected a model.h5 written by fleetmpi") from None
@@ -138,3 +140,49 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
 
 def model_d(model: Model | TreeModel) -> int:
     return int(model.meta()["d"])
+
+
+MAX_HORIZON = 10_000_000   # forecasts per series; beyond it the output alone is gigabytes
+
+
+def forecast_file(model_path: Path, data_path: Path, out: Path, horizon: int) -> dict[str, Any]:
+    """Write recursive ``horizon``-step forecasts after the end of every series of ``data_path`` to ``out``.
+
+    Each step predicts y_{T+h} from the p values before it, forecasts standing in for values
+    not yet seen; ``out`` holds ``forecast`` float64 (horizon, m). Computed in float64 from
+    the linear parameters (kind ar, or linear trained on data.windows, whose d is the lags).
+    """
+    from fleetmpi.engine.data import open_h5
+    from fleetmpi.engine.windows import series_dataset
+    model, params, meta = load_model(model_path)
+    if model.kind not in ("ar", "linear"):
+        raise BadInput(f"{model_path}: --horizon forecasts with a lag model (kind ar, or linear on data.windows); "
+                       f"this model is kind {model.kind!r}")
+    if not 1 <= horizon <= MAX_HORIZON:
+        raise BadInput(f"--horizon {horizon}: expected a number of steps in [1, {MAX_HORIZON}]")
+    if out.resolve() in (model_path.resolve(), data_path.resolve()):
+        raise BadInput(f"--out {out}: would overwrite an input file; choose another path")
+    if not out.parent.is_dir():
+        raise BadInput(f"--out {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise BadInput(f"--out {out}: is a folder; give a file name, e.g. {out / 'forecast.h5'}")
+    p = model_d(model)
+    with open_h5(data_path) as f:
+        s = series_dataset(f, data_path)
+        T = s.shape[0]
+        if T < p:
+            raise BadInput(f"{data_path}: series has {T} points but the model needs the last {p} (its lags)")
+        last = np.asarray(s[T - p:], dtype=np.float64).reshape(p, -1)
+    if not np.isfinite(last).all():
+        raise BadInput(f"{data_path}: the last {p} points of a series hold NaN or inf; forecasts need finite values")
+    w, b = params[:p], params[p]
+    m = last.shape[1]
+    hist = np.empty((p + horizon, m))
+    hist[:p] = last
+    for h in range(horizon):
+        # lag 1 is the newest value: rows p+h-1 down to h
+        hist[p + h] = w @ hist[h:p + h][::-1] + b
+    forecast = hist[p:]
+    write_h5_atomic(out, {"forecast": forecast}, {"model": str(model_path), "data": str(data_path),
+                                                  "model_meta": meta, "horizon": horizon}, kind="predictions")
+    return {"out": str(out), "horizon": horizon, "series": m}

@@ -113,6 +113,7 @@ TECHNIQUES: dict[str, str] = {
     "gp": "fleetmpi.engine.gp:Gp",
     "boost": "fleetmpi.engine.trees:Boost",
     "bfgs": "fleetmpi.engine.gradient:Bfgs",
+    "closed_form": "fleetmpi.engine.closed_form:ClosedForm",
 }
 
 # Model kinds that fix their technique (the spec's optimizer section is not theirs).

@@ -58,6 +58,10 @@ class Trainer:
         from fleetmpi.engine.data import RankReader, SampleOrder, contiguous_share, describe
         from fleetmpi.models import task_of
         sp, comm = self.spec, self.comm
+        if sp.lags is not None:   # series data: lag windows are the samples
+            from fleetmpi.engine.windows import open_windows
+            open_windows(self, _on_root)
+            return
         self.task = task = task_of(sp.model)
         # The pre-flight (fleetmpi.preflight) scanned the files for NaN/inf once; phases do not repeat it.
         info = _on_root(comm, lambda: describe(sp.data_path(sp.data.train), task, sp.model.classes, check=False))

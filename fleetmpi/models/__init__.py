@@ -10,7 +10,8 @@ from fleetmpi.models.softmax import SoftmaxRegression
 from fleetmpi.spec import ModelSpec
 
 # The built-in kinds' tasks; ``task_of`` answers for a custom class and the tree kinds too.
-TASKS = {"linear": "regression", "logistic": "binary", "softmax": "multiclass", "mlp": "multiclass"}
+TASKS = {"linear": "regression", "logistic": "binary", "softmax": "multiclass", "mlp": "multiclass",
+         "ar": "regression"}
 # Tree ensembles take their task from the spec (model.task; default binary, multiclass with classes > 2).
 TREE_KINDS = ("gbdt", "forest", "tree")
 
@@ -44,6 +45,9 @@ def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
         return build(spec, d, classes)
     if spec.kind == "linear":
         return LinearRegression(d, spec.l2)
+    if spec.kind == "ar":
+        from fleetmpi.models.ar import AutoRegression
+        return AutoRegression(int(spec.lags or d), spec.trend, spec.l2)
     if spec.kind == "logistic":
         return LogisticRegression(d, spec.l2)
     k = spec.classes or classes

@@ -706,7 +706,44 @@ TREE_CASES = [
          may_change=("job/events.jsonl", "job/state.json", "job/logs/*")),
 ]
 
-CASES = SPEC_CASES + DATA_CASES + CHECKPOINT_CASES + CLI_CASES + TREE_CASES
+
+# Series data (issue 15): lag windows of data/series.h5, 20 points of 2 series.
+
+def _series_run(lags: int, tail: float | int, series: np.ndarray | None = None, **model: Any) -> Setup:
+    def setup(tmp: Path, src: Source) -> list[str]:
+        data = series if series is not None else np.random.default_rng(15).standard_normal((20, 2))
+        write_h5(tmp / "data" / "series.h5", series=data if data.dtype.kind == "i" else data.astype(np.float32))
+        spec = copy.deepcopy(BASE_SPEC)
+        spec["data"] = {"train": "data/series.h5", "valid_tail": tail}
+        spec["model"] = {"kind": "ar", "lags": lags, **model}
+        spec["optimizer"] = {"kind": "closed_form"}
+        write_spec(tmp / "spec.yaml", spec)
+        return RUN
+    return setup
+
+
+def _series_csv(tmp: Path, src: Source) -> list[str]:
+    (tmp / "data" / "prices.csv").write_text("day,a,b\n1,0.5,x1\n2,0.7,0.2\n3,0.1,0.3\n")
+    return ["make-data", "--from", "csv", "data/prices.csv", "--series-columns", "a,b", "--out", "series"]
+
+
+SERIES_CASES = [
+    Case("series-lags-zero", _series_run(0, 0.2), ("spec.yaml", "model.lags", "lags >= 1"), RUN_ABSENT),
+    Case("series-lags-longer-than-series", _series_run(25, 0.2),
+         ("data/series.h5", "lags 25", "longer than the series (20 points)"), RUN_ABSENT),
+    Case("series-tail-leaves-no-window", _series_run(3, 17),
+         ("data/series.h5", "valid_tail 17", "no training window", "at most 16"), RUN_ABSENT),
+    Case("series-tail-fraction-leaves-no-window", _series_run(3, 0.9),
+         ("data/series.h5", "holds out 18 of 20", "no training window"), RUN_ABSENT),
+    Case("series-not-float32", _series_run(2, 0.2, np.random.default_rng(1).integers(0, 9, 20)),
+         ("data/series.h5", "series must be float32", "int64"), RUN_ABSENT),
+    Case("series-csv-non-numeric-column", _series_csv, ("data/prices.csv", "column 'b'", "'x1'", "line 2",
+                                                         "must be numeric"), ("series",)),
+    Case("series-csv-unknown-column", lambda tmp, src: [*_series_csv(tmp, src)[:5], "a,c", "--out", "series"],
+         ("data/prices.csv", "no column 'c'", "'day', 'a', 'b'"), ("series",)),
+]
+
+CASES = SPEC_CASES + DATA_CASES + CHECKPOINT_CASES + CLI_CASES + TREE_CASES + SERIES_CASES
 
 
 def test_case_ids_are_unique() -> None:
