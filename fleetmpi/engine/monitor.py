@@ -227,7 +227,8 @@ def outcome(goal: Any, *, ended_by: str, hit: list[str], metrics: dict[str, Any]
         line = why + (f" before {wanted}" if wanted else "")
         if best_step is not None and "valid_loss" in best:
             line += f"; best valid_loss {_num(best['valid_loss'])} at step {best_step}"
-        line += f", written to {model_name}" if model_step == best_step else f"; model from step {model_step} written to {model_name}"
+        line += (f", written to {model_name}" if model_step == best_step
+                 else f"; model from step {model_step} written to {model_name}")
     return finite_or_none({"target_met": target_met, "outcome": kind, "reason": line, "metrics": final,
                            "best_step": best_step, "best_metrics": best or None, "model_step": model_step,
                            "targets_hit": hit})
