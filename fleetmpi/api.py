@@ -16,7 +16,7 @@ import itertools
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ class Result:
     model: Path
     metrics: dict[str, Any]
     job_dir: Path
+    target_met: bool | None = None   # None: the goal named no target, only a budget
+    outcome: dict[str, Any] = field(default_factory=dict)   # state.json's outcome: outcome, reason, best_step...
 
 
 class Job:
@@ -103,9 +105,14 @@ class Job:
         if status != COMPLETED:
             raise JobFailed(self.id, status, row.last_error)
         res = dict(row.result or {})
-        metrics = {**row.progress, **{k: v for k, v in res.items() if k != "model"}}
-        return Result(model=Path(res.get("model") or JobDir(row.job_dir).model), metrics=metrics,
-                      job_dir=Path(row.job_dir))
+        jd = JobDir(row.job_dir)
+        ended = jd.read_state().get("outcome")
+        ended = ended if isinstance(ended, dict) else {}
+        final: dict[str, Any] = ended["metrics"] if isinstance(ended.get("metrics"), dict) else {}
+        skip = {"model", "metrics", "best_metrics", "targets_hit"}
+        metrics = {**row.progress, **{k: v for k, v in res.items() if k not in skip}, **final}
+        return Result(model=Path(res.get("model") or jd.model), metrics=metrics, job_dir=Path(row.job_dir),
+                      target_met=ended.get("target_met"), outcome=ended)
 
     def cancel(self) -> None:
         """Cancel the job (running ranks checkpoint first)."""

@@ -11,11 +11,12 @@ __all__ = ["BadInput", "CheckpointError", "ExitCode", "FleetError", "TrainingFai
 class ExitCode(IntEnum):
     """Exit code of one training phase, of ``fleetmpi run`` / ``submit --wait``, and of a Slurm chain."""
 
-    OK = 0          # the goal was reached; the model is written
+    OK = 0          # the run ended (target met, or no target required); the model is written
     FAILED = 1      # training failed (NaN, a rank crashed or was killed, a kernel error)
     BAD_INPUT = 2   # bad spec, data, checkpoint or arguments: retrying cannot help
     RESCALE = 3     # the phase checkpointed for a rescale; the launcher starts the next phase
     STOPPED = 4     # stopped by a signal after a checkpoint (preemption, time limit); resume from it
+    TARGET_MISSED = 5   # goal.require_target: the run ended (model written) without meeting its target; final
 
     @classmethod
     def of(cls, rc: int) -> ExitCode | None:
@@ -32,11 +33,12 @@ class ExitCode(IntEnum):
 
 
 _MEANINGS = {
-    ExitCode.OK: "goal reached",
+    ExitCode.OK: "run ended, model written",
     ExitCode.FAILED: "training failed",
     ExitCode.BAD_INPUT: "bad input",
     ExitCode.RESCALE: "rescale to the next phase",
     ExitCode.STOPPED: "stopped by a signal after a checkpoint",
+    ExitCode.TARGET_MISSED: "target not met (goal.require_target)",
 }
 
 _LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")

@@ -494,17 +494,29 @@ class GoalSpec:
     valid_accuracy_above: float | None = check(_accuracy_target, None)
     max_epochs: float | None = check(positive_at_most(MAX_EPOCHS), None)
     max_steps: int | None = check(positive_at_most(MAX_STEPS), None)
+    patience: int | None = check(positive_at_most(MAX_STEPS), None)   # evaluations without a better valid_loss
+    min_delta: float = check(in_range(0.0, 1e6), 0.0)                  # "better": below best - min_delta
+    require_target: bool = False                                       # unmet target: exit 5 (TARGET_MISSED)
 
     def validate(self) -> tuple[str, str] | None:
         if self.max_epochs is None and self.max_steps is None:
             return "max_epochs", "a goal needs a bound: set max_epochs or max_steps (or both)"
+        if self.require_target and not self.has_target:
+            return "require_target", ("require_target needs a target: set loss_below, valid_loss_below "
+                                      "or valid_accuracy_above")
         return None
+
+    @property
+    def has_target(self) -> bool:
+        """Return whether the goal names a metric target (not only a budget)."""
+        return any(v is not None for v in (self.loss_below, self.valid_loss_below, self.valid_accuracy_above))
 
 
 @dataclass(frozen=True)
 class CheckpointSpec:
     every_steps: int = check(positive, 200)
     keep: int = check(positive, 3)
+    keep_best: bool | None = None   # keep the best-valid_loss parameters as model.h5 (None: when data.valid is set)
 
 
 @dataclass(frozen=True)
@@ -685,6 +697,16 @@ class Spec:
     def spec_hash(self) -> str:
         return _hash(self.plain())
 
+    @property
+    def keep_best(self) -> bool:
+        """Return whether the best-valid_loss parameters are kept (checkpoint.keep_best, default: with data.valid)."""
+        return self.has_valid if self.checkpoint.keep_best is None else self.checkpoint.keep_best
+
+    @property
+    def has_valid(self) -> bool:
+        """Return whether the job has validation rows (a valid file, or a series' held-out tail)."""
+        return bool(self.data.valid) or self.data.valid_tail is not None
+
     def model_hash(self) -> str:
         """Hash of the model section, which decides the parameter layout and its meaning."""
         return _hash({"model": self.model.identity()})
@@ -764,6 +786,17 @@ def _check_gp_spec(spec: Spec) -> tuple[str, str] | None:
     for i, rule in enumerate(spec.fleet.rules):
         if rule.then.optimizer is not None:
             return f"fleet.rules[{i}].then.optimizer", "model kind gp has one technique (gp); a rule cannot switch it"
+    return None
+
+
+def _check_goal(spec: Spec) -> tuple[str, str] | None:
+    """Refuse goal/checkpoint settings that judge valid_loss when there is no validation set."""
+    if spec.has_valid:
+        return None
+    if spec.goal.patience is not None:
+        return "goal.patience", "early stopping judges valid_loss: set data.valid, or remove goal.patience"
+    if spec.checkpoint.keep_best:
+        return "checkpoint.keep_best", "keeping the best model judges valid_loss: set data.valid, or set it false"
     return None
 
 
@@ -930,7 +963,8 @@ def from_raw(raw: dict[str, Any], source: str, base_dir: Path) -> Spec:
         spec = build(Spec, tree_defaults(fold_model_options(raw)))
     except SchemaError as e:
         raise BadInput(f"{source}: {e}") from None
-    err = _check_fleet(spec) or _check_gp_spec(spec) or _check_tree_spec(raw, spec) or _check_series(spec)
+    err = (_check_fleet(spec) or _check_gp_spec(spec) or _check_tree_spec(raw, spec) or _check_series(spec)
+           or _check_goal(spec))
     if err:
         raise BadInput(f"{source}: {err[0]}: {err[1]}")
     object.__setattr__(spec, "_base_dir", str(base_dir))

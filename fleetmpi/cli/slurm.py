@@ -64,7 +64,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if state.get("status") == "COMPLETED":
         print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
               file=sys.stderr)
-        rc = ExitCode.OK
+        rc = int((state.get("outcome") or {}).get("exit_code", ExitCode.OK))
     elif chain and end is None and squeue_states([chain[-1]["job_id"]]).get(chain[-1]["job_id"]) in ACTIVE_STATES:
         jid = chain[-1]["job_id"]
         # A submitter that died between sbatch and release left it held: release it now.
@@ -92,10 +92,19 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if args.wait and rc is None:
         rc = backend.follow()
     if args.json:
-        report = status_report(jd)
+        report = _with_outcome(jd, status_report(jd))
         report["exit_code"] = rc
-        print(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=1, allow_nan=False))
     return ExitCode.OK if rc is None else rc
+
+
+def _with_outcome(jd: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """Return ``report`` with the run's outcome from state.json (target_met, final metrics...; None before the end)."""
+    from fleetmpi.cli.train import outcome_fields
+    from fleetmpi.engine.monitor import finite_or_none
+    report.update(outcome_fields(jd.read_state()))
+    report["model"] = str(jd.model) if jd.model.exists() else None
+    return dict(finite_or_none(report))
 
 
 def job_dir_status(job_dir: Path, as_json: bool) -> int:
@@ -106,9 +115,9 @@ def job_dir_status(job_dir: Path, as_json: bool) -> int:
     jd = JobDir(job_dir)
     if not jd.exists():
         raise BadInput(f"{jd.root}: not a fleetmpi job dir (no spec.yaml and state.json)")
-    info = status_report(jd)
+    info = _with_outcome(jd, status_report(jd))
     if as_json:
-        print(json.dumps(info, indent=1))
+        print(json.dumps(info, indent=1, allow_nan=False))
         return ExitCode.OK
     line = f"{jd.root}: {info['status']}, phase {info['phase']}"
     if info.get("reason"):

@@ -77,9 +77,9 @@ def open_job(given: Path, job_dir: str | None, overrides: list[str], verb: str,
         jd = JobDir(given)
         if not jd.exists():
             raise BadInput(f"{given}: not a fleetmpi job dir (no spec.yaml and state.json); pass a spec file")
-        if overrides:
-            raise BadInput(f"{verb} {given}: --set cannot change a job that exists; start a new --job-dir")
         spec = specmod.load(jd.spec)
+        if overrides:
+            spec = raise_budget(jd, spec, overrides, verb)
     else:
         spec = specmod.load(given, overrides)
         jd = JobDir(job_dir or Path("runs") / spec.name)
@@ -99,6 +99,46 @@ def open_job(given: Path, job_dir: str | None, overrides: list[str], verb: str,
     return jd, spec
 
 
+# The --set keys an existing job takes: more budget (or patience) continues it from its newest checkpoint.
+RAISABLE = ("goal.max_epochs", "goal.max_steps", "goal.patience")
+
+
+def raise_budget(jd: Any, old: Any, overrides: list[str], verb: str) -> Any:
+    """Apply ``--set goal.max_epochs=N`` (max_steps, patience) to an existing job; return the new spec.
+
+    Only increases are taken; the spec.yaml is rewritten atomically, a ``budget_raised``
+    event records old and new, and a COMPLETED job goes back to RUNNING so it resumes.
+    """
+    from fleetmpi import spec as specmod
+    from fleetmpi.jobdir import atomic_write_bytes
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in RAISABLE:
+            raise BadInput(f"{verb} {jd.root}: --set {key} cannot change a job that exists (only "
+                           f"{', '.join(RAISABLE)} can be raised); start a new --job-dir")
+    new = specmod.load(jd.spec, overrides)
+    if new.model_hash() != old.model_hash():   # the goal is not part of it; a guard against a changed loader
+        raise BadInput(f"{verb} {jd.root}: --set would change the model; start a new --job-dir")
+    changes: dict[str, Any] = {}
+    for key in RAISABLE:
+        name = key.split(".")[1]
+        before, after = getattr(old.goal, name), getattr(new.goal, name)
+        if before == after:
+            continue
+        if before is not None and (after is None or after < before):
+            raise BadInput(f"{verb} {jd.root}: --set {key}={after} is below the job's {before}; "
+                           f"only a larger value continues a job")
+        changes[name] = {"old": before, "new": after}
+    if not changes:
+        return old
+    atomic_write_bytes(jd.spec, specmod.dump(new).encode())
+    state = jd.read_state()
+    jd.event("budget_raised", status=state.get("status"), **changes)
+    if state.get("status") == "COMPLETED":
+        jd.update_state(status="RUNNING", reason=None, outcome=None)
+    return new
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from fleetmpi.launch.local import LocalBackend, find_mpiexec
     from fleetmpi.preflight import check_inputs
@@ -113,7 +153,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if state.get("status") == "COMPLETED":
         print(f"fleetmpi: {jd.root} already completed ({state.get('reason', 'goal')}); model: {jd.model}",
               file=sys.stderr)
-        rc: int = ExitCode.OK
+        rc: int = int((state.get("outcome") or {}).get("exit_code", ExitCode.OK))
     else:
         phase = state.get("phase")
         if not isinstance(phase, str) or phase not in spec.fleet.phases:
@@ -123,7 +163,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         find_mpiexec(spec)
         rc = LocalBackend(jd, spec).run()
     if args.json:
-        print(json.dumps(_outcome(jd, rc), indent=1))
+        from fleetmpi.engine.monitor import finite_or_none
+        print(json.dumps(finite_or_none(_outcome(jd, rc)), indent=1, allow_nan=False))
     return rc
 
 
@@ -136,12 +177,22 @@ def check_folder_path(path: Path, label: str) -> None:
             return
 
 
+OUTCOME_KEYS = ("target_met", "outcome", "reason", "metrics", "best_step", "best_metrics", "model_step")
+
+
+def outcome_fields(state: dict[str, Any]) -> dict[str, Any]:
+    """Return the run's outcome as state.json holds it (every key of OUTCOME_KEYS; None before the end)."""
+    out = state.get("outcome")
+    out = out if isinstance(out, dict) else {}
+    return {k: out.get(k) for k in OUTCOME_KEYS}
+
+
 def _outcome(jd: Any, rc: int) -> dict[str, Any]:
     state = jd.read_state()
     last_goal = next((e for e in reversed(jd.read_events()) if e["event"] == "goal"), None)
     return {"job_dir": str(jd.root), "exit_code": rc, "status": state.get("status"), "phase": state.get("phase"),
             "phases_run": state.get("phases_run", []), "model": str(jd.model) if jd.model.exists() else None,
-            "goal": last_goal}
+            **outcome_fields(state), "goal": last_goal}
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

@@ -31,6 +31,13 @@ class Monitor:
         self.best_loss = float(carried.get("best_loss", math.inf))
         self.best_step = int(carried.get("best_step", 0))
         self.ema: float | None = carried.get("loss_ema")
+        # Early stopping and keep_best: the best valid_loss so far, its step and metrics, and
+        # the evaluations since (carried in checkpoints, so they survive rescales and resumes).
+        bv = carried.get("best_valid_loss")
+        self.best_valid_loss = float(bv) if isinstance(bv, (int, float)) else math.inf
+        self.best_valid_step: int | None = carried.get("best_valid_step")
+        self.best_valid: dict[str, float] = dict(carried.get("best_valid", {}))
+        self.evals_since_best = int(carried.get("evals_since_best", 0))
         self.job_start = job_start
         self.phase_start = time.time()
         self.phase_start_step: int | None = None
@@ -85,6 +92,17 @@ class Monitor:
         self._win = _Window()
         return metrics
 
+    def judge_valid(self, step: int, min_delta: float) -> bool:
+        """Count this evaluation for early stopping; return whether valid_loss beat the best by > ``min_delta``."""
+        loss = self.valid.get("valid_loss")
+        if loss is not None and math.isfinite(loss) and loss < self.best_valid_loss - min_delta:
+            self.best_valid_loss, self.best_valid_step = float(loss), step
+            self.best_valid = dict(self.valid)
+            self.evals_since_best = 0
+            return True
+        self.evals_since_best += 1
+        return False
+
     def metrics(self) -> dict[str, float]:
         """Return the metric mapping rules and goals are judged on."""
         now = time.time()
@@ -115,6 +133,9 @@ class Monitor:
         """Return the totals a checkpoint carries into the next phase."""
         return {"sync_bytes_total": self.sync_total, "wire_bytes_total": self.wire_total,
                 "best_loss": self.best_loss, "best_step": self.best_step, "loss_ema": self.ema,
+                "best_valid_loss": self.best_valid_loss if math.isfinite(self.best_valid_loss) else None,
+                "best_valid_step": self.best_valid_step, "best_valid": self.best_valid,
+                "evals_since_best": self.evals_since_best,
                 **{k: v for k, v in self.valid.items()}}
 
     # -- display ----------------------------------------------------------------------------
@@ -158,6 +179,64 @@ class Monitor:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+FINAL_METRICS = ("step", "epoch", "loss", "valid_loss", "valid_accuracy")
+TARGETS = (("loss_below", "loss", "<"), ("valid_loss_below", "valid_loss", "<"),
+           ("valid_accuracy_above", "valid_accuracy", ">"))
+
+
+def finite_or_none(value: Any) -> Any:
+    """Return ``value`` with every non-finite float replaced by None (JSON has no NaN), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def outcome(goal: Any, *, ended_by: str, hit: list[str], metrics: dict[str, Any], step: int,
+            budget: str, best_step: int | None, best: dict[str, Any], model_step: int,
+            model_name: str = "model.h5", stop: str = "") -> dict[str, Any]:
+    """Return how a run ended: target_met, outcome, reason line, final and best metrics, model step.
+
+    ``ended_by`` is "target", "budget", "patience", "solved" (a closed-form fit) or "stop rule"; ``hit`` names the targets
+    met; ``budget`` describes the budget ("max_epochs 60"); ``best`` holds the metrics at
+    ``best_step`` (best valid_loss), ``model_step`` the step whose parameters model.h5 holds.
+    The same dict goes into the goal event and state.json; every CLI, API and notification
+    reads these names. Non-finite metrics become None.
+    """
+    final = {k: metrics[k] for k in FINAL_METRICS if k in metrics}
+    targets = [(name, metric, op, getattr(goal, name)) for name, metric, op in TARGETS
+               if getattr(goal, name) is not None]
+    target_met: bool | None = bool(hit) if targets else None
+    if hit:
+        said = "; ".join(f"{metric} {_num(metrics.get(metric))} {op} {_num(value)}"
+                         for name, metric, op, value in targets if name in hit)
+        line = f"target met: {said} at step {step}"
+        kind = "target met"
+    else:
+        kind = {"budget": "budget spent", "patience": "stopped early", "stop rule": "stop rule",
+                "solved": "solved"}[ended_by]
+        why = {"budget": f"budget spent ({budget})", "solved": f"fit solved at step {step}",
+               "patience": (f"stopped early (valid_loss not better by more than {_num(goal.min_delta)} in "
+                            f"{goal.patience} evaluations) at step {step}"),
+               "stop rule": f"{stop or 'a stop rule'} fired at step {step}"}[ended_by]
+        wanted = " or ".join(f"{metric} {op} {_num(value)}" for _, metric, op, value in targets)
+        line = why + (f" before {wanted}" if wanted else "")
+        if best_step is not None and "valid_loss" in best:
+            line += f"; best valid_loss {_num(best['valid_loss'])} at step {best_step}"
+        line += (f", written to {model_name}" if model_step == best_step
+                 else f"; model from step {model_step} written to {model_name}")
+    return finite_or_none({"target_met": target_met, "outcome": kind, "reason": line, "metrics": final,
+                           "best_step": best_step, "best_metrics": best or None, "model_step": model_step,
+                           "targets_hit": hit})
+
+
+def _num(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.4g}"
 
 
 class _Window:

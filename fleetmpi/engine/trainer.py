@@ -14,7 +14,7 @@ import numpy as np
 
 from fleetmpi.engine.gradient import FlatState
 from fleetmpi.engine.technique import MODEL_TECHNIQUES, StepRecord, Technique, technique_class
-from fleetmpi.errors import BadInput
+from fleetmpi.errors import BadInput, CheckpointError
 from fleetmpi.jobdir import JobDir
 from fleetmpi.spec import Spec
 
@@ -40,6 +40,7 @@ class Trainer:
         self.job_start = float(state.get("created", time.time()))
         self.pending: dict[str, Any] | None = state.get("pending_approval")
         self.stop_signal = 0
+        self.checkpointed_step: int | None = None   # the step of this phase's last checkpoint
         self._util_mark = (time.perf_counter(), time.process_time())
         self._shared: dict[str, Any] = {}
         self._techniques: dict[str, Technique] = {}
@@ -185,14 +186,40 @@ class Trainer:
                     "ranks": self.size, "reason": reason, "summary": summary}
             path = checkpoint.save(self.jd.ckpt, self.step, arrays, meta, self.spec.checkpoint.keep)
             self.jd.event("checkpoint", step=self.step, path=str(path), reason=reason)
+        self.checkpointed_step = self.step
         self.comm.Barrier()
 
-    def write_model(self, metrics: dict[str, Any]) -> None:
-        """Write the final model (rank 0)."""
+    def write_model(self, metrics: dict[str, Any], path: Any = None, **extra: Any) -> None:
+        """Write the current model to ``path`` (default: the job's model.h5) with ``extra`` in its meta (rank 0)."""
+        from fleetmpi.engine.monitor import finite_or_none
         meta = {"name": self.spec.name, "step": self.step,
                 "epoch": self.samples_seen / self.n, "spec_hash": self.spec.spec_hash(),
-                "model_hash": self.spec.model_hash(), "metrics": metrics}
-        self.technique.write_model(self.jd.model, meta)
+                "model_hash": self.spec.model_hash(), "metrics": finite_or_none(metrics), **extra}
+        self.technique.write_model(self.jd.model if path is None else path, meta)
+
+    @property
+    def best_path(self) -> Any:
+        """Return the job's best.h5: the parameters of the best valid_loss so far (checkpoint.keep_best)."""
+        return self.jd.root / "best.h5"
+
+    def write_final_model(self, metrics: dict[str, Any], best_step: int | None, use_best: bool) -> int:
+        """Write model.h5: a copy of best.h5 when ``use_best`` and it holds ``best_step``, else the current model.
+
+        Rank 0. Return the step whose parameters model.h5 holds.
+        """
+        from fleetmpi.h5store import read_h5_verified
+        from fleetmpi.jobdir import atomic_write_bytes
+        if use_best and best_step is not None and self.best_path.exists():
+            try:
+                _, meta = read_h5_verified(self.best_path)
+            except (CheckpointError, OSError):   # a damaged best.h5 must not lose the run: write the current model
+                meta = {}
+            if meta.get("step") == best_step:
+                # A byte copy keeps the file's own checksum; its meta says the step it came from.
+                atomic_write_bytes(self.jd.model, self.best_path.read_bytes())
+                return best_step
+        self.write_model(metrics)
+        return self.step
 
 
 def _on_root(comm: Any, fn: Any) -> Any:

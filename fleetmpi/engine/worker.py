@@ -1,8 +1,9 @@
 """The rank main loop: batch -> kernel -> sync -> step -> monitor, one training phase.
 
 Run as ``python -m fleetmpi.engine.worker JOB_DIR`` under mpiexec or srun. Exit codes as in
-docs/architecture.md (``fleetmpi.errors.ExitCode``): 0 goal, 1 failure, 2 bad input, 3
-rescale, 4 stopped by a signal after a checkpoint. Any rank's unexpected exception aborts
+docs/architecture.md (``fleetmpi.errors.ExitCode``): 0 ended with the model written, 1 failure,
+2 bad input, 3 rescale, 4 stopped by a signal after a checkpoint, 5 target not met under
+``goal.require_target`` (the model is written all the same). Any rank's unexpected exception aborts
 the whole world with rank/size@host. A step is the technique's
 (``fleetmpi.engine.technique``): this loop knows none of them by name.
 """
@@ -67,6 +68,8 @@ class Phase:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.goal_reason = "goal"   # set by _decide on rank 0
         self.solved = False         # the last step's technique reported its fit solved
+        self.ended_by = "budget"    # target | budget | patience | stop rule (rank 0)
+        self.hit: list[str] = []    # the targets met (rank 0)
 
     def run(self) -> int:
         """Start the phase on every rank, then train until a decision ends it; return the exit code."""
@@ -156,7 +159,7 @@ class Phase:
                 util = t.utilisation(proc)
                 if mon is not None:
                     metrics = mon.evaluated(valid, util)
-                    decision[:] = self._decide(t, metrics, budget_done)
+                    decision[:] = self._decide(t, metrics, budget_done, mon)
                 comm.Bcast(decision, root=0)
                 code, arg = Decision(int(decision[0])), int(decision[1])
                 if code == Decision.GOAL:
@@ -171,8 +174,15 @@ class Phase:
             if t.step % sp.checkpoint.every_steps == 0:
                 t.checkpoint("schedule", mon.summary() if mon else {})
 
-    def _decide(self, t: Trainer, metrics: dict[str, float], budget_done: bool) -> tuple[Decision, int]:
-        """Judge goal, approvals and rules on rank 0; return (decision, argument)."""
+    def _judge_best(self, t: Trainer, mon: Any, metrics: dict[str, float]) -> None:
+        """Count the evaluation for patience; on a better valid_loss write best.h5 (keep_best, rank 0)."""
+        if mon.judge_valid(t.step, t.spec.goal.min_delta) and t.spec.keep_best:
+            t.write_model(metrics, t.best_path, best=True)
+            self.jd.event("best", step=t.step, valid_loss=metrics.get("valid_loss"), path=str(t.best_path))
+
+    def _decide(self, t: Trainer, metrics: dict[str, float], budget_done: bool,
+                mon: Any = None) -> tuple[Decision, int]:
+        """Judge goal, early stopping, approvals and rules on rank 0; return (decision, argument)."""
         sp, jd = t.spec, self.jd
         goal = sp.goal
         reached = [
@@ -183,9 +193,14 @@ class Phase:
              and metrics.get("valid_accuracy", -1.0) > goal.valid_accuracy_above),
         ]
         hit = [name for name, ok in reached if ok]
-        if hit or budget_done:
-            self.goal_reason = (", ".join(hit) if hit else "solved" if self.solved
-                                else "budget (max_steps / max_epochs) exhausted")
+        if "valid_loss" in metrics and mon is not None:
+            self._judge_best(t, mon, metrics)
+        patience_out = goal.patience is not None and mon is not None and mon.evals_since_best >= goal.patience
+        if hit or patience_out or budget_done:
+            self.hit = hit
+            self.ended_by = ("target" if hit else "patience" if patience_out else "solved" if self.solved
+                             else "budget")
+            self.goal_reason = ", ".join(hit) if hit else self.ended_by
             return Decision.GOAL, 0
         phases = list(sp.fleet.phases)
         if t.pending is not None:
@@ -219,21 +234,36 @@ class Phase:
                 jd.event("optimizer_switch", step=t.step, **{"from": t.optimizer, "to": act.optimizer})
                 return Decision.SWITCH, list(TECHNIQUES).index(act.optimizer)
             self.goal_reason = f"stop rule {i}: {rule.when}"
+            self.ended_by, self.hit = "stop rule", []
             return Decision.STOP, 0
         return Decision.CONTINUE, 0
 
     def _goal(self, t: Trainer, mon: Any) -> int:
+        """End the run: checkpoint (so a raised budget can continue), write model.h5, say the outcome (collective)."""
+        if t.checkpointed_step != t.step:
+            t.checkpoint("end", mon.summary() if mon else {})
+        code = ExitCode.OK
         if self.rank == 0:
-            reason = self.goal_reason
+            from fleetmpi.engine.monitor import outcome
+            sp = t.spec
             metrics = mon.metrics()
-            t.write_model(metrics)
-            self.jd.event("goal", step=t.step, epoch=t.samples_seen / t.n, reason=reason,
-                          loss=metrics.get("loss"), valid_loss=metrics.get("valid_loss"), model=str(self.jd.model))
-            self.jd.update_state(status="COMPLETED", reason=reason, pending_approval=None)
-            mon.say(f"fleetmpi: goal reached at step {t.step} ({reason}); model written to {self.jd.model}")
+            use_best = sp.keep_best and not self.hit
+            model_step = t.write_final_model(metrics, mon.best_valid_step, use_best)
+            budget = ", ".join(f"{k} {_fmt(v)}" for k, v in (("max_steps", sp.goal.max_steps),
+                                                            ("max_epochs", sp.goal.max_epochs)) if v is not None)
+            out = outcome(sp.goal, ended_by=self.ended_by, hit=self.hit, metrics=metrics, step=t.step,
+                          budget=budget, best_step=mon.best_valid_step, best=mon.best_valid, model_step=model_step,
+                          model_name=self.jd.model.name, stop=self.goal_reason if self.ended_by == "stop rule" else "")
+            if sp.goal.require_target and out["target_met"] is False:
+                code = ExitCode.TARGET_MISSED
+            out["exit_code"] = int(code)
+            self.jd.event("goal", step=t.step, epoch=t.samples_seen / t.n, model=str(self.jd.model),
+                          loss=out["metrics"].get("loss"), valid_loss=out["metrics"].get("valid_loss"), **out)
+            self.jd.update_state(status="COMPLETED", reason=out["reason"], outcome=out, pending_approval=None)
+            mon.say(f"fleetmpi: {out['reason']}" + (f"; model written to {self.jd.model}" if self.hit
+                                                     else f" ({self.jd.model})"))
             mon.close()
-        self.comm.Barrier()
-        return ExitCode.OK
+        return int(self.comm.bcast(int(code), root=0))
 
     def _rescale(self, t: Trainer, mon: Any, target: str) -> int:
         t.checkpoint(f"rescale to {target}", mon.summary() if mon else {})
@@ -261,6 +291,10 @@ class Phase:
             mon.close()
         self.comm.Barrier()
         return ExitCode.STOPPED
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
 
 
 def _idle_nodes(sp: Any) -> Callable[[], dict[str, float]] | None:

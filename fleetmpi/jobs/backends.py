@@ -389,8 +389,8 @@ def _chain_end(end: dict[str, Any], last: dict[str, Any]) -> AllocState:
     apart, so ranks killed under Slurm are retried like killed ranks on this machine.
     """
     status, code, reason = str(end.get("status")), end.get("exit_code"), str(end.get("reason") or "")
-    if status == "COMPLETED":
-        return AllocState("COMPLETED", int(ExitCode.OK))
+    if status == "COMPLETED":   # exit 5 (target missed) stays 5: the manager ends the job on it, unretried
+        return AllocState("COMPLETED", int(code) if isinstance(code, int) else int(ExitCode.OK), reason)
     if status == "STOPPED":  # the chain's own resubmissions after stops reached their cap
         return AllocState("CHAIN_STOPPED", code, reason)
     if status == "CANCELLED":  # TERM to the batch shell: scancel, or Slurm ending the job

@@ -117,6 +117,15 @@ class ManagerConfig:
         return cfg
 
 
+def _run_outcome(jd: JobDir) -> dict[str, Any] | None:
+    """Return the outcome the run wrote to state.json when it ended (target_met, metrics...), else None."""
+    try:
+        out = jd.read_state().get("outcome")
+    except FleetError:
+        return None
+    return out if isinstance(out, dict) else None
+
+
 def classify(st: AllocState, has_checkpoint: bool) -> tuple[Outcome, str]:
     """Return (outcome, reason) for an allocation that ended; outcomes as in the module doc."""
     code, detail = st.exit_code, f": {st.detail}" if st.detail else ""
@@ -137,6 +146,8 @@ def classify(st: AllocState, has_checkpoint: bool) -> tuple[Outcome, str]:
     known = ExitCode.of(code)
     if known is ExitCode.OK:
         return Outcome.DONE, "goal reached"
+    if known is ExitCode.TARGET_MISSED:   # the run ended as asked; retrying would repeat it
+        return Outcome.FAIL, f"target not met (goal.require_target){detail}"
     if known is ExitCode.RESCALE:
         return Outcome.CONTINUATION, "rescale: continuing in the next phase"
     if known is ExitCode.STOPPED:
@@ -254,6 +265,12 @@ class Manager:
         outcome, reason = classify(st, any(jd.ckpt.glob("step-*.h5")))
         progress = progress_fields(last_metrics(jd.metrics)) or job.progress
         values: dict[str, Any] = {"progress": progress}
+        ended = _run_outcome(jd)
+        if ended is not None and outcome in (Outcome.DONE, Outcome.FAIL):
+            # The run's own outcome (target_met, final metrics) is the job's result, and its line the reason.
+            values["result"] = {**(job.result or {}), **ended, "model": str(jd.model)}
+            if ExitCode.of(st.exit_code or 0) is ExitCode.TARGET_MISSED:
+                reason = str(ended.get("reason") or reason)
         now = time.time()
         to: str | None
         why: str | None
@@ -331,7 +348,9 @@ class Manager:
             job = self.ledger.get(note.job_id)
             payload = {"job": job.id, "name": job.name, "status": note.status, "reason": note.reason or "",
                        "event": note.on_event, "job_dir": job.job_dir, "phase": job.phase, "attempts": job.attempts,
-                       "result": job.result, "t": now}
+                       "result": job.result, "t": now,
+                       "target_met": (job.result or {}).get("target_met"),
+                       "outcome": (job.result or {}).get("outcome")}
             try:
                 notify.deliver(note.kind, note.target, payload)
             except notify.NotifyError as e:

@@ -5,7 +5,7 @@ recording deliveries is the manager's and the ledger's job, and a failing notifi
 changes a job's outcome.
 
 Command templates are split with ``shlex.split`` first and the placeholders ``{job}`` (the
-ledger id), ``{name}``, ``{status}``, ``{reason}`` and ``{job_dir}`` are then filled into
+ledger id), ``{name}``, ``{status}``, ``{reason}``, ``{job_dir}``, ``{target_met}`` and ``{outcome}`` are filled into
 each argument, so a reason full of quotes or semicolons stays one argument and no shell
 ever reads it. SMTP settings come from ``$FLEETMPI_SMTP_HOST`` (default localhost),
 ``$FLEETMPI_SMTP_PORT`` (25) and ``$FLEETMPI_SMTP_FROM`` (fleetmpi@HOST).
@@ -26,7 +26,7 @@ from typing import Any
 
 from fleetmpi.errors import FleetError, one_line
 
-PLACEHOLDERS = ("job", "name", "status", "reason", "job_dir")
+PLACEHOLDERS = ("job", "name", "status", "reason", "job_dir", "target_met", "outcome")
 COMMAND_TIMEOUT_S = 60.0
 NET_TIMEOUT_S = 10.0
 

@@ -47,7 +47,7 @@ def test_quickstart_rescales_twice_reaches_goal_and_predicts(tmp_path: Path) -> 
     starts = [(e["phase"], e["ranks"]) for e in ev if e["event"] == "phase_start"]
     assert starts == [("small", 2), ("wide", 3), ("single", 1)]
     goal = [e for e in ev if e["event"] == "goal"]
-    assert len(goal) == 1 and goal[0]["reason"] == "valid_loss_below" and goal[0]["valid_loss"] < 0.15
+    assert len(goal) == 1 and goal[0]["targets_hit"] == ["valid_loss_below"] and goal[0]["valid_loss"] < 0.15
 
     # predict agrees with the final model evaluated by the numpy reference
     pred = tmp_path / "pred.h5"

@@ -22,6 +22,8 @@ CASES = [
     ((3, "TERM", False, None), PhaseExit(Action.CANCEL, cancelled=True)),
     ((3, "USR2", False, None), PhaseExit(Action.RESCALE)),
     ((4, "", False, None), PhaseExit(Action.RESUBMIT, stopped=True)),
+    ((5, "", True, None), PhaseExit(Action.MISSED)),                 # target missed (require_target): final
+    ((5, "", True, "NODE_FAIL"), PhaseExit(Action.MISSED)),          # the run's end outranks a late node failure
     ((4, "USR2", False, None), PhaseExit(Action.RESUBMIT, stopped=True)),
     ((4, "TERM", False, None), PhaseExit(Action.CANCEL, cancelled=True)),
     ((4, "", False, "PREEMPTED"), PhaseExit(Action.LOST)),

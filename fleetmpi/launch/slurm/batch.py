@@ -94,6 +94,7 @@ class Action(Enum):
 
     LOST = "lost"            # Slurm ended the allocation as lost: record it, end and submit nothing
     COMPLETE = "complete"    # the goal was reached: end the chain COMPLETED
+    MISSED = "missed"        # exit 5: ended, model written, target not met under require_target: final, exit 5
     FAIL = "fail"            # the phase failed (exit 1 or 2): end the chain FAILED
     CANCEL = "cancel"        # TERM reached the batch shell: end the chain CANCELLED
     RESCALE = "rescale"      # exit 3: submit the phase the job moved to
@@ -116,7 +117,8 @@ def classify_exit(rc: int, stop_signal: str, goal_reached: bool, lost: str | Non
 
     ``lost`` is Slurm's state of the job when Slurm ended it as lost (NODE_FAIL...), else None.
     """
-    if lost and not (rc == ExitCode.OK and goal_reached):
+    ended = rc in (ExitCode.OK, ExitCode.TARGET_MISSED) and goal_reached
+    if lost and not ended:
         return PhaseExit(Action.LOST)
     # TERM to the batch shell means Slurm is ending the job (scancel, preemption by
     # cancellation, node shutdown); it kills what is left after KillWait. A person or a
@@ -128,6 +130,8 @@ def classify_exit(rc: int, stop_signal: str, goal_reached: bool, lost: str | Non
         rc == ExitCode.STOPPED or (bool(stop_signal) and rc not in set(ExitCode) - {ExitCode.STOPPED}))
     if rc == ExitCode.OK and goal_reached:
         action = Action.COMPLETE
+    elif rc == ExitCode.TARGET_MISSED and goal_reached:
+        action = Action.MISSED   # final like a failure: neither resubmitted nor retried
     elif rc in (ExitCode.FAILED, ExitCode.BAD_INPUT):
         action = Action.FAIL
     elif cancelled:
@@ -153,7 +157,7 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     goal_reached = jd.read_state().get("status") == "COMPLETED"
     # srun exits 0 when its node fails, and a node set DOWN (by an admin or a health check)
     # keeps running this script until KillWait is over: ask Slurm before believing rc.
-    lost = None if rc == ExitCode.OK and goal_reached else _lost_state(job_id)
+    lost = None if rc in (ExitCode.OK, ExitCode.TARGET_MISSED) and goal_reached else _lost_state(job_id)
     verdict = classify_exit(rc, stop_signal, goal_reached, lost)
     if verdict.action is Action.LOST:
         return _lost(jd, job_id, restart, phase, rc, stop_signal, str(lost))
@@ -174,6 +178,8 @@ def _act(jd: JobDir, spec: Spec, phase: str, job_id: str, restart: int, rc: int,
     backend = SlurmBackend(jd, spec)
     if action is Action.COMPLETE:
         return _end(jd, ExitCode.OK, "COMPLETED", str(state.get("reason") or "goal"))
+    if action is Action.MISSED:
+        return _end(jd, ExitCode.TARGET_MISSED, "COMPLETED", str(state.get("reason") or "target not met"))
     if action is Action.FAIL:
         return _end(jd, rc, "FAILED", f"phase {phase}: {ExitCode(rc).meaning}; see {chain_mod.log_path(jd, job_id)}")
     if action is Action.CANCEL:
