@@ -199,6 +199,7 @@ class TreeLearner:
         self.hist_bytes = 0            # int64 bytes this rank put into reduce() so far
         self._n_global: int | None = None
         self._bufs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._hbufs = [np.empty((0, int(self.foff[-1]), 2), np.int64) for _ in range(3)]
         self._arange = np.empty(0, np.int32)
         self._mask = np.ones((1, self.foff.size - 1), np.bool_)
         self._mask_key: tuple[int, int] | None = None
@@ -291,6 +292,17 @@ class TreeLearner:
         order[:] = self._arange
         return order, tmp, gh
 
+    def _hist_buffer(self, slot: int, k: int) -> np.ndarray:
+        """Return reusable histogram buffer slot (0 built, 1 and 2 levels) with at least k nodes.
+
+        Fresh multi-MiB arrays would be page-faulted in on every level; reused ones stay mapped.
+        """
+        buf = self._hbufs[slot]
+        if buf.shape[0] < k:
+            buf = np.empty((max(k, 2 * buf.shape[0]), int(self.foff[-1]), 2), np.int64)
+            self._hbufs[slot] = buf
+        return buf
+
     def _grow(self, codes: np.ndarray, g: np.ndarray, h: np.ndarray, r: int, c: int, lr: float
               ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Return one tree's node arrays and (order, leaf starts, counts, values) for the pred update."""
@@ -310,18 +322,25 @@ class TreeLearner:
         gs = hist[:, foff[0]:foff[1], 0].sum(axis=1)
         hs = hist[:, foff[0]:foff[1], 1].sum(axis=1)
         level: tuple[np.ndarray, ...] = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.full(1, n, np.int64), gs, hs)
-        size = 2 ** (p.depth + 1) - 1
-        tree_arrays = tuple(np.full(size, -1, np.int32) for _ in range(4))
+        size = 2 ** (min(p.depth, 6) + 1) - 1         # grown below for deeper trees
+        tree_arrays: tuple[np.ndarray, ...] = tuple(np.full(size, -1, np.int32) for _ in range(4))
         leaves = np.empty((size, 5), np.int64)          # node, start, count, gq sum, hq sum
         nodes, nleaves = 1, 0
         for depth in range(p.depth):
             last = depth == p.depth - 1
+            k = level[0].size
+            if nodes + 2 * k > tree_arrays[0].size:
+                grow = max(nodes + 2 * k, 2 * tree_arrays[0].size) - tree_arrays[0].size
+                tree_arrays = tuple(np.concatenate([a, np.full(grow, -1, np.int32)]) for a in tree_arrays)
+                leaves = np.concatenate([leaves, np.empty((grow, 5), np.int64)])
+            built_buf = self._hist_buffer(0, 0 if last else k)
             level, parent, small, built, nodes, nleaves = K.grow_level(
                 codes, gh, order, tmp, hist, level, foff, self._colmask(r, c, level[0]), inv_g, inv_h, p.l2,
-                p.min_child_weight, not last, tree_arrays, nodes, leaves, nleaves)
+                p.min_child_weight, not last, tree_arrays, nodes, leaves, nleaves, built_buf)
             if not level[0].size or last:
                 break
-            hist = K.children_histograms(hist, self._reduce_hist(built), parent, small)
+            out = self._hist_buffer(1 + depth % 2, level[0].size)
+            hist = K.children_histograms(hist, self._reduce_hist(built), parent, small, out)
         k = level[0].size
         leaves[nleaves:nleaves + k] = np.stack(level, axis=1)
         seg = leaves[:nleaves + k]
