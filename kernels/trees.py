@@ -315,7 +315,9 @@ def _best_one(hist: np.ndarray, gsum: np.int64, hsum: np.int64, foff: np.ndarray
             hl += dh
             HL = hl * inv_h
             HR = (hsum - hl) * inv_h
-            if HL < mcw or HR < mcw:
+            if HR < mcw:
+                break                  # hessians are >= 0: HR only shrinks from here on
+            if HL < mcw:
                 continue
             GL = gl * inv_g
             GR = (gsum - gl) * inv_g
@@ -346,7 +348,8 @@ def best_splits(hist: np.ndarray, gsum: np.ndarray, hsum: np.ndarray, foff: np.n
 
     A split sends codes <= threshold bin left; its gain is GL^2/(HL+l2) + GR^2/(HR+l2) -
     G^2/(H+l2) with both children's hessian at least min_child_weight; only a positive
-    gain splits, and equal gains go to the lowest (feature, bin).
+    gain splits, and equal gains go to the lowest (feature, bin). Hessian sums must be
+    non-negative (the scan of a feature stops where the right child's falls short).
     """
     k = hist.shape[0]
     feat = np.empty(k, np.int32)
