@@ -23,7 +23,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from kernels.exact import fixed_scale
 
@@ -32,20 +35,46 @@ __all__ = [
     "best_splits",
     "bin_rows",
     "build_histograms",
+    "build_root",
+    "children_histograms",
     "cut_points",
     "feature_offsets",
     "fixed_scale",
     "grad_logistic",
     "grad_softmax",
     "grad_squared",
+    "grow_level",
     "leaf_values",
+    "pair",
     "partition",
     "predict_raw",
     "quantize",
+    "quantize_pair",
     "warmup",
 ]
 
 MAX_BINS = 256          # codes are uint8
+PREFETCH_ROWS = 16      # rows ahead whose codes and g/h are requested while this row is summed
+
+
+@intrinsic
+def _prefetch(typingctx: object, arr: types.Array, offset: types.Integer) -> tuple[object, object] | None:
+    """Ask the CPU to load the cache line at byte offset of arr's data (a hint: never faults, no result)."""
+    if not isinstance(arr, types.Array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context: object, builder: ir.IRBuilder, signature: object, args: tuple[object, ...]) -> object:
+        ary = context.make_array(signature.args[0])(context, builder, args[0])  # type: ignore[attr-defined]
+        base = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
+        off = context.cast(builder, args[1], signature.args[1], types.intp)  # type: ignore[attr-defined]
+        ptr = builder.gep(base, [off])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep, data
+        return context.get_dummy_value()  # type: ignore[attr-defined]
+
+    return types.void(arr, offset), codegen
 
 
 # --------------------------------------------------------------------------- bins
@@ -207,68 +236,109 @@ def quantize(v: np.ndarray, scale: float) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _build(codes: np.ndarray, gq: np.ndarray, hq: np.ndarray, order: np.ndarray, starts: np.ndarray,
-           counts: np.ndarray, foff: np.ndarray, out: np.ndarray) -> None:
-    d = codes.shape[1]
+def _add_row(hist: np.ndarray, row: np.ndarray, foff: np.ndarray, g: np.int64, h: np.int64) -> None:
+    # One row into a flat [bin][g, h] histogram: both sums of a bin share a cache line.
+    for f in range(row.shape[0]):
+        b = 2 * (foff[f] + np.int64(row[f]))
+        hist[b] += g
+        hist[b + 1] += h
+
+
+@njit(cache=True, nogil=True)
+def _build_gh(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+              foff: np.ndarray, out: np.ndarray) -> None:
     for j in range(starts.shape[0]):
-        hist = out[j]
+        hist = out[j].reshape(-1)
         for p in range(starts[j], starts[j] + counts[j]):
             i = order[p]
-            g = gq[i]
-            h = hq[i]
-            row = codes[i]
-            for f in range(d):
-                b = foff[f] + row[f]
-                hist[b, 0] += g
-                hist[b, 1] += h
+            _add_row(hist, codes[i], foff, gh[i, 0], gh[i, 1])
+
+
+@njit(cache=True, nogil=True)
+def _build_all(codes: np.ndarray, gh: np.ndarray, foff: np.ndarray, out: np.ndarray) -> None:
+    hist = out.reshape(-1)
+    for i in range(codes.shape[0]):
+        _add_row(hist, codes[i], foff, gh[i, 0], gh[i, 1])
+
+
+def pair(gq: np.ndarray, hq: np.ndarray) -> np.ndarray:
+    """Return (n, 2) int64 rows (gq, hq) interleaved, the layout the histogram kernels read."""
+    gh = np.empty((gq.shape[0], 2), np.int64)
+    gh[:, 0] = gq
+    gh[:, 1] = hq
+    return gh
+
+
+def quantize_pair(g: np.ndarray, h: np.ndarray, sg: float, sh: float, out: np.ndarray) -> np.ndarray:
+    """Fill out (n, 2) int64 with (quantize(g, sg), quantize(h, sh)) per row; return it."""
+    out[:, 0] = quantize(g, sg)
+    out[:, 1] = quantize(h, sh)
+    return out
 
 
 def build_histograms(codes: np.ndarray, gq: np.ndarray, hq: np.ndarray, order: np.ndarray,
                      starts: np.ndarray, counts: np.ndarray, foff: np.ndarray) -> np.ndarray:
     """Return (len(starts), total bins, 2) int64 sums of (gq, hq) over each order segment's rows."""
     out = np.zeros((starts.shape[0], int(foff[-1]), 2), dtype=np.int64)
-    _build(codes, gq, hq, order, starts, counts, foff, out)
+    _build_gh(codes, pair(gq, hq), order, starts, counts, foff, out)
     return out
+
+
+def build_root(codes: np.ndarray, gh: np.ndarray, foff: np.ndarray) -> np.ndarray:
+    """Return the (1, total bins, 2) int64 histogram of every row of codes with gh (n, 2) sums."""
+    out = np.zeros((1, int(foff[-1]), 2), dtype=np.int64)
+    _build_all(codes, gh, foff, out)
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _best_one(hist: np.ndarray, gsum: np.int64, hsum: np.int64, foff: np.ndarray, cm: np.ndarray, inv_g: float,
+              inv_h: float, l2: float, mcw: float) -> tuple[int, int, float, int, int]:
+    G = gsum * inv_g
+    H = hsum * inv_h
+    parent = G * G / (H + l2)
+    best = 0.0
+    bf, bt, bl, bh = -1, -1, 0, 0
+    for f in range(foff.shape[0] - 1):
+        if not cm[f]:
+            continue
+        gl = 0
+        hl = 0
+        for b in range(foff[f], foff[f + 1] - 1):
+            dg = hist[b, 0]
+            dh = hist[b, 1]
+            # An empty bin repeats the previous cut's sums, hence its gain: it never wins
+            # (strict >), and skipping it leaves every result bit unchanged.
+            if dg == 0 and dh == 0:
+                continue
+            gl += dg
+            hl += dh
+            HL = hl * inv_h
+            HR = (hsum - hl) * inv_h
+            if HR < mcw:
+                break                  # hessians are >= 0: HR only shrinks from here on
+            if HL < mcw:
+                continue
+            GL = gl * inv_g
+            GR = (gsum - gl) * inv_g
+            s = GL * GL / (HL + l2) + GR * GR / (HR + l2) - parent
+            if s > best:
+                best = s
+                bf = f
+                bt = b - foff[f]
+                bl = gl
+                bh = hl
+    return bf, bt, best, bl, bh
 
 
 @njit(cache=True, nogil=True)
 def _best_splits(hist: np.ndarray, gsum: np.ndarray, hsum: np.ndarray, foff: np.ndarray, colmask: np.ndarray,
                  inv_g: float, inv_h: float, l2: float, mcw: float, feat: np.ndarray, thr: np.ndarray,
                  gain: np.ndarray, lg: np.ndarray, lh: np.ndarray) -> None:
-    k = hist.shape[0]
-    d = foff.shape[0] - 1
-    for j in range(k):
-        G = gsum[j] * inv_g
-        H = hsum[j] * inv_h
-        parent = G * G / (H + l2)
-        best = 0.0
-        feat[j] = -1
-        thr[j] = -1
-        gain[j] = 0.0
-        lg[j] = 0
-        lh[j] = 0
-        for f in range(d):
-            if not colmask[j, f]:
-                continue
-            gl = 0
-            hl = 0
-            for b in range(foff[f], foff[f + 1] - 1):
-                gl += hist[j, b, 0]
-                hl += hist[j, b, 1]
-                HL = hl * inv_h
-                HR = (hsum[j] - hl) * inv_h
-                if HL < mcw or HR < mcw:
-                    continue
-                GL = gl * inv_g
-                GR = (gsum[j] - gl) * inv_g
-                s = GL * GL / (HL + l2) + GR * GR / (HR + l2) - parent
-                if s > best:
-                    best = s
-                    feat[j] = f
-                    thr[j] = b - foff[f]
-                    gain[j] = s
-                    lg[j] = gl
-                    lh[j] = hl
+    for j in range(hist.shape[0]):
+        cm = colmask[j if colmask.shape[0] > 1 else 0]
+        feat[j], thr[j], gain[j], lg[j], lh[j] = _best_one(hist[j], gsum[j], hsum[j], foff, cm, inv_g, inv_h, l2,
+                                                           mcw)
 
 
 def best_splits(hist: np.ndarray, gsum: np.ndarray, hsum: np.ndarray, foff: np.ndarray, colmask: np.ndarray,
@@ -278,7 +348,8 @@ def best_splits(hist: np.ndarray, gsum: np.ndarray, hsum: np.ndarray, foff: np.n
 
     A split sends codes <= threshold bin left; its gain is GL^2/(HL+l2) + GR^2/(HR+l2) -
     G^2/(H+l2) with both children's hessian at least min_child_weight; only a positive
-    gain splits, and equal gains go to the lowest (feature, bin).
+    gain splits, and equal gains go to the lowest (feature, bin). Hessian sums must be
+    non-negative (the scan of a feature stops where the right child's falls short).
     """
     k = hist.shape[0]
     feat = np.empty(k, np.int32)
@@ -323,6 +394,168 @@ def partition(codes: np.ndarray, order: np.ndarray, starts: np.ndarray, counts: 
     tmp = np.empty(int(counts.max()) if counts.size else 0, order.dtype)
     _partition(codes, order, starts, counts, feat, thr, nleft, tmp)
     return nleft
+
+
+@njit(cache=True, nogil=True)
+def _grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.ndarray, hist: np.ndarray,
+                ids: np.ndarray, starts: np.ndarray, counts: np.ndarray, gs: np.ndarray, hs: np.ndarray,
+                foff: np.ndarray, colmask: np.ndarray, inv_g: float, inv_h: float, l2: float, mcw: float,
+                build: bool, feature: np.ndarray, tbin: np.ndarray, left: np.ndarray, right: np.ndarray,
+                gain_out: np.ndarray, nodes: int, leaves: np.ndarray, nleaves: int, built_buf: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                           np.ndarray, int, int]:
+    k = ids.shape[0]
+    d = codes.shape[1]
+    feat = np.empty(k, np.int64)
+    thr = np.empty(k, np.int64)
+    lg = np.empty(k, np.int64)
+    lh = np.empty(k, np.int64)
+    gsplit = np.empty(k, np.float64)
+    nsplit = 0
+    for j in range(k):
+        cm = colmask[j if colmask.shape[0] > 1 else 0]
+        feat[j], thr[j], gsplit[j], lg[j], lh[j] = _best_one(hist[j], gs[j], hs[j], foff, cm, inv_g, inv_h, l2, mcw)
+        if feat[j] >= 0:
+            nsplit += 1
+    c_ids = np.empty(2 * nsplit, np.int64)
+    c_starts = np.empty(2 * nsplit, np.int64)
+    c_counts = np.empty(2 * nsplit, np.int64)
+    c_gs = np.empty(2 * nsplit, np.int64)
+    c_hs = np.empty(2 * nsplit, np.int64)
+    parent = np.empty(nsplit, np.int64)
+    small = np.empty(nsplit, np.int64)
+    built = built_buf[: nsplit if build else 0]
+    built[:] = 0
+    q = 0
+    for j in range(k):
+        node = ids[j]
+        s = starts[j]
+        n = counts[j]
+        if feat[j] < 0:
+            leaves[nleaves, 0] = node
+            leaves[nleaves, 1] = s
+            leaves[nleaves, 2] = n
+            leaves[nleaves, 3] = gs[j]
+            leaves[nleaves, 4] = hs[j]
+            nleaves += 1
+            continue
+        f = feat[j]
+        t = thr[j]
+        li = nodes + 2 * q
+        feature[node] = f
+        tbin[node] = t
+        left[node] = li
+        right[node] = li + 1
+        gain_out[node] = gsplit[j]
+        # Build the child with the smaller global hessian (every rank agrees on it) while
+        # its rows pass through the partition; the sibling is the parent minus it.
+        go = 0 if lh[j] <= hs[j] - lh[j] else 1
+        nl = 0
+        nr = 0
+        # The node's rows are scattered over codes: request rows PREFETCH_ROWS ahead (as
+        # LightGBM does) so their cache misses overlap the histogram updates.
+        end = s + n
+        if build:
+            hb = built[q].reshape(-1)
+            for p in range(s, end):
+                if p + PREFETCH_ROWS < end:
+                    ia = np.int64(order[p + PREFETCH_ROWS])
+                    _prefetch(codes, ia * d)
+                    _prefetch(codes, ia * d + d - 1)
+                    _prefetch(gh, ia * 16)
+                i = order[p]
+                row = codes[i]
+                side = 0 if row[f] <= t else 1
+                if side == 0:
+                    order[s + nl] = i        # s + nl <= p: never overwrites an unread row
+                    nl += 1
+                else:
+                    tmp[nr] = i
+                    nr += 1
+                if side == go:
+                    _add_row(hb, row, foff, gh[i, 0], gh[i, 1])
+        else:
+            for p in range(s, end):
+                if p + PREFETCH_ROWS < end:
+                    _prefetch(codes, np.int64(order[p + PREFETCH_ROWS]) * d + f)
+                i = order[p]
+                if codes[i, f] <= t:
+                    order[s + nl] = i
+                    nl += 1
+                else:
+                    tmp[nr] = i
+                    nr += 1
+        for r in range(nr):
+            order[s + nl + r] = tmp[r]
+        for c in range(2):
+            c_ids[2 * q + c] = li + c
+        c_starts[2 * q] = s
+        c_starts[2 * q + 1] = s + nl
+        c_counts[2 * q] = nl
+        c_counts[2 * q + 1] = n - nl
+        c_gs[2 * q] = lg[j]
+        c_gs[2 * q + 1] = gs[j] - lg[j]
+        c_hs[2 * q] = lh[j]
+        c_hs[2 * q + 1] = hs[j] - lh[j]
+        parent[q] = j
+        small[q] = go
+        q += 1
+    return c_ids, c_starts, c_counts, c_gs, c_hs, parent, small, built, nodes + 2 * nsplit, nleaves
+
+
+def grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.ndarray, hist: np.ndarray,
+               level: tuple[np.ndarray, ...], foff: np.ndarray,
+               colmask: np.ndarray, inv_g: float, inv_h: float, l2: float, min_child_weight: float, build: bool,
+               tree: tuple[np.ndarray, ...], nodes: int, leaves: np.ndarray, nleaves: int,
+               built: np.ndarray | None = None
+               ) -> tuple[tuple[np.ndarray, ...], np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Split one level's nodes in one pass: best split, tree arrays, stable partition, smaller-child histograms.
+
+    level is (node ids, order starts, counts, gq sums, hq sums) of the level's nodes and
+    hist their (k, bins, 2) global histograms; colmask is (k, d) or (1, d) for all. Nodes
+    without a positive-gain split become rows of leaves (node, start, count, gq, hq) from
+    nleaves on; each split node writes (feature, bin, left, right, gain) into tree (four int32
+    arrays and one float64 array) and its
+    children take node ids nodes, nodes + 1, ... in level order. With build, the local
+    histogram of each split's smaller child (by global hessian, left on a tie) is summed
+    while its rows are partitioned, into the front of built (at least k, bins, 2; reused
+    so its pages stay mapped) when given. Return (children's level tuple, parent index and
+    small side (0 left, 1 right) per split, built (splits, bins, 2), nodes, nleaves).
+    """
+    ids, starts, counts, gs, hs = level
+    if built is None:
+        built = np.empty((ids.shape[0] if build else 0, hist.shape[1], 2), np.int64)
+    out = _grow_level(codes, gh, order, tmp, hist, ids, starts, counts, gs, hs, foff, colmask, float(inv_g),
+                      float(inv_h), float(l2), float(min_child_weight), bool(build), tree[0], tree[1], tree[2],
+                      tree[3], tree[4], int(nodes), leaves, int(nleaves), built)
+    return out[:5], out[5], out[6], out[7], int(out[8]), int(out[9])
+
+
+@njit(cache=True, nogil=True)
+def _children(hist: np.ndarray, built: np.ndarray, parent: np.ndarray, small: np.ndarray, out: np.ndarray) -> None:
+    nb = hist.shape[1]
+    for q in range(parent.shape[0]):
+        a = out[2 * q + small[q]]
+        o = out[2 * q + 1 - small[q]]
+        src = built[q]
+        par = hist[parent[q]]
+        for b in range(nb):
+            a[b, 0] = src[b, 0]
+            a[b, 1] = src[b, 1]
+            o[b, 0] = par[b, 0] - src[b, 0]
+            o[b, 1] = par[b, 1] - src[b, 1]
+
+
+def children_histograms(hist: np.ndarray, built: np.ndarray, parent: np.ndarray, small: np.ndarray,
+                        out: np.ndarray | None = None) -> np.ndarray:
+    """Return (2 splits, bins, 2) histograms: each built smaller child and its sibling as parent minus it.
+
+    out, when given, is a reused buffer (not hist) whose front receives them.
+    """
+    k = 2 * parent.shape[0]
+    out = np.empty((k, hist.shape[1], 2), np.int64) if out is None else out[:k]
+    _children(hist, built, parent, small, out)
+    return out
 
 
 def leaf_values(gsum: np.ndarray, hsum: np.ndarray, inv_g: float, inv_h: float, l2: float,
@@ -402,5 +635,14 @@ def warmup() -> None:
                                 np.ones((1, 2), np.bool_), 2.0**-20, 2.0**-20, 1.0, 0.0)
     partition(codes, order, starts, counts, f, t)
     add_leaves(order, starts, counts, np.ones(1), pred)
+    gh = quantize_pair(g, h, 2.0**20, 2.0**20, np.empty((8, 2), np.int64))
+    root = build_root(codes, gh, foff)
+    level = (np.zeros(1, np.int64), starts, counts, root[:, : foff[1], 0].sum(1), root[:, : foff[1], 1].sum(1))
+    tree = tuple(np.full(7, -1, np.int32) for _ in range(4))
+    leaves = np.empty((7, 5), np.int64)
+    _, parent, small, built, _, _ = grow_level(codes, gh, order, np.empty(8, np.int32), root, level, foff,
+                                               np.ones((1, 2), np.bool_), 2.0**-20, 2.0**-20, 1.0, 0.0, True,
+                                               tree, 1, leaves, 0)
+    children_histograms(root, built, parent, small)
     predict_raw(X, np.array([-1], np.int32), np.zeros(1, np.float32), np.zeros(1, np.int32), np.zeros(1, np.int32),
                 np.ones(1), np.array([0, 1], np.int64), np.zeros(1, np.int32), np.zeros(1))

@@ -207,6 +207,11 @@ class TreeLearner:
         self.ensemble = Ensemble(cuts, ncuts, np.zeros(params.outputs), params.task)
         self.hist_bytes = 0            # int64 bytes this rank put into reduce() so far
         self._n_global: int | None = None
+        self._bufs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._hbufs = [np.empty((0, int(self.foff[-1]), 2), np.int64) for _ in range(3)]
+        self._arange = np.empty(0, np.int32)
+        self._mask = np.ones((1, self.foff.size - 1), np.bool_)
+        self._mask_key: tuple[int, int] | None = None
 
     # ----------------------------------------------------------------- set-up
 
@@ -262,24 +267,50 @@ class TreeLearner:
             return (_uniform(row_ids, p.seed, r, c, 0) < p.row_sample).astype(np.float64)
         return None
 
-    def _colmask(self, r: int, c: int, ids: list[int]) -> np.ndarray:
+    def _colmask(self, r: int, c: int, ids: np.ndarray) -> np.ndarray:
+        """Return the (nodes, d) feature mask of a level, or (1, d) when every node shares it."""
         p = self.p
         d = self.foff.size - 1
-        mask = np.zeros((len(ids), d), np.bool_)
         if p.kind == "forest":
             m = max(1, int(math.isqrt(d)))
-            for j, node in enumerate(ids):
+            mask = np.zeros((len(ids), d), np.bool_)
+            for j, node in enumerate(ids.tolist()):
                 mask[j, np.random.default_rng([p.seed, r, c, 2, node]).choice(d, m, replace=False)] = True
-        elif p.col_sample < 1.0:
-            m = max(1, int(round(p.col_sample * d)))
-            mask[:, np.random.default_rng([p.seed, r, c, 3]).choice(d, m, replace=False)] = True
-        else:
-            mask[:] = True
-        return mask
+            return mask
+        key = (r, c)
+        if self._mask_key != key:
+            mask = np.zeros((1, d), np.bool_)
+            if p.col_sample < 1.0:
+                m = max(1, int(round(p.col_sample * d)))
+                mask[:, np.random.default_rng([p.seed, r, c, 3]).choice(d, m, replace=False)] = True
+            else:
+                mask[:] = True
+            self._mask, self._mask_key = mask, key
+        return self._mask
 
     def _reduce_hist(self, h: np.ndarray) -> np.ndarray:
         self.hist_bytes += h.nbytes
         return self.reduce(h.reshape(-1)).reshape(h.shape)
+
+    def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return (order, tmp, gh) row buffers, reused across trees while n stays the same."""
+        if self._bufs is None or self._bufs[0].shape[0] != n:
+            self._arange = np.arange(n, dtype=np.int32)
+            self._bufs = (np.empty(n, np.int32), np.empty(n, np.int32), np.empty((n, 2), np.int64))
+        order, tmp, gh = self._bufs
+        order[:] = self._arange
+        return order, tmp, gh
+
+    def _hist_buffer(self, slot: int, k: int) -> np.ndarray:
+        """Return reusable histogram buffer slot (0 built, 1 and 2 levels) with at least k nodes.
+
+        Fresh multi-MiB arrays would be page-faulted in on every level; reused ones stay mapped.
+        """
+        buf = self._hbufs[slot]
+        if buf.shape[0] < k:
+            buf = np.empty((max(k, 2 * buf.shape[0]), int(self.foff[-1]), 2), np.int64)
+            self._hbufs[slot] = buf
+        return buf
 
     def _grow(self, codes: np.ndarray, g: np.ndarray, h: np.ndarray, r: int, c: int, lr: float
               ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -292,72 +323,47 @@ class TreeLearner:
         local = np.array([np.abs(g).max() if n else 0.0, h.max() if n else 0.0])
         bg, bh = self.reduce_max(local)
         sg, sh = K.fixed_scale(float(bg), max(n_global, 1)), K.fixed_scale(float(bh), max(n_global, 1))
-        gq, hq = K.quantize(g, sg), K.quantize(h, sh)
+        order, tmp, gh = self._buffers(n)
+        K.quantize_pair(g, h, sg, sh, gh)
         inv_g, inv_h = 1.0 / sg, 1.0 / sh
 
-        order = np.arange(n, dtype=np.int32)
-        starts, counts = np.zeros(1, np.int64), np.full(1, n, np.int64)
-        hist = self._reduce_hist(K.build_histograms(codes, gq, hq, order, starts, counts, foff))
+        hist = self._reduce_hist(K.build_root(codes, gh, foff))
         gs = hist[:, foff[0]:foff[1], 0].sum(axis=1)
         hs = hist[:, foff[0]:foff[1], 1].sum(axis=1)
-        ids = [0]
-        feature, tbin, left, right, gains = [-1], [-1], [-1], [-1], [0.0]
-        leaf_ids: list[int] = []
-        leaf_seg: list[tuple[int, int, int, int]] = []      # start, count, gq sum, hq sum
+        level: tuple[np.ndarray, ...] = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.full(1, n, np.int64), gs, hs)
+        size = 2 ** (min(p.depth, 6) + 1) - 1         # grown below for deeper trees
+        # feature, bin, left, right (int32, -1: none) and each split's gain (float64)
+        tree_arrays: tuple[np.ndarray, ...] = (*(np.full(size, -1, np.int32) for _ in range(4)), np.zeros(size))
+        leaves = np.empty((size, 5), np.int64)          # node, start, count, gq sum, hq sum
+        nodes, nleaves = 1, 0
         for depth in range(p.depth):
-            f, t, gain, lg, lh = K.best_splits(hist, gs, hs, foff, self._colmask(r, c, ids), inv_g, inv_h,
-                                           p.l2, p.min_child_weight)
-            split = f >= 0
-            nleft = K.partition(codes, order, starts, counts, f, t) if split.any() else counts
-            c_ids, c_starts, c_counts, c_gs, c_hs, pairs = [], [], [], [], [], []
-            for j, node in enumerate(ids):
-                if not split[j]:
-                    leaf_ids.append(node)
-                    leaf_seg.append((int(starts[j]), int(counts[j]), int(gs[j]), int(hs[j])))
-                    continue
-                li, ri = len(feature), len(feature) + 1
-                feature[node], tbin[node], left[node], right[node] = int(f[j]), int(t[j]), li, ri
-                gains[node] = float(gain[j])
-                gains += [0.0, 0.0]
-                feature += [-1, -1]
-                tbin += [-1, -1]
-                left += [-1, -1]
-                right += [-1, -1]
-                c_ids += [li, ri]
-                c_starts += [int(starts[j]), int(starts[j] + nleft[j])]
-                c_counts += [int(nleft[j]), int(counts[j] - nleft[j])]
-                c_gs += [int(lg[j]), int(gs[j] - lg[j])]
-                c_hs += [int(lh[j]), int(hs[j] - lh[j])]
-                pairs.append(j)
-            ids = c_ids
-            starts, counts = np.array(c_starts, np.int64), np.array(c_counts, np.int64)
-            gs, hs = np.array(c_gs, np.int64), np.array(c_hs, np.int64)
-            if not ids or depth == p.depth - 1:
+            last = depth == p.depth - 1
+            k = level[0].size
+            if nodes + 2 * k > tree_arrays[0].size:
+                grow = max(nodes + 2 * k, 2 * tree_arrays[0].size) - tree_arrays[0].size
+                tree_arrays = tuple(np.concatenate([a, np.full(grow, -1 if a.dtype == np.int32 else 0, a.dtype)])
+                                    for a in tree_arrays)
+                leaves = np.concatenate([leaves, np.empty((grow, 5), np.int64)])
+            built_buf = self._hist_buffer(0, 0 if last else k)
+            level, parent, small, built, nodes, nleaves = K.grow_level(
+                codes, gh, order, tmp, hist, level, foff, self._colmask(r, c, level[0]), inv_g, inv_h, p.l2,
+                p.min_child_weight, not last, tree_arrays, nodes, leaves, nleaves, built_buf)
+            if not level[0].size or last:
                 break
-            # Build the child with the smaller global hessian (all ranks agree on it) and
-            # derive its sibling from the parent: integer sums make the subtraction exact.
-            small = np.array([2 * q + (0 if hs[2 * q] <= hs[2 * q + 1] else 1) for q in range(len(pairs))])
-            built = self._reduce_hist(K.build_histograms(codes, gq, hq, order, starts[small], counts[small], foff))
-            child = np.empty((len(ids), *hist.shape[1:]), np.int64)
-            for q, j in enumerate(pairs):
-                s = small[q]
-                child[s] = built[q]
-                child[s ^ 1] = hist[j] - built[q]
-            hist = child
-        for j, node in enumerate(ids):
-            leaf_ids.append(node)
-            leaf_seg.append((int(starts[j]), int(counts[j]), int(gs[j]), int(hs[j])))
-        seg = np.array(leaf_seg, np.int64).reshape(-1, 4)
-        values = K.leaf_values(seg[:, 2], seg[:, 3], inv_g, inv_h, p.l2, lr)
-        value = np.zeros(len(feature))
-        value[leaf_ids] = values
-        fa = np.array(feature, np.int32)
-        ba = np.array(tbin, np.int32)
+            out = self._hist_buffer(1 + depth % 2, level[0].size)
+            hist = K.children_histograms(hist, self._reduce_hist(built), parent, small, out)
+        k = level[0].size
+        leaves[nleaves:nleaves + k] = np.stack(level, axis=1)
+        seg = leaves[:nleaves + k]
+        values = K.leaf_values(seg[:, 3], seg[:, 4], inv_g, inv_h, p.l2, lr)
+        value = np.zeros(nodes)
+        value[seg[:, 0]] = values
+        fa, ba, la, ra, ga = (a[:nodes].copy() for a in tree_arrays)
         cuts = self.ensemble.cuts
         thr = np.where(fa >= 0, cuts[np.maximum(fa, 0), np.maximum(ba, 0)], np.float32(0)).astype(np.float32)
-        tree: dict[str, np.ndarray] = {"feature": fa, "bin": ba, "threshold": thr, "left": np.array(left, np.int32),
-                "right": np.array(right, np.int32), "value": value, "gain": np.array(gains, np.float64)}
-        return tree, (order, np.ascontiguousarray(seg[:, 0]), np.ascontiguousarray(seg[:, 1]), values)
+        tree: dict[str, np.ndarray] = {"feature": fa, "bin": ba, "threshold": thr, "left": la, "right": ra,
+                                       "value": value, "gain": ga}
+        return tree, (order, np.ascontiguousarray(seg[:, 1]), np.ascontiguousarray(seg[:, 2]), values)
 
 
 def forest_scores(raw: np.ndarray, base: np.ndarray, kind: str, trees: int, rounds: int) -> np.ndarray:
