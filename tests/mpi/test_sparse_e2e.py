@@ -7,7 +7,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import cli, events, metrics, run_rescaled_and_solo, write_spec
+from conftest import cli, events, metrics, mpirun, run_rescaled_and_solo, write_spec
 
 from fleetmpi.engine.data import CsrReader, SampleOrder
 from fleetmpi.h5store import read_h5_verified
@@ -97,3 +97,46 @@ def test_sparse_sync_refuses_mlp(tmp_path: Path, csr_data: Path) -> None:
                       **{**COMMON, "model": {"kind": "mlp", "hidden": [8]}})
     proc = cli("run", str(spec), "--job-dir", str(tmp_path / "j"))
     assert proc.returncode == 2 and "sync.kind" in proc.stderr and "Traceback" not in proc.stderr
+
+
+SYNC_SCRIPT = '''
+import sys
+import numpy as np
+from mpi4py import MPI
+from fleetmpi.models import SoftmaxRegression
+from fleetmpi.sync import DenseSync, SparseSync
+from kernels.sparse import CsrBatch
+
+comm = MPI.COMM_WORLD
+rank, P = comm.Get_rank(), comm.Get_size()
+d, k = 4096, 3
+model = SoftmaxRegression(d, k, 0.0)
+w = np.random.default_rng(7).standard_normal((d + 1) * k)
+for density, want in ((0.0005, "ids"), (0.05, "bitmap")):
+    rng = np.random.default_rng([rank, int(density * 10000)])
+    X = np.where(rng.random((20, d)) < density, rng.standard_normal((20, d)), 0.0).astype(np.float32)
+    y = rng.integers(0, k, 20).astype(np.float32)
+    dense, sp = DenseSync(comm, w.size, 4), SparseSync(comm, w.size, 4)
+    ex = np.array([1.0 + rank, 2.0, 3.0, 0.0])
+    dense.local_grad(model, X, y, w, dense.grad_out)
+    gd, exd = dense.reduce(dense.grad_out, ex)
+    sp.local_grad(model, CsrBatch.from_dense(X), y, w, sp.grad_out)
+    gs, exs = sp.reduce(sp.grad_out, ex)
+    assert sp.exchange == (want if P > 1 else "ids"), (sp.exchange, want)
+    assert np.allclose(gs, gd, rtol=1e-12, atol=1e-12), np.abs(gs - gd).max()
+    assert np.array_equal(exs, exd)
+    touched = np.flatnonzero(np.any(X != 0, axis=0))
+    union = np.flatnonzero(np.any(np.array(comm.allgather(np.any(X != 0, axis=0))), axis=0))
+    idx = touched.size * 4 if sp.exchange == "ids" else (d + 7) // 8
+    assert sp.payload_bytes == 5 * 8 + idx + 8 * (union.size + 1) * k, (sp.payload_bytes, sp.exchange)
+print("ok", rank)
+'''
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_sparse_sync_equals_dense_by_ids_and_by_bitmap(tmp_path: Path, ranks: int) -> None:
+    script = tmp_path / "sync.py"
+    script.write_text(SYNC_SCRIPT)
+    proc = mpirun(ranks, script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("ok") == ranks
