@@ -454,9 +454,9 @@ class OptimizerSpec:
 
 @dataclass(frozen=True)
 class SyncSpec:
-    """How ranks combine gradient sums: dense allreduce, threshold-compressed or exact."""
+    """How ranks combine gradient sums: dense allreduce, threshold-compressed, exact or sparse (touched features)."""
 
-    kind: Literal["dense", "threshold", "exact"] = "dense"
+    kind: Literal["dense", "threshold", "exact", "sparse"] = "dense"
     # threshold: the quantum sent per entry, in units of one rank's gradient *sum* over its
     # rows (the start value when adaptive).
     tau: float | None = check(positive, None)
@@ -773,6 +773,14 @@ def _check_fleet(spec: Spec) -> tuple[str, str] | None:
     return None
 
 
+def _check_sparse_sync(spec: Spec) -> tuple[str, str] | None:
+    """Return (key, problem) where sync kind sparse meets a model that is not one (features + 1) x k table."""
+    if spec.sync.kind == "sparse" and spec.model.kind not in ("linear", "logistic", "softmax"):
+        return "sync.kind", (f"sparse sends the gradient rows of the features a batch touched; model kind "
+                             f"{spec.model.kind!r} has no such rows: use dense, threshold or exact")
+    return None
+
+
 def _check_gp_spec(spec: Spec) -> tuple[str, str] | None:
     """Return (key, problem) where a gp spec sets what a gp does not use: its fit is its own technique."""
     if spec.model.kind != "gp":
@@ -963,8 +971,8 @@ def from_raw(raw: dict[str, Any], source: str, base_dir: Path) -> Spec:
         spec = build(Spec, tree_defaults(fold_model_options(raw)))
     except SchemaError as e:
         raise BadInput(f"{source}: {e}") from None
-    err = (_check_fleet(spec) or _check_gp_spec(spec) or _check_tree_spec(raw, spec) or _check_series(spec)
-           or _check_goal(spec))
+    err = (_check_fleet(spec) or _check_gp_spec(spec) or _check_sparse_sync(spec) or _check_tree_spec(raw, spec)
+           or _check_series(spec) or _check_goal(spec))
     if err:
         raise BadInput(f"{source}: {err[0]}: {err[1]}")
     object.__setattr__(spec, "_base_dir", str(base_dir))

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numba import njit
 
-from kernels import cpu, reference
+from kernels import cpu, reference, sparse
 
 __all__ = [
     "fixed_accumulate",
@@ -34,7 +35,8 @@ __all__ = [
     "warmup",
 ]
 
-Factors = list[tuple[np.ndarray, np.ndarray]]
+# U is a dense (n, d_t) array or, for CSR rows, a kernels.sparse.CsrBatch.
+Factors = list[tuple[Any, np.ndarray]]
 
 # |q| <= 2**(62 - ceil(log2 n)) per row, so n rows sum to below 2**62 + n/2 < 2**63.
 _HEADROOM_BITS = 62
@@ -246,8 +248,9 @@ def mlp_rows(X: np.ndarray, y: np.ndarray, params: np.ndarray, sizes: Sequence[i
     return loss, list(zip(acts, deltas))
 
 
-def _check_factor(U: np.ndarray, V: np.ndarray) -> None:
-    for a, name in ((U, "U"), (V, "V")):
+def _check_factor(U: np.ndarray | sparse.CsrBatch, V: np.ndarray) -> None:
+    # A CSR U (kernels.sparse) checks its own arrays when it is built.
+    for a, name in (((V, "V"),) if isinstance(U, sparse.CsrBatch) else ((U, "U"), (V, "V"))):
         if not isinstance(a, np.ndarray) or a.ndim != 2 or not a.flags.c_contiguous:
             raise ValueError(f"{name} must be a C-contiguous 2-D numpy array, got {getattr(a, 'shape', a)}")
         if a.dtype not in (np.float32, np.float64):
@@ -256,20 +259,25 @@ def _check_factor(U: np.ndarray, V: np.ndarray) -> None:
         raise ValueError(f"U has {U.shape[0]} rows but V has {V.shape[0]}")
 
 
-def row_bound(U: np.ndarray, V: np.ndarray) -> float:
-    """Return a bound on every |u * v| (and |v|, the bias) of a factor pair; NaN if any is."""
+def row_bound(U: np.ndarray | sparse.CsrBatch, V: np.ndarray) -> float:
+    """Return a bound on every |u * v| (and |v|, the bias) of a factor pair (U dense or CSR); NaN if any is."""
     _check_factor(U, V)
+    if isinstance(U, sparse.CsrBatch):
+        return sparse.csr_row_bound(U, V)
     return float(_row_bound(U, V))
 
 
-def fixed_accumulate(U: np.ndarray, V: np.ndarray, scale: float, acc: np.ndarray) -> None:
-    """Add the rows' rounded products u*v*scale into acc (int64, (U.cols + 1) * V.cols)."""
+def fixed_accumulate(U: np.ndarray | sparse.CsrBatch, V: np.ndarray, scale: float, acc: np.ndarray) -> None:
+    """Add the rows' rounded products u*v*scale into acc (int64, (U.cols + 1) * V.cols); U dense or CSR."""
     _check_factor(U, V)
     size = (U.shape[1] + 1) * V.shape[1]
     if not isinstance(acc, np.ndarray) or acc.dtype != np.int64 or acc.shape != (size,):
         raise ValueError(f"acc must be an int64 array of shape ({size},), got {getattr(acc, 'shape', acc)}")
     if not acc.flags.c_contiguous or not acc.flags.writeable:
         raise ValueError("acc must be a writable C-contiguous array")
+    if isinstance(U, sparse.CsrBatch):
+        sparse.csr_fixed_accumulate(U, V, scale, acc)   # the same integers: a zero entry rounds to 0
+        return
     _fixed_acc(U, V, float(scale), acc)
 
 

@@ -23,6 +23,10 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "csr_dense",
+    "csr_linear_loss_grad",
+    "csr_logistic_loss_grad",
+    "csr_softmax_loss_grad",
     "linear_loss_grad",
     "linear_predict",
     "logistic_loss_grad",
@@ -298,3 +302,36 @@ def mlp_predict_proba(
     X, params, s = _mlp_check(X, params, sizes)
     _, Z = _mlp_forward(X, mlp_unpack(params, s))
     return _softmax(Z)
+
+
+# --------------------------------------------------------------------------- CSR rows
+
+
+def csr_dense(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, d: int) -> np.ndarray:
+    """Return CSR rows (indptr, indices, data) as a dense float64 (n, d) array."""
+    indptr = np.asarray(indptr, np.int64)
+    n = indptr.size - 1
+    if n < 0 or indptr[0] != 0 or np.any(np.diff(indptr) < 0) or indptr[-1] != len(indices):
+        raise ValueError("indptr must start at 0, never decrease and end at len(indices)")
+    X = np.zeros((n, d))
+    rows = np.repeat(np.arange(n), np.diff(indptr))
+    np.add.at(X, (rows, np.asarray(indices, np.int64)), np.asarray(data, np.float64))
+    return X
+
+
+def csr_linear_loss_grad(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, d: int,
+                         y: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
+    """Return the squared-error loss and gradient sums (d+1,) over CSR rows."""
+    return linear_loss_grad(csr_dense(indptr, indices, data, d), y, w)
+
+
+def csr_logistic_loss_grad(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, d: int,
+                           y: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
+    """Return the log-loss and gradient sums (d+1,) over CSR rows."""
+    return logistic_loss_grad(csr_dense(indptr, indices, data, d), y, w)
+
+
+def csr_softmax_loss_grad(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, d: int,
+                          y: np.ndarray, W_flat: np.ndarray, k: int) -> tuple[float, np.ndarray]:
+    """Return the cross-entropy and gradient sums ((d+1)*k,) over CSR rows."""
+    return softmax_loss_grad(csr_dense(indptr, indices, data, d), y, W_flat, k)

@@ -89,6 +89,8 @@ def gpu_model_refusal(model_kind: str, sync_kind: str) -> str | None:
     if model_kind not in GPU_MODEL_KINDS:
         # A user's Model, trees, GPs and closed-form fits compute with numpy/numba on the host.
         return f"model kind {model_kind} computes on the CPU only (no GPU kernels); use device: cpu or auto"
+    if sync_kind == "sparse":
+        return "sync kind sparse gathers touched features on the host only; use device: cpu or auto, or sync dense"
     if model_kind != "mlp" or sync_kind == "exact":
         return None     # exact sync computes each row's factors on the host for every model
     if simulated():

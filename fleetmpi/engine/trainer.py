@@ -20,6 +20,9 @@ from fleetmpi.spec import Spec
 
 T = TypeVar("T")
 
+# Model kinds with CSR kernels (kernels.sparse); the others need dense X.
+SPARSE_MODEL_KINDS = ("linear", "logistic", "softmax")
+
 
 class Trainer:
     """State and collective operations of one phase on one rank; the technique in use steps it."""
@@ -56,7 +59,7 @@ class Trainer:
 
     def _open_data(self) -> None:
         """Describe the training data on rank 0, open this rank's reader and its validation rows."""
-        from fleetmpi.engine.data import RankReader, SampleOrder, contiguous_share, describe
+        from fleetmpi.engine.data import SampleOrder, contiguous_share, describe, open_reader
         from fleetmpi.models import task_of
         sp, comm = self.spec, self.comm
         if sp.lags is not None:   # series data: lag windows are the samples
@@ -71,12 +74,12 @@ class Trainer:
         if not self.reader.direct:
             self.notes = (f"{self.reader.path} is chunked or compressed: rows are read by HDF5 hyperslab, several "
                           "times slower at small batches than a contiguous copy (h5repack -f NONE -l CONTI IN OUT)",)
-        self.valid_xy: tuple[np.ndarray, np.ndarray] | None
+        self.valid_xy: tuple[Any, np.ndarray] | None   # X dense or CSR (kernels.sparse.CsrBatch)
         if sp.data.valid:
             vinfo = _on_root(comm, lambda: describe(sp.data_path(sp.data.valid), task, info.classes, check=False))
             if vinfo.d != info.d:
                 raise BadInput(f"{vinfo.path}: validation X has {vinfo.d} columns but training X has {info.d}")
-            vr = RankReader(sp.data_path(sp.data.valid), direct=False)   # one contiguous read: no map needed
+            vr = open_reader(sp.data_path(sp.data.valid), direct=False)   # one contiguous read: no map needed
             self.valid_xy = vr.read_contiguous(*contiguous_share(vinfo.n, self.rank, self.size))
             self.n_valid = vinfo.n
             vr.close()
@@ -86,8 +89,14 @@ class Trainer:
 
     def _open_reader(self, path: Any) -> Any:
         """Return this rank's reader of the training rows (a GPU phase reads into pinned buffers)."""
-        from fleetmpi.engine.data import RankReader
-        return RankReader(path)
+        from fleetmpi.engine.data import CsrReader, open_reader
+        reader = open_reader(path)
+        kind = self.spec.model.kind
+        if isinstance(reader, CsrReader) and kind not in SPARSE_MODEL_KINDS:
+            reader.close()
+            raise BadInput(f"{path}: holds CSR rows (format csr), which model kind {kind!r} cannot train on; "
+                           f"use kind {', '.join(SPARSE_MODEL_KINDS)}")
+        return reader
 
     def _resume(self, ckpt: Any) -> None:
         """Take counters, rule history and the technique's state from checkpoint ``ckpt`` (every rank)."""

@@ -1,11 +1,15 @@
-"""Linear regression (squared loss) and binary logistic regression, fused numba kernels."""
+"""Linear regression (squared loss) and binary logistic regression, fused numba kernels.
+
+X is a dense float32 array or CSR rows (``kernels.sparse.CsrBatch``): then the kernels
+cost ~ nnz and the gradient is nonzero only at the rows' columns and the bias.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from fleetmpi.models.base import Model
-from kernels import cpu, exact
+from kernels import cpu, exact, sparse
 
 
 class _Linear(Model):
@@ -35,12 +39,18 @@ class LinearRegression(_Linear):
     kind, task = "linear", "regression"
 
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
+        if isinstance(X, sparse.CsrBatch):
+            return sparse.linear_grad(X, y, params, g_out)
         return float(cpu.linear_grad(X, y, params, g_out))
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
+        if isinstance(X, sparse.CsrBatch):
+            return sparse.linear_rows(X, y, params)
         return exact.linear_rows(X, y, params)
 
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
+        if isinstance(X, sparse.CsrBatch):
+            return sparse.linear_predict(X, params)
         out = np.empty(X.shape[0])
         cpu.linear_predict(X, params, out)
         return out
@@ -51,13 +61,19 @@ class LogisticRegression(_Linear):
 
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
         self.check_labels(y, 2)
+        if isinstance(X, sparse.CsrBatch):
+            return sparse.logistic_grad(X, y, params, g_out)
         return float(cpu.logistic_grad(X, y, params, g_out))
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
         self.check_labels(y, 2)
+        if isinstance(X, sparse.CsrBatch):
+            return sparse.logistic_rows(X, y, params)
         return exact.logistic_rows(X, y, params)
 
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
+        if isinstance(X, sparse.CsrBatch):
+            return sparse.logistic_predict_proba(X, params)
         out = np.empty(X.shape[0])
         cpu.logistic_predict_proba(X, params, out)
         return out

@@ -1,11 +1,11 @@
-"""Multiclass softmax regression, fused numba kernel."""
+"""Multiclass softmax regression, fused numba kernel (dense X or CSR rows, ``kernels.sparse``)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from fleetmpi.models.base import Model
-from kernels import cpu, exact
+from kernels import cpu, exact, sparse
 
 
 class SoftmaxRegression(Model):
@@ -31,13 +31,19 @@ class SoftmaxRegression(Model):
 
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
         self.check_labels(y, self.k)
+        if isinstance(X, sparse.CsrBatch):
+            return sparse.softmax_grad(X, y, params, self.k, g_out)
         return float(cpu.softmax_grad(X, y, params, self.k, g_out))
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
         self.check_labels(y, self.k)
+        if isinstance(X, sparse.CsrBatch):
+            return sparse.softmax_rows(X, y, params, self.k)
         return exact.softmax_rows(X, y, params, self.k)
 
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
+        if isinstance(X, sparse.CsrBatch):
+            return sparse.softmax_predict_proba(X, params, self.k)
         out = np.empty((X.shape[0], self.k))
         cpu.softmax_predict_proba(X, params, self.k, out)
         return out

@@ -8,6 +8,7 @@ from fleetmpi.spec import SyncSpec
 from fleetmpi.sync.base import N_EXTRAS, Extra, Extras, Sync
 from fleetmpi.sync.dense import DenseSync
 from fleetmpi.sync.exact import ExactSync
+from fleetmpi.sync.sparse import SparseSync
 from fleetmpi.sync.threshold import ThresholdSync
 
 DEFAULT_TARGET_DENSITY = 0.01
@@ -22,7 +23,9 @@ def build_sync(spec: SyncSpec, comm: Any, n_params: int, n_extras: int = N_EXTRA
         return ThresholdSync(comm, n_params, n_extras, spec.tau, spec.adaptive, target)
     if spec.kind == "exact":
         return ExactSync(comm, n_params, n_extras)
+    if spec.kind == "sparse":
+        return SparseSync(comm, n_params, n_extras)
     return DenseSync(comm, n_params, n_extras)
 
 
-__all__ = ["N_EXTRAS", "DenseSync", "ExactSync", "Extra", "Extras", "Sync", "ThresholdSync", "build_sync"]
+__all__ = ["N_EXTRAS", "DenseSync", "ExactSync", "Extra", "Extras", "SparseSync", "Sync", "ThresholdSync", "build_sync"]
