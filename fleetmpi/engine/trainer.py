@@ -192,6 +192,9 @@ class Trainer:
         meta = {"name": self.spec.name, "step": self.step,
                 "epoch": self.samples_seen / self.n, "spec_hash": self.spec.spec_hash(),
                 "model_hash": self.spec.model_hash(), "metrics": metrics}
+        if self.spec.lags is None:   # hashed text: predict needs the hashing settings and class names
+            from fleetmpi.text import text_meta
+            meta.update(text_meta(self.spec.data_path(self.spec.data.train)))
         self.technique.write_model(self.jd.model, meta)
 
 
