@@ -36,6 +36,7 @@ OPTIONAL = [  # benchmarks of layers that ship separately; run when present
     ("gp vs scikit-learn GP", [PY, str(HERE / "bench_gp.py")]),
     ("bfgs vs scipy BFGS and lbfgs", [PY, str(HERE / "bench_bfgs.py")]),
     ("gpu kernels and phase", [PY, str(HERE / "bench_gpu.py")]),   # prints "no GPU: skipped" without one
+    ("text: man pages vs scikit-learn", [PY, str(HERE / "bench_text.py")]),   # CSR training once sync sparse exists
 ]
 
 

@@ -30,16 +30,20 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
 
     pr = sub.add_parser("predict", help="predict with a trained model")
     pr.add_argument("model", help="model.h5 written by a finished job")
-    pr.add_argument("data", help="HDF5 file with dataset X (float32, n x d)")
+    pr.add_argument("data", help="HDF5 file with dataset X (float32, n x d); for a model trained on hashed text: "
+                    "a folder of class subfolders, a .jsonl or a .csv file of raw text")
     pr.add_argument("--out", required=True, help="output HDF5 file (datasets pred, and proba for classifiers)")
     pr.add_argument("--horizon", type=int, help="ar model: forecast H steps after the end of each series in DATA "
                     "(dataset series); writes forecast (H, m)")
+    pr.add_argument("--text-field", help="raw text input: the JSONL/CSV field holding the text (default: the "
+                    "field the model was trained on)")
     pr.add_argument("--json", action="store_true")
 
     m = sub.add_parser("make-data", help="write a synthetic or bundled dataset as HDF5 (X, y)")
     m.add_argument("--task", choices=["binary", "multiclass", "regression"], default="binary")
     m.add_argument("--from", dest="source", nargs="+", metavar="SOURCE", default=["synthetic"],
-                   help="synthetic | digits | breast_cancer | csv FILE (with --series-columns)")
+                   help="synthetic | digits | breast_cancer | csv FILE (with --series-columns) | text PATH "
+                   "(folder of class subfolders, .jsonl or .csv)")
     m.add_argument("--series-columns", help="with --from csv FILE: numeric columns a,b written as series (T, m)")
     m.add_argument("--n", type=int, default=10000, help="rows (synthetic)")
     m.add_argument("--d", type=int, default=32, help="features (synthetic)")
@@ -48,6 +52,12 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     m.add_argument("--valid-fraction", type=float, default=0.2)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True, help="output folder: writes train.h5 and valid.h5")
+    m.add_argument("--text-field", default="text", help="--from text JSONL/CSV: the field holding the document")
+    m.add_argument("--label-field", default="label", help="--from text JSONL/CSV: the field holding the class")
+    m.add_argument("--valid", help="--from text: validation documents in the same layout (instead of "
+                   "--valid-fraction)")
+    m.add_argument("--ngrams", default="1,2", help="--from text: word n-gram sizes MIN,MAX")
+    m.add_argument("--hash-bits", type=int, default=18, help="--from text: hash into 2^bits columns (10..26)")
 
     a = sub.add_parser("approve", help="approve a job's pending rescale (approval: manual)")
     a.add_argument("job", help=JOB_HELP)
@@ -227,7 +237,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"fleetmpi: wrote {res['horizon']}-step forecasts of {res['series']} series to {res['out']}",
                   file=sys.stderr)
         return ExitCode.OK
-    res = predict_file(Path(args.model), Path(args.data), Path(args.out))
+    if args.text_field is not None:
+        from fleetmpi.engine.predict import predict_text_file
+        res = predict_text_file(Path(args.model), Path(args.data), Path(args.out), args.text_field)
+    else:
+        res = predict_file(Path(args.model), Path(args.data), Path(args.out))
+    for key, what in (("empty_documents", "empty document(s) (no token of 2+ word characters) predicted as an "
+                       "all-zero row"), ("replaced_utf8", "document(s) held bytes that are not UTF-8 (replaced)")):
+        if res.get(key):
+            print(f"fleetmpi: warning: {res[key]} {what}", file=sys.stderr)
     if args.json:
         print(json.dumps(res, indent=1))
     else:
@@ -247,6 +265,8 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
         for path, points in written.items():
             print(f"fleetmpi: wrote {path} ({points} points per series)", file=sys.stderr)
         return ExitCode.OK
+    if source == "text":
+        return _make_text(args, rest)
     if args.series_columns is not None:
         raise BadInput(f"--series-columns: only --from csv FILE takes it, not --from {source}")
     if source not in ("synthetic", "digits", "breast_cancer") or rest:
@@ -256,6 +276,22 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
                     noise=args.noise, valid_fraction=args.valid_fraction, seed=args.seed, out=Path(args.out))
     for path, rows in out.items():
         print(f"fleetmpi: wrote {path} ({rows} rows)", file=sys.stderr)
+    return ExitCode.OK
+
+
+def _make_text(args: argparse.Namespace, rest: list[str]) -> int:
+    from fleetmpi.text import make_text_data
+    if len(rest) != 1:
+        raise BadInput("--from text: expected one PATH (a folder of class subfolders, a .jsonl or a .csv file), "
+                       "e.g. --from text corpus/ --out data/")
+    res = make_text_data(Path(rest[0]), Path(args.out), text_field=args.text_field, label_field=args.label_field,
+                         valid_fraction=args.valid_fraction, valid=Path(args.valid) if args.valid else None,
+                         ngrams=args.ngrams, hash_bits=args.hash_bits, seed=args.seed)
+    for line in res["warnings"]:
+        print(f"fleetmpi: warning: {line}", file=sys.stderr)
+    for path, st in res["files"].items():
+        print(f"fleetmpi: wrote {path} ({st['rows']} rows, {st['nnz']} nonzeros, {len(res['classes'])} classes)",
+              file=sys.stderr)
     return ExitCode.OK
 
 

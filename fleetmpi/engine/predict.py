@@ -81,6 +81,8 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
     """Predict every row of ``data_path``'s X in chunks and write ``out`` atomically."""
     from fleetmpi.engine.data import open_h5
     arrays_in, meta = read_h5_verified(model_path, kind="model")
+    if data_path.is_dir() or data_path.suffix.lower() in (".jsonl", ".csv"):
+        return predict_text_file(model_path, data_path, out)
     if meta.get("kind") == "gp":
         gp = _gp_model(model_path, arrays_in, meta)
         d, task = gp.d, gp.task
@@ -136,6 +138,71 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
     write_h5_atomic(out, arrays, {"model": str(model_path), "data": str(data_path), "model_meta": meta},
                     kind="predictions")
     return {"out": str(out), "rows": int(raw.shape[0]), "task": task}
+
+
+TEXT_CHUNK_VALUES = 1 << 24   # dense float32 values per predicted chunk of hashed rows (64 MiB)
+
+
+def predict_text_file(model_path: Path, data_path: Path, out: Path, text_field: str | None = None) -> dict[str, Any]:
+    """Hash the raw documents of ``data_path`` with the model's stored settings and write class probabilities to ``out``.
+
+    ``out`` holds ``proba`` float64 (n, classes) in the order of meta ``class_names`` and
+    ``pred`` int64 indexing it; documents follow the source's order (empty ones included:
+    they get the model's prediction for an all-zero row).
+    """
+    from fleetmpi.text import Hashing, hash_docs, read_texts
+    model, params, meta = load_model(model_path)
+    if "hashing" not in meta or "class_names" not in meta:
+        raise BadInput(f"{model_path}: was not trained on hashed text (no hashing settings in its meta); "
+                       f"{data_path} is raw text: predict takes an HDF5 file with dataset X for this model")
+    hashing = Hashing.from_json(meta["hashing"], f"{model_path} meta.hashing")
+    names = [str(c) for c in meta["class_names"]]
+    d = model_d(model)
+    if d != hashing.n_features:
+        raise CheckpointError(f"{model_path}: model takes {d} features but its hashing settings give "
+                              f"{hashing.n_features}; the file is inconsistent")
+    if model.task == "regression":
+        raise BadInput(f"{model_path}: a regression model; text predictions need a classifier")
+    if out.resolve() == model_path.resolve() or out.resolve() == data_path.resolve():
+        raise BadInput(f"--out {out}: would overwrite an input; choose another path")
+    if not out.parent.is_dir():
+        raise BadInput(f"--out {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise BadInput(f"--out {out}: is a folder; give a file name, e.g. {out / 'predictions.h5'}")
+    field = text_field or str(meta.get("text_field", "text"))
+    rows_per_chunk = max(1, TEXT_CHUNK_VALUES // d)
+    parts: list[np.ndarray] = []
+    empty = replaced = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal empty
+        indptr, indices, data = hash_docs(batch, hashing)
+        empty += int(np.count_nonzero(np.diff(indptr) == 0))
+        X = np.zeros((len(batch), d), np.float32)
+        X[np.repeat(np.arange(len(batch)), np.diff(indptr)), indices] = data
+        p = np.asarray(model.predict(X, params), dtype=np.float64)
+        parts.append(np.stack([1.0 - p, p], axis=1) if p.ndim == 1 else p)
+        batch.clear()
+
+    for doc in read_texts(data_path, field):
+        replaced += doc.replaced
+        batch.append(doc.text)
+        if len(batch) >= rows_per_chunk:
+            flush()
+    if batch:
+        flush()
+    if not parts:
+        raise BadInput(f"{data_path}: no documents to predict")
+    proba = np.concatenate(parts)
+    if proba.shape[1] != len(names):
+        raise CheckpointError(f"{model_path}: model gives {proba.shape[1]} classes but meta class_names has "
+                              f"{len(names)}; the file is inconsistent")
+    write_h5_atomic(out, {"proba": proba, "pred": proba.argmax(axis=1).astype(np.int64)},
+                    {"model": str(model_path), "data": str(data_path), "class_names": names, "model_meta": meta,
+                     "empty_documents": empty, "replaced_utf8": replaced}, kind="predictions")
+    return {"out": str(out), "rows": int(proba.shape[0]), "task": model.task, "class_names": names,
+            "empty_documents": empty, "replaced_utf8": replaced}
 
 
 def model_d(model: Model | TreeModel) -> int:

@@ -204,7 +204,17 @@ class Trainer:
         meta = {"name": self.spec.name, "step": self.step,
                 "epoch": self.samples_seen / self.n, "spec_hash": self.spec.spec_hash(),
                 "model_hash": self.spec.model_hash(), "metrics": finite_or_none(metrics), **extra}
+        meta.update(self._text_meta())
         self.technique.write_model(self.jd.model if path is None else path, meta)
+
+    def _text_meta(self) -> dict[str, Any]:
+        """Return the hashing settings and class names of hashed-text training data ({} otherwise); read once."""
+        if not hasattr(self, "_text_meta_cache"):
+            self._text_meta_cache: dict[str, Any] = {}
+            if self.spec.lags is None:   # predict on raw text needs them (fleetmpi.text)
+                from fleetmpi.text import text_meta
+                self._text_meta_cache = text_meta(self.spec.data_path(self.spec.data.train))
+        return self._text_meta_cache
 
     @property
     def best_path(self) -> Any:

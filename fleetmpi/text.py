@@ -1,0 +1,632 @@
+"""Hash raw text into CSR feature files (scikit-learn HashingVectorizer bit-compatible) and read text sources.
+
+THE FILE FORMAT: an HDF5 file per split (`train.h5`, `valid.h5`) with datasets `indptr`
+(int64, n+1), `indices` (int32, nnz, sorted within each row, no duplicates), `data`
+(float32, nnz), `y` (float32, n: class ids), and file attributes `format = "csr"`,
+`n_features` (int), `classes` (int), `class_names` (JSON list of str), `hashing` (JSON:
+{"n_features", "ngram_range", "alternate_sign", "norm", "lowercase", "token_pattern"}).
+
+Rows equal ``HashingVectorizer(n_features=2**b, ngram_range=..., alternate_sign=True,
+norm='l2').transform(docs)`` cast to float32, with two stated differences: entries whose
+signed counts cancel to 0 are dropped (scikit-learn keeps them as explicit zeros), and the
+l2 division is done in float64 before the one cast to float32, as scikit-learn's float64
+output cast with ``astype(np.float32)`` does. Further attributes: ``text_field`` (the
+field predict reads), ``provenance``, ``skipped_empty`` and ``replaced_utf8`` (counts).
+
+Sources: a folder with one subfolder per class and one document per file (scikit-learn's
+``load_files`` layout), or a JSONL / CSV file with a text field and a label field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from numba import njit
+
+from fleetmpi.errors import BadInput
+
+TOKEN_PATTERN = r"(?u)\b\w\w+\b"
+HASH_BITS_MIN, HASH_BITS_MAX = 10, 26
+CHUNK_DOCS = 4096                 # documents hashed and appended per step: bounds memory
+MAX_NGRAM = 5
+TEXT_SUFFIXES = (".jsonl", ".csv")
+
+
+@dataclass(frozen=True)
+class Hashing:
+    """HashingVectorizer settings stored with the data and the model."""
+
+    n_features: int
+    ngram_range: tuple[int, int] = (1, 1)
+    alternate_sign: bool = True
+    norm: str = "l2"
+    lowercase: bool = True
+    token_pattern: str = TOKEN_PATTERN
+
+    def to_json(self) -> str:
+        """Return the settings as the JSON the ``hashing`` attribute holds."""
+        return json.dumps({"n_features": self.n_features, "ngram_range": list(self.ngram_range),
+                           "alternate_sign": self.alternate_sign, "norm": self.norm,
+                           "lowercase": self.lowercase, "token_pattern": self.token_pattern})
+
+    @classmethod
+    def from_json(cls, text: Any, where: str) -> Hashing:
+        """Return the settings of a ``hashing`` attribute or meta value; BadInput naming ``where``."""
+        try:
+            d = json.loads(text) if isinstance(text, (str, bytes)) else dict(text)
+            h = cls(int(d["n_features"]), (int(d["ngram_range"][0]), int(d["ngram_range"][1])),
+                    bool(d["alternate_sign"]), str(d["norm"]), bool(d["lowercase"]), str(d["token_pattern"]))
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise BadInput(f"{where}: hashing settings {str(text)[:80]!r} are incomplete ({e}); expected JSON with "
+                           "n_features, ngram_range, alternate_sign, norm, lowercase, token_pattern") from None
+        if (h.norm, h.alternate_sign, h.lowercase, h.token_pattern) != ("l2", True, True, TOKEN_PATTERN):
+            raise BadInput(f"{where}: hashing settings {h.to_json()} are not supported; this fleetmpi hashes with "
+                           f"norm l2, alternate_sign, lowercase and token_pattern {TOKEN_PATTERN}")
+        return h
+
+
+def hashing_for(hash_bits: int, ngrams: str) -> Hashing:
+    """Return the settings for ``--hash-bits`` and ``--ngrams MIN,MAX``; BadInput when out of range."""
+    if not HASH_BITS_MIN <= hash_bits <= HASH_BITS_MAX:
+        raise BadInput(f"--hash-bits {hash_bits}: expected a whole number in [{HASH_BITS_MIN}, {HASH_BITS_MAX}] "
+                       f"(2^bits columns; default 18)")
+    try:
+        lo, hi = (int(p) for p in ngrams.split(","))
+    except ValueError:
+        raise BadInput(f"--ngrams {ngrams}: expected MIN,MAX word n-gram sizes, e.g. 1,2") from None
+    if not 1 <= lo <= hi <= MAX_NGRAM:
+        raise BadInput(f"--ngrams {ngrams}: expected 1 <= MIN <= MAX <= {MAX_NGRAM}, e.g. 1,2")
+    return Hashing(1 << hash_bits, (lo, hi))
+
+
+# ---------------------------------------------------------------- hashing kernels
+
+@njit(cache=True, nogil=True)
+def _rotl(x: np.uint32, r: int) -> np.uint32:
+    return np.uint32((x << np.uint32(r)) | (x >> np.uint32(32 - r)))
+
+
+@njit(cache=True, nogil=True)
+def _murmur(buf: np.ndarray, lo: int, hi: int, seed: int) -> np.int32:
+    """Return MurmurHash3 x86_32 of ``buf[lo:hi]`` (uint8) as a signed 32-bit int."""
+    c1, c2 = np.uint32(0xCC9E2D51), np.uint32(0x1B873593)
+    h = np.uint32(seed)
+    n = hi - lo
+    nblocks = n // 4
+    for i in range(nblocks):
+        p = lo + 4 * i
+        k = (np.uint32(buf[p]) | (np.uint32(buf[p + 1]) << np.uint32(8)) | (np.uint32(buf[p + 2]) << np.uint32(16))
+             | (np.uint32(buf[p + 3]) << np.uint32(24)))
+        k = np.uint32(k * c1)
+        k = _rotl(k, 15)
+        k = np.uint32(k * c2)
+        h = np.uint32(h ^ k)
+        h = _rotl(h, 13)
+        h = np.uint32(h * np.uint32(5) + np.uint32(0xE6546B64))
+    tail = lo + 4 * nblocks
+    k = np.uint32(0)
+    rem = n & 3
+    if rem >= 3:
+        k = np.uint32(k ^ (np.uint32(buf[tail + 2]) << np.uint32(16)))
+    if rem >= 2:
+        k = np.uint32(k ^ (np.uint32(buf[tail + 1]) << np.uint32(8)))
+    if rem >= 1:
+        k = np.uint32(k ^ np.uint32(buf[tail]))
+        k = np.uint32(k * c1)
+        k = _rotl(k, 15)
+        k = np.uint32(k * c2)
+        h = np.uint32(h ^ k)
+    h = np.uint32(h ^ np.uint32(n))
+    h = np.uint32(h ^ (h >> np.uint32(16)))
+    h = np.uint32(h * np.uint32(0x85EBCA6B))
+    h = np.uint32(h ^ (h >> np.uint32(13)))
+    h = np.uint32(h * np.uint32(0xC2B2AE35))
+    h = np.uint32(h ^ (h >> np.uint32(16)))
+    return np.int32(np.int64(h) - (np.int64(1) << 32) if h >= np.uint32(0x80000000) else np.int64(h))
+
+
+@njit(cache=True, nogil=True)
+def _hash_segments(buf: np.ndarray, seed: int) -> np.ndarray:
+    """Return the signed hash of every b'\\n'-separated segment of ``buf`` (uint8)."""
+    n = 1
+    for i in range(buf.shape[0]):
+        if buf[i] == 10:
+            n += 1
+    out = np.empty(n, np.int32)
+    lo, j = 0, 0
+    for i in range(buf.shape[0] + 1):
+        if i == buf.shape[0] or buf[i] == 10:
+            out[j] = _murmur(buf, lo, i, seed)
+            j += 1
+            lo = i + 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _csr_rows(hashes: np.ndarray, counts: np.ndarray, n_features: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (indptr, indices, data) of l2-normalised signed feature counts, one row per ``counts`` entry."""
+    m = hashes.shape[0]
+    idx = np.empty(m, np.int64)
+    sign = np.empty(m, np.float64)
+    for i in range(m):
+        h = np.int64(hashes[i])
+        # scikit-learn maps INT32_MIN by its own rule, since abs() overflows in C
+        idx[i] = (2147483647 - (n_features - 1)) % n_features if h == -2147483648 else abs(h) % n_features
+        sign[i] = 1.0 if h >= 0 else -1.0
+    nrows = counts.shape[0]
+    indptr = np.zeros(nrows + 1, np.int64)
+    indices = np.empty(m, np.int32)
+    data = np.empty(m, np.float32)
+    vals = np.empty(m, np.float64)
+    pos, nnz = 0, 0
+    for r in range(nrows):
+        seg = idx[pos:pos + counts[r]]
+        sg = sign[pos:pos + counts[r]]
+        order = np.argsort(seg)
+        start = nnz
+        last = -1
+        for t in range(order.shape[0]):
+            c = seg[order[t]]
+            if c != last:
+                indices[nnz] = c
+                vals[nnz] = 0.0
+                nnz += 1
+                last = c
+            vals[nnz - 1] += sg[order[t]]   # whole numbers: the sum is exact in any order
+        # drop entries whose signs cancelled, then l2-normalise in float64 as scikit-learn does
+        w = start
+        ss = 0.0
+        for t in range(start, nnz):
+            if vals[t] != 0.0:
+                indices[w] = indices[t]
+                vals[w] = vals[t]
+                ss += vals[t] * vals[t]
+                w += 1
+        nnz = w
+        norm = np.sqrt(ss)
+        for t in range(start, nnz):
+            data[t] = np.float32(vals[t] / norm)
+        indptr[r + 1] = nnz
+        pos += counts[r]
+    return indptr, indices[:nnz].copy(), data[:nnz].copy()
+
+
+def murmurhash3_32(key: str | bytes, seed: int = 0) -> int:
+    """Return the signed MurmurHash3 x86_32 of ``key`` (str as UTF-8), as sklearn's murmurhash3_32(positive=False)."""
+    raw = key.encode("utf-8") if isinstance(key, str) else key
+    return int(_murmur(np.frombuffer(raw, np.uint8) if raw else np.zeros(0, np.uint8), 0, len(raw), seed))
+
+
+_TOKEN_RE = re.compile(TOKEN_PATTERN)
+
+
+def analyze(doc: str, hashing: Hashing) -> list[str]:
+    """Return the word n-grams of ``doc`` in scikit-learn's order (lowercased, joined by one space)."""
+    tokens = _TOKEN_RE.findall(doc.lower())
+    lo, hi = hashing.ngram_range
+    out = list(tokens) if lo == 1 else []
+    for n in range(max(lo, 2), min(hi, len(tokens)) + 1):
+        out.extend(" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return out
+
+
+def hash_docs(docs: list[str], hashing: Hashing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return CSR (indptr int64, indices int32, data float32) of ``docs`` hashed into hashing.n_features columns."""
+    feats = [analyze(d, hashing) for d in docs]
+    counts = np.fromiter((len(f) for f in feats), np.int64, len(feats))
+    flat = [t for f in feats for t in f]
+    if flat:
+        # One buffer for all features: n-grams hold word characters and spaces only, so
+        # b'\n' separates them, and no UTF-8 multibyte sequence contains that byte.
+        hashes = _hash_segments(np.frombuffer("\n".join(flat).encode("utf-8"), np.uint8), 0)
+    else:
+        hashes = np.zeros(0, np.int32)
+    return _csr_rows(hashes, counts, hashing.n_features)
+
+
+# ---------------------------------------------------------------- text sources
+
+@dataclass
+class Doc:
+    """One document: its text, label (None where the source has none), and where it came from."""
+
+    text: str
+    label: str | None
+    where: str
+    replaced: bool
+
+
+@dataclass
+class Source:
+    """A text source: the layout of ``path`` and the fields JSONL / CSV rows use."""
+
+    path: Path
+    text_field: str = "text"
+    label_field: str | None = "label"
+
+    @property
+    def layout(self) -> str:
+        if self.path.is_dir():
+            return "folder"
+        suffix = self.path.suffix.lower()
+        if suffix in TEXT_SUFFIXES and self.path.is_file():
+            return suffix[1:]
+        if not self.path.exists():
+            raise BadInput(f"{self.path}: no such file or folder; expected a folder of class subfolders, "
+                           "a .jsonl or a .csv file")
+        raise BadInput(f"{self.path}: expected a folder of class subfolders (one document per file), "
+                       f"a .jsonl or a .csv file; got a {suffix or 'suffixless'} file")
+
+    def size_bytes(self) -> int:
+        """Return the bytes the source holds (for the progress bar)."""
+        if self.layout == "folder":
+            return sum(p.stat().st_size for p in self._files())
+        return self.path.stat().st_size
+
+    def _files(self) -> list[Path]:
+        classes = sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return [f for c in classes for f in sorted(c.rglob("*")) if f.is_file()
+                and not any(part.startswith(".") for part in f.relative_to(c).parts)]
+
+    def docs(self) -> Iterator[tuple[Doc, int]]:
+        """Yield (document, bytes read so far) in the source's order."""
+        layout = self.layout
+        if layout == "folder":
+            yield from self._folder()
+        elif layout == "jsonl":
+            yield from self._jsonl()
+        else:
+            yield from self._csv()
+
+    def _folder(self) -> Iterator[tuple[Doc, int]]:
+        files = self._files()
+        if not files:
+            raise BadInput(f"{self.path}: no documents; expected one subfolder per class holding one document "
+                           "per file (scikit-learn load_files layout)")
+        done = 0
+        for f in files:
+            raw = f.read_bytes()
+            done += len(raw)
+            text, bad = _decode(raw)
+            yield Doc(text, f.relative_to(self.path).parts[0], str(f), bad), done
+
+    def _jsonl(self) -> Iterator[tuple[Doc, int]]:
+        done = 0
+        with open(self.path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                done += len(raw)
+                line, bad = _decode(raw)
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BadInput(f"{self.path}:{lineno}: not a JSON object ({e.msg}); expected one object per "
+                                   f"line with fields {self.text_field!r}"
+                                   f"{' and ' + repr(self.label_field) if self.label_field else ''}") from None
+                if not isinstance(rec, dict):
+                    raise BadInput(f"{self.path}:{lineno}: a JSON {type(rec).__name__}, expected an object with "
+                                   f"field {self.text_field!r}")
+                yield Doc(self._field(rec, self.text_field, lineno, "--text-field"),
+                          None if self.label_field is None else
+                          self._field(rec, self.label_field, lineno, "--label-field"),
+                          f"{self.path}:{lineno}", bad), done
+
+    def _csv(self) -> Iterator[tuple[Doc, int]]:
+        with open(self.path, "rb") as fb:
+            lines = _DecodedLines(fb)
+            reader = csv.DictReader(lines)
+            cols = reader.fieldnames or []
+            for name, flag in ((self.text_field, "--text-field"), (self.label_field, "--label-field")):
+                if name is not None and name not in cols:
+                    raise BadInput(f"{self.path}: no column {name!r} ({flag}); the header has "
+                                   f"{', '.join(map(repr, cols)) or 'no columns'}")
+            while True:
+                try:
+                    rec = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as e:
+                    raise BadInput(f"{self.path}:{reader.line_num}: not valid CSV ({e})") from None
+                lineno = reader.line_num
+                bad, lines.replaced = lines.replaced, False
+                yield Doc(self._field(rec, self.text_field, lineno, "--text-field"),
+                          None if self.label_field is None else
+                          self._field(rec, self.label_field, lineno, "--label-field"),
+                          f"{self.path}:{lineno}", bad), lines.done
+
+    def _field(self, rec: dict[str, Any], name: str, lineno: int, flag: str) -> str:
+        value = rec.get(name)
+        if value is None or (flag == "--label-field" and value == ""):
+            have = ", ".join(repr(k) for k in rec if k is not None)
+            raise BadInput(f"{self.path}:{lineno}: no {name!r} field ({flag}); the record has {have or 'no fields'}")
+        if isinstance(value, (dict, list)):
+            raise BadInput(f"{self.path}:{lineno}: field {name!r} is a JSON {type(value).__name__}; expected a "
+                           "string or number")
+        return str(value)
+
+
+class _DecodedLines:
+    """Iterate a binary file's lines as str, replacing undecodable bytes and noting it."""
+
+    def __init__(self, fb: Any) -> None:
+        self.fb, self.done, self.replaced = fb, 0, False
+
+    def __iter__(self) -> _DecodedLines:
+        return self
+
+    def __next__(self) -> str:
+        raw = self.fb.readline()
+        if not raw:
+            raise StopIteration
+        self.done += len(raw)
+        text, bad = _decode(raw)
+        self.replaced |= bad
+        return text
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    """Return (``raw`` as UTF-8 with U+FFFD for undecodable bytes, whether any was replaced)."""
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+# ---------------------------------------------------------------- writing CSR files
+
+class _Progress:
+    """A one-line progress bar on stderr, shown only on a terminal."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.on = sys.stderr.isatty() and os.environ.get("FLEETMPI_PROGRESS", "") != "none"
+        self.label, self.total, self.t = label, max(total, 1), 0.0
+
+    def show(self, docs: int, done: int, last: bool = False) -> None:
+        if not self.on or (not last and time.monotonic() - self.t < 0.2):
+            return
+        self.t = time.monotonic()
+        frac = min(done / self.total, 1.0)
+        bar = "#" * int(30 * frac)
+        print(f"\r{self.label} [{bar:<30}] {100 * frac:5.1f}% {docs} docs", end="\n" if last else "",
+              file=sys.stderr, flush=True)
+
+
+@dataclass
+class SplitStats:
+    """What went into one written split."""
+
+    rows: int = 0
+    nnz: int = 0
+    skipped_empty: int = 0
+    replaced_utf8: int = 0
+    first_empty: str = ""
+    first_replaced: str = ""
+
+
+class _CsrWriter:
+    """Append CSR rows to an HDF5 temp file; y and indptr stay in memory (12 bytes per row)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.f = h5py.File(path, "w", locking=False)
+        chunk = 1 << 16   # 256 KiB per dataset chunk: small files stay small, big ones stream
+        self.indices = self.f.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(chunk,))
+        self.data = self.f.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(chunk,))
+        self.ptr: list[np.ndarray] = [np.zeros(1, np.int64)]
+        self.labels: list[np.ndarray] = []
+        self.nnz = 0
+
+    def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, labels: np.ndarray) -> None:
+        m = indices.shape[0]
+        if m:
+            self.indices.resize((self.nnz + m,))
+            self.data.resize((self.nnz + m,))
+            self.indices[self.nnz:] = indices
+            self.data[self.nnz:] = data
+        self.ptr.append(indptr[1:] + self.nnz)
+        self.labels.append(labels)
+        self.nnz += m
+
+    def close(self, remap: np.ndarray, attrs: dict[str, Any]) -> int:
+        """Write y (label ids through ``remap``), indptr and ``attrs``; fsync; return the rows."""
+        labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
+        self.f.create_dataset("indptr", data=np.concatenate(self.ptr))
+        self.f.create_dataset("y", data=remap[labels].astype(np.float32))
+        for k, v in attrs.items():
+            self.f.attrs[k] = v
+        self.f.close()
+        with open(self.path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        return int(labels.shape[0])
+
+    def abort(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            self.path.unlink(missing_ok=True)
+
+
+def _hash_split(source: Source, hashing: Hashing, writer: _CsrWriter, label_ids: dict[str, int],
+                assign: np.random.Generator | None, valid_fraction: float, valid_writer: _CsrWriter | None,
+                chunk_docs: int, grow: bool, label: str) -> tuple[SplitStats, SplitStats]:
+    """Stream ``source`` into ``writer`` (and ``valid_writer`` for a seeded ``valid_fraction``) chunk by chunk."""
+    stats, vstats = SplitStats(), SplitStats()
+    progress = _Progress(label, source.size_bytes())
+    buf: list[Doc] = []
+    seen = done = 0
+
+    def flush() -> None:
+        indptr, indices, data = hash_docs([d.text for d in buf], hashing)
+        nnz_row = np.diff(indptr)
+        ids = np.empty(len(buf), np.int64)
+        for i, d in enumerate(buf):
+            key = str(d.label)
+            if key not in label_ids:
+                if not grow:
+                    raise BadInput(f"{d.where}: label {key!r} does not occur in the training data "
+                                   f"({', '.join(map(repr, label_ids))}); --valid must use the training labels")
+                label_ids[key] = len(label_ids)
+            ids[i] = label_ids[key]
+        # The draw is per document in source order, so the split does not depend on the chunk size.
+        to_valid = (assign.random(len(buf)) < valid_fraction) if assign is not None else np.zeros(len(buf), bool)
+        for dest, st, mask in ((writer, stats, ~to_valid), (valid_writer, vstats, to_valid)):
+            if dest is None:
+                continue
+            keep = mask & (nnz_row > 0)
+            for j in np.flatnonzero(mask & (nnz_row == 0)).tolist():
+                st.skipped_empty += 1
+                st.first_empty = st.first_empty or buf[j].where
+            for j in np.flatnonzero(keep).tolist():
+                if buf[j].replaced:
+                    st.replaced_utf8 += 1
+                    st.first_replaced = st.first_replaced or buf[j].where
+            rows = np.flatnonzero(keep)
+            lo, hi = indptr[rows], indptr[rows + 1]
+            sel = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if rows.size else np.zeros(0, np.int64)
+            sub_ptr = np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)
+            dest.append(sub_ptr, indices[sel], data[sel], ids[rows])
+            st.rows += rows.size
+            st.nnz += int(sel.size)
+        buf.clear()
+
+    for doc, done in source.docs():
+        buf.append(doc)
+        seen += 1
+        if len(buf) >= chunk_docs:
+            flush()
+            progress.show(seen, done)
+    if buf:
+        flush()
+    progress.show(seen, done, last=True)
+    return stats, vstats
+
+
+def make_text_data(path: Path, out: Path, text_field: str = "text", label_field: str = "label",
+                   valid_fraction: float = 0.2, valid: Path | None = None, ngrams: str = "1,2",
+                   hash_bits: int = 18, seed: int = 0, chunk_docs: int = CHUNK_DOCS) -> dict[str, Any]:
+    """Hash the labelled documents of ``path`` into ``out/train.h5`` and ``out/valid.h5`` (CSR); return a summary.
+
+    Both files appear only when both are complete (temp names in ``out``, fsync, rename);
+    on any refusal nothing is left behind. Warnings (skipped empty documents, replaced
+    bytes, classes with one document) are returned under ``warnings``.
+    """
+    hashing = hashing_for(hash_bits, ngrams)
+    if valid is None and not 0.0 <= valid_fraction < 1.0:
+        raise BadInput(f"--valid-fraction {valid_fraction}: expected a number in [0, 1)")
+    if chunk_docs < 1:
+        raise ValueError(f"chunk_docs {chunk_docs}: expected at least 1")
+    src = Source(Path(path), text_field, label_field)
+    vsrc = Source(Path(valid), text_field, label_field) if valid is not None else None
+    src.layout  # noqa: B018 -- refuse an unknown layout before any file is created
+    if vsrc is not None:
+        vsrc.layout  # noqa: B018
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = {name: out / f".{name}.tmp.{os.getpid()}" for name in ("train.h5", "valid.h5")}
+    writers: list[_CsrWriter] = []
+    try:
+        tw = _CsrWriter(tmp["train.h5"])
+        writers.append(tw)
+        split = valid is not None or valid_fraction > 0
+        vw = _CsrWriter(tmp["valid.h5"]) if split else None
+        if vw is not None:
+            writers.append(vw)
+        label_ids: dict[str, int] = {}
+        assign = np.random.default_rng([seed, 7]) if valid is None and valid_fraction > 0 else None
+        tstats, vstats = _hash_split(src, hashing, tw, label_ids, assign, valid_fraction,
+                                     vw if valid is None else None, chunk_docs, True, f"hashing {path}")
+        if vsrc is not None and vw is not None:
+            vstats, _ = _hash_split(vsrc, hashing, vw, label_ids, None, 0.0, None, chunk_docs, False,
+                                    f"hashing {valid}")
+        names = sorted(label_ids)
+        if len(names) < 2:
+            raise BadInput(f"{path}: found {len(names)} class{'es' if len(names) != 1 else ''} "
+                           f"({', '.join(map(repr, names)) or 'none'}); a classifier needs at least 2")
+        if tstats.rows == 0:
+            raise BadInput(f"{path}: no document with a token of 2+ word characters "
+                           f"({tstats.skipped_empty} empty documents skipped)")
+        remap = np.empty(len(names), np.int64)
+        for new, name in enumerate(names):   # class ids in sorted name order, as load_files numbers folders
+            remap[label_ids[name]] = new
+        warnings = _warnings(tw, vw, tstats, vstats, remap, names)
+        prov = f"text {path} ({src.layout}), hashed {hashing.to_json()}"
+        attrs = {"format": "csr", "n_features": hashing.n_features, "classes": len(names),
+                 "class_names": json.dumps(names), "hashing": hashing.to_json(), "text_field": text_field,
+                 "provenance": prov, "seed": seed}
+        summary: dict[str, Any] = {"classes": names, "hashing": json.loads(hashing.to_json()), "files": {},
+                                   "warnings": warnings}
+        for name, w, st in (("train.h5", tw, tstats), ("valid.h5", vw, vstats)):
+            if w is not None:
+                w.close(remap, {**attrs, "skipped_empty": st.skipped_empty, "replaced_utf8": st.replaced_utf8})
+                summary["files"][str(out / name)] = {"rows": st.rows, "nnz": st.nnz,
+                                                     "skipped_empty": st.skipped_empty,
+                                                     "replaced_utf8": st.replaced_utf8}
+        for name in ("train.h5", "valid.h5"):
+            if tmp[name].exists():
+                os.replace(tmp[name], out / name)
+        if vw is None:
+            (out / "valid.h5").unlink(missing_ok=True)   # a stale split from an earlier run would not match
+        return summary
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+
+
+def _warnings(tw: _CsrWriter, vw: _CsrWriter | None, tstats: SplitStats, vstats: SplitStats,
+              remap: np.ndarray, names: list[str]) -> list[str]:
+    """Return one-line warnings on skipped, repaired and lonely documents."""
+    out = []
+    for split, st in (("train", tstats), ("valid", vstats)):
+        if st.skipped_empty:
+            out.append(f"{split}: skipped {st.skipped_empty} empty document(s) (no token of 2+ word characters), "
+                       f"first {st.first_empty}")
+        if st.replaced_utf8:
+            out.append(f"{split}: replaced undecodable bytes (not UTF-8) with U+FFFD in {st.replaced_utf8} "
+                       f"document(s), first {st.first_replaced}")
+    k = len(names)
+    tcount = np.bincount(remap[np.concatenate(tw.labels)], minlength=k) if tw.labels else np.zeros(k, np.int64)
+    vcount = (np.bincount(remap[np.concatenate(vw.labels)], minlength=k) if vw is not None and vw.labels
+              else np.zeros(k, np.int64))
+    for c in range(k):
+        total = int(tcount[c] + vcount[c])
+        if total == 1:
+            out.append(f"class {names[c]!r} has a single document (in {'train' if tcount[c] else 'valid'}); "
+                       "it cannot be learned and validated; add documents or drop the class")
+        elif tcount[c] == 0:
+            out.append(f"class {names[c]!r} has no training document ({total} in valid); the model cannot predict it")
+    return out
+
+
+def read_texts(path: Path, text_field: str = "text") -> Iterator[Doc]:
+    """Yield the documents of ``path`` (folder, JSONL or CSV) without requiring labels."""
+    src = Source(Path(path), text_field, None)
+    for doc, _ in src.docs():
+        yield doc
+
+
+def text_meta(train_path: Path) -> dict[str, Any]:
+    """Return the hashing settings, class names and text field of a CSR training file ({} for dense data)."""
+    try:
+        with h5py.File(train_path, "r") as f:
+            if "hashing" not in f.attrs:   # dense data, or CSR that was not hashed from text
+                return {}
+            return {"hashing": json.loads(f.attrs["hashing"]), "class_names": json.loads(f.attrs["class_names"]),
+                    "text_field": str(f.attrs.get("text_field", "text"))}
+    except (OSError, KeyError, ValueError):
+        return {}

@@ -1,0 +1,230 @@
+"""Hashed text features: MurmurHash3, tokens and n-grams, CSR rows against scikit-learn, make-data --from text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import cli, write_spec
+
+from fleetmpi.errors import BadInput
+from fleetmpi.text import Hashing, analyze, hash_docs, make_text_data, murmurhash3_32
+
+ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") + \
+    list("ÄÖÜäöüßéèçñøåжщыπλ中文字日本😀🚀") + list("  .,;:!?-'\"()\t\n")
+
+
+def random_docs(rng: np.random.Generator, n: int, max_words: int = 40) -> list[str]:
+    """Return ``n`` random documents of mixed-case, unicode and punctuated words."""
+    docs = []
+    for _ in range(n):
+        words = ["".join(rng.choice(ALPHABET, rng.integers(1, 8))) for _ in range(rng.integers(0, max_words))]
+        docs.append(" ".join(words))
+    return docs
+
+
+def sklearn_rows(docs: list[str], bits: int, ngrams: tuple[int, int]) -> object:
+    text = pytest.importorskip("sklearn.feature_extraction.text")
+    X = text.HashingVectorizer(n_features=2 ** bits, ngram_range=ngrams, alternate_sign=True,
+                               norm="l2").transform(docs)
+    X.eliminate_zeros()   # fleetmpi drops entries whose signs cancelled; scikit-learn keeps them as 0
+    X.sort_indices()
+    return X.astype(np.float32)
+
+
+def test_murmurhash_matches_sklearn_on_random_tokens() -> None:
+    ref = pytest.importorskip("sklearn.utils").murmurhash3_32
+    rng = np.random.default_rng(11)
+    keys = ["", "a", "ab", "abc", "abcd"] + ["".join(rng.choice(ALPHABET, rng.integers(1, 30))) for _ in range(3000)]
+    got = [murmurhash3_32(k) for k in keys]
+    assert got == [int(ref(k, seed=0, positive=False)) for k in keys]
+    assert murmurhash3_32(b"\xff\xfe raw") == int(ref(b"\xff\xfe raw", seed=0, positive=False))
+    assert any(h < 0 for h in got) and any(h > 0 for h in got)
+
+
+@pytest.mark.parametrize("ngrams", [(1, 1), (1, 2), (2, 3)])
+def test_tokens_and_ngrams_match_sklearn_analyzer(ngrams: tuple[int, int]) -> None:
+    text = pytest.importorskip("sklearn.feature_extraction.text")
+    analyzer = text.HashingVectorizer(ngram_range=ngrams).build_analyzer()
+    for doc in random_docs(np.random.default_rng(5), 200):
+        assert analyze(doc, Hashing(1024, ngrams)) == analyzer(doc)
+    assert analyze("The Cat sat, a CAT!", Hashing(1024, (1, 2))) == ["the", "cat", "sat", "cat", "the cat",
+                                                                      "cat sat", "sat cat"]
+
+
+@pytest.mark.parametrize("bits,ngrams", [(10, (1, 1)), (10, (1, 2)), (18, (1, 2)), (14, (2, 3))])
+def test_csr_rows_equal_hashing_vectorizer_bitwise(bits: int, ngrams: tuple[int, int]) -> None:
+    docs = [*random_docs(np.random.default_rng(bits), 400), "", "x y z", "été été ÉTÉ"]
+    ref = sklearn_rows(docs, bits, ngrams)
+    indptr, indices, data = hash_docs(docs, Hashing(2 ** bits, ngrams))
+    assert indptr.dtype == np.int64 and indices.dtype == np.int32 and data.dtype == np.float32
+    np.testing.assert_array_equal(indptr, ref.indptr)
+    np.testing.assert_array_equal(indices, ref.indices)
+    np.testing.assert_array_equal(data.view(np.uint32), ref.data.view(np.uint32))
+    for r in range(len(docs)):   # sorted within rows, no duplicates
+        assert np.all(np.diff(indices[indptr[r]:indptr[r + 1]]) > 0)
+
+
+def write_folder(root: Path, docs: list[str], labels: list[str]) -> Path:
+    for i, (doc, lab) in enumerate(zip(docs, labels)):
+        (root / lab).mkdir(parents=True, exist_ok=True)
+        (root / lab / f"{i:05d}.txt").write_text(doc, encoding="utf-8")
+    return root
+
+
+def read_split(path: Path) -> dict[str, object]:
+    with h5py.File(path, "r") as f:
+        return {**{k: f[k][()] for k in ("indptr", "indices", "data", "y")}, **dict(f.attrs)}
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(3)
+    docs = random_docs(rng, 150, 25)
+    labels = [str(rng.choice(["sport", "ökonomie", "tech"])) for _ in docs]
+    return docs, labels
+
+
+def test_files_hold_the_format_and_sklearn_rows_in_any_chunk_size(tmp_path: Path,
+                                                                  corpus: tuple[list[str], list[str]]) -> None:
+    docs, labels = corpus
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"body": d, "topic": lab}) + "\n" for d, lab in zip(docs, labels)))
+    outs = []
+    for chunk in (1, 7, 4096):
+        out = tmp_path / f"out{chunk}"
+        make_text_data(src, out, text_field="body", label_field="topic", valid_fraction=0.3, hash_bits=12,
+                       ngrams="1,2", seed=4, chunk_docs=chunk)
+        outs.append((read_split(out / "train.h5"), read_split(out / "valid.h5")))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            for k in ("indptr", "indices", "data", "y"):
+                np.testing.assert_array_equal(a[k], b[k])
+    train, valid = outs[0]
+    names = json.loads(train["class_names"])
+    assert names == sorted(set(labels)) and train["classes"] == 3 and train["format"] == "csr"
+    assert json.loads(train["hashing"]) == {"n_features": 4096, "ngram_range": [1, 2], "alternate_sign": True,
+                                            "norm": "l2", "lowercase": True, "token_pattern": r"(?u)\b\w\w+\b"}
+    assert 0 < len(valid["y"]) < len(train["y"])
+    # Reassemble the documents each split holds, in source order, and compare with scikit-learn.
+    ref_all = sklearn_rows(docs, 12, (1, 2))
+    nonempty = [i for i in range(len(docs)) if ref_all.indptr[i + 1] > ref_all.indptr[i]]
+    rows_t, rows_v = len(train["y"]), len(valid["y"])
+    assert rows_t + rows_v == len(nonempty)
+    draws = np.random.default_rng([4, 7]).random(len(docs)) < 0.3
+    for split, mask in ((train, ~draws), (valid, draws)):
+        keep = [i for i in nonempty if mask[i]]
+        ref = ref_all[keep]
+        np.testing.assert_array_equal(split["indptr"], ref.indptr)
+        np.testing.assert_array_equal(split["indices"], ref.indices)
+        np.testing.assert_array_equal(split["data"].view(np.uint32), ref.data.view(np.uint32))
+        np.testing.assert_array_equal(split["y"], [names.index(labels[i]) for i in keep])
+
+
+def test_folder_csv_and_jsonl_layouts_give_the_same_rows(tmp_path: Path, corpus: tuple[list[str], list[str]]) -> None:
+    import csv
+    docs, labels = corpus
+    order = sorted(range(len(docs)), key=lambda i: (labels[i], i))   # load_files order: class folder, file name
+    write_folder(tmp_path / "folder", docs, labels)
+    with open(tmp_path / "d.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["label", "text"])
+        w.writerows([labels[i], docs[i]] for i in order)
+    got = []
+    for src in ("folder", "d.csv"):
+        make_text_data(tmp_path / src, tmp_path / f"o-{src}", valid_fraction=0.0, hash_bits=11)
+        got.append(read_split(tmp_path / f"o-{src}" / "train.h5"))
+        assert not (tmp_path / f"o-{src}" / "valid.h5").exists()
+    for k in ("indptr", "indices", "data", "y"):
+        np.testing.assert_array_equal(got[0][k], got[1][k])
+
+
+def test_bad_input_counts_and_warnings(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    write_folder(root, ["red green blue"] * 5 + ["lonely words here"], ["a"] * 5 + ["solo"])
+    (root / "a" / "empty.txt").write_text("")
+    (root / "a" / "onechar.txt").write_text("x y z !")
+    (root / "a" / "latin1.txt").write_bytes("café crème brûlée".encode("latin-1"))
+    res = make_text_data(root, tmp_path / "o", valid_fraction=0.0, hash_bits=10)
+    st = res["files"][str(tmp_path / "o" / "train.h5")]
+    assert st["skipped_empty"] == 2 and st["replaced_utf8"] == 1 and st["rows"] == 7
+    assert any("'solo' has a single document" in w for w in res["warnings"])
+    assert any("skipped 2 empty" in w for w in res["warnings"])
+    assert any("replaced undecodable bytes" in w and "latin1.txt" in w for w in res["warnings"])
+    with pytest.raises(BadInput, match="no documents"):
+        (tmp_path / "empty" / "cls").mkdir(parents=True)
+        make_text_data(tmp_path / "empty", tmp_path / "o2")
+    with pytest.raises(BadInput, match="at least 2"):
+        make_text_data(write_folder(tmp_path / "one", ["only one class"], ["cls"]), tmp_path / "o3")
+    assert not (tmp_path / "o2" / "train.h5").exists()
+
+
+def test_cli_refusals_exit_2_with_one_line_and_leave_old_files(tmp_path: Path) -> None:
+    lines = [json.dumps({"text": f"document number {i} words", "label": "ab"[i % 2]}) for i in range(60)]
+    lines[41] = json.dumps({"text": "this one has no label"})
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.h5").write_bytes(b"previous run")
+    cases = [
+        (["--from", "text", str(src), "--hash-bits", "9"], "--hash-bits 9"),
+        (["--from", "text", str(src), "--hash-bits", "27"], "[10, 26]"),
+        (["--from", "text", str(src)], f"{src}:42: no 'label' field (--label-field)"),
+        (["--from", "text", str(tmp_path / "nothing")], "no such file or folder"),
+        (["--from", "text", str(src), "--ngrams", "2,1"], "--ngrams 2,1"),
+    ]
+    for args, expected in cases:
+        proc = cli("make-data", *args, "--out", str(out))
+        assert proc.returncode == 2, proc.stderr
+        err = proc.stderr.strip()
+        assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert (out / "train.h5").read_bytes() == b"previous run"
+    assert sorted(p.name for p in out.iterdir()) == ["train.h5"]   # no temp or half-written split
+
+
+def test_model_keeps_hashing_and_predict_reads_raw_text(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    vocab = {"space": ["orbit", "rocket", "planet", "nasa", "launch"], "food": ["bread", "cheese", "soup", "oven"],
+             "music": ["guitar", "chord", "drum", "song", "tempo"]}
+    recs = []
+    for i in range(240):
+        lab = list(vocab)[i % 3]
+        words = list(rng.choice(vocab[lab], 6)) + list(rng.choice(["the", "and", "with", "of"], 4))
+        recs.append({"text": " ".join(rng.permutation(words)), "label": lab})
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    data = tmp_path / "data"
+    cli("make-data", "--from", "text", str(src), "--out", str(data), "--hash-bits", "10", check=True)
+    # The dense trainer stands in for the CSR reader here: densify, keeping the text attributes.
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    for split in ("train.h5", "valid.h5"):
+        s = read_split(data / split)
+        X = np.zeros((len(s["y"]), 1024), np.float32)
+        X[np.repeat(np.arange(len(s["y"])), np.diff(s["indptr"])), s["indices"]] = s["data"]
+        with h5py.File(dense / split, "w") as f:
+            f["X"], f["y"] = X, s["y"]
+            for k in ("classes", "class_names", "hashing", "text_field"):
+                f.attrs[k] = s[k]
+    spec = write_spec(tmp_path / "s.yaml", dense, goal={"max_steps": 40})
+    proc = cli("run", str(spec), "--job-dir", str(tmp_path / "job"))
+    assert proc.returncode == 0, proc.stderr
+    new = tmp_path / "new.jsonl"
+    new.write_text(json.dumps({"text": "rocket orbit launch planet"}) + "\n" + json.dumps({"text": ""}) + "\n"
+                   + json.dumps({"text": "guitar drum song"}) + "\n")
+    proc = cli("predict", str(tmp_path / "job" / "model.h5"), str(new), "--out", str(tmp_path / "p.h5"))
+    assert proc.returncode == 0, proc.stderr
+    assert "1 empty document" in proc.stderr
+    from fleetmpi.h5store import read_h5_verified
+    arrays, meta = read_h5_verified(tmp_path / "p.h5", kind="predictions")
+    assert meta["class_names"] == ["food", "music", "space"]
+    assert arrays["proba"].shape == (3, 3)
+    np.testing.assert_allclose(arrays["proba"].sum(axis=1), 1.0, rtol=1e-12)
+    assert [meta["class_names"][i] for i in arrays["pred"][[0, 2]]] == ["space", "music"]
+    proc = cli("predict", str(tmp_path / "job" / "model.h5"), str(tmp_path / "nope.csv"), "--out",
+               str(tmp_path / "q.h5"))
+    assert proc.returncode == 2 and "no such file or folder" in proc.stderr
