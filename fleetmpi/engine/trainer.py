@@ -185,6 +185,8 @@ class Trainer:
         meta = {"name": self.spec.name, "step": self.step,
                 "epoch": self.samples_seen / self.n, "spec_hash": self.spec.spec_hash(),
                 "model_hash": self.spec.model_hash(), "metrics": metrics}
+        from fleetmpi.preprocess import preprocess_meta  # make-data's record: predict applies it to tables
+        meta.update(preprocess_meta(self.spec.data_path(self.spec.data.train)))
         self.technique.write_model(self.jd.model, meta)
 
 
