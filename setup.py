@@ -32,7 +32,12 @@ setup(
         "gpu-compile": ["numba-cuda", "cuda-bindings>=13,<14", "nvidia-nvvm>=13,<14", "nvidia-cuda-nvrtc>=13,<14",
                         "nvidia-cuda-nvcc>=13,<14"],
         "plot": ["matplotlib>=3.8"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8", "statsmodels"],
+        # make-data --from parquet and predict on .parquet files.
+        "parquet": ["pyarrow>=14"],
+        # pandas reads the reference tables of the own-data tests; pyarrow their Parquet files;
+        # statsmodels is the AutoReg reference of the time-series tests.
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8", "pandas>=2.1",
+                "pyarrow>=14", "statsmodels"],
     },
     entry_points={"console_scripts": ["fleetmpi=fleetmpi.cli:main"]},
 )

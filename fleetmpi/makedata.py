@@ -109,6 +109,14 @@ def make_data(source: str, task: str, n: int, d: int, classes: int, noise: float
         prov = f"synthetic {task}: linear teacher, n={n} d={d} noise={noise} seed={seed}"
         k = {"binary": 2, "multiclass": classes}.get(task)
     else:
+        # The bundled sets have one task each; relabelling them (digits even/odd, say) would
+        # make a dataset nobody asked for, so another --task is refused.
+        native = {"digits": "multiclass", "breast_cancer": "binary"}[source]
+        if task != native:
+            other = "--from breast_cancer" if native == "multiclass" else "--from digits --task multiclass"
+            raise BadInput(f"--from {source} --task {task}: {source} is a {native} dataset "
+                           f"({'10 classes' if source == 'digits' else '2 classes'}); use --task {native}, "
+                           f"or {other}, or --from synthetic --task {task}")
         X, y, prov = bundled(source)
         k = int(y.max()) + 1
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 from fleetmpi.cli.common import JOB_HELP, add_set, resolve_job
 from fleetmpi.errors import BadInput, ExitCode
+from fleetmpi.preprocess import AUTO_MAX_CLASSES
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -30,32 +31,49 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
 
     pr = sub.add_parser("predict", help="predict with a trained model")
     pr.add_argument("model", help="model.h5 written by a finished job")
-    pr.add_argument("data", help="HDF5 file with dataset X (float32, n x d); for a model trained on hashed text: "
-                    "a folder of class subfolders, a .jsonl or a .csv file of raw text")
-    pr.add_argument("--out", required=True, help="output HDF5 file (datasets pred, and proba for classifiers)")
+    pr.add_argument("data", help="HDF5 file with dataset X (float32, n x d); a .csv, .parquet, .npy or .libsvm table "
+                                 "(make-data's column order, standardisation and class names are applied); or, for a "
+                                 "model trained on hashed text, a folder of class subfolders, a .jsonl or a .csv of "
+                                 "raw text")
+    pr.add_argument("--out", required=True, help="output .h5 (datasets pred, and proba for classifiers; mean and std "
+                                                 "for gp) or .csv (class and p_<class> columns, or pred for regression)")
     pr.add_argument("--horizon", type=int, help="ar model: forecast H steps after the end of each series in DATA "
                     "(dataset series); writes forecast (H, m)")
     pr.add_argument("--text-field", help="raw text input: the JSONL/CSV field holding the text (default: the "
                     "field the model was trained on)")
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--json", action="store_true", help="print the outcome as JSON (accuracy and log-loss, or mse, "
+                                                         "when a table has the label column)")
 
-    m = sub.add_parser("make-data", help="write a synthetic or bundled dataset as HDF5 (X, y)")
-    m.add_argument("--task", choices=["binary", "multiclass", "regression"], default="binary")
-    m.add_argument("--from", dest="source", nargs="+", metavar="SOURCE", default=["synthetic"],
-                   help="synthetic | digits | breast_cancer | csv FILE (with --series-columns) | text PATH "
-                   "(folder of class subfolders, .jsonl or .csv)")
+    m = sub.add_parser("make-data", help="write HDF5 from your table (csv, parquet, npy, libsvm), raw text, a "
+                                         "series CSV, or a synthetic or bundled dataset")
+    m.add_argument("--from", dest="source", nargs="+", default=["synthetic"], metavar="SOURCE [PATH]",
+                   help="synthetic | digits | breast_cancer; csv | parquet | npy | libsvm followed by the file; "
+                        "text PATH (folder of class subfolders, .jsonl or .csv); csv FILE --series-columns a,b for "
+                        "a time series")
+    m.add_argument("--task", choices=["binary", "multiclass", "regression", "auto"], default=None,
+                   help="default: binary (synthetic), multiclass (digits), binary (breast_cancer), auto (files). "
+                        f"auto: labels that are text, or whole numbers with at most {AUTO_MAX_CLASSES} distinct "
+                        "values, are classes (binary when 2); anything else is regression")
     m.add_argument("--series-columns", help="with --from csv FILE: numeric columns a,b written as series (T, m)")
+    m.add_argument("--label", help="label column (csv, parquet)")
+    m.add_argument("--labels", help="labels .npy, one per row (npy)")
+    m.add_argument("--valid", help="validation file or documents in the same format or layout (instead of "
+                                   "--valid-fraction)")
+    m.add_argument("--valid-labels", help="labels .npy of the --valid file (npy)")
+    m.add_argument("--standardize", action="store_true",
+                   help="scale features by the training part's mean and std; predict applies the same")
+    m.add_argument("--categorical", default="", metavar="A,B", help="one-hot encode these text columns")
+    m.add_argument("--fill", choices=["mean"], help="fill missing cells with the training mean (else refused)")
     m.add_argument("--n", type=int, default=10000, help="rows (synthetic)")
     m.add_argument("--d", type=int, default=32, help="features (synthetic)")
     m.add_argument("--classes", type=int, default=4, help="classes (synthetic multiclass)")
     m.add_argument("--noise", type=float, default=0.5, help="label noise scale (synthetic)")
-    m.add_argument("--valid-fraction", type=float, default=0.2)
+    m.add_argument("--valid-fraction", type=float, default=None,
+                   help="rows drawn at random (seeded) into valid.h5; default 0.2, 0 without --valid")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True, help="output folder: writes train.h5 and valid.h5")
     m.add_argument("--text-field", default="text", help="--from text JSONL/CSV: the field holding the document")
     m.add_argument("--label-field", default="label", help="--from text JSONL/CSV: the field holding the class")
-    m.add_argument("--valid", help="--from text: validation documents in the same layout (instead of "
-                   "--valid-fraction)")
     m.add_argument("--ngrams", default="1,2", help="--from text: word n-gram sizes MIN,MAX")
     m.add_argument("--hash-bits", type=int, default=18, help="--from text: hash into 2^bits columns (10..26)")
 
@@ -228,7 +246,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from fleetmpi.engine.predict import forecast_file, predict_file
+    from fleetmpi.engine.predict import TABLE_SUFFIXES, forecast_file, predict_file, predict_table, predict_text_file
     if args.horizon is not None:
         res = forecast_file(Path(args.model), Path(args.data), Path(args.out), args.horizon)
         if args.json:
@@ -237,11 +255,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             print(f"fleetmpi: wrote {res['horizon']}-step forecasts of {res['series']} series to {res['out']}",
                   file=sys.stderr)
         return ExitCode.OK
+    data = Path(args.data)
     if args.text_field is not None:
-        from fleetmpi.engine.predict import predict_text_file
-        res = predict_text_file(Path(args.model), Path(args.data), Path(args.out), args.text_field)
-    else:
-        res = predict_file(Path(args.model), Path(args.data), Path(args.out))
+        res = predict_text_file(Path(args.model), data, Path(args.out), args.text_field)
+    elif data.suffix.lower() in TABLE_SUFFIXES:   # a .csv of raw text goes on to predict_text_file
+        res = predict_table(Path(args.model), data, Path(args.out))
+    else:   # HDF5 X, or raw text for a model trained on hashed text
+        res = predict_file(Path(args.model), data, Path(args.out))
     for key, what in (("empty_documents", "empty document(s) (no token of 2+ word characters) predicted as an "
                        "all-zero row"), ("replaced_utf8", "document(s) held bytes that are not UTF-8 (replaced)")):
         if res.get(key):
@@ -253,11 +273,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+BUILTIN_SOURCES = ("synthetic", "digits", "breast_cancer")
+TABLE_SOURCES = ("csv", "parquet", "npy", "libsvm")
+
+
 def _cmd_make_data(args: argparse.Namespace) -> int:
-    from fleetmpi.makedata import make_data
     check_folder_path(Path(args.out), "--out")
-    source, *rest = args.source
-    if source == "csv" and args.series_columns is not None:
+    kind, *rest = args.source
+    if kind == "csv" and args.series_columns is not None:
         from fleetmpi.series import make_series
         if len(rest) != 1:
             raise BadInput("--from csv: expected one CSV file, e.g. --from csv data.csv --series-columns a,b")
@@ -265,15 +288,30 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
         for path, points in written.items():
             print(f"fleetmpi: wrote {path} ({points} points per series)", file=sys.stderr)
         return ExitCode.OK
-    if source == "text":
+    if kind == "text":
         return _make_text(args, rest)
     if args.series_columns is not None:
-        raise BadInput(f"--series-columns: only --from csv FILE takes it, not --from {source}")
-    if source not in ("synthetic", "digits", "breast_cancer") or rest:
-        raise BadInput(f"--from {' '.join(args.source)}: expected synthetic, digits, breast_cancer or "
-                       "csv FILE --series-columns a,b")
-    out = make_data(source=source, task=args.task, n=args.n, d=args.d, classes=args.classes,
-                    noise=args.noise, valid_fraction=args.valid_fraction, seed=args.seed, out=Path(args.out))
+        raise BadInput(f"--series-columns: only --from csv FILE takes it, not --from {kind}")
+    valid_sources = f"{', '.join(BUILTIN_SOURCES)}, {' | '.join(TABLE_SOURCES)} PATH, or text PATH"
+    if kind not in BUILTIN_SOURCES + TABLE_SOURCES:
+        hint = f" (for a file: --from {kind.rsplit('.', 1)[-1]} {kind})" if "." in kind else ""
+        raise BadInput(f"--from {kind}: not a source; valid: {valid_sources}{hint}")
+    if len(rest) != (kind in TABLE_SOURCES):
+        raise BadInput(f"--from {' '.join(args.source)}: " + (f"{kind} needs the file: --from {kind} PATH"
+                       if kind in TABLE_SOURCES else f"{kind} takes no file") + f"; valid: {valid_sources}")
+    if kind in TABLE_SOURCES:
+        out = _make_data_from_file(args, kind, Path(rest[0]))
+    else:
+        from fleetmpi.makedata import make_data
+        for flag in ("label", "labels", "valid", "valid_labels", "fill"):
+            if getattr(args, flag):
+                raise BadInput(f"--{flag.replace('_', '-')}: only with --from {' | '.join(TABLE_SOURCES)} PATH")
+        if args.categorical or args.standardize:
+            raise BadInput(f"--categorical/--standardize: only with --from {' | '.join(TABLE_SOURCES)} PATH")
+        default_task = {"digits": "multiclass"}.get(kind, "binary")
+        fraction = 0.2 if args.valid_fraction is None else args.valid_fraction
+        out = make_data(source=kind, task=args.task or default_task, n=args.n, d=args.d, classes=args.classes,
+                        noise=args.noise, valid_fraction=fraction, seed=args.seed, out=Path(args.out))
     for path, rows in out.items():
         print(f"fleetmpi: wrote {path} ({rows} rows)", file=sys.stderr)
     return ExitCode.OK
@@ -293,6 +331,31 @@ def _make_text(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"fleetmpi: wrote {path} ({st['rows']} rows, {st['nnz']} nonzeros, {len(res['classes'])} classes)",
               file=sys.stderr)
     return ExitCode.OK
+
+
+def _make_data_from_file(args: argparse.Namespace, fmt: str, path: Path) -> dict[str, int]:
+    from fleetmpi.convert import Source, convert
+    if args.label and fmt not in ("csv", "parquet"):
+        raise BadInput(f"--label: only for csv and parquet (--from {fmt} takes labels from "
+                       f"{'--labels FILE.npy' if fmt == 'npy' else 'the first field of each row'})")
+    if (args.labels or args.valid_labels) and fmt != "npy":
+        raise BadInput(f"--labels/--valid-labels: only for --from npy; --from {fmt} takes "
+                       f"{'--label COLUMN' if fmt in ('csv', 'parquet') else 'labels from the first field'}")
+    if args.valid and args.valid_fraction:
+        raise BadInput(f"--valid {args.valid} and --valid-fraction {args.valid_fraction}: give one of them")
+    if fmt == "npy" and args.valid and not args.valid_labels:
+        raise BadInput(f"--valid {args.valid}: give its labels with --valid-labels FILE.npy")
+    fraction = 0.0 if args.valid else (0.2 if args.valid_fraction is None else args.valid_fraction)
+    label = args.label if fmt in ("csv", "parquet") else "label"
+    src = Source(path=path, fmt=fmt, label=label, labels=Path(args.labels) if args.labels else None,
+                 valid=Path(args.valid) if args.valid else None,
+                 valid_labels=Path(args.valid_labels) if args.valid_labels else None,
+                 valid_fraction=fraction, seed=args.seed)
+    if fmt == "npy" and src.labels is None:
+        raise BadInput("--from npy: give the labels with --labels FILE.npy (one per row)")
+    categorical = tuple(c.strip() for c in args.categorical.split(",") if c.strip())
+    return convert(src, Path(args.out), task=args.task or "auto", standardize=args.standardize,
+                   categorical=categorical, fill=args.fill == "mean")
 
 
 def _cmd_approve(args: argparse.Namespace) -> int:

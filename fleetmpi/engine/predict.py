@@ -77,11 +77,17 @@ def _custom_model(path: Path, meta: dict[str, Any]) -> Model:
     return model
 
 
+def is_text_input(data_path: Path, meta: dict[str, Any]) -> bool:
+    """Return whether ``data_path`` is raw text for a model trained on hashed text (a folder, .jsonl or .csv)."""
+    suffix = data_path.suffix.lower()
+    return data_path.is_dir() or suffix == ".jsonl" or (suffix == ".csv" and "hashing" in meta)
+
+
 def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]:
     """Predict every row of ``data_path``'s X in chunks and write ``out`` atomically."""
     from fleetmpi.engine.data import open_h5
     arrays_in, meta = read_h5_verified(model_path, kind="model")
-    if data_path.is_dir() or data_path.suffix.lower() in (".jsonl", ".csv"):
+    if is_text_input(data_path, meta):
         return predict_text_file(model_path, data_path, out)
     if meta.get("kind") == "gp":
         gp = _gp_model(model_path, arrays_in, meta)
@@ -120,6 +126,10 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
                 raise BadInput(f"{data_path}: dataset X holds {'NaN' if np.isnan(rows[r, c]) else 'inf'} at row "
                                f"{i + r}, column {c}; predict needs finite features (drop or impute those rows)")
             parts.append(predict_rows(rows))
+    if out.suffix.lower() == ".csv":
+        if meta.get("kind") == "gp":
+            raise BadInput(f"--out {out}: a gp's predictions (mean, std) are written as HDF5; give a .h5 file")
+        return _csv_out(out, model, meta, np.concatenate(parts) if parts else np.empty(0))
     arrays: dict[str, np.ndarray] = {}
     if meta.get("kind") == "gp":
         raw = arrays["mean"] = np.concatenate([p[0] for p in parts])
@@ -253,3 +263,166 @@ def forecast_file(model_path: Path, data_path: Path, out: Path, horizon: int) ->
     write_h5_atomic(out, {"forecast": forecast}, {"model": str(model_path), "data": str(data_path),
                                                   "model_meta": meta, "horizon": horizon}, kind="predictions")
     return {"out": str(out), "horizon": horizon, "series": m}
+
+
+# ---------------------------------------------------------------- tables in, CSV out
+TABLE_SUFFIXES = (".csv", ".txt", ".parquet", ".pq", ".npy", ".svm", ".libsvm")
+
+
+def check_out(out: Path, *inputs: Path) -> None:
+    """Refuse an --out that would overwrite an input, is a folder, or whose folder is missing or unwritable."""
+    import os
+    if out.resolve() in tuple(p.resolve() for p in inputs):
+        raise BadInput(f"--out {out}: would overwrite an input file; choose another path")
+    if out.suffix.lower() not in (".csv", ".h5", ".hdf5"):
+        raise BadInput(f"--out {out}: give a .csv or .h5 file name")
+    if not out.parent.is_dir():
+        raise BadInput(f"--out {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise BadInput(f"--out {out}: is a folder; give a file name, e.g. {out / 'predictions.csv'}")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: folder {out.parent} is not writable; choose another --out")
+
+
+def class_names(model: Model | TreeModel, meta: dict[str, Any]) -> list[str]:
+    """Return the class names of a classifier: make-data's, else the class ids as text."""
+    from fleetmpi.preprocess import Record
+    rec = Record.from_meta(meta.get("preprocess"))
+    if rec is not None and rec.classes:
+        return list(rec.classes)
+    k = 2 if model.task == "binary" else int(meta.get("classes") or 0)
+    return [str(i) for i in range(k)]
+
+
+def _proba_matrix(task: str, raw: np.ndarray) -> np.ndarray:
+    return np.column_stack([1.0 - raw, raw]) if task == "binary" else raw
+
+
+class CsvOut:
+    """Stream predictions to a CSV written atomically (temp in the same folder, fsync, rename)."""
+
+    def __init__(self, out: Path, task: str, classes: list[str]) -> None:
+        import csv
+        import os
+
+        from fleetmpi.jobdir import open_new
+        self.out, self.task, self.classes = out, task, classes
+        self.tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
+        try:
+            self.fh = os.fdopen(open_new(self.tmp), "w", newline="", encoding="utf-8")
+        except OSError as e:
+            raise BadInput(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable folder") from None
+        self.w = csv.writer(self.fh)
+        self.w.writerow(["pred"] if task == "regression" else ["class", *(f"p_{c}" for c in classes)])
+
+    def add(self, raw: np.ndarray) -> None:
+        """Write the rows of one chunk's raw model output."""
+        if self.task == "regression":
+            self.w.writerows([repr(float(v))] for v in raw)
+            return
+        P = _proba_matrix(self.task, raw)
+        names = np.asarray(self.classes, dtype=object)[P.argmax(axis=1)]
+        self.w.writerows([n, *(f"{p:.9g}" for p in row)] for n, row in zip(names, P.tolist(), strict=True))
+
+    def close(self, ok: bool) -> None:
+        """Publish the file when ``ok``, else remove the temp."""
+        import os
+
+        from fleetmpi.jobdir import fsync_dir
+        try:
+            if ok:
+                self.fh.flush()
+                os.fsync(self.fh.fileno())
+            self.fh.close()
+            if ok:
+                os.replace(self.tmp, self.out)
+                fsync_dir(self.out.parent)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+class Scores:
+    """Sum accuracy and log-loss (classifiers) or squared error (regression) over labelled chunks."""
+
+    def __init__(self, task: str) -> None:
+        self.task, self.n, self.correct, self.loss = task, 0, 0, 0.0
+
+    def add(self, raw: np.ndarray, y: np.ndarray) -> None:
+        self.n += len(y)
+        if self.task == "regression":
+            self.loss += float(((raw - y) ** 2).sum())
+            return
+        P = _proba_matrix(self.task, raw)
+        ids = y.astype(np.int64)
+        self.correct += int((P.argmax(axis=1) == ids).sum())
+        self.loss -= float(np.log(np.clip(P[np.arange(len(ids)), ids], 1e-15, 1.0)).sum())
+
+    def report(self) -> dict[str, float]:
+        if not self.n:
+            return {}
+        if self.task == "regression":
+            return {"mse": self.loss / self.n, "labelled_rows": self.n}
+        return {"accuracy": self.correct / self.n, "log_loss": self.loss / self.n, "labelled_rows": self.n}
+
+
+def predict_table(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]:
+    """Predict a CSV, Parquet, NPY or LIBSVM file in chunks through the model's preprocessing; write ``out``."""
+    from fleetmpi.preprocess import Record
+    from fleetmpi.tabular import format_of, read_chunks
+    if is_text_input(data_path, read_h5_verified(model_path, kind="model")[1]):
+        return predict_text_file(model_path, data_path, out)   # a .csv of raw text for a hashed-text model
+    model, params, meta = load_model(model_path)
+    check_out(out, model_path, data_path)
+    fmt = format_of(data_path)
+    rec = Record.from_meta(meta.get("preprocess"))
+    d = model_d(model)
+    classes = class_names(model, meta) if model.task != "regression" else []
+    sink = CsvOut(out, model.task, classes) if out.suffix.lower() == ".csv" else None
+    parts: list[np.ndarray] = []
+    scores = Scores(model.task)
+    rows, ok = 0, False
+    try:
+        text = frozenset(rec.categorical) if rec is not None else frozenset()
+        for chunk in read_chunks(data_path, fmt, text, libsvm_d=d if fmt == "libsvm" else None):
+            if rec is None:   # no make-data record: every column, in file order, is a feature
+                rec = Record(columns=[c for c in chunk.cols if c != "label"], features=[], label=None,
+                             task=model.task)
+            X = rec.features_of(chunk, str(data_path))
+            if X.shape[1] != d:
+                raise BadInput(f"{data_path}: gives {X.shape[1]} features but the model takes {d} "
+                               f"({', '.join(rec.features or rec.columns)[:200]})")
+            raw = model.predict(X, params)
+            if rec.label is not None and rec.label in chunk.cols:
+                scores.add(raw, rec.labels_of(chunk, str(data_path)))
+            if sink is not None:
+                sink.add(raw)
+            else:
+                parts.append(raw)
+            rows += X.shape[0]
+        if rows == 0:
+            raise BadInput(f"{data_path}: no rows to predict")
+        if sink is None:
+            raw = np.concatenate(parts)
+            arrays = {"pred": raw} if model.task == "regression" else {
+                "proba": raw, "pred": (raw >= 0.5 if model.task == "binary" else raw.argmax(axis=1)).astype(np.int64)}
+            write_h5_atomic(out, arrays, {"model": str(model_path), "data": str(data_path), "model_meta": meta,
+                                          "classes": classes}, kind="predictions")
+        ok = True
+    finally:
+        if sink is not None:
+            sink.close(ok)
+    return {"out": str(out), "rows": rows, "task": model.task, **({"classes": classes} if classes else {}),
+            **scores.report()}
+
+
+def _csv_out(out: Path, model: Model | TreeModel, meta: dict[str, Any], raw: np.ndarray) -> dict[str, Any]:
+    """Write an HDF5 input's predictions as CSV (class names from the model's record)."""
+    classes = class_names(model, meta) if model.task != "regression" else []
+    sink = CsvOut(out, model.task, classes)
+    ok = False
+    try:
+        sink.add(raw)
+        ok = True
+    finally:
+        sink.close(ok)
+    return {"out": str(out), "rows": int(raw.shape[0]), "task": model.task}

@@ -204,17 +204,23 @@ class Trainer:
         meta = {"name": self.spec.name, "step": self.step,
                 "epoch": self.samples_seen / self.n, "spec_hash": self.spec.spec_hash(),
                 "model_hash": self.spec.model_hash(), "metrics": finite_or_none(metrics), **extra}
-        meta.update(self._text_meta())
+        meta.update(self._data_meta())
         self.technique.write_model(self.jd.model if path is None else path, meta)
 
-    def _text_meta(self) -> dict[str, Any]:
-        """Return the hashing settings and class names of hashed-text training data ({} otherwise); read once."""
-        if not hasattr(self, "_text_meta_cache"):
-            self._text_meta_cache: dict[str, Any] = {}
-            if self.spec.lags is None:   # predict on raw text needs them (fleetmpi.text)
+    def _data_meta(self) -> dict[str, Any]:
+        """Return what predict needs of the training data's preparation ({} for plain HDF5); read once.
+
+        make-data's preprocessing record (column order, standardisation, class names) for
+        tables, and the hashing settings and class names for hashed text.
+        """
+        if not hasattr(self, "_data_meta_cache"):
+            self._data_meta_cache: dict[str, Any] = {}
+            if self.spec.lags is None:
+                from fleetmpi.preprocess import preprocess_meta
                 from fleetmpi.text import text_meta
-                self._text_meta_cache = text_meta(self.spec.data_path(self.spec.data.train))
-        return self._text_meta_cache
+                train = self.spec.data_path(self.spec.data.train)
+                self._data_meta_cache = {**preprocess_meta(train), **text_meta(train)}
+        return self._data_meta_cache
 
     @property
     def best_path(self) -> Any:
