@@ -323,7 +323,8 @@ def _make_text(args: argparse.Namespace, rest: list[str]) -> int:
         raise BadInput("--from text: expected one PATH (a folder of class subfolders, a .jsonl or a .csv file), "
                        "e.g. --from text corpus/ --out data/")
     res = make_text_data(Path(rest[0]), Path(args.out), text_field=args.text_field, label_field=args.label_field,
-                         valid_fraction=args.valid_fraction, valid=Path(args.valid) if args.valid else None,
+                         valid_fraction=0.2 if args.valid_fraction is None else args.valid_fraction,
+                         valid=Path(args.valid) if args.valid else None,
                          ngrams=args.ngrams, hash_bits=args.hash_bits, seed=args.seed)
     for line in res["warnings"]:
         print(f"fleetmpi: warning: {line}", file=sys.stderr)

@@ -216,7 +216,7 @@ def _spec(sync: dict) -> object:
     ({"kind": "exact", "adaptive": True}, "sync.adaptive: only kind threshold"),
     ({"kind": "threshold", "tau": 1.0, "target_density": 0.1}, "sync.target_density: target_density steers"),
     ({"kind": "threshold", "tau": -1.0}, "sync.tau: expected a number > 0"),
-    ({"kind": "sparse"}, "sync.kind: expected one of 'dense' | 'threshold' | 'exact' | 'sparse'"),
+    ({"kind": "bogus"}, "sync.kind: expected one of 'dense' | 'threshold' | 'exact' | 'sparse'"),
 ])
 def test_sync_spec_rejects_inconsistent_combinations(sync: dict, words: str) -> None:
     with pytest.raises(BadInput, match="s.yaml: " + words.replace("|", r"\|")):
