@@ -91,7 +91,7 @@ def _glm_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
     # not by the vector width's unrolling of g (elementwise) nor by the thread count.
     d = X.shape[1]
     g[:] = 0.0
-    b = w[d]
+    b = float(w[d])
     loss = 0.0
     gb = 0.0
     i = lo
