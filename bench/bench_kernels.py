@@ -2,19 +2,29 @@
 
 Baselines measured in the same run on the same arrays: the numpy two-pass gradient as a
 numpy user writes it (float32 X, float64 weights), the same with X cast to float64 once
-beforehand (cast not timed: numpy's best case), and a plain numba read of X summed with
-reassociation allowed, so it vectorises (the memory bound the fused kernel can approach).
+beforehand (cast not timed: numpy's best case), a plain numba read of X summed with
+reassociation allowed, so it vectorises (the memory bound the fused kernel can approach),
+and one core's FMA peak from a numba FMA loop on L1-resident data (float64 and float32).
+Sizes: 200000 x 128 (X from DRAM) and 1536 x 128 (768 KiB, fits in L2). Timings are
+best-of, interleaved between the kernels, so a loaded machine hurts every row alike.
+Also: the MLP step (784-128-10, batch 128, one thread) against PyTorch CPU, and one rank
+with 2 numba threads against 1 thread (the 2-ranks-x-1-thread side is bench_scaling's).
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")   # one BLAS thread, as in a rank; before numpy loads
 
 import numba
 import numpy as np
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
-from common import best_of, save, table
+sys.path.insert(0, os.path.dirname(__file__))
+from common import save, table
 
 from kernels import cpu, reference
 
@@ -28,10 +38,45 @@ def _read_all(X: np.ndarray) -> float:
     return s
 
 
-def run(n: int = 200_000, d: int = 128, k: int = 10) -> list[dict]:
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _fma_loop(x: np.ndarray, reps: int) -> float:
+    """Return sum over reps of x . c: one load and one FMA per element (L1-resident x)."""
+    # Reassociated, so LLVM keeps several vector accumulators in flight (hides FMA latency).
+    s = x[0] - x[0]
+    c = x[1]
+    for _ in range(reps):
+        for j in range(x.shape[0]):
+            s += x[j] * c
+    return float(s)
+
+
+def _best_interleaved(fns: dict, rounds: int, per: int) -> dict:
+    """Return each fn's best single-call time (s) over rounds x per calls, interleaved."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(per):
+                t0 = time.perf_counter()
+                fn()
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def fma_peak() -> dict[str, float]:
+    """Return one core's FMA-loop GFLOP/s (2 flops per FMA) in float64 and float32."""
+    out = {}
+    for dt in (np.float64, np.float32):
+        x = np.random.default_rng(1).random(2048).astype(dt)   # 16 / 8 KiB: L1
+        reps = 4000
+        _fma_loop(x, 1)
+        t = _best_interleaved({"f": lambda: _fma_loop(x, reps)}, 7, 1)["f"]
+        out[np.dtype(dt).name] = 2 * x.size * reps / t / 1e9
+    return out
+
+
+def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5) -> list[dict]:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((n, d), dtype=np.float32)
-    X64 = X.astype(np.float64)
     yb = (rng.random(n) < 0.5).astype(np.float32)
     yk = rng.integers(0, k, n).astype(np.float32)
     w = 0.1 * rng.standard_normal(d + 1)
@@ -39,46 +84,91 @@ def run(n: int = 200_000, d: int = 128, k: int = 10) -> list[dict]:
     g, G = np.empty(d + 1), np.empty((d + 1) * k)
     cpu.warmup()
     _read_all(X[:10])
+    per = max(1, 200_000 // n * 4)
+    fns = {"read": lambda: _read_all(X), "logistic": lambda: cpu.logistic_grad(X, yb, w, g),
+           "linear": lambda: cpu.linear_grad(X, yb, w, g), "softmax k=10": lambda: cpu.softmax_grad(X, yk, W, k, G)}
+    t = _best_interleaved(fns, rounds, per)
+    refs = {"logistic": lambda: reference.logistic_loss_grad_twopass(X, yb, w),
+            "linear": lambda: reference.linear_loss_grad(X, yb, w),
+            "softmax k=10": lambda: reference.softmax_loss_grad(X, yk, W, k)}
+    tr = _best_interleaved(refs, 3, 1)
     gb = X.nbytes / 1e9
-    t_read = best_of(lambda: _read_all(X))
     rows = []
+    for name in refs:
+        flops = 4.0 * n * d * k if name.startswith("softmax") else 4.0 * n * d
+        rows.append({"kernel": name, "n": n, "fused_GBps": gb / t[name], "numpy_GBps": gb / tr[name],
+                     "read_GBps": gb / t["read"], "vs_numpy": tr[name] / t[name], "of_read": t["read"] / t[name],
+                     "GFLOPs": flops / t[name] / 1e9})
+    return rows
 
-    def two_pass_f64() -> None:
-        z = X64 @ w[:d] + w[d]
-        r = 1.0 / (1.0 + np.exp(-z)) - yb
-        X64.T @ r
 
-    def softmax_np() -> None:
-        Z = X64 @ W.reshape(d + 1, k)[:d] + W.reshape(d + 1, k)[d]
-        Z -= Z.max(axis=1, keepdims=True)
-        P = np.exp(Z)
-        P /= P.sum(axis=1, keepdims=True)
-        P[np.arange(n), yk.astype(np.int64)] -= 1.0
-        X64.T @ P
+def mlp_vs_torch(batch: int = 128, sizes: tuple[int, ...] = (784, 128, 10), rounds: int = 7) -> list[dict]:
+    """Return rows timing one MLP loss+gradient step: cpu.mlp_grad vs PyTorch (f32, f64)."""
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], batch).astype(np.float32)
+    p = 0.05 * rng.standard_normal(reference.mlp_param_count(sizes))
+    g = np.empty_like(p)
+    fns = {"fleetmpi f64": lambda: cpu.mlp_grad(X, y, p, sizes, g)}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        torch.set_num_threads(1)
+        for dt, name in ((torch.float32, "torch f32"), (torch.float64, "torch f64")):
+            net = torch.nn.Sequential(torch.nn.Linear(sizes[0], sizes[1]), torch.nn.ReLU(),
+                                      torch.nn.Linear(sizes[1], sizes[2])).to(dt)
+            xt, yt = torch.from_numpy(X).to(dt), torch.from_numpy(y.astype(np.int64))
+            lossf = torch.nn.CrossEntropyLoss(reduction="sum")
 
-    cases = [
-        ("logistic", lambda: cpu.logistic_grad(X, yb, w, g),
-         lambda: reference.logistic_loss_grad_twopass(X, yb, w), two_pass_f64),
-        ("linear", lambda: cpu.linear_grad(X, yb, w, g), lambda: reference.linear_loss_grad(X, yb, w), None),
-        ("softmax k=10", lambda: cpu.softmax_grad(X, yk, W, k, G),
-         lambda: reference.softmax_loss_grad(X, yk, W, k), softmax_np),
-    ]
-    for name, fused, ref, ref64 in cases:
-        t_f, t_r = best_of(fused), best_of(ref, repeat=3)
-        t_64 = best_of(ref64, repeat=3) if ref64 else None
-        rows.append({"kernel": name, "fused_GBps": gb / t_f, "numpy_GBps": gb / t_r,
-                     "numpy_f64_GBps": gb / t_64 if t_64 else None, "read_GBps": gb / t_read,
-                     "vs_numpy": t_r / t_f, "vs_numpy_f64": (t_64 / t_f) if t_64 else None,
-                     "of_read": t_read / t_f})
+            def step(net=net, xt=xt, yt=yt) -> None:
+                for q in net.parameters():
+                    q.grad = None
+                lossf(net(xt), yt).backward()
+            fns[name] = step
+    for fn in fns.values():
+        fn()
+    t = _best_interleaved(fns, rounds, 50)
+    base = t["fleetmpi f64"]
+    return [{"step": k, "batch": batch, "us": v * 1e6, "fleetmpi_speedup": v / base} for k, v in t.items()]
+
+
+def threads(n: int = 200_000, d: int = 128, k: int = 10) -> list[dict]:
+    """Return 1 vs 2 numba threads for the softmax gradient (bitwise-equal results checked)."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((n, d), dtype=np.float32)
+    yk = rng.integers(0, k, n).astype(np.float32)
+    W = 0.1 * rng.standard_normal((d + 1) * k)
+    rows, outs = [], []
+    for nt in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+        numba.set_num_threads(nt)
+        G = np.empty((d + 1) * k)
+        t = _best_interleaved({"s": lambda G=G: cpu.softmax_grad(X, yk, W, k, G)}, 5, 1)["s"]
+        outs.append(G.tobytes())
+        rows.append({"threads": nt, "ms": t * 1e3, "bitwise_equal_to_1": outs[-1] == outs[0]})
+    numba.set_num_threads(1)
     return rows
 
 
 def main() -> None:
-    rows = run()
-    print(table("gradient kernels, X float32 200000 x 128 (GB/s of X; ratios measured in this run)", rows,
-                [("kernel", "s"), ("fused_GBps", ".2f"), ("numpy_GBps", ".2f"), ("numpy_f64_GBps", ".2f"),
-                 ("read_GBps", ".2f"), ("vs_numpy", ".2f"), ("vs_numpy_f64", ".2f"), ("of_read", ".2f")]))
-    save("kernels", rows, threads_numba=numba.get_num_threads())
+    peak = fma_peak()
+    rows = gradients(200_000) + gradients(1536, rounds=5)
+    for r in rows:
+        r["of_fma_peak_f64"] = r["GFLOPs"] / peak["float64"]
+    print(f"FMA peak, one core (numba FMA loop): float64 {peak['float64']:.1f} GFLOP/s, "
+          f"float32 {peak['float32']:.1f} GFLOP/s")
+    print(table("gradient kernels, X float32 n x 128 (GB/s of X; ratios measured in this run)", rows,
+                [("kernel", "s"), ("n", "d"), ("fused_GBps", ".2f"), ("numpy_GBps", ".2f"), ("read_GBps", ".2f"),
+                 ("vs_numpy", ".2f"), ("of_read", ".2f"), ("GFLOPs", ".1f"), ("of_fma_peak_f64", ".2f")]))
+    mlp = mlp_vs_torch()
+    print(table("MLP 784-128-10 loss+gradient step, batch 128, one thread", mlp,
+                [("step", "s"), ("us", ".0f"), ("fleetmpi_speedup", ".2f")]))
+    thr = threads()
+    print(table("softmax k=10 gradient, 200000 x 128, numba threads in one rank", thr,
+                [("threads", "d"), ("ms", ".1f"), ("bitwise_equal_to_1", "")]))
+    save("kernels", rows, fma_peak_gflops=peak, mlp=mlp, threads=thr, threads_numba=numba.get_num_threads(),
+         loadavg=os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -535,6 +535,8 @@ class PhaseSpec:
     partition: str | None = check(identifier, None)
     gpus_per_node: int = check(in_range(0, MAX_GPUS_PER_NODE), 0)
     cpus_per_rank: int = check(positive_at_most(MAX_RANKS_PER_NODE), 1)
+    # numba threads of each rank's gradient kernels (NUMBA_NUM_THREADS); None: cpus_per_rank.
+    threads_per_rank: int | None = check(positive_at_most(MAX_RANKS_PER_NODE), None)
     device: Literal["cpu", "gpu", "auto"] = "cpu"
     time_min: int | None = check(positive_at_most(MAX_TIME_MIN), None)
     mem_gb: float | None = check(positive_at_most(MAX_MEM_GB), None)
@@ -548,6 +550,11 @@ class PhaseSpec:
     @property
     def ranks(self) -> int:
         return self.nodes * self.ranks_per_node
+
+    @property
+    def threads(self) -> int:
+        """Return the kernel threads per rank: threads_per_rank, else cpus_per_rank."""
+        return self.threads_per_rank or self.cpus_per_rank
 
     def shape(self) -> str:
         """Return the phase shape as 'NxR@partition' for logs."""

@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-from numba import njit
+from numba import get_num_threads, njit, prange
 
 from kernels import reference
 
@@ -50,49 +50,126 @@ def _dot(x: np.ndarray, w: np.ndarray, d: int) -> float:
     return s
 
 
+# Row chunks: a FIXED count that depends only on n, never on the thread count. Each chunk
+# sums its rows into its own partial gradient and the partials are added in chunk order,
+# so one thread and many threads give bit-identical results (the threaded drivers only
+# run the same chunks concurrently).
+_CHUNKS = 16
+_CHUNK_MIN_ROWS = 512
+
+
+@njit(cache=True, nogil=True)
+def _n_chunks(n: int) -> int:
+    """Return the number of row chunks for n rows (1..16, independent of threads)."""
+    return max(1, min(_CHUNKS, n // _CHUNK_MIN_ROWS))
+
+
 @njit(cache=True, fastmath=False, nogil=True)
-def _linear_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray) -> float:
-    """Fill g (d+1,) with the summed squared-error gradient and return the loss sum."""
-    n, d = X.shape
+def _glm_residual(z: float, yi: float, logistic: bool) -> tuple[float, float]:
+    """Return (loss, residual) of one row from its logit z (strict IEEE, no fastmath)."""
+    if not logistic:
+        r = z - yi
+        return 0.5 * r * r, r
+    # One exp serves both the stable loss and the stable sigmoid.
+    e = math.exp(-abs(z))
+    q = 1.0 / (1.0 + e)
+    # A select, not a branch: the sign of z is unpredictable row to row.
+    p = q if z >= 0.0 else e * q
+    return math.log1p(e) + max(z, 0.0) - yi * z, p - yi
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
+def _glm_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
+               g: np.ndarray, logistic: bool) -> float:
+    """Add rows lo..hi's gradient to g (d+1,) (zeroed here); return their loss sum."""
+    # Blocks of eight rows. The logits are row-by-row dot products (vectorised, w stays in
+    # L1) so X is read in address order: reading eight rows interleaved makes eight short
+    # streams that the hardware prefetcher does not follow (measured 3x slower from DRAM).
+    # Then one pass over g adds all eight rows' contributions, a tree of FMAs per element,
+    # so g is loaded and stored once per eight rows, not per row, and the eight rows come
+    # from L1. X is read from memory once. The order of every sum is fixed by the code,
+    # not by the vector width's unrolling of g (elementwise) nor by the thread count.
+    d = X.shape[1]
     g[:] = 0.0
-    b = w[d]
+    b = float(w[d])
     loss = 0.0
     gb = 0.0
-    for i in range(n):
-        x = X[i]
-        r = _dot(x, w, d) + b - y[i]
-        loss += 0.5 * r * r
-        gb += r
+    i = lo
+    while i + 8 <= hi:
+        x0, x1, x2, x3 = X[i], X[i + 1], X[i + 2], X[i + 3]
+        x4, x5, x6, x7 = X[i + 4], X[i + 5], X[i + 6], X[i + 7]
+        s0 = _dot(x0, w, d)
+        s1 = _dot(x1, w, d)
+        s2 = _dot(x2, w, d)
+        s3 = _dot(x3, w, d)
+        s4 = _dot(x4, w, d)
+        s5 = _dot(x5, w, d)
+        s6 = _dot(x6, w, d)
+        s7 = _dot(x7, w, d)
+        l0, r0 = _glm_residual(s0 + b, float(y[i]), logistic)
+        l1, r1 = _glm_residual(s1 + b, float(y[i + 1]), logistic)
+        l2, r2 = _glm_residual(s2 + b, float(y[i + 2]), logistic)
+        l3, r3 = _glm_residual(s3 + b, float(y[i + 3]), logistic)
+        l4, r4 = _glm_residual(s4 + b, float(y[i + 4]), logistic)
+        l5, r5 = _glm_residual(s5 + b, float(y[i + 5]), logistic)
+        l6, r6 = _glm_residual(s6 + b, float(y[i + 6]), logistic)
+        l7, r7 = _glm_residual(s7 + b, float(y[i + 7]), logistic)
+        loss += ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+        gb += ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
         for j in range(d):
-            g[j] += r * x[j]
+            g[j] += ((r0 * x0[j] + r1 * x1[j]) + (r2 * x2[j] + r3 * x3[j])) + \
+                    ((r4 * x4[j] + r5 * x5[j]) + (r6 * x6[j] + r7 * x7[j]))
+        i += 8
+    for t in range(i, hi):
+        x = X[t]
+        s = 0.0
+        for j in range(d):
+            s += x[j] * w[j]
+        lt, rt = _glm_residual(s + b, float(y[t]), logistic)
+        loss += lt
+        gb += rt
+        for j in range(d):
+            g[j] += rt * x[j]
     g[d] = gb
     return loss
 
 
 @njit(cache=True, fastmath=False, nogil=True)
-def _logistic_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray) -> float:
-    """Fill g (d+1,) with the summed log-loss gradient and return the loss sum."""
-    n, d = X.shape
-    g[:] = 0.0
-    b = w[d]
-    loss = 0.0
-    gb = 0.0
-    for i in range(n):
-        x = X[i]
-        z = _dot(x, w, d) + b
-        yi = np.float64(y[i])
-        # One exp serves both the stable loss and the stable sigmoid.
-        e = math.exp(-abs(z))
-        loss += math.log1p(e) + max(z, 0.0) - yi * z
-        q = 1.0 / (1.0 + e)
-        # A select, not a branch: the sign of z is unpredictable row to row.
-        p = q if z >= 0.0 else e * q
-        r = p - yi
-        gb += r
-        for j in range(d):
-            g[j] += r * x[j]
-    g[d] = gb
+def _combine(parts: np.ndarray, losses: np.ndarray, g: np.ndarray) -> float:
+    """Set g to the sum of parts' rows in row order; return losses summed in order."""
+    g[:] = parts[0]
+    loss = losses[0]
+    for c in range(1, parts.shape[0]):
+        p = parts[c]
+        for j in range(g.shape[0]):
+            g[j] += p[j]
+        loss += losses[c]
     return loss
+
+
+@njit(cache=True, nogil=True)
+def _glm_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: bool) -> float:
+    """Fill g (d+1,) with the summed gradient over fixed row chunks on one thread."""
+    n = X.shape[0]
+    nc = _n_chunks(n)
+    parts = np.empty((nc, g.shape[0]))
+    losses = np.empty(nc)
+    for c in range(nc):
+        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+    return _combine(parts, losses, g)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray,
+                      logistic: bool) -> float:
+    """Same chunks and result as ``_glm_grad``, the chunks spread over numba's threads."""
+    n = X.shape[0]
+    nc = _n_chunks(n)
+    parts = np.empty((nc, g.shape[0]))
+    losses = np.empty(nc)
+    for c in prange(nc):
+        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+    return _combine(parts, losses, g)
 
 
 @njit(cache=True, fastmath=False, nogil=True)
@@ -115,78 +192,128 @@ def _softmax_residual(z: np.ndarray, label: int) -> float:
     return math.log(s) - zl
 
 
-@njit(cache=True, fastmath={"reassoc"}, nogil=True)
-def _dot4(a0: np.ndarray, a1: np.ndarray, a2: np.ndarray, a3: np.ndarray, w: np.ndarray,
-          d: int, out: np.ndarray) -> None:
-    """Set out[:4] to the dot products of four rows with w (one pass over w)."""
-    s0 = s1 = s2 = s3 = 0.0
-    for j in range(d):
-        wj = w[j]
-        s0 += a0[j] * wj
-        s1 += a1[j] * wj
-        s2 += a2[j] * wj
-        s3 += a3[j] * wj
-    out[0], out[1], out[2], out[3] = s0, s1, s2, s3
+@njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
+def _softmax_chunk(X: np.ndarray, y: np.ndarray, W: np.ndarray, WT: np.ndarray, lo: int,
+                   hi: int, part: np.ndarray) -> float:
+    """Set part (k, d+1) to rows lo..hi's class-major gradient; return their loss sum."""
+    # Compute-bound (2*k FMAs per element of X), so the aim is FMA throughput:
+    # - class-major weights WT (k, d) and gradient rows part[c] make both passes
+    #   vectorised loops over d (W's (d+1, k) layout would put k ~ 10 in the inner loop);
+    # - blocks of eight rows, converted to float64 once into R (a sequential read of X):
+    #   each pass over a class's weights feeds eight independent dot products (eight
+    #   vector accumulators hide the FMA latency, one load of w per eight FMAs), and each
+    #   pass over a class's gradient row adds eight rows as a tree of FMAs (one load and
+    #   one store of the gradient per eight rows);
+    # - the summation order is fixed by the code (eight-row trees, chunk order), never by
+    #   the thread count.
+    d = X.shape[1]
+    k = WT.shape[0]
+    part[:, :] = 0.0
+    R = np.empty((8, d))
+    Z = np.empty((8, k))
+    loss = 0.0
+    i = lo
+    while i + 8 <= hi:
+        for r in range(8):
+            x = X[i + r]
+            rr = R[r]
+            for j in range(d):
+                rr[j] = x[j]
+        r0, r1, r2, r3, r4, r5, r6, r7 = R[0], R[1], R[2], R[3], R[4], R[5], R[6], R[7]
+        for c in range(k):
+            wc = WT[c]
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+            for j in range(d):
+                wj = wc[j]
+                s0 += r0[j] * wj
+                s1 += r1[j] * wj
+                s2 += r2[j] * wj
+                s3 += r3[j] * wj
+                s4 += r4[j] * wj
+                s5 += r5[j] * wj
+                s6 += r6[j] * wj
+                s7 += r7[j] * wj
+            bc = W[d, c]
+            Z[0, c], Z[1, c], Z[2, c], Z[3, c] = s0 + bc, s1 + bc, s2 + bc, s3 + bc
+            Z[4, c], Z[5, c], Z[6, c], Z[7, c] = s4 + bc, s5 + bc, s6 + bc, s7 + bc
+        for r in range(8):
+            loss += _softmax_residual(Z[r], int(y[i + r]))
+        for c in range(k):
+            q0, q1, q2, q3 = Z[0, c], Z[1, c], Z[2, c], Z[3, c]
+            q4, q5, q6, q7 = Z[4, c], Z[5, c], Z[6, c], Z[7, c]
+            gc = part[c]
+            for j in range(d):
+                gc[j] += ((q0 * r0[j] + q1 * r1[j]) + (q2 * r2[j] + q3 * r3[j])) + \
+                         ((q4 * r4[j] + q5 * r5[j]) + (q6 * r6[j] + q7 * r7[j]))
+            gc[d] += ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
+        i += 8
+    z = Z[0]
+    xr = R[0]
+    for t in range(i, hi):
+        x = X[t]
+        for j in range(d):
+            xr[j] = x[j]
+        for c in range(k):
+            z[c] = _dot(xr, WT[c], d) + W[d, c]
+        loss += _softmax_residual(z, int(y[t]))
+        for c in range(k):
+            q = z[c]
+            gc = part[c]
+            for j in range(d):
+                gc[j] += q * xr[j]
+            gc[d] += q
+    return loss
 
 
 @njit(cache=True, fastmath=False, nogil=True)
+def _softmax_finish(parts: np.ndarray, losses: np.ndarray, g: np.ndarray) -> float:
+    """Sum class-major parts (nc, k, d+1) in chunk order into g ((d+1)*k,); return loss."""
+    nc, k, d1 = parts.shape
+    acc = parts[0].copy()
+    loss = losses[0]
+    for c in range(1, nc):
+        p = parts[c]
+        for cl in range(k):
+            for j in range(d1):
+                acc[cl, j] += p[cl, j]
+        loss += losses[c]
+    G = g.reshape((d1, k))
+    for j in range(d1):
+        for cl in range(k):
+            G[j, cl] = acc[cl, j]
+    return loss
+
+
+@njit(cache=True, nogil=True)
 def _softmax_grad(
     X: np.ndarray, y: np.ndarray, W_flat: np.ndarray, k: int, g: np.ndarray
 ) -> float:
     """Fill g ((d+1)*k,) with the summed softmax cross-entropy gradient; return loss."""
     n, d = X.shape
     W = W_flat.reshape((d + 1, k))
-    G = g.reshape((d + 1, k))
-    # Class-major copies: each class's weights and gradient row are contiguous over d, so
-    # both passes are vectorised loops over d (with W's (d+1, k) layout the inner loop
-    # would run over k, ~10, too short to vectorise). Four rows share each pass over a
-    # class's weights and gradient row.
     WT = np.ascontiguousarray(W[:d].T)
-    GT = np.zeros((k, d))
-    gb = np.zeros(k)
-    R = np.empty((4, d))
-    Z = np.empty((4, k))
-    dots = np.empty(4)
-    loss = 0.0
-    n4 = n - n % 4
-    for i in range(0, n4, 4):
-        for r in range(4):
-            x = X[i + r]
-            for j in range(d):
-                R[r, j] = x[j]
-        for c in range(k):
-            _dot4(R[0], R[1], R[2], R[3], WT[c], d, dots)
-            for r in range(4):
-                Z[r, c] = dots[r] + W[d, c]
-        for r in range(4):
-            loss += _softmax_residual(Z[r], int(y[i + r]))
-        for c in range(k):
-            q0, q1, q2, q3 = Z[0, c], Z[1, c], Z[2, c], Z[3, c]
-            gc = GT[c]
-            for j in range(d):
-                gc[j] += (q0 * R[0, j] + q1 * R[1, j]) + (q2 * R[2, j] + q3 * R[3, j])
-            gb[c] += (q0 + q1) + (q2 + q3)
-    z = Z[0]
-    xr = R[0]
-    for i in range(n4, n):
-        x = X[i]
-        for j in range(d):
-            xr[j] = x[j]
-        for c in range(k):
-            z[c] = _dot(xr, WT[c], d) + W[d, c]
-        loss += _softmax_residual(z, int(y[i]))
-        for c in range(k):
-            q = z[c]
-            gc = GT[c]
-            for j in range(d):
-                gc[j] += q * xr[j]
-            gb[c] += q
-    for j in range(d):
-        for c in range(k):
-            G[j, c] = GT[c, j]
-    for c in range(k):
-        G[d, c] = gb[c]
-    return loss
+    nc = _n_chunks(n)
+    parts = np.empty((nc, k, d + 1))
+    losses = np.empty(nc)
+    for c in range(nc):
+        losses[c] = _softmax_chunk(X, y, W, WT, n * c // nc, n * (c + 1) // nc, parts[c])
+    return _softmax_finish(parts, losses, g)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _softmax_grad_threads(
+    X: np.ndarray, y: np.ndarray, W_flat: np.ndarray, k: int, g: np.ndarray
+) -> float:
+    """Same chunks and result as ``_softmax_grad``, the chunks spread over threads."""
+    n, d = X.shape
+    W = W_flat.reshape((d + 1, k))
+    WT = np.ascontiguousarray(W[:d].T)
+    nc = _n_chunks(n)
+    parts = np.empty((nc, k, d + 1))
+    losses = np.empty(nc)
+    for c in prange(nc):
+        losses[c] = _softmax_chunk(X, y, W, WT, n * c // nc, n * (c + 1) // nc, parts[c])
+    return _softmax_finish(parts, losses, g)
 
 
 @njit(cache=True, fastmath=False, nogil=True)
@@ -306,6 +433,13 @@ def _check_labels(y: np.ndarray, k: int) -> None:
 # --------------------------------------------------------------------------- public
 
 
+def _glm(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: bool) -> float:
+    """Run the linear/logistic gradient, threaded when numba has more than one thread."""
+    if get_num_threads() > 1 and X.shape[0] >= 2 * _CHUNK_MIN_ROWS:
+        return float(_glm_grad_threads(X, y, w, g, logistic))
+    return float(_glm_grad(X, y, w, g, logistic))
+
+
 def linear_grad(
     X: np.ndarray, y: np.ndarray, w: np.ndarray, g_out: np.ndarray
 ) -> float:
@@ -313,7 +447,7 @@ def linear_grad(
     _, d = _check_rows(X, y)
     _check_array(w, "w", np.float64, (d + 1,))
     _check_out(g_out, "g_out", (d + 1,))
-    return float(_linear_grad(X, y, w, g_out))
+    return _glm(X, y, w, g_out, False)
 
 
 def logistic_grad(
@@ -323,7 +457,7 @@ def logistic_grad(
     _, d = _check_rows(X, y)
     _check_array(w, "w", np.float64, (d + 1,))
     _check_out(g_out, "g_out", (d + 1,))
-    return float(_logistic_grad(X, y, w, g_out))
+    return _glm(X, y, w, g_out, True)
 
 
 def softmax_grad(
@@ -335,6 +469,8 @@ def softmax_grad(
     _check_array(W_flat, "W_flat", np.float64, ((d + 1) * k,))
     _check_out(g_out, "g_out", ((d + 1) * k,))
     _check_labels(y, k)
+    if get_num_threads() > 1 and X.shape[0] >= 2 * _CHUNK_MIN_ROWS:
+        return float(_softmax_grad_threads(X, y, W_flat, k, g_out))
     return float(_softmax_grad(X, y, W_flat, k, g_out))
 
 
@@ -428,9 +564,11 @@ def warmup() -> None:
     ycls = np.array([0.0, 2.0, 1.0], dtype=np.float32)
     w = rng.standard_normal(d + 1)
     W = rng.standard_normal((d + 1) * k)
-    _linear_grad(X, y01, w, np.empty(d + 1))
-    _logistic_grad(X, y01, w, np.empty(d + 1))
+    for logistic in (False, True):
+        _glm_grad(X, y01, w, np.empty(d + 1), logistic)
+        _glm_grad_threads(X, y01, w, np.empty(d + 1), logistic)
     _softmax_grad(X, ycls, W, k, np.empty((d + 1) * k))
+    _softmax_grad_threads(X, ycls, W, k, np.empty((d + 1) * k))
     _softmax_xent_inplace(rng.standard_normal((n, k)), ycls)
     _linear_predict(X, w, np.empty(n))
     _logistic_predict_proba(X, w, np.empty(n))

@@ -49,11 +49,14 @@ def find_mpiexec(spec: Spec) -> list[str]:
     return [found]
 
 
-def worker_env(progress: str | None = None) -> dict[str, str]:
-    """Return the environment of a rank: one thread per rank, fleetmpi importable."""
+def worker_env(progress: str | None = None, threads: int = 1) -> dict[str, str]:
+    """Return the environment of a rank: ``threads`` numba kernel threads, one BLAS thread."""
     env = dict(os.environ)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, "1")
+    # The phase's threads_per_rank decides, not the caller's environment: results do not
+    # depend on it (fixed row chunks), only the speed and the cores a rank takes do.
+    env["NUMBA_NUM_THREADS"] = str(threads)
     root = str(Path(fleetmpi.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if progress:
@@ -114,7 +117,7 @@ class LocalBackend:
             log = self.jd.phase_log(index, phase)
             self.jd.event("launch", backend="local", phase=phase, ranks=ranks, command=cmd, log=str(log))
             t0 = time.time()
-            env = worker_env(progress)
+            env = worker_env(progress, self.spec.phase(phase).threads)
             env[DRIVER_ENV] = driver_token()
             rc = self._run_phase(cmd, log, env, tee=progress != "bar")
             self._report_signals()

@@ -119,7 +119,8 @@ def test_rendered_script_matches_golden_file(case: str) -> None:
     spec = from_raw(raw, "golden.yaml", Path("/"))
     cmd = BatchCommand(job_dir="/scratch/jobs/demo dir's", python="/opt/fleet/venv/bin/python",
                        pythonpath="/opt/fleet/src", phase=phase, shape=spec.phase(phase).shape(),
-                       launcher=launcher, launcher_args=tuple(spec.scheduler.launcher_args), mpiexec=mpiexec)
+                       launcher=launcher, launcher_args=tuple(spec.scheduler.launcher_args), mpiexec=mpiexec,
+                       threads=spec.phase(phase).threads)
     text = render_sbatch(cmd, **phase_options(spec, phase, comment="fleetmpi.0123456789ab.2"))
     golden = GOLDEN / f"{case}.sbatch"
     if os.environ.get("FLEETMPI_UPDATE_GOLDEN") == "1":

@@ -76,7 +76,8 @@ def render_phase(spec: Spec, jd: JobDir, phase: str, key: str) -> str:
     cmd = BatchCommand(job_dir=str(jd.root.resolve()), python=sys.executable,
                        pythonpath=str(Path(fleetmpi.__file__).resolve().parent.parent), phase=phase,
                        shape=spec.phase(phase).shape(), launcher=sch.launcher,
-                       launcher_args=tuple(sch.launcher_args), mpiexec=mpiexec)
+                       launcher_args=tuple(sch.launcher_args), mpiexec=mpiexec,
+                       threads=spec.phase(phase).threads)
     try:
         return render_sbatch(cmd, **phase_options(spec, phase, comment=key))
     except ValueError as e:

@@ -40,6 +40,7 @@ class BatchCommand:
     launcher: Literal["srun", "mpiexec"] = "srun"
     launcher_args: tuple[str, ...] = ()
     mpiexec: str | None = None         # absolute; needed when launcher is mpiexec
+    threads: int = 1                   # numba kernel threads per rank (the phase's threads_per_rank)
 
 
 def render_sbatch(command: BatchCommand, *, job_name: str, comment: str, nodes: int = 1,
@@ -96,7 +97,7 @@ def _body(command: BatchCommand, ranks: int, ranks_per_node: int) -> list[str]:
         *([f"mpiexec={q(command.mpiexec or '')}"] if command.launcher == "mpiexec" else []),
         f"export PYTHONPATH={q(command.pythonpath)}${{PYTHONPATH:+:$PYTHONPATH}}",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}",
-        "export MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-1}",
+        f"export MKL_NUM_THREADS=${{MKL_NUM_THREADS:-1}} NUMBA_NUM_THREADS={int(command.threads)}",
         'cd -- "$job_dir" || exit 2',
         "# One writer per job dir: this shell holds JOB_DIR/lock (flock) while the allocation lasts.",
         'exec 9>>lock && export FLEETMPI_LOCK_FD=9 || exit 2',
