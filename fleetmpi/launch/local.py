@@ -172,7 +172,10 @@ class LocalBackend:
                 if rc is not None and not chunk:
                     return rc
                 if not chunk:
-                    time.sleep(0.1)
+                    try:   # returns as soon as mpiexec ends: no poll lag between phases
+                        self._proc.wait(timeout=0.1)
+                    except subprocess.TimeoutExpired:
+                        pass
 
     def _watch_events(self, offset: int, had_checkpoints: bool) -> int:
         """Say on the terminal what only the events tell: a start from step 0 over corrupt checkpoints."""
