@@ -129,7 +129,10 @@ def _with_outcome(jd: Any, report: dict[str, Any]) -> dict[str, Any]:
     """Return ``report`` with the run's outcome from state.json (target_met, final metrics...; None before the end)."""
     from fleetmpi.cli.train import outcome_fields
     from fleetmpi.engine.monitor import finite_or_none
+    why = report.get("reason")
     report.update(outcome_fields(jd.read_state()))
+    if report.get("reason") is None:
+        report["reason"] = why   # a failed chain has no outcome; its reason is the state's (the ranks' message)
     report["model"] = str(jd.model) if jd.model.exists() else None
     return dict(finite_or_none(report))
 
