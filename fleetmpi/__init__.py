@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 # The Python API (fleetmpi.api), imported on first use so `import fleetmpi` stays light.
-_LAZY = {"submit": "api", "sweep": "api", "Job": "api", "JobFailed": "api", "Result": "api"}
+_LAZY = {"submit": "api", "queue": "api", "sweep": "api", "Job": "api", "JobFailed": "api", "Result": "api"}
 
 
 def __getattr__(name: str) -> object:

@@ -1,11 +1,15 @@
-"""Python API over the ledger, mirroring the CLI (`fleetmpi queue / sweep / status / cancel`).
+"""Python API over the ledger, mirroring the CLI (`fleetmpi submit / queue / sweep / status / cancel`).
 
->>> job = fleetmpi.submit("spec.yaml", overrides=["optimizer.lr=0.05"])
->>> job.wait()                       # drives an embedded manager while it waits
+>>> job = fleetmpi.submit("spec.yaml", overrides=["optimizer.lr=0.05"])   # starts now (local or Slurm)
+>>> job.wait()                       # polls it until it ends
 'COMPLETED'
 >>> job.result().model               # or JobFailed with the reason
 PosixPath('.../model.h5')
+>>> later = fleetmpi.queue("spec.yaml")   # NEW in the ledger; a manager (or later.wait()) launches it
 
+One world: every job is a ledger row, whether `fleetmpi run`, `fleetmpi submit`, ``submit``
+or a manager started it (``register_started`` adds the first two), so `fleetmpi status`,
+`cancel`, `report` and ``Job`` work on each by ledger id, name or job dir.
 The CLI's commands call these functions, so both behave alike.
 """
 
@@ -28,7 +32,7 @@ from fleetmpi.jobs.manager import Manager, ManagerConfig, cancel_job, progress_f
 from fleetmpi.jobs.rows import JobRow
 from fleetmpi.spec import Spec
 
-__all__ = ["Job", "JobFailed", "Result", "job_record", "submit", "sweep"]
+__all__ = ["Job", "JobFailed", "Result", "job_record", "queue", "register_started", "submit", "sweep"]
 
 
 class JobFailed(FleetError):
@@ -53,9 +57,11 @@ class Result:
 class Job:
     """A job in the ledger, by id."""
 
-    def __init__(self, job_id: int, ledger: Ledger | None = None) -> None:
+    def __init__(self, job_id: int, ledger: Ledger | None = None, *, drive_all: bool = True) -> None:
         self.ledger = ledger or Ledger()
         self.id = int(job_id)
+        # A queued job waits for any manager cycle; a submitted one is only polled (nothing else launched).
+        self.drive_all = drive_all
 
     def __repr__(self) -> str:
         row = self.row()
@@ -89,8 +95,10 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         manager = Manager(self.ledger, ManagerConfig.resolve(), out=None) if drive else None
         while True:
-            if manager is not None:
+            if manager is not None and (self.drive_all or self.status() == NEW):
                 manager.cycle()
+            elif manager is not None:
+                manager.refresh([self.id])
             status = self.status()
             if status in TERMINAL:
                 return status
@@ -148,7 +156,7 @@ def _check_launchable(sp: Spec) -> None:
         SlurmBackend(JobDir(home() / "jobs" / ".preflight"), sp).preflight()
 
 
-def _enqueue(ledger: Ledger, sp: Spec, spec_path: str, job_dir: Path | str | None, max_queued: int) -> Job:
+def _enqueue(ledger: Ledger, sp: Spec, spec_path: str, job_dir: Path | str | None, max_queued: int | None) -> Job:
     from fleetmpi import spec as specmod
 
     def make_dir(job_id: int) -> str:
@@ -169,13 +177,67 @@ def _enqueue(ledger: Ledger, sp: Spec, spec_path: str, job_dir: Path | str | Non
     return Job(job_id, ledger)
 
 
-def submit(spec: Spec | str | Path, *, overrides: Sequence[str] = (), job_dir: Path | str | None = None,
-           ledger: Ledger | None = None, max_queued: int | None = None) -> Job:
-    """Register a job (status NEW) for a manager to launch; return at once."""
+def queue(spec: Spec | str | Path, *, overrides: Sequence[str] = (), job_dir: Path | str | None = None,
+          ledger: Ledger | None = None, max_queued: int | None = None) -> Job:
+    """Register a job (status NEW) for a manager to launch; return at once (CLI: `fleetmpi queue`)."""
     sp, spec_path = _load(spec, overrides)
     _check_launchable(sp)
     cfg = ManagerConfig.resolve(max_queued=max_queued)
     return _enqueue(ledger or Ledger(), sp, spec_path, job_dir, cfg.max_queued)
+
+
+def submit(spec: Spec | str | Path, *, overrides: Sequence[str] = (), job_dir: Path | str | None = None,
+           backend: str | None = None, ledger: Ledger | None = None) -> Job:
+    """Start a job now on the spec's backend (local or Slurm); return its handle (status/wait/result/cancel).
+
+    Like `fleetmpi run` / `fleetmpi submit` it does not wait for a free slot: the manager's
+    ``max_running`` does not hold it back. ``backend`` overrides ``scheduler.backend``.
+    """
+    sets = [*overrides, *([f"scheduler.backend={backend}"] if backend else [])]
+    sp, spec_path = _load(spec, sets)
+    _check_launchable(sp)
+    ledger = ledger or Ledger()
+    job = _enqueue(ledger, sp, spec_path, job_dir, None)
+    Manager(ledger, ManagerConfig.resolve(), out=None).launch(job.row(), max_running=None)
+    row = job.row()
+    if row.status in TERMINAL:   # the launch failed for good (a transient failure leaves it NEW: wait() retries)
+        raise JobFailed(job.id, row.status, row.last_error)
+    return Job(job.id, ledger, drive_all=False)
+
+
+def register_started(jd: JobDir, sp: Spec, *, backend: str, backend_id: str, info: dict[str, Any],
+                     log: str | None, by: str) -> tuple[Ledger, int, int] | None:
+    """Record a job that `fleetmpi run` or `fleetmpi submit` just started, so the ledger lists it.
+
+    Returns (ledger, job id, allocation id), or None when the job dir already has an active
+    ledger job (the manager launched this runner) or the ledger cannot be written (a warning:
+    training never waits on the ledger). The row gets ``max_attempts`` 1: nobody relaunches
+    a job a person started; `fleetmpi run JOB_DIR` again makes a new row for the same dir.
+    """
+    import sqlite3
+    import sys
+
+    root = str(jd.root.resolve())
+    try:
+        ledger = Ledger()
+        mine = [r for r in ledger.jobs([NEW, *ACTIVE]) if Path(r.job_dir).resolve() == Path(root)]
+        if mine:
+            return None
+        ph = sp.phase(str(jd.read_state().get("phase") or sp.fleet.start))
+        notify = [{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(n).items()}
+                  for n in sp.notify]
+        job_id = ledger.add_job(name=sp.name, spec_path=str(jd.spec), spec_hash=sp.spec_hash(), backend=backend,
+                                phase=str(jd.read_state().get("phase") or sp.fleet.start), shape=ph.shape(),
+                                max_attempts=1, backoff_s=0.0, notify=notify, make_dir=lambda _id: root)
+        ledger.claim(job_id, by, time.time())
+        state = ledger.get(job_id)
+        alloc = ledger.add_allocation(job_id, attempt=1, backend=backend, backend_id=backend_id,
+                                      host=info.get("host"), phase=state.phase, shape=state.shape, log=log, info=info)
+        return ledger, job_id, alloc
+    except (OSError, sqlite3.Error, FleetError) as e:
+        print(f"fleetmpi: warning: not recorded in the ledger ({e}); `fleetmpi status {jd.root}` still works",
+              file=sys.stderr)
+        return None
 
 
 def grid_points(grid: Sequence[str]) -> list[list[tuple[str, str]]]:

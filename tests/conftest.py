@@ -18,6 +18,10 @@ from campaign import report as report_campaign
 ROOT = Path(__file__).resolve().parent.parent
 # Multi-rank tests run 3 ranks on 2-core CI machines; a test of the refusal sets it to 0.
 os.environ.setdefault("FLEETMPI_OVERSUBSCRIBE", "1")
+# `fleetmpi run` and `submit` record their jobs in the ledger: never in the user's own ~/.fleetmpi.
+if "FLEETMPI_HOME" not in os.environ:
+    import tempfile
+    os.environ["FLEETMPI_HOME"] = tempfile.mkdtemp(prefix="fleetmpi-test-home-")
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 

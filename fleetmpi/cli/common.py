@@ -47,12 +47,14 @@ def resolve_job(given: str) -> JobRef:
     path = Path(given)
     ledger = Ledger.existing()
     if ledger is None:
-        why = f"no job {given!r}: the ledger does not exist yet (`fleetmpi queue SPEC` makes it)"
+        why = (f"no job {given!r}: the ledger does not exist yet (`fleetmpi run`, `submit` or `queue` "
+               "makes it; a job dir works without it)")
         return JobRef(given, path, None, path.is_dir(), why)
     try:
         if path.is_dir():
             here = path.resolve()
-            row = next((r for r in ledger.jobs() if Path(r.job_dir).resolve() == here), None)
+            # The newest: `fleetmpi run JOB_DIR` again adds a row for the same dir.
+            row = next((r for r in reversed(ledger.jobs()) if Path(r.job_dir).resolve() == here), None)
             why = f"{given}: no job in {ledger.path} has this job dir (`fleetmpi status` lists the ledger's jobs)"
             return JobRef(given, path, row, True, why)
         try:

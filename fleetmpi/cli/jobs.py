@@ -70,8 +70,8 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
 
 
 def _cmd_queue(args: argparse.Namespace) -> int:
-    from fleetmpi.api import job_record, submit
-    job = submit(args.spec, overrides=args.overrides, job_dir=args.job_dir, max_queued=args.max_queued)
+    from fleetmpi.api import job_record, queue
+    job = queue(args.spec, overrides=args.overrides, job_dir=args.job_dir, max_queued=args.max_queued)
     row = job.row()
     print(f"fleetmpi: queued job {row.id} ({row.name}), status {row.status}; job dir {row.job_dir}", file=sys.stderr)
     print(json.dumps(job_record(row), indent=1) if args.json else row.id)
@@ -136,6 +136,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             from fleetmpi.cli.slurm import job_dir_status
             return job_dir_status(ref.job_dir, args.json)
         job = ref.ledger_row()
+        _refresh(Ledger(), [job.id])
+        job = Ledger().get(job.id)
         rec = job_record(job)
         allocs = Ledger().allocations(job.id)
         rec["allocations"] = [{"attempt": a.attempt, "backend": a.backend, "backend_id": a.backend_id,
@@ -156,6 +158,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
                   + (f" ({a['reason']})" if a["reason"] else ""))
         return ExitCode.OK
     ledger = Ledger.existing()
+    if ledger is not None:
+        _refresh(ledger)
     rows = [] if ledger is None else ledger.jobs([NEW, *ACTIVE] if args.active else None)
     recs = [job_record(r) for r in rows]
     if args.json:
@@ -172,6 +176,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     print("\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table))
     return ExitCode.OK
+
+
+def _refresh(ledger: Any, job_ids: list[int] | None = None) -> None:
+    """Poll the live allocations once (no launches), so jobs started by `run`/`submit` show how they ended."""
+    from fleetmpi.jobs.manager import Manager
+    Manager(ledger, out=None).refresh(job_ids)
 
 
 def _cmd_cancel(args: argparse.Namespace) -> int:

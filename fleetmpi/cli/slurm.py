@@ -87,10 +87,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         except SubmissionError as e:
             jd.update_state(status="FAILED", reason=f"submission failed: {e}")
             raise
+        _register(jd, spec, job_id, len(chain))
         if not args.json:
             print(job_id)
     if args.wait and rc is None:
         rc = backend.follow()
+        _settle(jd)
     if args.json:
         report = _with_outcome(jd, status_report(jd))
         report["exit_code"] = rc
@@ -98,11 +100,39 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return ExitCode.OK if rc is None else rc
 
 
+def _register(jd: Any, spec: Any, job_id: str, chain_from: int) -> None:
+    """Record the chain in the ledger as one allocation (as the manager's SlurmJobs does), so `status` lists it."""
+    from fleetmpi.api import register_started
+    seen = register_started(jd, spec, backend="slurm", backend_id=job_id, log=str(jd.logs / f"slurm-{job_id}.out"),
+                            info={"job_dir": str(jd.root.resolve()), "chain_from": chain_from}, by="fleetmpi submit")
+    if seen is not None:
+        seen[0].close()
+
+
+def _settle(jd: Any) -> None:
+    """After following the chain: let the ledger record its end now rather than at the next `status`."""
+    import sqlite3
+
+    from fleetmpi.errors import FleetError
+    from fleetmpi.jobs.ledger import Ledger
+    from fleetmpi.jobs.manager import Manager
+    try:
+        ledger = Ledger.existing()
+        if ledger is not None:
+            Manager(ledger, out=None).refresh()
+            ledger.close()
+    except (OSError, sqlite3.Error, FleetError):
+        pass   # the ledger is a listing; `fleetmpi status` records the end on its next look
+
+
 def _with_outcome(jd: Any, report: dict[str, Any]) -> dict[str, Any]:
     """Return ``report`` with the run's outcome from state.json (target_met, final metrics...; None before the end)."""
     from fleetmpi.cli.train import outcome_fields
     from fleetmpi.engine.monitor import finite_or_none
+    why = report.get("reason")
     report.update(outcome_fields(jd.read_state()))
+    if report.get("reason") is None:
+        report["reason"] = why   # a failed chain has no outcome; its reason is the state's (the ranks' message)
     report["model"] = str(jd.model) if jd.model.exists() else None
     return dict(finite_or_none(report))
 

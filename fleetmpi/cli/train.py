@@ -189,11 +189,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
                            f"({', '.join(spec.fleet.phases)}); the file was edited or belongs to another job")
         check_inputs(spec)   # data may have moved since the job was created
         find_mpiexec(spec)
-        rc = LocalBackend(jd, spec).run()
+        seen = _register_run(jd, spec)
+        rc = ExitCode.FAILED
+        try:
+            rc = LocalBackend(jd, spec).run()
+        finally:
+            if seen is not None:
+                _record_run_end(*seen, rc)
     if args.json:
         from fleetmpi.engine.monitor import finite_or_none
         print(json.dumps(finite_or_none(_outcome(jd, rc)), indent=1, allow_nan=False))
     return rc
+
+
+def _register_run(jd: Any, spec: Any) -> tuple[Any, int, int] | None:
+    """Record this `fleetmpi run` in the ledger (one world: `status`, `cancel` find it); None if the manager runs it."""
+    import socket
+
+    from fleetmpi.api import register_started
+    from fleetmpi.lock import LOCK_FD_ENV
+    if os.environ.get(LOCK_FD_ENV):
+        return None   # a runner the manager launched: its row and allocation exist already
+    import psutil
+    host, pid = socket.gethostname(), os.getpid()
+    info = {"pid": pid, "start_time": psutil.Process(pid).create_time(), "host": host, "group": False,
+            "events_from": jd.events.stat().st_size if jd.events.exists() else 0, "job_dir": str(jd.root.resolve())}
+    return register_started(jd, spec, backend="local", backend_id=f"{host}:{pid}", info=info, log=None,
+                            by=f"fleetmpi run (pid {pid})")
+
+
+def _record_run_end(ledger: Any, job_id: int, alloc_id: int, rc: int) -> None:
+    """Record how this run ended in its ledger row, as the manager would for a runner it launched."""
+    import sqlite3
+
+    from fleetmpi.errors import FleetError
+    from fleetmpi.jobs.backends import LocalJobs
+    from fleetmpi.jobs.manager import Manager
+    try:
+        a = next(x for x in ledger.allocations(job_id) if x.id == alloc_id)
+        Manager(ledger, out=None).record_end(a, LocalJobs._ended(a, rc))
+    except (OSError, sqlite3.Error, FleetError) as e:
+        print(f"fleetmpi: warning: the ledger was not told how job {job_id} ended ({e}); "
+              "`fleetmpi status` finds out on its next look", file=sys.stderr)
+    finally:
+        ledger.close()
 
 
 def check_folder_path(path: Path, label: str) -> None:

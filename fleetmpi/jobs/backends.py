@@ -165,7 +165,10 @@ class LocalJobs:
         pid = int(allocation.info["pid"])
         if self._alive(pid, allocation.info.get("start_time"))[0]:
             try:
-                os.killpg(pid, signal.SIGTERM)  # the runner's session: runner and mpiexec forward to ranks
+                if allocation.info.get("group", True):
+                    os.killpg(pid, signal.SIGTERM)  # the runner's session: runner and mpiexec forward to ranks
+                else:
+                    os.kill(pid, signal.SIGTERM)    # a `fleetmpi run` started by hand shares its shell's group
             except ProcessLookupError:
                 pass
 

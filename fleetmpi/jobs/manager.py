@@ -49,7 +49,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TextIO
@@ -309,28 +309,65 @@ class Manager:
                                        not_before=time.time())
 
     def _launch_due(self) -> int:
-        launched = 0
-        for job in self.ledger.launchable(time.time()):
-            backend = self.backends.get(job.backend)
+        return sum(self.launch(job) for job in self.ledger.launchable(time.time()))
+
+    def launch(self, job: JobRow, max_running: int | None = -1) -> bool:
+        """Claim and launch one NEW job now; return whether it was launched (see the ledger for why not)."""
+        backend = self.backends.get(job.backend)
+        if backend is None:
+            self._warn(job.backend, f"no {job.backend} backend here; job {job.id} waits")
+            return False
+        cap = self.config.max_running if max_running == -1 else max_running
+        if not self.ledger.claim(job.id, self.id, time.time(), cap):
+            return False
+        attempt = job.attempts + 1
+        try:
+            got = backend.launch(job, attempt)
+        except TransientLaunchError as e:
+            self._launch_failed(job, attempt, e, transient=True)
+            return False
+        except (FleetError, OSError) as e:
+            self._launch_failed(job, attempt, e, transient=False)
+            return False
+        self.ledger.add_allocation(job.id, attempt=attempt, backend=backend.name, backend_id=got.backend_id,
+                                   host=got.host, phase=job.phase, shape=job.shape, log=got.log, info=got.info)
+        self.say(f"launched job {job.id} ({job.name}) attempt {attempt} on {backend.name}: {got.backend_id}")
+        return True
+
+    def refresh(self, job_ids: Iterable[int] | None = None) -> int:
+        """Poll live allocations, fold job dirs and record ends, launching nothing; return the ends recorded.
+
+        What `fleetmpi status` and a handle's ``wait`` do, so jobs started by `run` or `submit`
+        show their true state without a manager running.
+        """
+        wanted = None if job_ids is None else set(job_ids)
+        live = [a for a in self.ledger.allocations(live=True) if wanted is None or a.job_id in wanted]
+        by_backend: dict[str, list[AllocRow]] = {}
+        for a in live:
+            by_backend.setdefault(a.backend, []).append(a)
+        states: dict[int, AllocState] = {}
+        for name, allocs in by_backend.items():
+            backend = self.backends.get(name)
             if backend is None:
-                self._warn(job.backend, f"no {job.backend} backend here; job {job.id} waits")
                 continue
-            if not self.ledger.claim(job.id, self.id, time.time(), self.config.max_running):
-                continue
-            attempt = job.attempts + 1
             try:
-                got = backend.launch(job, attempt)
-            except TransientLaunchError as e:
-                self._launch_failed(job, attempt, e, transient=True)
-                continue
-            except (FleetError, OSError) as e:
-                self._launch_failed(job, attempt, e, transient=False)
-                continue
-            self.ledger.add_allocation(job.id, attempt=attempt, backend=backend.name, backend_id=got.backend_id,
-                                       host=got.host, phase=job.phase, shape=job.shape, log=got.log, info=got.info)
-            self.say(f"launched job {job.id} ({job.name}) attempt {attempt} on {backend.name}: {got.backend_id}")
-            launched += 1
-        return launched
+                found = backend.poll(allocs)   # a local runner on another host stays UNKNOWN, not ended
+            except FleetError:
+                continue   # a scheduler that does not answer now: the next look asks again
+            states.update({a.id: found[a.backend_id] for a in allocs if a.backend_id in found})
+        ended = 0
+        for job in {a.job_id: self.ledger.get(a.job_id) for a in live}.values():
+            self._fold(job)
+        for a in live:
+            st = states.get(a.id)
+            if st is not None and st.ended:
+                ended += self._handle_end(a, st)
+        return ended
+
+    def record_end(self, a: AllocRow, st: AllocState) -> int:
+        """Fold the job dir and record how allocation ``a`` ended (the runner that knows says so itself)."""
+        self._fold(self.ledger.get(a.job_id))
+        return self._handle_end(a, st)
 
     def _launch_failed(self, job: JobRow, attempt: int, err: Exception, transient: bool) -> None:
         reason = f"launch of attempt {attempt} failed: {one_line(err)}"

@@ -258,6 +258,8 @@ def test_manual_approval_holds_rescale_until_approved(tmp_path: Path, datasets: 
     assert ok.returncode == 0, ok.stderr
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
+    # The terminal says what to type, once (issue 16.4).
+    assert err.count(f"training goes on in phase a until approved: fleetmpi approve {job}") == 1, err
     ev = events(job)
     kinds = [e["event"] for e in ev]
     assert kinds.index("approved") < kinds.index("approval_used") < kinds.index("rescale")

@@ -21,7 +21,8 @@ import pytest
 from conftest import cli, events, write_spec
 from slurm_fixtures import slurm_cluster  # noqa: F401 - the Slurm tier's fixture, used by name
 
-from fleetmpi.api import Job, JobFailed, submit
+from fleetmpi.api import Job, JobFailed
+from fleetmpi.api import queue as submit
 from fleetmpi.errors import BadInput
 from fleetmpi.jobdir import JobDir
 from fleetmpi.jobs.backends import AllocState, Launch, LocalJobs
@@ -277,8 +278,8 @@ def test_api_wait_result_status_and_report(tmp_path: Path, datasets: dict, home:
              "rules": [{"in": "a", "when": "step >= 10", "then": {"goto": "b"}}]}
     spec = tiny(tmp_path, datasets["multiclass"], name="api", goal={"max_steps": 25}, fleet=fleet,
                 checkpoint={"every_steps": 10, "keep": 2}, monitor={"log_every_steps": 1, "eval_every_steps": 5})
-    job = fleetmpi.submit(spec)
-    assert isinstance(job, Job) and job.status() == "NEW"
+    job = fleetmpi.submit(spec)   # starts now, unlike fleetmpi.queue
+    assert isinstance(job, Job) and job.status() == "LAUNCHED" and len(job.ledger.allocations(job.id, live=True)) == 1
     result = job.result(timeout=180)
     assert result.model.is_file() and result.metrics["step"] == 25 and result.metrics["loss"] > 0
     row = job.row()

@@ -137,7 +137,8 @@ def test_a_raised_budget_continues_a_finished_job_like_one_long_run(tmp_path: Pa
 
 def test_ledger_and_result_carry_target_met_and_exit_5_is_not_retried(tmp_path: Path, overfit: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleetmpi.api import JobFailed, submit
+    from fleetmpi.api import JobFailed
+    from fleetmpi.api import queue as submit
     from fleetmpi.jobs.ledger import COMPLETED, FAILED
     monkeypatch.setenv("FLEETMPI_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FLEETMPI_PROGRESS", "none")

@@ -21,7 +21,7 @@ from conftest import events, write_spec
 from slurm_fixtures import slurm_cluster, wait_idle  # noqa: F401  (a fixture)
 
 from fleetmpi import spec as specmod
-from fleetmpi.api import submit
+from fleetmpi.api import queue as submit
 from fleetmpi.jobdir import JobDir
 from fleetmpi.jobs.backends import AllocState, Launch, SlurmJobs
 from fleetmpi.jobs.ledger import ACTIVE, COMPLETED, TERMINAL, Ledger

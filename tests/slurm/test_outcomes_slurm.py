@@ -38,3 +38,17 @@ def test_submit_json_carries_target_met_and_a_missed_target_exits_5(tmp_path: Pa
     assert out["metrics"]["step"] == 15 and out["model"]
     # Final: one Slurm job, no resubmission after exit 5.
     assert len(out["chain"]) == 1 and out["chain"][0]["exit_code"] == 5
+
+
+def test_submit_wait_on_a_nan_run_says_why_on_the_final_line_and_in_json(tmp_path: Path, datasets: dict) -> None:
+    nan = write_spec(tmp_path / "nan.yaml", datasets["regression"], name="nan", model={"kind": "linear"},
+                     optimizer={"kind": "sgd", "lr": 50.0, "batch": 40}, goal={"max_steps": 500},
+                     fleet={"start": "small", "phases": {"small": {"nodes": 1, "ranks_per_node": 2,
+                                                                   "partition": "cpu"}}},
+                     scheduler={"backend": "slurm", "submit_backoff_s": 0.2})
+    proc = cli("submit", str(nan), "--wait", "--json", "--job-dir", str(tmp_path / "nan"), timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    final = proc.stderr.strip().splitlines()[-1]
+    assert "chain ended: FAILED (phase small: training failed: training loss is" in final and "slurm-" in final, final
+    out = json.loads(proc.stdout)
+    assert out["exit_code"] == 1 and "training loss is" in out["reason"]

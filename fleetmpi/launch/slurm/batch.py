@@ -171,6 +171,17 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     return _act(jd, spec, phase, job_id, restart, rc, verdict.action, stop)
 
 
+def _rank_error(jd: JobDir) -> str | None:
+    """Return the ranks' own reason for this phase's failure (the newest ``error`` event since it started)."""
+    why = None
+    for ev in jd.read_events():
+        if ev.get("event") == "phase_start":
+            why = None
+        elif ev.get("event") == "error" and ev.get("message"):
+            why = str(ev["message"]).removeprefix("fleetmpi: ")
+    return why
+
+
 def _act(jd: JobDir, spec: Spec, phase: str, job_id: str, restart: int, rc: int, action: Action,
          stop: str | None) -> int:
     """Record the chain's end or submit what comes next, as ``action`` says; return the script's code."""
@@ -181,7 +192,8 @@ def _act(jd: JobDir, spec: Spec, phase: str, job_id: str, restart: int, rc: int,
     if action is Action.MISSED:
         return _end(jd, ExitCode.TARGET_MISSED, "COMPLETED", str(state.get("reason") or "target not met"))
     if action is Action.FAIL:
-        return _end(jd, rc, "FAILED", f"phase {phase}: {ExitCode(rc).meaning}; see {chain_mod.log_path(jd, job_id)}")
+        why = _rank_error(jd) or ExitCode(rc).meaning
+        return _end(jd, rc, "FAILED", f"phase {phase}: {why}; see {chain_mod.log_path(jd, job_id)}")
     if action is Action.CANCEL:
         return _end(jd, ExitCode.STOPPED, "CANCELLED", f"Slurm job {job_id} was cancelled (TERM: scancel, preemption or "
                     f"shutdown); `fleetmpi submit {jd.root}` resumes from the newest checkpoint")
