@@ -21,7 +21,7 @@ $(STAMP): setup.py
 # Compile the CPU kernels into numba's on-disk cache now, so that the first run starts
 # within ~1 s of a warm one instead of compiling on every rank (bench/bench_rescale.py).
 $(PRECOMPILED): $(STAMP) $(KERNEL_SRC)
-	$(PY) -m kernels.precompile
+	$(PY) -m fleetmpi.engine.precompile
 	mkdir -p $(dir $(PRECOMPILED)) && touch $(PRECOMPILED)
 
 demo: install

@@ -2,7 +2,7 @@
 
 Cold start: a one-phase quickstart (2 ranks, 3 steps) from `fleetmpi run` to its first
 step, with an empty numba cache (``NUMBA_CACHE_DIR`` a fresh folder) as a first run
-after install without `python -m kernels.precompile` finds it, with that cache filled by
+after install without `python -m fleetmpi.engine.precompile` finds it, with that cache filled by
 the precompile step (what `make install` does now), and warm (a second run). Limit: the
 precompiled first run within 2 s of the warm one.
 
@@ -66,7 +66,7 @@ def cold_start(trials: int) -> list[dict]:
             times["empty_cache_s"] = _run(spec, Path(tmp) / "j0", {**ENV, "NUMBA_CACHE_DIR": str(cache)})
             env = {**ENV, "NUMBA_CACHE_DIR": str(Path(tmp) / "cache-install")}
             t0 = time.time()
-            subprocess.run([sys.executable, "-m", "kernels.precompile", "--quiet"], check=True, env=env, cwd=ROOT)
+            subprocess.run([sys.executable, "-m", "fleetmpi.engine.precompile", "--quiet"], check=True, env=env, cwd=ROOT)
             times["precompile_s"] = time.time() - t0
             times["precompiled_s"] = _run(spec, Path(tmp) / "j1", env)
             times["warm_s"] = _run(spec, Path(tmp) / "j2", env)

@@ -1,6 +1,6 @@
 """Fill numba's on-disk cache for every CPU kernel signature training uses (install step).
 
-Run as ``python -m kernels.precompile`` (the Makefile's install target does) so that the
+Run as ``python -m fleetmpi.engine.precompile`` (the Makefile's install target does) so that the
 first ``fleetmpi run`` loads compiled kernels (~0.6 s) instead of compiling them on every
 rank at once (5-15 s on a loaded 2-core box). Compilation lands where the run will look:
 ``kernels/__pycache__`` and ``fleetmpi/engine/__pycache__`` (or ``NUMBA_CACHE_DIR``).
