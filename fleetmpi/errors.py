@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from enum import IntEnum
 
@@ -88,3 +89,34 @@ class TrainingFailed(FleetError):
     """Training itself failed (NaN loss, kernel error); the phase exits with 1."""
 
     exit_code = ExitCode.FAILED
+
+
+class DiskFull(TrainingFailed):
+    """A write in the job dir failed for lack of space (or quota); the run ends with one line, exit 1."""
+
+
+# errno values of a full file system or an exhausted quota; HDF5 reports them inside its message.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_WORDS = ("No space left on device", "Disk quota exceeded", "errno = 28", "errno = 122")
+
+
+def disk_full(e: BaseException, where: object, newest: str | None = None, need: int | None = None) -> str | None:
+    """Return the one line for ``e`` if it says the disk under ``where`` is full, else None.
+
+    ``where`` is the path being written (or the job dir); ``newest`` names the newest valid
+    checkpoint (what a resume starts from); ``need`` the bytes the write wanted, if known.
+    """
+    if not isinstance(e, OSError):
+        return None
+    if e.errno not in _FULL_ERRNOS and not any(w in str(e) for w in _FULL_WORDS):
+        return None
+    import os
+    path = os.path.abspath(str(getattr(e, "filename", None) or where))
+    mount = path
+    while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
+        mount = os.path.dirname(mount)
+    needed = f"; {need} bytes needed" if need else ""
+    resume = (f"the newest valid checkpoint is {newest}" if newest
+              else "no valid checkpoint yet (a rerun starts at step 0)")
+    return one_line(f"no space left on {mount} writing {path}{needed}; {resume}; free space there, then run "
+                    "the same command again to resume")

@@ -7,6 +7,7 @@ would send the job's output elsewhere) and never made world-writable, whatever t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -185,18 +186,50 @@ class JobDir:
             os.close(fd)
 
     def create(self, spec_yaml: str, start_phase: str, backend: str) -> None:
-        """Create the folder tree, the spec copy and the first state; refuse a foreign folder."""
-        if self.root.exists() and any(self.root.iterdir()) and not self.exists():
+        """Create the folder tree, the spec copy and the first state; refuse a foreign folder.
+
+        All or nothing: a creation that fails (a full disk) removes what it made, and one
+        that was killed half-way (no state.json yet) is created again over its leftovers.
+        """
+        if self.root.exists() and any(self.root.iterdir()) and not self.exists() and not self._half_created():
             raise BadInput(f"{self.root}: job dir exists, is not empty and holds no fleetmpi job "
                            "(spec.yaml, state.json); pass an empty or new --job-dir")
-        make_dirs(self.root)
-        self.check_links()
-        for d in (self.ckpt, self.logs):
-            make_dirs(d)
-        atomic_write_bytes(self.spec, spec_yaml.encode())
-        self.write_state({"phase": start_phase, "status": "NEW", "backend": backend,
-                          "created": time.time(), "phases_run": [], "backend_ids": []})
-        self.event("created", phase=start_phase, backend=backend)
+        fresh = not self.root.exists()
+        try:
+            make_dirs(self.root)
+            self.check_links()
+            for d in (self.ckpt, self.logs):
+                make_dirs(d)
+            atomic_write_bytes(self.spec, spec_yaml.encode())
+            self.write_state({"phase": start_phase, "status": "NEW", "backend": backend,
+                              "created": time.time(), "phases_run": [], "backend_ids": []})
+            self.event("created", phase=start_phase, backend=backend)
+        except OSError:
+            self._undo_create(fresh)
+            raise
+
+    def _half_created(self) -> bool:
+        """Return whether the folder holds only what an interrupted ``create`` leaves (no state.json)."""
+        for entry in self.root.iterdir():
+            if entry.name in ("ckpt", "logs") and entry.is_dir() and not entry.is_symlink():
+                if any(entry.iterdir()):
+                    return False
+            elif entry.name not in ("spec.yaml", "events.jsonl") and not entry.name.startswith("."):
+                return False
+        return True
+
+    def _undo_create(self, fresh: bool) -> None:
+        """Remove what a failed ``create`` made: the whole folder if it made it, else its own entries."""
+        import shutil
+        if fresh:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for name in ("ckpt", "logs"):
+            with contextlib.suppress(OSError):
+                (self.root / name).rmdir()
+        for path in (self.spec, self.state_path, self.events):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def read_state(self) -> dict[str, Any]:
         """Return state.json; BadInput unless it holds a JSON object."""

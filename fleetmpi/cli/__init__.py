@@ -15,7 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from fleetmpi.cli import jobs, slurm, train
-from fleetmpi.errors import BadInput, ExitCode, FleetError
+from fleetmpi.errors import BadInput, ExitCode, FleetError, disk_full
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -64,6 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except OSError as e:   # a full disk is an outcome: one line, exit 1; anything else stays a bug to see
+        full = disk_full(e, getattr(e, "filename", None) or ".")
+        if full is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"fleetmpi: {full}", file=sys.stderr)
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

@@ -277,3 +277,12 @@ def _prune(written: Path, keep: int) -> None:
         except OSError as exc:
             # The new checkpoint is safe on disk; a stale one left over is not worth failing for.
             _log.warning("could not delete old checkpoint %s: %s", old, exc)
+
+
+def newest_valid_path(ckpt_dir: Path) -> str | None:
+    """Return the path of the newest checkpoint that verifies, or None (named in the disk-full line)."""
+    try:
+        found, _ = latest_valid(Path(ckpt_dir))
+    except (OSError, ValueError):
+        return None
+    return str(found.path) if found is not None else None

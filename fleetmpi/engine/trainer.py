@@ -14,7 +14,7 @@ import numpy as np
 
 from fleetmpi.engine.gradient import FlatState
 from fleetmpi.engine.technique import MODEL_TECHNIQUES, StepRecord, Technique, technique_class
-from fleetmpi.errors import BadInput, CheckpointError
+from fleetmpi.errors import BadInput, CheckpointError, DiskFull, disk_full
 from fleetmpi.jobdir import JobDir
 from fleetmpi.spec import Spec
 
@@ -193,10 +193,20 @@ class Trainer:
                     "rng": {"order": "numpy default_rng([seed, epoch]).permutation(blocks)",
                             "seed": self.spec.seed, "block_rows": self.order.block_rows},
                     "ranks": self.size, "reason": reason, "summary": summary}
-            path = checkpoint.save(self.jd.ckpt, self.step, arrays, meta, self.spec.checkpoint.keep)
-            self.jd.event("checkpoint", step=self.step, path=str(path), reason=reason)
+        full: str | None = None
+        if self.rank == 0:
+            try:
+                path = checkpoint.save(self.jd.ckpt, self.step, arrays, meta, self.spec.checkpoint.keep)
+                self.jd.event("checkpoint", step=self.step, path=str(path), reason=reason)
+            except OSError as e:   # a full disk ends every rank alike, with one line, not an abort
+                full = disk_full(e, self.jd.ckpt, checkpoint.newest_valid_path(self.jd.ckpt),
+                                 need=sum(int(a.nbytes) for a in arrays.values()))
+                if full is None:
+                    raise
+        full = self.comm.bcast(full, root=0)
+        if full is not None:
+            raise DiskFull(full)
         self.checkpointed_step = self.step
-        self.comm.Barrier()
 
     def write_model(self, metrics: dict[str, Any], path: Any = None, **extra: Any) -> None:
         """Write the current model to ``path`` (default: the job's model.h5) with ``extra`` in its meta (rank 0)."""

@@ -10,21 +10,23 @@ the whole world with rank/size@host. A step is the technique's
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import IntEnum
 from typing import Any
 
 import numpy as np
 
+from fleetmpi.engine.checkpoint import newest_valid_path
 from fleetmpi.engine.technique import TECHNIQUES, StepRecord
 from fleetmpi.engine.trainer import Trainer
-from fleetmpi.errors import BadInput, ExitCode, TrainingFailed
+from fleetmpi.errors import BadInput, DiskFull, ExitCode, TrainingFailed, disk_full
 from fleetmpi.jobdir import JobDir
 
 
@@ -36,6 +38,7 @@ class Decision(IntEnum):
     GOTO = 2      # argument: index of the next phase in fleet.phases
     SWITCH = 3    # argument: index of the technique in TECHNIQUES
     STOP = 4      # a stop rule fired: checkpoint, then end as at the goal
+    FAIL = 5      # rank 0 could not write the job dir (disk full): every rank ends with its line
 
 
 def open_trainer(comm: Any, jd: JobDir) -> Trainer:
@@ -70,6 +73,7 @@ class Phase:
         self.solved = False         # the last step's technique reported its fit solved
         self.ended_by = "budget"    # target | budget | patience | stop rule (rank 0)
         self.hit: list[str] = []    # the targets met (rank 0)
+        self.disk_error: str | None = None  # rank 0: the line of a write the disk refused, told at the next decision
         self.marks: dict[str, float] = {}   # start-up timestamps (s since the epoch) for phase_start
 
     def run(self) -> int:
@@ -145,14 +149,16 @@ class Phase:
             if fault is not None and t.step == fault:
                 raise RuntimeError(f"injected fault at step {t.step} (FLEETMPI_TEST_FAULT)")
             if first_step and self.rank == 0:
-                jd.event("first_step", phase=t.phase_name, step=t.step)
+                with self._disk_guard():
+                    jd.event("first_step", phase=t.phase_name, step=t.step)
                 first_step = False
             if not np.isfinite(rec.loss):
                 raise TrainingFailed(f"training loss is {rec.loss} at step {t.step} (phase {t.phase_name}); "
                                      f"lower optimizer.lr or raise model.l2")
             epoch = t.samples_seen / t.n
             if mon is not None:
-                mon.step(rec, step=t.step, epoch=epoch, optimizer=t.optimizer)
+                with self._disk_guard():
+                    mon.step(rec, step=t.step, epoch=epoch, optimizer=t.optimizer)
             if rec.signal:
                 return self._stopped(t, mon, self.stop_flag["n"])
             self.solved = rec.solved
@@ -163,9 +169,14 @@ class Phase:
                 util = t.utilisation(proc)
                 if mon is not None:
                     metrics = mon.evaluated(valid, util)
-                    decision[:] = self._decide(t, metrics, budget_done, mon)
+                    with self._disk_guard():
+                        decision[:] = self._decide(t, metrics, budget_done, mon)
+                    if self.disk_error is not None:
+                        decision[:] = (Decision.FAIL, 0)
                 comm.Bcast(decision, root=0)
                 code, arg = Decision(int(decision[0])), int(decision[1])
+                if code == Decision.FAIL:
+                    raise DiskFull(comm.bcast(self.disk_error, root=0))
                 if code == Decision.GOAL:
                     return self._goal(t, mon)
                 if code == Decision.STOP:
@@ -251,31 +262,46 @@ class Phase:
         if t.checkpointed_step != t.step:
             t.checkpoint("end", mon.summary() if mon else {})
         code = ExitCode.OK
-        if self.rank == 0:
-            from fleetmpi.engine.monitor import outcome
-            sp = t.spec
-            metrics = mon.metrics()
-            use_best = sp.keep_best and not self.hit
-            model_step = t.write_final_model(metrics, mon.best_valid_step, use_best)
-            budget = ", ".join(f"{k} {_fmt(v)}" for k, v in (("max_steps", sp.goal.max_steps),
-                                                            ("max_epochs", sp.goal.max_epochs)) if v is not None)
-            out = outcome(sp.goal, ended_by=self.ended_by, hit=self.hit, metrics=metrics, step=t.step,
-                          budget=budget, best_step=mon.best_valid_step, best=mon.best_valid, model_step=model_step,
-                          model_name=self.jd.model.name, stop=self.goal_reason if self.ended_by == "stop rule" else "")
-            if sp.goal.require_target and out["target_met"] is False:
-                code = ExitCode.TARGET_MISSED
-            out["exit_code"] = int(code)
-            self.jd.event("goal", step=t.step, epoch=t.samples_seen / t.n, model=str(self.jd.model),
-                          loss=out["metrics"].get("loss"), valid_loss=out["metrics"].get("valid_loss"), **out)
-            self.jd.update_state(status="COMPLETED", reason=out["reason"], outcome=out, pending_approval=None)
-            mon.say(f"fleetmpi: {out['reason']}" + (f"; model written to {self.jd.model}" if self.hit
-                                                     else f" ({self.jd.model})"))
-            mon.close()
+        if self.rank == 0 and self.disk_error is None:
+            with self._disk_guard():
+                code = self._goal_root(t, mon)
+        self._sync_disk()
         return int(self.comm.bcast(int(code), root=0))
+
+    def _goal_root(self, t: Trainer, mon: Any) -> ExitCode:
+        """Write model.h5, the goal event and state; say the outcome; return the exit code (rank 0)."""
+        code = ExitCode.OK
+        from fleetmpi.engine.monitor import outcome
+        sp = t.spec
+        metrics = mon.metrics()
+        use_best = sp.keep_best and not self.hit
+        model_step = t.write_final_model(metrics, mon.best_valid_step, use_best)
+        budget = ", ".join(f"{k} {_fmt(v)}" for k, v in (("max_steps", sp.goal.max_steps),
+                                                        ("max_epochs", sp.goal.max_epochs)) if v is not None)
+        out = outcome(sp.goal, ended_by=self.ended_by, hit=self.hit, metrics=metrics, step=t.step,
+                      budget=budget, best_step=mon.best_valid_step, best=mon.best_valid, model_step=model_step,
+                      model_name=self.jd.model.name, stop=self.goal_reason if self.ended_by == "stop rule" else "")
+        if sp.goal.require_target and out["target_met"] is False:
+            code = ExitCode.TARGET_MISSED
+        out["exit_code"] = int(code)
+        self.jd.event("goal", step=t.step, epoch=t.samples_seen / t.n, model=str(self.jd.model),
+                      loss=out["metrics"].get("loss"), valid_loss=out["metrics"].get("valid_loss"), **out)
+        self.jd.update_state(status="COMPLETED", reason=out["reason"], outcome=out, pending_approval=None)
+        mon.say(f"fleetmpi: {out['reason']}" + (f"; model written to {self.jd.model}" if self.hit
+                                                 else f" ({self.jd.model})"))
+        mon.close()
+        return code
 
     def _rescale(self, t: Trainer, mon: Any, target: str) -> int:
         t.checkpoint(f"rescale to {target}", mon.summary() if mon else {})
         if self.rank == 0:
+            self._rescale_root(t, mon, target)
+        self._sync_disk()
+        return ExitCode.RESCALE
+
+    def _rescale_root(self, t: Trainer, mon: Any, target: str) -> None:
+        """Record the rescale and name the next phase in state.json (rank 0)."""
+        with self._disk_guard():
             sp = t.spec
             to = sp.phase(target)
             self.jd.event("rescale", step=t.step, **{"from": t.phase_name, "to": target},
@@ -283,22 +309,39 @@ class Phase:
             if t.pending is not None:
                 self.jd.approval.unlink(missing_ok=True)
             self.jd.update_state(phase=target, status="RESCALING", pending_approval=None)
-            mon.say(f"fleetmpi: rescale {t.phase_name} x{self.size} -> {target} x{to.ranks} at step {t.step}")
-            mon.close()
-        self.comm.Barrier()
-        return ExitCode.RESCALE
+        mon.say(f"fleetmpi: rescale {t.phase_name} x{self.size} -> {target} x{to.ranks} at step {t.step}")
+        mon.close()
 
     def _stopped(self, t: Trainer, mon: Any, signum: int) -> int:
         """Checkpoint and end the phase after a signal (``signum`` 0: it reached another rank)."""
         name = signal.Signals(signum).name if signum else "a signal on another rank"
         t.checkpoint(f"signal {name}", mon.summary() if mon else {})
         if self.rank == 0:
-            self.jd.event("signal", signal=name, step=t.step)
-            self.jd.update_state(status="STOPPED")
+            with self._disk_guard():
+                self.jd.event("signal", signal=name, step=t.step)
+                self.jd.update_state(status="STOPPED")
             mon.say(f"fleetmpi: stopped by {name} at step {t.step} after a checkpoint")
             mon.close()
-        self.comm.Barrier()
+        self._sync_disk()
         return ExitCode.STOPPED
+
+    # -- a full disk: rank 0's writes refused, told to every rank at the next collective -----
+    @contextlib.contextmanager
+    def _disk_guard(self) -> Iterator[None]:
+        """Run rank 0's writes; a full disk's error is kept (first one) for the next collective, not raised."""
+        try:
+            yield
+        except OSError as e:
+            full = disk_full(e, self.jd.root, newest_valid_path(self.jd.ckpt))
+            if full is None:
+                raise
+            self.disk_error = self.disk_error or full
+
+    def _sync_disk(self) -> None:
+        """Tell every rank whether rank 0's writes were refused; end all of them alike if so (collective)."""
+        err = self.comm.bcast(self.disk_error, root=0)
+        if err is not None:
+            raise DiskFull(err)
 
 
 def _fmt(v: float) -> str:
@@ -384,9 +427,14 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except BadInput as e:
         return _fail(comm, jd, ExitCode.BAD_INPUT, f"fleetmpi: error: {e}", debug)
+    except DiskFull as e:
+        return _fail(comm, jd, ExitCode.FAILED, f"fleetmpi: {e}", debug)
     except TrainingFailed as e:
         return _fail(comm, jd, ExitCode.FAILED, f"fleetmpi: training failed: {e}", debug)
     except Exception as e:
+        full = disk_full(e, jd.root, newest_valid_path(jd.ckpt))
+        if full is not None:   # a write only this rank made: the others cannot be told, so the world ends
+            return _fail(comm, jd, ExitCode.FAILED, f"fleetmpi: {full}", debug)
         msg = f"fleetmpi: rank {rank}/{size}@{host}: {type(e).__name__}: {e}".replace("\n", " ")
         print(msg, file=sys.stderr, flush=True)
         if debug:
@@ -450,3 +498,4 @@ def _exit_now(code: int) -> None:
 
 if __name__ == "__main__":
     _exit_now(main())
+

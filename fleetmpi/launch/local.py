@@ -25,7 +25,7 @@ from typing import Any, TextIO
 import fleetmpi
 from fleetmpi.engine import checkpoint
 from fleetmpi.engine.watchdog import DRIVER_ENV, driver_token
-from fleetmpi.errors import BadInput, ExitCode
+from fleetmpi.errors import BadInput, ExitCode, disk_full
 from fleetmpi.jobdir import JobDir
 from fleetmpi.lock import LOCK_FD_ENV, JobLock
 from fleetmpi.spec import Spec, check_local_fit
@@ -123,8 +123,17 @@ class LocalBackend:
             self._report_signals()
             after = self.jd.read_state()
             code = ExitCode.of(rc)
-            self.jd.event("phase_exit", phase=phase, exit_code=rc, seconds=round(time.time() - t0, 3),
-                          meaning=code.meaning if code is not None else "killed or crashed")
+            try:
+                self.jd.event("phase_exit", phase=phase, exit_code=rc, seconds=round(time.time() - t0, 3),
+                              meaning=code.meaning if code is not None else "killed or crashed")
+            except OSError as e:
+                full = disk_full(e, self.jd.root, checkpoint.newest_valid_path(self.jd.ckpt))
+                if full is None:
+                    raise
+                # The ranks' own line said it if the log could take it; else say it here, once.
+                if "no space left on" not in _tail(log):
+                    self._say(f"fleetmpi: {full}")
+                return ExitCode.FAILED
             if rc == ExitCode.RESCALE:
                 if after["phase"] == phase:
                     self._say(f"fleetmpi: phase {phase} asked for a rescale but named no new phase; stopping")
@@ -220,6 +229,16 @@ class LocalBackend:
 
     def _say(self, line: str) -> None:
         print(line, file=self.out, flush=True)
+
+
+def _tail(path: Path, size: int = 8192) -> str:
+    """Return the last ``size`` bytes of ``path`` as text ("" if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
 
 
 def _signame(signum: int) -> str:
