@@ -416,12 +416,22 @@ class SplitStats:
     first_replaced: str = ""
 
 
+REPACK_ENTRIES = 1 << 22   # entries copied per block when the staged rows become contiguous (24 MiB)
+
+
 class _CsrWriter:
-    """Append CSR rows to an HDF5 temp file; y and indptr stay in memory (12 bytes per row)."""
+    """Append CSR rows to an HDF5 staging file, then repack them contiguous into ``path``.
+
+    y and indptr stay in memory (12 bytes per row). The rows are staged in chunked,
+    resizable datasets since nnz is unknown until the source ends; ``close`` copies them
+    block by block into contiguous datasets of the final temp file, so trainers memory-map
+    them (``fleetmpi.engine.data._mapped``) instead of reading HDF5 hyperslabs per step.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.f = h5py.File(path, "w", locking=False)
+        self.stage = path.with_name(path.name + ".stage")
+        self.f = h5py.File(self.stage, "w", locking=False)
         chunk = 1 << 16   # 256 KiB per dataset chunk: small files stay small, big ones stream
         self.indices = self.f.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(chunk,))
         self.data = self.f.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(chunk,))
@@ -441,13 +451,21 @@ class _CsrWriter:
         self.nnz += m
 
     def close(self, remap: np.ndarray, attrs: dict[str, Any]) -> int:
-        """Write y (label ids through ``remap``), indptr and ``attrs``; fsync; return the rows."""
+        """Write indices/data contiguous, y (label ids through ``remap``), indptr and ``attrs``; fsync; return the rows."""
         labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
-        self.f.create_dataset("indptr", data=np.concatenate(self.ptr))
-        self.f.create_dataset("y", data=remap[labels].astype(np.float32))
-        for k, v in attrs.items():
-            self.f.attrs[k] = v
+        with h5py.File(self.path, "w", locking=False) as out:
+            for name, dtype in (("indices", np.int32), ("data", np.float32)):
+                dst = out.create_dataset(name, (self.nnz,), dtype)   # contiguous: no chunks, no filters
+                src = self.f[name]
+                for lo in range(0, self.nnz, REPACK_ENTRIES):
+                    hi = min(lo + REPACK_ENTRIES, self.nnz)
+                    dst[lo:hi] = src[lo:hi]
+            out.create_dataset("indptr", data=np.concatenate(self.ptr))
+            out.create_dataset("y", data=remap[labels].astype(np.float32))
+            for k, v in attrs.items():
+                out.attrs[k] = v
         self.f.close()
+        self.stage.unlink(missing_ok=True)
         with open(self.path, "rb+") as fh:
             os.fsync(fh.fileno())
         return int(labels.shape[0])
@@ -456,6 +474,7 @@ class _CsrWriter:
         try:
             self.f.close()
         finally:
+            self.stage.unlink(missing_ok=True)
             self.path.unlink(missing_ok=True)
 
 

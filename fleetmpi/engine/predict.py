@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import h5py
 import numpy as np
@@ -14,6 +14,7 @@ from fleetmpi.h5store import read_h5_verified, write_h5_atomic
 from fleetmpi.models import TASKS, TREE_KINDS, Model, build_model
 from fleetmpi.models.trees import TreeModel
 from fleetmpi.spec import ModelSpec
+from kernels.sparse import CsrBatch
 
 CHUNK_ROWS = 65536
 
@@ -89,6 +90,8 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
     arrays_in, meta = read_h5_verified(model_path, kind="model")
     if is_text_input(data_path, meta):
         return predict_text_file(model_path, data_path, out)
+    if _is_csr_file(data_path):
+        return predict_csr_file(model_path, data_path, out)
     if meta.get("kind") == "gp":
         gp = _gp_model(model_path, arrays_in, meta)
         d, task = gp.d, gp.task
@@ -150,7 +153,84 @@ def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]
     return {"out": str(out), "rows": int(raw.shape[0]), "task": task}
 
 
-TEXT_CHUNK_VALUES = 1 << 24   # dense float32 values per predicted chunk of hashed rows (64 MiB)
+TEXT_CHUNK_DOCS = 4096   # documents hashed and predicted per step: bounds memory by the documents, not by d
+CSR_CHUNK_ROWS = 65536   # CSR rows predicted per step
+
+
+def _is_csr_file(path: Path) -> bool:
+    """Return whether ``path`` is an HDF5 file of CSR rows (format csr); False for anything else."""
+    from fleetmpi.engine.data import is_csr
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            return is_csr(f)
+    except OSError:   # not HDF5 or unreadable: the dense path reports it with its usual message
+        return False
+
+
+def _check_out(out: Path, *inputs: Path) -> None:
+    """Refuse an ``--out`` that would overwrite an input, lies in a missing folder or is a folder."""
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise BadInput(f"--out {out}: would overwrite an input; choose another path")
+    if not out.parent.is_dir():
+        raise BadInput(f"--out {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise BadInput(f"--out {out}: is a folder; give a file name, e.g. {out / 'predictions.h5'}")
+
+
+def _sparse_model(model_path: Path) -> tuple[Model, np.ndarray, dict[str, Any]]:
+    """Return (model, params, meta) of a classifier that predicts on CSR rows; BadInput for other kinds."""
+    from fleetmpi.engine.trainer import SPARSE_MODEL_KINDS
+    model, params, meta = load_model(model_path)
+    if isinstance(model, TreeModel) or model.kind not in SPARSE_MODEL_KINDS:
+        raise BadInput(f"{model_path}: a {meta.get('kind')!r} model; CSR rows and raw text are predicted by kinds "
+                       f"{', '.join(SPARSE_MODEL_KINDS)}")
+    return model, params, meta
+
+
+def _predict_csr(model: Model, params: np.ndarray, X: CsrBatch) -> np.ndarray:
+    """Return the model's predictions of CSR rows (the sparse kinds dispatch on CsrBatch)."""
+    return model.predict(cast(np.ndarray, X), params)   # Model.predict is typed for dense X only
+
+
+def _proba(model: Model, params: np.ndarray, X: CsrBatch) -> np.ndarray:
+    """Return (rows, classes) float64 probabilities of CSR rows (a binary model gives [1 - p, p])."""
+    p = np.asarray(_predict_csr(model, params, X), dtype=np.float64)
+    return np.stack([1.0 - p, p], axis=1) if p.ndim == 1 else p
+
+
+def predict_csr_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]:
+    """Predict every CSR row of ``data_path`` with the sparse kernels (time ~ nnz) and write ``out`` atomically.
+
+    ``out`` holds ``pred`` (and ``proba`` for classifiers) as ``predict_file`` writes them;
+    where the file was hashed from text its ``class_names`` are kept in the attributes.
+    """
+    from fleetmpi.engine.data import CsrReader, describe
+    model, params, meta = _sparse_model(model_path)
+    _check_out(out, model_path, data_path)
+    info = describe(data_path, "regression", check=True)   # structure and finite values; labels are not needed
+    d = model_d(model)
+    if info.d != d:
+        raise BadInput(f"{data_path}: CSR rows have n_features={info.d} but the model takes {d} features")
+    reader = CsrReader(data_path)
+    try:
+        parts = [reader.read_contiguous(lo, min(lo + CSR_CHUNK_ROWS, reader.n))[0]
+                 for lo in range(0, reader.n, CSR_CHUNK_ROWS)]
+        if model.task == "regression":
+            raw = np.concatenate([np.asarray(_predict_csr(model, params, X), np.float64) for X in parts])
+            arrays = {"pred": raw}
+        else:
+            proba = np.concatenate([_proba(model, params, X) for X in parts])
+            if model.task == "binary":   # as predict_file: proba is P(y = 1), pred thresholds it at 0.5
+                arrays = {"proba": proba[:, 1], "pred": (proba[:, 1] >= 0.5).astype(np.int64)}
+            else:
+                arrays = {"proba": proba, "pred": proba.argmax(axis=1).astype(np.int64)}
+    finally:
+        reader.close()
+    attrs: dict[str, Any] = {"model": str(model_path), "data": str(data_path), "model_meta": meta}
+    if "class_names" in meta:
+        attrs["class_names"] = [str(c) for c in meta["class_names"]]
+    write_h5_atomic(out, arrays, attrs, kind="predictions")
+    return {"out": str(out), "rows": int(arrays["pred"].shape[0]), "task": model.task}
 
 
 def predict_text_file(model_path: Path, data_path: Path, out: Path, text_field: str | None = None) -> dict[str, Any]:
@@ -161,7 +241,7 @@ def predict_text_file(model_path: Path, data_path: Path, out: Path, text_field: 
     they get the model's prediction for an all-zero row).
     """
     from fleetmpi.text import Hashing, hash_docs, read_texts
-    model, params, meta = load_model(model_path)
+    model, params, meta = _sparse_model(model_path)
     if "hashing" not in meta or "class_names" not in meta:
         raise BadInput(f"{model_path}: was not trained on hashed text (no hashing settings in its meta); "
                        f"{data_path} is raw text: predict takes an HDF5 file with dataset X for this model")
@@ -173,14 +253,8 @@ def predict_text_file(model_path: Path, data_path: Path, out: Path, text_field: 
                               f"{hashing.n_features}; the file is inconsistent")
     if model.task == "regression":
         raise BadInput(f"{model_path}: a regression model; text predictions need a classifier")
-    if out.resolve() == model_path.resolve() or out.resolve() == data_path.resolve():
-        raise BadInput(f"--out {out}: would overwrite an input; choose another path")
-    if not out.parent.is_dir():
-        raise BadInput(f"--out {out}: folder {out.parent} does not exist")
-    if out.is_dir():
-        raise BadInput(f"--out {out}: is a folder; give a file name, e.g. {out / 'predictions.h5'}")
+    _check_out(out, model_path, data_path)
     field = text_field or str(meta.get("text_field", "text"))
-    rows_per_chunk = max(1, TEXT_CHUNK_VALUES // d)
     parts: list[np.ndarray] = []
     empty = replaced = 0
     batch: list[str] = []
@@ -189,16 +263,14 @@ def predict_text_file(model_path: Path, data_path: Path, out: Path, text_field: 
         nonlocal empty
         indptr, indices, data = hash_docs(batch, hashing)
         empty += int(np.count_nonzero(np.diff(indptr) == 0))
-        X = np.zeros((len(batch), d), np.float32)
-        X[np.repeat(np.arange(len(batch)), np.diff(indptr)), indices] = data
-        p = np.asarray(model.predict(X, params), dtype=np.float64)
-        parts.append(np.stack([1.0 - p, p], axis=1) if p.ndim == 1 else p)
+        # CSR straight into the sparse kernels: densifying costs d values per document (2^18+)
+        parts.append(_proba(model, params, CsrBatch(indptr, indices, data, d)))
         batch.clear()
 
     for doc in read_texts(data_path, field):
         replaced += doc.replaced
         batch.append(doc.text)
-        if len(batch) >= rows_per_chunk:
+        if len(batch) >= TEXT_CHUNK_DOCS:
             flush()
     if batch:
         flush()
