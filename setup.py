@@ -32,7 +32,11 @@ setup(
         "gpu-compile": ["numba-cuda", "cuda-bindings>=13,<14", "nvidia-nvvm>=13,<14", "nvidia-cuda-nvrtc>=13,<14",
                         "nvidia-cuda-nvcc>=13,<14"],
         "plot": ["matplotlib>=3.8"],
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8", "statsmodels"],
+        # Experiment trackers (monitor.tensorboard, monitor.mlflow): optional, rank 0 writes.
+        "tensorboard": ["tensorboard>=2.14"],
+        "mlflow": ["mlflow>=2.10"],
+        "dev": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8", "statsmodels",
+                "tensorboard>=2.14", "mlflow>=2.10"],
     },
     entry_points={"console_scripts": ["fleetmpi=fleetmpi.cli:main"]},
 )

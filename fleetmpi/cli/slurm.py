@@ -26,8 +26,15 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     s = sub.add_parser("submit", help="submit a job to Slurm; it resubmits itself through rescales to its goal")
     s.add_argument("spec", help="job spec (YAML), or an existing job dir to submit again from its checkpoint")
     s.add_argument("--backend", choices=["slurm"], help="override scheduler.backend (default: the spec's)")
-    s.add_argument("--job-dir", help="job directory (default: runs/NAME beside the current folder)")
+    s.add_argument("--job-dir", help="job directory (default: ./runs/NAME, NAME from the spec)")
     add_set(s, "scheduler.account=proj")
+    # sbatch's own spellings. Partition and time fill in every phase that does not set its
+    # own; account and qos are the scheduler section's (one per job), as --set would set them.
+    s.add_argument("-p", "--partition", help="partition of every phase that sets none (sbatch -p)")
+    s.add_argument("-A", "--account", help="account to charge (scheduler.account; sbatch -A)")
+    s.add_argument("-t", "--time", metavar="TIME", help="time limit of every phase that sets no time_min: minutes "
+                   "or Slurm's formats, e.g. 90, 01:30:00, 1-00:00 (sbatch -t)")
+    s.add_argument("-q", "--qos", help="quality of service (scheduler.qos; sbatch -q)")
     s.add_argument("--wait", action="store_true",
                    help="follow the chain of Slurm jobs; exit with the training's final code")
     s.add_argument("--json", action="store_true", help="print the chain (job ids, phases, shapes, exit codes)")
@@ -50,7 +57,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from fleetmpi.launch.slurm.submit import SubmissionError, release
 
     given = Path(args.spec)
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + sbatch_shortcuts(args, given)
     if args.backend and not given.is_dir():
         overrides.append(f"scheduler.backend={args.backend}")
     jd, spec = open_job(given, args.job_dir, overrides, "submit", _preflight)
@@ -96,6 +103,33 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         report["exit_code"] = rc
         print(json.dumps(report, indent=1, allow_nan=False))
     return ExitCode.OK if rc is None else rc
+
+
+def sbatch_shortcuts(args: argparse.Namespace, given: Path) -> list[str]:
+    """Return ``--set`` overrides for submit's -p/-A/-t/-q (partition and time only where a phase sets none)."""
+    from fleetmpi import spec as specmod
+    named = {flag: v for flag, v in (("-p/--partition", args.partition), ("-A/--account", args.account),
+                                     ("-t/--time", args.time), ("-q/--qos", args.qos)) if v is not None}
+    if not named:
+        return []
+    if given.is_dir():
+        raise BadInput(f"submit {given}: {', '.join(named)} apply when a job is created, and this job dir exists; "
+                       "start a new --job-dir, or submit it again without them")
+    if args.time is not None:
+        try:
+            specmod.slurm_minutes(args.time)
+        except ValueError as e:
+            raise BadInput(f"submit -t/--time {args.time!r}: {e}") from None
+    # json.dumps quotes each value, so YAML keeps '1:30' a string (it would read it as 90).
+    out = [f"scheduler.{key}={json.dumps(v)}" for key, v in (("account", args.account), ("qos", args.qos))
+           if v is not None]
+    spec = specmod.load(given, [*args.overrides, *out])
+    for name, phase in spec.fleet.phases.items():
+        if args.partition is not None and phase.partition is None:
+            out.append(f"fleet.phases.{name}.partition={json.dumps(args.partition)}")
+        if args.time is not None and phase.time_min is None:
+            out.append(f"fleet.phases.{name}.time_min={json.dumps(args.time)}")
+    return out
 
 
 def _with_outcome(jd: Any, report: dict[str, Any]) -> dict[str, Any]:

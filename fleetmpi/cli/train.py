@@ -20,7 +20,7 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     """Add the training subcommands to ``sub`` (argparse subparsers); return their handlers by name."""
     r = sub.add_parser("run", help="run a job on this machine (mpiexec), through rescales, to its goal")
     r.add_argument("spec", help="job spec (YAML), or an existing job dir to resume")
-    r.add_argument("--job-dir", help="job directory (default: runs/NAME beside the current folder)")
+    r.add_argument("--job-dir", help="job directory (default: ./runs/NAME, NAME from the spec)")
     add_set(r)
     r.add_argument("--json", action="store_true", help="print the outcome as JSON on stdout")
 
@@ -32,7 +32,9 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     pr.add_argument("model", help="model.h5 written by a finished job")
     pr.add_argument("data", help="HDF5 file with dataset X (float32, n x d); for a model trained on hashed text: "
                     "a folder of class subfolders, a .jsonl or a .csv file of raw text")
-    pr.add_argument("--out", required=True, help="output HDF5 file (datasets pred, and proba for classifiers)")
+    pr.add_argument("--out", required=True, help="output HDF5 file: pred (n,) for every model (class id int64 for "
+                    "classifiers, value float for regression); proba (n,) binary or (n, classes) multiclass; "
+                    "mean and std (n,) for gp; with --horizon only forecast (H, m)")
     pr.add_argument("--horizon", type=int, help="ar model: forecast H steps after the end of each series in DATA "
                     "(dataset series); writes forecast (H, m)")
     pr.add_argument("--text-field", help="raw text input: the JSONL/CSV field holding the text (default: the "
