@@ -51,7 +51,8 @@ def _preflight(spec: Any, jd: Any) -> None:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from fleetmpi.cli.train import open_job
-    from fleetmpi.launch.slurm.backend import SlurmBackend, status_report
+    from fleetmpi.jobs.summary import job_summary
+    from fleetmpi.launch.slurm.backend import SlurmBackend
     from fleetmpi.launch.slurm.chain import runs
     from fleetmpi.launch.slurm.cmd import ACTIVE_STATES, squeue_states
     from fleetmpi.launch.slurm.submit import SubmissionError, release
@@ -99,9 +100,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     if args.wait and rc is None:
         rc = backend.follow()
     if args.json:
-        report = _with_outcome(jd, status_report(jd))
-        report["exit_code"] = rc
-        print(json.dumps(report, indent=1, allow_nan=False))
+        print(json.dumps(job_summary(jd, rc), indent=1, allow_nan=False))
     return ExitCode.OK if rc is None else rc
 
 
@@ -132,39 +131,30 @@ def sbatch_shortcuts(args: argparse.Namespace, given: Path) -> list[str]:
     return out
 
 
-def _with_outcome(jd: Any, report: dict[str, Any]) -> dict[str, Any]:
-    """Return ``report`` with the run's outcome from state.json (target_met, final metrics...; None before the end)."""
-    from fleetmpi.cli.train import outcome_fields
-    from fleetmpi.engine.monitor import finite_or_none
-    report.update(outcome_fields(jd.read_state()))
-    report["model"] = str(jd.model) if jd.model.exists() else None
-    return dict(finite_or_none(report))
-
-
 def job_dir_status(job_dir: Path, as_json: bool) -> int:
     """Print a job dir's status (state, Slurm jobs, exit codes), whatever its backend; return 0."""
     from fleetmpi.jobdir import JobDir
-    from fleetmpi.launch.slurm.backend import status_report
+    from fleetmpi.jobs.summary import job_summary
 
     jd = JobDir(job_dir)
     if not jd.exists():
         raise BadInput(f"{jd.root}: not a fleetmpi job dir (no spec.yaml and state.json)")
-    info = _with_outcome(jd, status_report(jd))
+    info = job_summary(jd)
     if as_json:
         print(json.dumps(info, indent=1, allow_nan=False))
         return ExitCode.OK
     line = f"{jd.root}: {info['status']}, phase {info['phase']}"
     if info.get("reason"):
         line += f" ({info['reason']})"
-    if info["final_exit_code"] is not None:
-        line += f"; final exit code {info['final_exit_code']}"
+    if info["exit_code"] is not None:
+        line += f"; final exit code {info['exit_code']}"
     print(line)
     if info["chain"]:
         print(f"  {'job':>8} {'run':>3}  {'phase':<12} {'shape':<16} {'by':<10} {'state':<12} {'exit':>4}  nodes")
     for r in info["chain"]:
         code = "-" if r.get("exit_code") is None else str(r["exit_code"])
         nodes = (r.get("allocation") or {}).get("nodelist") or "-"
-        print(f"  {r['job_id']:>8} {r['restart']:>3}  {r['phase'] or '-':<12} {r['shape'] or '-':<16} "
+        print(f"  {r['job_id'] or '-':>8} {r.get('restart', 0):>3}  {r['phase'] or '-':<12} {r['shape'] or '-':<16} "
               f"{r['by'] or '-':<10} {r['state']:<12} {code:>4}  {nodes}")
     if info["timeouts"] or info["preemptions"]:
         print(f"  stops: {info['timeouts']} near the time limit, {info['preemptions']} other (preemption)")

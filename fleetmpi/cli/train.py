@@ -175,8 +175,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         find_mpiexec(spec)
         rc = LocalBackend(jd, spec).run()
     if args.json:
-        from fleetmpi.engine.monitor import finite_or_none
-        print(json.dumps(finite_or_none(_outcome(jd, rc)), indent=1, allow_nan=False))
+        from fleetmpi.jobs.summary import job_summary
+        print(json.dumps(job_summary(jd, rc), indent=1, allow_nan=False))
     return rc
 
 
@@ -187,24 +187,6 @@ def check_folder_path(path: Path, label: str) -> None:
             if not p.is_dir():
                 raise BadInput(f"{label} {path}: {p} is not a folder")
             return
-
-
-OUTCOME_KEYS = ("target_met", "outcome", "reason", "metrics", "best_step", "best_metrics", "model_step")
-
-
-def outcome_fields(state: dict[str, Any]) -> dict[str, Any]:
-    """Return the run's outcome as state.json holds it (every key of OUTCOME_KEYS; None before the end)."""
-    out = state.get("outcome")
-    out = out if isinstance(out, dict) else {}
-    return {k: out.get(k) for k in OUTCOME_KEYS}
-
-
-def _outcome(jd: Any, rc: int) -> dict[str, Any]:
-    state = jd.read_state()
-    last_goal = next((e for e in reversed(jd.read_events()) if e["event"] == "goal"), None)
-    return {"job_dir": str(jd.root), "exit_code": rc, "status": state.get("status"), "phase": state.get("phase"),
-            "phases_run": state.get("phases_run", []), "model": str(jd.model) if jd.model.exists() else None,
-            **outcome_fields(state), "goal": last_goal}
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
