@@ -2,21 +2,30 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.fleetmpi-installed
+# Two stamps: the demo needs fleetmpi with MPI only; the tests add the dev tools, the
+# references the tests compare with, and the gpu-compile extra (463 MB of nvidia-* compiler wheels).
+STAMP     := $(VENV)/.fleetmpi-installed
+DEV_STAMP := $(VENV)/.fleetmpi-dev-installed
 # numba keys its cache by source file and mtime: recompile when a kernel source changes.
 KERNEL_SRC := $(wildcard kernels/*.py) fleetmpi/engine/data.py
 PRECOMPILED := kernels/__pycache__/.fleetmpi-precompiled
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast faults bench gpu-check lint cluster-up cluster-down clean
+.PHONY: install install-dev demo test test-fast faults bench gpu-check lint cluster-up cluster-down clean
 
 install: $(STAMP) $(PRECOMPILED)
+
+install-dev: $(DEV_STAMP) $(PRECOMPILED)
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[mpich,dev,gpu-compile]'
+	$(PY) -m pip install -q -e '.[mpich]'
 	touch $(STAMP)
+
+$(DEV_STAMP): setup.py $(STAMP)
+	$(PY) -m pip install -q -e '.[mpich,dev,gpu-compile]'
+	touch $(DEV_STAMP)
 
 # Compile the CPU kernels into numba's on-disk cache now, so that the first run starts
 # within ~1 s of a warm one instead of compiling on every rank (bench/bench_rescale.py).
@@ -27,24 +36,25 @@ $(PRECOMPILED): $(STAMP) $(KERNEL_SRC)
 demo: install
 	bash examples/quickstart.sh
 
-test: install
+test: install-dev
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install-dev
 	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
-faults: install   # the fault campaign with full trial counts; table in bench/results/faults.json
+faults: install-dev   # the fault campaign with full trial counts; table in bench/results/faults.json
 	FLEETMPI_FAULTS=full $(PY) -m pytest tests/faults -m faults -s $(PYTEST_ARGS)
 
-bench: install
+bench: install-dev
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0   # PyTorch CPU baseline
 	$(PY) -c "import lightgbm, xgboost" 2>/dev/null || $(PY) -m pip install -q lightgbm==4.7.0 xgboost==3.2.0   # tree baselines
 	$(PY) bench/run.py
 
-gpu-check:   # on a machine with a GPU: every GPU test and bench/bench_gpu.py (see the script)
+gpu-check:   # on a machine with a GPU: every GPU test and bench/bench_gpu.py with the python on PATH, which
+             # needs numba-cuda and the gpu-compile extra (pip install -e '.[gpu,gpu-compile]'; see the script)
 	bash bench/gpu_check.sh
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check fleetmpi kernels tests bench
 	$(VENV)/bin/mypy fleetmpi kernels
 

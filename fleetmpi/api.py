@@ -52,6 +52,20 @@ class Result:
     job_dir: Path
     target_met: bool | None = None   # None: the goal named no target, only a budget
     outcome: dict[str, Any] = field(default_factory=dict)   # state.json's outcome: outcome, reason, best_step...
+    # The record `status --json` prints for the job dir (fleetmpi.jobs.summary.RECORD_KEYS):
+    # exit_code, outcome, metrics, loss_meaning, chain of phases, under the same names.
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int | None:
+        """Return the training's final exit code (0, or 5 for a target not met under require_target)."""
+        code = self.record.get("exit_code")
+        return int(code) if code is not None else None
+
+    @property
+    def chain(self) -> list[dict[str, Any]]:
+        """Return the phases run, in order: phase, shape, ranks, job_id, exit_code."""
+        return list(self.record.get("chain") or [])
 
 
 class Job:
@@ -119,8 +133,9 @@ class Job:
         final: dict[str, Any] = ended["metrics"] if isinstance(ended.get("metrics"), dict) else {}
         skip = {"model", "metrics", "best_metrics", "targets_hit"}
         metrics = {**row.progress, **{k: v for k, v in res.items() if k not in skip}, **final}
+        from fleetmpi.jobs.summary import job_summary
         return Result(model=Path(res.get("model") or jd.model), metrics=metrics, job_dir=Path(row.job_dir),
-                      target_met=ended.get("target_met"), outcome=ended)
+                      target_met=ended.get("target_met"), outcome=ended, record=job_summary(jd))
 
     def cancel(self) -> None:
         """Cancel the job (running ranks checkpoint first)."""

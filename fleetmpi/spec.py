@@ -8,12 +8,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 
@@ -528,6 +530,41 @@ class MonitorSpec:
     line_every_s: float = check(positive, 10.0)
 
 
+# Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (seconds round up to a minute, as sbatch does).
+_SLURM_TIME_RE = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)$")
+SLURM_TIME_FORMATS = "minutes (90), 'MM:SS', 'HH:MM:SS', 'D-HH', 'D-HH:MM' or 'D-HH:MM:SS'"
+
+
+def slurm_minutes(v: int | str) -> int:
+    """Return a Slurm time limit (minutes as an int, or a string in Slurm's --time formats) in whole minutes.
+
+    Raises ValueError naming the formats for anything else.
+    """
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    m = _SLURM_TIME_RE.match(v.strip()) if isinstance(v, str) else None
+    if m is None:
+        raise ValueError(f"expected a time limit as {SLURM_TIME_FORMATS}, got {quote(v)}")
+    d, dh, dm, ds, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if d is not None:
+        seconds = ((d * 24 + (dh or 0)) * 60 + (dm or 0)) * 60 + (ds or 0)
+    elif c is not None:           # H:M:S
+        seconds = ((a or 0) * 60 + (b or 0)) * 60 + c
+    elif b is not None:           # M:S
+        seconds = (a or 0) * 60 + b
+    else:                         # M
+        seconds = (a or 0) * 60
+    return math.ceil(seconds / 60)
+
+
+def _time_limit(v: Any) -> str | None:
+    try:
+        minutes = slurm_minutes(v)
+    except ValueError as e:
+        return str(e)
+    return positive_at_most(MAX_TIME_MIN)(minutes)
+
+
 @dataclass(frozen=True)
 class PhaseSpec:
     nodes: int = check(positive_at_most(MAX_NODES), 1)
@@ -538,8 +575,17 @@ class PhaseSpec:
     # numba threads of each rank's gradient kernels (NUMBA_NUM_THREADS); None: cpus_per_rank.
     threads_per_rank: int | None = check(positive_at_most(MAX_RANKS_PER_NODE), None)
     device: Literal["cpu", "gpu", "auto"] = "cpu"
-    time_min: int | None = check(positive_at_most(MAX_TIME_MIN), None)
+    if TYPE_CHECKING:
+        time_min: int | None = None
+    else:
+        # The schema reads Slurm's own spellings too ('01:00:00', '1-00:00'); __post_init__
+        # turns them into minutes, so everything after the load sees an int.
+        time_min: int | str | None = check(_time_limit, None)
     mem_gb: float | None = check(positive_at_most(MAX_MEM_GB), None)
+
+    def __post_init__(self) -> None:
+        if self.time_min is not None:
+            object.__setattr__(self, "time_min", slurm_minutes(self.time_min))
 
     def validate(self) -> tuple[str, str] | None:
         if self.nodes * self.ranks_per_node > MAX_RANKS:

@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from fleetmpi import __version__
 from fleetmpi.cli import jobs, slurm, train
 from fleetmpi.errors import BadInput, ExitCode, FleetError, disk_full
 
@@ -31,6 +32,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     """Return the ``fleetmpi`` parser and its command table (subcommand name -> handler)."""
     p = _Parser(prog="fleetmpi", description="Data-parallel training over MPI ranks whose fleet changes while it trains.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"fleetmpi {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     commands: dict[str, Handler] = {}
@@ -50,7 +52,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser, commands = build_parser()
         args = parser.parse_args(argv)
-        return commands[args.cmd](args)
+        rc = commands[args.cmd](args)
+        sys.stdout.flush()   # a closed pipe shows here, not in the interpreter's exit flush
+        return rc
+    except BrokenPipeError:
+        # The reader went away (`fleetmpi events --json JOB | head -3`): what is left is
+        # unwanted, so stop quietly. Point stdout at devnull so the interpreter's final
+        # flush does not raise again, and exit as a process killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
     except (BadInput, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError,
             PermissionError) as e:
         if debug:

@@ -139,6 +139,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
         _refresh(Ledger(), [job.id])
         job = Ledger().get(job.id)
         rec = job_record(job)
+        from fleetmpi.jobdir import JobDir
+        from fleetmpi.jobs.summary import job_summary
+        if JobDir(job.job_dir).exists():
+            # The ledger's own status, phase and reason stay; the run's facts come under the
+            # names run --json and submit --json give them.
+            for key, value in job_summary(JobDir(job.job_dir)).items():
+                rec.setdefault(key, value)
         allocs = Ledger().allocations(job.id)
         rec["allocations"] = [{"attempt": a.attempt, "backend": a.backend, "backend_id": a.backend_id,
                                "phase": a.phase, "shape": a.shape, "state": a.state, "exit_code": a.exit_code,

@@ -26,8 +26,15 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     s = sub.add_parser("submit", help="submit a job to Slurm; it resubmits itself through rescales to its goal")
     s.add_argument("spec", help="job spec (YAML), or an existing job dir to submit again from its checkpoint")
     s.add_argument("--backend", choices=["slurm"], help="override scheduler.backend (default: the spec's)")
-    s.add_argument("--job-dir", help="job directory (default: runs/NAME beside the current folder)")
+    s.add_argument("--job-dir", help="job directory (default: ./runs/NAME, NAME from the spec)")
     add_set(s, "scheduler.account=proj")
+    # sbatch's own spellings. Partition and time fill in every phase that does not set its
+    # own; account and qos are the scheduler section's (one per job), as --set would set them.
+    s.add_argument("-p", "--partition", help="partition of every phase that sets none (sbatch -p)")
+    s.add_argument("-A", "--account", help="account to charge (scheduler.account; sbatch -A)")
+    s.add_argument("-t", "--time", metavar="TIME", help="time limit of every phase that sets no time_min: minutes "
+                   "or Slurm's formats, e.g. 90, 01:30:00, 1-00:00 (sbatch -t)")
+    s.add_argument("-q", "--qos", help="quality of service (scheduler.qos; sbatch -q)")
     s.add_argument("--wait", action="store_true",
                    help="follow the chain of Slurm jobs; exit with the training's final code")
     s.add_argument("--json", action="store_true", help="print the chain (job ids, phases, shapes, exit codes)")
@@ -44,13 +51,14 @@ def _preflight(spec: Any, jd: Any) -> None:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from fleetmpi.cli.train import open_job
-    from fleetmpi.launch.slurm.backend import SlurmBackend, status_report
+    from fleetmpi.jobs.summary import job_summary
+    from fleetmpi.launch.slurm.backend import SlurmBackend
     from fleetmpi.launch.slurm.chain import runs
     from fleetmpi.launch.slurm.cmd import ACTIVE_STATES, squeue_states
     from fleetmpi.launch.slurm.submit import SubmissionError, release
 
     given = Path(args.spec)
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + sbatch_shortcuts(args, given)
     if args.backend and not given.is_dir():
         overrides.append(f"scheduler.backend={args.backend}")
     jd, spec = open_job(given, args.job_dir, overrides, "submit", _preflight)
@@ -94,9 +102,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         rc = backend.follow()
         _settle(jd)
     if args.json:
-        report = _with_outcome(jd, status_report(jd))
-        report["exit_code"] = rc
-        print(json.dumps(report, indent=1, allow_nan=False))
+        print(json.dumps(job_summary(jd, rc), indent=1, allow_nan=False))
     return ExitCode.OK if rc is None else rc
 
 
@@ -125,42 +131,57 @@ def _settle(jd: Any) -> None:
         pass   # the ledger is a listing; `fleetmpi status` records the end on its next look
 
 
-def _with_outcome(jd: Any, report: dict[str, Any]) -> dict[str, Any]:
-    """Return ``report`` with the run's outcome from state.json (target_met, final metrics...; None before the end)."""
-    from fleetmpi.cli.train import outcome_fields
-    from fleetmpi.engine.monitor import finite_or_none
-    why = report.get("reason")
-    report.update(outcome_fields(jd.read_state()))
-    if report.get("reason") is None:
-        report["reason"] = why   # a failed chain has no outcome; its reason is the state's (the ranks' message)
-    report["model"] = str(jd.model) if jd.model.exists() else None
-    return dict(finite_or_none(report))
+def sbatch_shortcuts(args: argparse.Namespace, given: Path) -> list[str]:
+    """Return ``--set`` overrides for submit's -p/-A/-t/-q (partition and time only where a phase sets none)."""
+    from fleetmpi import spec as specmod
+    named = {flag: v for flag, v in (("-p/--partition", args.partition), ("-A/--account", args.account),
+                                     ("-t/--time", args.time), ("-q/--qos", args.qos)) if v is not None}
+    if not named:
+        return []
+    if given.is_dir():
+        raise BadInput(f"submit {given}: {', '.join(named)} apply when a job is created, and this job dir exists; "
+                       "start a new --job-dir, or submit it again without them")
+    if args.time is not None:
+        try:
+            specmod.slurm_minutes(args.time)
+        except ValueError as e:
+            raise BadInput(f"submit -t/--time {args.time!r}: {e}") from None
+    # json.dumps quotes each value, so YAML keeps '1:30' a string (it would read it as 90).
+    out = [f"scheduler.{key}={json.dumps(v)}" for key, v in (("account", args.account), ("qos", args.qos))
+           if v is not None]
+    spec = specmod.load(given, [*args.overrides, *out])
+    for name, phase in spec.fleet.phases.items():
+        if args.partition is not None and phase.partition is None:
+            out.append(f"fleet.phases.{name}.partition={json.dumps(args.partition)}")
+        if args.time is not None and phase.time_min is None:
+            out.append(f"fleet.phases.{name}.time_min={json.dumps(args.time)}")
+    return out
 
 
 def job_dir_status(job_dir: Path, as_json: bool) -> int:
     """Print a job dir's status (state, Slurm jobs, exit codes), whatever its backend; return 0."""
     from fleetmpi.jobdir import JobDir
-    from fleetmpi.launch.slurm.backend import status_report
+    from fleetmpi.jobs.summary import job_summary
 
     jd = JobDir(job_dir)
     if not jd.exists():
         raise BadInput(f"{jd.root}: not a fleetmpi job dir (no spec.yaml and state.json)")
-    info = _with_outcome(jd, status_report(jd))
+    info = job_summary(jd)
     if as_json:
         print(json.dumps(info, indent=1, allow_nan=False))
         return ExitCode.OK
     line = f"{jd.root}: {info['status']}, phase {info['phase']}"
     if info.get("reason"):
         line += f" ({info['reason']})"
-    if info["final_exit_code"] is not None:
-        line += f"; final exit code {info['final_exit_code']}"
+    if info["exit_code"] is not None:
+        line += f"; final exit code {info['exit_code']}"
     print(line)
     if info["chain"]:
         print(f"  {'job':>8} {'run':>3}  {'phase':<12} {'shape':<16} {'by':<10} {'state':<12} {'exit':>4}  nodes")
     for r in info["chain"]:
         code = "-" if r.get("exit_code") is None else str(r["exit_code"])
         nodes = (r.get("allocation") or {}).get("nodelist") or "-"
-        print(f"  {r['job_id']:>8} {r['restart']:>3}  {r['phase'] or '-':<12} {r['shape'] or '-':<16} "
+        print(f"  {r['job_id'] or '-':>8} {r.get('restart', 0):>3}  {r['phase'] or '-':<12} {r['shape'] or '-':<16} "
               f"{r['by'] or '-':<10} {r['state']:<12} {code:>4}  {nodes}")
     if info["timeouts"] or info["preemptions"]:
         print(f"  stops: {info['timeouts']} near the time limit, {info['preemptions']} other (preemption)")

@@ -21,7 +21,7 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     """Add the training subcommands to ``sub`` (argparse subparsers); return their handlers by name."""
     r = sub.add_parser("run", help="run a job on this machine (mpiexec), through rescales, to its goal")
     r.add_argument("spec", help="job spec (YAML), or an existing job dir to resume")
-    r.add_argument("--job-dir", help="job directory (default: runs/NAME beside the current folder)")
+    r.add_argument("--job-dir", help="job directory (default: ./runs/NAME, NAME from the spec)")
     add_set(r)
     r.add_argument("--json", action="store_true", help="print the outcome as JSON on stdout")
 
@@ -35,8 +35,10 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
                                  "(make-data's column order, standardisation and class names are applied); or, for a "
                                  "model trained on hashed text, a folder of class subfolders, a .jsonl or a .csv of "
                                  "raw text")
-    pr.add_argument("--out", required=True, help="output .h5 (datasets pred, and proba for classifiers; mean and std "
-                                                 "for gp) or .csv (class and p_<class> columns, or pred for regression)")
+    pr.add_argument("--out", required=True, help="output .h5: pred (n,) for every model (class id int64 for "
+                    "classifiers, value float for regression); proba (n,) binary or (n, classes) multiclass; "
+                    "mean and std (n,) for gp; with --horizon only forecast (H, m). Or .csv: class and p_<class> "
+                    "columns (pred for regression)")
     pr.add_argument("--horizon", type=int, help="ar model: forecast H steps after the end of each series in DATA "
                     "(dataset series); writes forecast (H, m)")
     pr.add_argument("--text-field", help="raw text input: the JSONL/CSV field holding the text (default: the "
@@ -197,8 +199,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             if seen is not None:
                 _record_run_end(*seen, rc)
     if args.json:
-        from fleetmpi.engine.monitor import finite_or_none
-        print(json.dumps(finite_or_none(_outcome(jd, rc)), indent=1, allow_nan=False))
+        from fleetmpi.jobs.summary import job_summary
+        print(json.dumps(job_summary(jd, rc), indent=1, allow_nan=False))
     return rc
 
 
@@ -242,24 +244,6 @@ def check_folder_path(path: Path, label: str) -> None:
             if not p.is_dir():
                 raise BadInput(f"{label} {path}: {p} is not a folder")
             return
-
-
-OUTCOME_KEYS = ("target_met", "outcome", "reason", "metrics", "best_step", "best_metrics", "model_step")
-
-
-def outcome_fields(state: dict[str, Any]) -> dict[str, Any]:
-    """Return the run's outcome as state.json holds it (every key of OUTCOME_KEYS; None before the end)."""
-    out = state.get("outcome")
-    out = out if isinstance(out, dict) else {}
-    return {k: out.get(k) for k in OUTCOME_KEYS}
-
-
-def _outcome(jd: Any, rc: int) -> dict[str, Any]:
-    state = jd.read_state()
-    last_goal = next((e for e in reversed(jd.read_events()) if e["event"] == "goal"), None)
-    return {"job_dir": str(jd.root), "exit_code": rc, "status": state.get("status"), "phase": state.get("phase"),
-            "phases_run": state.get("phases_run", []), "model": str(jd.model) if jd.model.exists() else None,
-            **outcome_fields(state), "goal": last_goal}
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:

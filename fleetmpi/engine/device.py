@@ -84,20 +84,26 @@ def gpu_missing() -> str | None:
 GPU_MODEL_KINDS = ("linear", "logistic", "softmax", "mlp")
 
 
-def gpu_model_refusal(model_kind: str, sync_kind: str) -> str | None:
-    """Return why this model cannot train on a GPU here, or None if it can."""
+def gpu_model_refusal(model_kind: str, sync_kind: str, setting: str = "gpu") -> str | None:
+    """Return why this model cannot train on a GPU here, or None if it can.
+
+    The advice to change the phase's device is given only to ``setting`` gpu: under auto
+    the phase already falls back to the CPU, so the line only says why.
+    """
+    fix = "; use device: cpu or auto" if setting == "gpu" else ""
     if model_kind not in GPU_MODEL_KINDS:
         # A user's Model, trees, GPs and closed-form fits compute with numpy/numba on the host.
-        return f"model kind {model_kind} computes on the CPU only (no GPU kernels); use device: cpu or auto"
+        return f"model kind {model_kind} computes on the CPU only (no GPU kernels){fix}"
     if sync_kind == "sparse":
-        return "sync kind sparse gathers touched features on the host only; use device: cpu or auto, or sync dense"
+        return (f"sync kind sparse gathers touched features on the host only{fix}"
+                + (", or sync dense" if fix else "; sync dense would run on the GPU"))
     if model_kind != "mlp" or sync_kind == "exact":
         return None     # exact sync computes each row's factors on the host for every model
     if simulated():
         return "model kind mlp on a gpu phase needs cupy's BLAS, which the CUDA simulator cannot run"
     if not _has_cupy():
         return ("model kind mlp on a gpu phase needs cupy for its matrix products "
-                "(pip install 'fleetmpi[gpu]'); use device: cpu or auto for this phase")
+                f"(pip install 'fleetmpi[gpu]'){fix + ' for this phase' if fix else ''}")
     return None
 
 
@@ -120,7 +126,7 @@ def choose(comm: Any, phase: str, setting: str, model_kind: str, sync_kind: str)
     """Resolve the phase's device setting on every rank alike (collective); BadInput if gpu cannot be had."""
     if setting == "cpu":
         return Device("cpu", setting)
-    refusal = gpu_model_refusal(model_kind, sync_kind)
+    refusal = gpu_model_refusal(model_kind, sync_kind, setting)
     missing_why = gpu_missing() if refusal is None else None
     # Decide from every rank's view, so that all ranks take the same branch below.
     views = comm.allgather((missing_why, refusal))

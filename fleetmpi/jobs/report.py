@@ -41,8 +41,18 @@ def series(jd: JobDir) -> dict[str, Any]:
             "boundaries": bounds, "valid_step": sorted(valid), "valid_loss": [valid[s] for s in sorted(valid)]}
 
 
+def require_matplotlib() -> None:
+    """Raise BadInput saying how to install matplotlib where it is missing (it is an optional extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BadInput("report: needs matplotlib, which is not installed; install it with "
+                       "`pip install 'fleetmpi[plot]'` (or `pip install 'matplotlib>=3.8'`)") from None
+
+
 def plot(jd: JobDir, title: str | None = None) -> Any:
     """Return a matplotlib Figure with one panel per entry of PANELS, sharing the step axis."""
+    require_matplotlib()
     return _draw(series(jd), title or jd.root.name)
 
 
@@ -82,6 +92,7 @@ def write(jd: JobDir, out: Path | str, title: str | None = None) -> dict[str, An
         raise BadInput(f"--out {out}: the report is a PNG; name it *.png")
     if not out.parent.is_dir():
         raise BadInput(f"--out {out}: folder {out.parent} does not exist")
+    require_matplotlib()
     s = series(jd)
     fig = _draw(s, title or jd.root.name)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")

@@ -397,7 +397,7 @@ def test_status_reads_exit_file_then_squeue_and_never_invents_completion(
     time.sleep(1)
     assert _submitted_ids(job) == [jid]
     info = json.loads(cli("status", str(job), "--json").stdout)
-    assert info["status"] == "CANCELLED" and info["final_exit_code"] == 4, info
+    assert info["status"] == "CANCELLED" and info["exit_code"] == 4, info
 
     # A job Slurm has forgotten (older than MinJobAge) and that left no exit file: UNKNOWN.
     ghost = tmp_path / "ghost"
