@@ -30,6 +30,9 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     add_set(s, "scheduler.account=proj")
     s.add_argument("--wait", action="store_true",
                    help="follow the chain of Slurm jobs; exit with the training's final code")
+    s.add_argument("--detach-on-exit", action="store_true",
+                   help="with --wait: SIGTERM/SIGINT end only this follower and leave the Slurm job running "
+                        "(default: cancel the chain; the ranks checkpoint and it exits 4)")
     s.add_argument("--json", action="store_true", help="print the chain (job ids, phases, shapes, exit codes)")
     return {"submit": _cmd_submit}
 
@@ -91,7 +94,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         if not args.json:
             print(job_id)
     if args.wait and rc is None:
-        rc = backend.follow()
+        rc = backend.follow(cancel_on_signal=not args.detach_on_exit)
         _settle(jd)
     if args.json:
         report = _with_outcome(jd, status_report(jd))
