@@ -148,7 +148,9 @@ def job_dir_status(job_dir: Path, as_json: bool) -> int:
     jd = JobDir(job_dir)
     if not jd.exists():
         raise BadInput(f"{jd.root}: not a fleetmpi job dir (no spec.yaml and state.json)")
+    from fleetmpi.cli.watch import live, live_lines
     info = _with_outcome(jd, status_report(jd))
+    info["live"] = live(jd)
     if as_json:
         print(json.dumps(info, indent=1, allow_nan=False))
         return ExitCode.OK
@@ -158,6 +160,8 @@ def job_dir_status(job_dir: Path, as_json: bool) -> int:
     if info["final_exit_code"] is not None:
         line += f"; final exit code {info['final_exit_code']}"
     print(line)
+    for extra in live_lines(info["live"], info["status"]):
+        print(extra)
     if info["chain"]:
         print(f"  {'job':>8} {'run':>3}  {'phase':<12} {'shape':<16} {'by':<10} {'state':<12} {'exit':>4}  nodes")
     for r in info["chain"]:
