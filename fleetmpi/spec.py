@@ -696,7 +696,8 @@ class NotifySpec:
     command: str | None = None
     webhook: str | None = None
     email: str | None = None
-    on: tuple[Literal["terminal", "rescale"], ...] = ("terminal",)
+    # approval: a rescale waits for `fleetmpi approve` (fleet.approval: manual)
+    on: tuple[Literal["terminal", "rescale", "approval"], ...] = ("terminal", "approval")
 
 
 @dataclass(frozen=True)

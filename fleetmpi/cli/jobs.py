@@ -150,9 +150,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         rec["allocations"] = [{"attempt": a.attempt, "backend": a.backend, "backend_id": a.backend_id,
                                "phase": a.phase, "shape": a.shape, "state": a.state, "exit_code": a.exit_code,
                                "start": a.started, "end": a.ended, "reason": a.reason, "log": a.log} for a in allocs]
+        from fleetmpi.cli.watch import live, live_lines
+        from fleetmpi.jobdir import JobDir
+        rec["live"] = live(JobDir(job.job_dir)) if JobDir(job.job_dir).exists() else None
         if args.json:
             print(json.dumps(rec, indent=1))
             return ExitCode.OK
+        for extra in live_lines(rec["live"], "RUNNING" if job.status in ACTIVE else job.status) if rec["live"] else []:
+            print(extra)
         for key in ("id", "name", "status", "phase", "shape", "step", "epoch", "loss", "valid_loss",
                     "sync_bytes_per_step", "attempts", "failures", "reason", "job_dir"):
             if rec.get(key) is not None:

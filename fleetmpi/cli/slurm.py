@@ -37,6 +37,9 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     s.add_argument("-q", "--qos", help="quality of service (scheduler.qos; sbatch -q)")
     s.add_argument("--wait", action="store_true",
                    help="follow the chain of Slurm jobs; exit with the training's final code")
+    s.add_argument("--detach-on-exit", action="store_true",
+                   help="with --wait: SIGTERM/SIGINT end only this follower and leave the Slurm job running "
+                        "(default: cancel the chain; the ranks checkpoint and it exits 4)")
     s.add_argument("--json", action="store_true", help="print the chain (job ids, phases, shapes, exit codes)")
     return {"submit": _cmd_submit}
 
@@ -99,7 +102,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         if not args.json:
             print(job_id)
     if args.wait and rc is None:
-        rc = backend.follow()
+        rc = backend.follow(cancel_on_signal=not args.detach_on_exit)
         _settle(jd)
     if args.json:
         print(json.dumps(job_summary(jd, rc), indent=1, allow_nan=False))
@@ -166,7 +169,9 @@ def job_dir_status(job_dir: Path, as_json: bool) -> int:
     jd = JobDir(job_dir)
     if not jd.exists():
         raise BadInput(f"{jd.root}: not a fleetmpi job dir (no spec.yaml and state.json)")
+    from fleetmpi.cli.watch import live, live_lines
     info = job_summary(jd)
+    info["live"] = live(jd)
     if as_json:
         print(json.dumps(info, indent=1, allow_nan=False))
         return ExitCode.OK
@@ -176,6 +181,8 @@ def job_dir_status(job_dir: Path, as_json: bool) -> int:
     if info["exit_code"] is not None:
         line += f"; final exit code {info['exit_code']}"
     print(line)
+    for extra in live_lines(info["live"], info["status"]):
+        print(extra)
     if info["chain"]:
         print(f"  {'job':>8} {'run':>3}  {'phase':<12} {'shape':<16} {'by':<10} {'state':<12} {'exit':>4}  nodes")
     for r in info["chain"]:

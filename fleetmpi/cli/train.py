@@ -85,6 +85,7 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     e = sub.add_parser("events", help="print a job's events")
     e.add_argument("job", help=JOB_HELP)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--follow", "-f", action="store_true", help="then print new events as they come, until the job ends")
     return {"run": _cmd_run, "inspect": _cmd_inspect, "predict": _cmd_predict, "make-data": _cmd_make_data,
             "approve": _cmd_approve, "events": _cmd_events}
 
@@ -401,14 +402,11 @@ def _cmd_approve(args: argparse.Namespace) -> int:
 def _cmd_events(args: argparse.Namespace) -> int:
     from fleetmpi.jobdir import JobDir
     jd = JobDir(resolve_job(args.job).job_dir)
+    from fleetmpi.cli.watch import follow_events, format_event
     jd.read_state()
+    if args.follow:
+        follow_events(jd, args.json)
+        return ExitCode.OK
     for ev in jd.read_events():
-        if args.json:
-            print(json.dumps(ev))
-        else:
-            import time
-            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev.pop("t")))
-            kind = ev.pop("event")
-            ev.pop("host", None)
-            print(f"{when} {kind:<18} " + " ".join(f"{k}={v}" for k, v in ev.items()))
+        print(json.dumps(ev) if args.json else format_event(ev))
     return ExitCode.OK

@@ -392,6 +392,12 @@ class Ledger:
                         c.execute("UPDATE jobs SET phase=?, shape=? WHERE id=?", (new["phase"], new["shape"], job_id))
                     why = f"{ev.get('from')} -> {ev.get('to')} ({ev.get('to_ranks')} ranks) at step {ev.get('step')}"
                     self._queue_notes(c, job_id, job.notify, f"rescale@{ev.get('step')}", "rescale", RESCALING, why)
+                elif kind == "approval_pending":   # approval: manual; training goes on in this phase meanwhile
+                    why = (f"rule {ev.get('rule')} wants a rescale {job.phase} -> {ev.get('goto')} at step "
+                           f"{ev.get('step')}; training goes on in phase {job.phase} until approved: "
+                           f"fleetmpi approve {job.job_dir}")
+                    self._queue_notes(c, job_id, job.notify, f"approval@{ev.get('id')}", "approval",
+                                      "APPROVAL_PENDING", why)
                 elif kind == "goal":
                     keep = ("step", "epoch", "reason", "loss", "valid_loss", "model")
                     c.execute("UPDATE jobs SET result=? WHERE id=?",

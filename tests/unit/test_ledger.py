@@ -284,3 +284,16 @@ def test_ids_never_reuse_an_existing_job_dir(tmp_path: Path, _home: Path) -> Non
     (_home / "jobs" / f"{taken:06d}-other").mkdir(parents=True)
     assert add(ledger, tmp_path) == taken + 1
     assert add(ledger, tmp_path) == taken + 2
+
+
+def test_a_pending_approval_goes_through_the_notifiers_with_the_approve_command(tmp_path: Path) -> None:
+    ledger = Ledger()
+    job = add(ledger, tmp_path, notify=[{"command": "true", "on": ["approval"]}, {"email": "a@b.c"}])
+    ledger.claim(job, "m", now=1e12)
+    ev = {"t": 2.0, "event": "approval_pending", "id": "one-40-r0", "goto": "two", "rule": 0, "step": 40}
+    assert ledger.fold(job, 0, 100, [{"t": 1.0, "event": "phase_start", "phase": "one", "shape": "1x1"}, ev])
+    notes = ledger.notes(job)
+    assert [(n["on_event"], n["kind"], n["status"]) for n in notes] == [("approval@one-40-r0", "command",
+                                                                         "APPROVAL_PENDING")]
+    assert notes[0]["reason"] == (f"rule 0 wants a rescale one -> two at step 40; training goes on in phase one "
+                                  f"until approved: fleetmpi approve {ledger.get(job).job_dir}")

@@ -9,6 +9,7 @@ commands go through :mod:`.cmd`.
 from __future__ import annotations
 
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -154,17 +155,57 @@ class SlurmBackend:
                   + (" (found the job an earlier try had created)" if adopted else ""))
         return job_id
 
-    def follow(self, poll_s: float = 1.0, lost_grace_s: float = 15.0) -> int:
-        """Wait for the chain of batch jobs to end; return the training's final exit code."""
+    def follow(self, poll_s: float = 1.0, lost_grace_s: float = 15.0, cancel_on_signal: bool = False) -> int:
+        """Wait for the chain of batch jobs to end; return the training's final exit code.
+
+        With ``cancel_on_signal`` a SIGTERM or SIGINT to this process (a workflow engine
+        interrupted) cancels the chain: its running job gets scancel (TERM to the batch
+        shell: the ranks checkpoint, nothing is resubmitted), the chain's end is awaited and
+        the return is exit 4 (stopped) with a line saying how to resume. A second signal
+        stops waiting at once.
+        """
+        got: list[int] = []
+        if not cancel_on_signal:
+            return self._follow(poll_s, lost_grace_s, got)
+        old = {s: signal.signal(s, lambda signum, _frame: got.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._follow(poll_s, lost_grace_s, got)
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    def _resume_hint(self) -> str:
+        return f"`fleetmpi submit {self.jd.root} --wait` resumes from the newest checkpoint"
+
+    def _follow(self, poll_s: float, lost_grace_s: float, got: list[int]) -> int:
         jd = self.jd
         shown: dict[tuple[str, int], str] = {}
         lost_since: float | None = None
+        cancelled: str | None = None   # the Slurm job this follower cancelled on a signal
         while True:
             chain, end = runs(jd)
             if end is not None:
                 self._say(f"fleetmpi: chain ended: {end.get('status')} ({end.get('reason')}); "
                           f"exit code {end['exit_code']}")
+                if cancelled is not None and end.get("status") == "CANCELLED":
+                    self._say(f"fleetmpi: stopped on {signal.Signals(got[0]).name}; {self._resume_hint()}")
+                    return ExitCode.STOPPED
                 return int(end["exit_code"])
+            if got and cancelled is None and chain:
+                cancelled = str(chain[-1]["job_id"])
+                name = signal.Signals(got[0]).name
+                jd.event("cancel_requested", job_id=cancelled, by=f"fleetmpi submit --wait ({name})")
+                try:
+                    cancel(cancelled)
+                except SlurmCommandError as e:
+                    self._say(f"fleetmpi: got {name} but could not cancel Slurm job {cancelled}: {e}; "
+                              f"it goes on (`scancel {cancelled}` stops it)")
+                    return ExitCode.STOPPED
+                self._say(f"fleetmpi: got {name}: cancelled Slurm job {cancelled} (its ranks checkpoint first); "
+                          "waiting for the chain to end (a second signal stops waiting)")
+            if len(got) > 1 and cancelled is not None:
+                self._say(f"fleetmpi: not waiting any longer; Slurm job {cancelled} was cancelled; {self._resume_hint()}")
+                return ExitCode.STOPPED
             if not chain:
                 raise BadInput(f"{jd.root}: no Slurm job was submitted for this job dir")
             run = chain[-1]
@@ -184,6 +225,10 @@ class SlurmBackend:
             else:
                 lost_since = lost_since or time.monotonic()
                 allocation_lost = run.get("stop") == "lost"  # recorded by the continuation: nothing follows
+                if cancelled is not None and code is None and time.monotonic() - lost_since > lost_grace_s:
+                    # Cancelled before its batch shell ran (still pending): no end record follows.
+                    self._say(f"fleetmpi: Slurm job {jid} was cancelled before it started; {self._resume_hint()}")
+                    return ExitCode.STOPPED
                 if allocation_lost or time.monotonic() - lost_since > lost_grace_s:
                     if allocation_lost:
                         what = (f"ended {state}: its allocation was lost; `fleetmpi submit {jd.root}` resumes "
