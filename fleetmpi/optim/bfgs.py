@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from fleetmpi.errors import CheckpointError
-from fleetmpi.optim.lbfgs import Objective, backtrack, curvature_ok
+from fleetmpi.optim.lbfgs import QuasiNewton, curvature_ok
 from fleetmpi.spec import BfgsSpec
 
 # 200 MB: 5000 parameters. H is copied into every checkpoint and held by every rank.
@@ -49,7 +49,7 @@ def bfgs_update(H: np.ndarray, s: np.ndarray, y: np.ndarray, rows: int = 256) ->
         H[lo:hi] += a * s[lo:hi, None] * s[None, :] - r * (Hy[lo:hi, None] * s[None, :] + s[lo:hi, None] * Hy[None, :])
 
 
-class BFGS:
+class BFGS(QuasiNewton):
     name = "bfgs"
 
     def __init__(self, spec: BfgsSpec, n_params: int) -> None:
@@ -57,7 +57,7 @@ class BFGS:
         refusal = size_refusal(n_params)
         if refusal:
             raise ValueError(refusal)
-        self.spec = spec
+        self.spec: BfgsSpec = spec
         self.n_params = n_params
         self.H = np.zeros((n_params, n_params))
         self.curved = False
@@ -88,34 +88,6 @@ class BFGS:
         """Drop the curvature (the next step is bounded steepest descent)."""
         self.H[...] = 0.0
         self.curved = False
-
-    def step(self, params: np.ndarray, objective: Objective) -> tuple[float, bool]:
-        """Take one iteration in place; return (loss at the new point, whether it moved)."""
-        if self.f is None:
-            self.f, g = objective(params)
-            self.g = g.copy()
-            self.evals += 1
-        f0, g0 = self.f, self.g
-        if float(np.linalg.norm(g0)) <= self.spec.tol_grad:
-            return f0, False
-        d = self.direction(g0)
-        slope = float(g0 @ d)
-        if slope >= 0:  # not a descent direction (rounding in H): restart from -g
-            self.reset()
-            d = self.direction(g0)
-            slope = float(g0 @ d)
-        found, evals = backtrack(params, d, f0, slope, objective, self.spec.max_ls, self.spec.c1)
-        self.evals += evals
-        if found is None:
-            # No acceptable step: drop the curvature and keep the point, as L-BFGS does.
-            self.reset()
-            self.last_step = 0.0
-            return f0, False
-        t, trial, f1, g1 = found
-        self.update(trial - params, g1 - g0)
-        params[...] = trial
-        self.f, self.g, self.last_step = f1, g1.copy(), t
-        return f1, True
 
     def state(self) -> dict[str, np.ndarray]:
         """Return H (all zero: no curvature yet), gradient and objective (NaN: none yet) by checkpoint name."""

@@ -1,4 +1,5 @@
-"""Limited-memory BFGS, and the deterministic backtracking (Armijo) line search BFGS shares.
+"""Limited-memory BFGS, and what BFGS shares with it: the deterministic backtracking (Armijo)
+line search and one quasi-Newton iteration (``QuasiNewton.step``).
 
 Every rank runs the same arithmetic on the same allreduced loss and gradient, so every
 rank takes the same branch; the objective callable is collective.
@@ -7,6 +8,7 @@ rank takes the same branch; the objective callable is collective.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -39,11 +41,76 @@ def curvature_ok(s: np.ndarray, y: np.ndarray) -> bool:
     return float(s @ y) > 1e-12 * float(y @ y)
 
 
-class LBFGS:
+class LineSearchSettings(Protocol):
+    """The settings an iteration reads (LbfgsSpec and BfgsSpec both have them)."""
+
+    @property
+    def tol_grad(self) -> float: ...
+    @property
+    def max_ls(self) -> int: ...
+    @property
+    def c1(self) -> float: ...
+
+
+class QuasiNewton:
+    """One iteration of a quasi-Newton method; subclasses say how curvature is kept.
+
+    ``direction(g)`` is the search direction from the kept curvature, ``update(s, y)`` takes a
+    step's curvature in, ``reset()`` drops it. State: ``f``, ``g`` at the current point,
+    ``last_step`` (the accepted t), ``evals``; ``spec`` has tol_grad, max_ls and c1.
+    """
+
+    spec: LineSearchSettings
+    f: float | None
+    g: np.ndarray
+    last_step: float
+    evals: int
+
+    def direction(self, g: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def update(self, s: np.ndarray, y: np.ndarray) -> bool:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def step(self, params: np.ndarray, objective: Objective) -> tuple[float, bool]:
+        """Take one iteration in place; return (loss at the new point, whether it moved)."""
+        if self.f is None:
+            self.f, g = objective(params)
+            self.g = g.copy()
+            self.evals += 1
+        f0, g0 = self.f, self.g
+        if float(np.linalg.norm(g0)) <= self.spec.tol_grad:
+            return f0, False
+        d = self.direction(g0)
+        slope = float(g0 @ d)
+        if slope >= 0:  # not a descent direction: the curvature is stale, restart from -g
+            self.reset()
+            d = self.direction(g0)
+            slope = float(g0 @ d)
+        found, evals = backtrack(params, d, f0, slope, objective, self.spec.max_ls, self.spec.c1)
+        self.evals += evals
+        if found is None:
+            # No acceptable step: drop the curvature and keep the point.
+            self.reset()
+            self.last_step = 0.0
+            return f0, False
+        t, trial, f1, g1 = found
+        self.update(trial - params, g1 - g0)
+        params[...] = trial
+        self.f, self.g, self.last_step = f1, g1.copy(), t
+        return f1, True
+
+
+class LBFGS(QuasiNewton):
+    """L-BFGS: the newest ``history`` (s, y) pairs, two-loop recursion."""
+
     name = "lbfgs"
 
     def __init__(self, spec: LbfgsSpec, n_params: int) -> None:
-        self.spec = spec
+        self.spec: LbfgsSpec = spec
         self.S = np.zeros((0, n_params))
         self.Y = np.zeros((0, n_params))
         self.f: float | None = None
@@ -51,7 +118,8 @@ class LBFGS:
         self.last_step = 0.0
         self.evals = 0
 
-    def _direction(self, g: np.ndarray) -> np.ndarray:
+    def direction(self, g: np.ndarray) -> np.ndarray:
+        """Return the two-loop direction -H g from the kept pairs (first step: -g / max(1, |g|_1))."""
         q = g.copy()
         m = self.S.shape[0]
         alpha = np.empty(m)
@@ -68,36 +136,17 @@ class LBFGS:
             q += (alpha[i] - beta) * self.S[i]
         return -q
 
-    def step(self, params: np.ndarray, objective: Objective) -> tuple[float, bool]:
-        """Take one iteration in place; return (loss at the new point, whether it moved)."""
-        if self.f is None:
-            self.f, g = objective(params)
-            self.g = g.copy()
-            self.evals += 1
-        f0, g0 = self.f, self.g
-        if float(np.linalg.norm(g0)) <= self.spec.tol_grad:
-            return f0, False
-        d = self._direction(g0)
-        slope = float(g0 @ d)
-        if slope >= 0:  # not a descent direction: history is stale, restart from -g
-            self.S = self.S[:0]
-            self.Y = self.Y[:0]
-            d = self._direction(g0)
-            slope = float(g0 @ d)
-        found, evals = backtrack(params, d, f0, slope, objective, self.spec.max_ls, self.spec.c1)
-        self.evals += evals
-        if found is not None:
-            t, trial, f1, g1 = found
-            s, y = trial - params, g1 - g0
-            if curvature_ok(s, y):
-                self.S = np.vstack([self.S, s])[-self.spec.history:]
-                self.Y = np.vstack([self.Y, y])[-self.spec.history:]
-            params[...] = trial
-            self.f, self.g, self.last_step = f1, g1.copy(), t
-            return f1, True
-        # No acceptable step: drop the curvature history and keep the point.
-        self.S, self.Y, self.last_step = self.S[:0], self.Y[:0], 0.0
-        return f0, False
+    def update(self, s: np.ndarray, y: np.ndarray) -> bool:
+        """Keep the pair (s, y) when its curvature is positive (dropping the oldest beyond ``history``); say if kept."""
+        if not curvature_ok(s, y):
+            return False
+        self.S = np.vstack([self.S, s])[-self.spec.history:]
+        self.Y = np.vstack([self.Y, y])[-self.spec.history:]
+        return True
+
+    def reset(self) -> None:
+        """Drop the history (the next direction is bounded steepest descent)."""
+        self.S, self.Y = self.S[:0], self.Y[:0]
 
     def state(self) -> dict[str, np.ndarray]:
         """Return history, gradient and objective under their checkpoint names (f NaN: none yet)."""
