@@ -51,7 +51,9 @@ def _flat_model(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]
         else:
             hidden = tuple(meta.get("sizes", [])[1:-1]) if meta["kind"] == "mlp" else ()
             ar = meta["kind"] == "ar"
+            reg_mlp = meta["kind"] == "mlp" and meta.get("task") == "regression"
             mspec = ModelSpec(kind=meta["kind"], l2=float(meta.get("l2", 0.0)), hidden=hidden,
+                              task="regression" if reg_mlp else None,
                               classes=meta.get("classes") if meta["kind"] in ("softmax", "mlp") else None,
                               lags=int(meta["lags"]) if ar else None, trend="none" if ar and meta["trend"] == "none" else "const")
             model = build_model(mspec, int(meta["d"]), meta.get("classes"))
