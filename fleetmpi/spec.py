@@ -556,13 +556,15 @@ class PhaseSpec:
 @dataclass(frozen=True)
 class ActionSpec:
     goto: str | None = None
-    optimizer: Literal["sgd", "lbfgs", "bfgs"] | None = None
+    # closed_form (kind ar only, checked with the model): solve the fit exactly and end the phase.
+    optimizer: Literal["sgd", "lbfgs", "bfgs", "closed_form"] | None = None
     stop: bool = False
 
     def validate(self) -> tuple[str, str] | None:
         n = (self.goto is not None) + (self.optimizer is not None) + bool(self.stop)
         if n != 1:
-            return "goto", "an action is exactly one of {goto: PHASE}, {optimizer: sgd|lbfgs|bfgs}, {stop: true}"
+            return "goto", ("an action is exactly one of {goto: PHASE}, {optimizer: sgd|lbfgs|bfgs|closed_form}, "
+                            "{stop: true}")
         return None
 
     def describe(self) -> str:
@@ -714,6 +716,12 @@ def _check_series(spec: Spec) -> tuple[str, str] | None:
                                 "(use kind ar, linear or mlp (regression) on data.windows)")
     if spec.optimizer.kind == "closed_form" and m.kind != "ar":
         return "optimizer.kind", f"closed_form solves kind ar exactly; model kind {m.kind!r} needs sgd or lbfgs"
+    for i, rule in enumerate(spec.fleet.rules):
+        # A switch to closed_form solves the same objective exactly and ends the phase (reason solved);
+        # only ar provides the sufficient statistics it sums.
+        if rule.then.optimizer == "closed_form" and m.kind != "ar":
+            return f"fleet.rules[{i}].then.optimizer", (f"closed_form solves kind ar exactly; model kind {m.kind!r} "
+                                                        "can switch to sgd, lbfgs or bfgs")
     if spec.data.valid_tail is not None and spec.lags is None:
         return "data.valid_tail", "holds out the end of series data: set model.kind ar or data.windows.lags"
     if spec.lags is not None and spec.data.valid:
