@@ -157,8 +157,8 @@ def forecast_file(model_path: Path, data_path: Path, out: Path, horizon: int) ->
     from fleetmpi.engine.data import open_h5
     from fleetmpi.engine.windows import series_dataset
     model, params, meta = load_model(model_path)
-    if model.kind not in ("ar", "linear"):
-        raise BadInput(f"{model_path}: --horizon forecasts with a lag model (kind ar, or linear on data.windows); "
+    if model.kind not in ("ar", "linear") and not (model.kind == "mlp" and model.task == "regression"):
+        raise BadInput(f"{model_path}: --horizon forecasts with a lag model (kind ar, or linear or mlp on data.windows); "
                        f"this model is kind {model.kind!r}")
     if not 1 <= horizon <= MAX_HORIZON:
         raise BadInput(f"--horizon {horizon}: expected a number of steps in [1, {MAX_HORIZON}]")
@@ -183,7 +183,10 @@ def forecast_file(model_path: Path, data_path: Path, out: Path, horizon: int) ->
     hist[:p] = last
     for h in range(horizon):
         # lag 1 is the newest value: rows p+h-1 down to h
-        hist[p + h] = w @ hist[h:p + h][::-1] + b
+        if model.kind == "mlp":   # one window per series, all series in one batch
+            hist[p + h] = model.predict(np.ascontiguousarray(hist[h:p + h][::-1].T), params)
+        else:
+            hist[p + h] = w @ hist[h:p + h][::-1] + b
     forecast = hist[p:]
     write_h5_atomic(out, {"forecast": forecast}, {"model": str(model_path), "data": str(data_path),
                                                   "model_meta": meta, "horizon": horizon}, kind="predictions")

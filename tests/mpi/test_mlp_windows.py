@@ -73,6 +73,18 @@ def test_mlp_on_windows_forecasts_bitwise_at_1_2_3_ranks_and_beats_a_line(tmp_pa
     goal = [e for e in events(jobs[0]) if e["event"] == "goal"][0]
     np.testing.assert_allclose(goal["valid_loss"], np.mean(0.5 * err ** 2), rtol=1e-6)
 
+    # Recursive forecasts after the end of every series: each step feeds the MLP its own predictions.
+    out = tmp_path / "fc.h5"
+    proc = cli("predict", str(jobs[1] / "model.h5"), str(series), "--horizon", "5", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    want = np.empty((5, 2))
+    for c in range(2):
+        h = list(s[:, c])
+        for k in range(5):
+            h.append(float(ref.mlp_regression_predict(np.array([h[-1:-P - 1:-1]]), params[0], (P, 16, 1))[0]))
+            want[k, c] = h[-1]
+    np.testing.assert_allclose(read_h5_verified(out, kind="predictions")[0]["forecast"], want, rtol=1e-12)
+
     # A nonlinear series: the MLP's one-step error is below the best line's (the AR closed form).
     ar = _run(tmp_path, "ar", series, 1, {"kind": "ar", "lags": P}, {"kind": "closed_form"}, sync="dense")
     ar_goal = [e for e in events(ar) if e["event"] == "goal"][0]
