@@ -230,13 +230,28 @@ class Gp(Technique):
         a["comm_s"] += comm_s
         a["payload"] += nbytes
 
+    def _futile(self, theta: np.ndarray) -> bool:
+        """Return whether a line-search trial is refused before its pass over the rows.
+
+        Too long (a move past MAX_LOG_MOVE), or too short: a trial whose first-order decrease
+        g . (trial - accepted) is below F_RTOL of the objective would count as converged even
+        if accepted, so near the optimum the halving line search ends without spending up to
+        ``max_ls`` passes on steps that cannot matter (30 passes at 100k rows, measured).
+        """
+        f, g = self.lbfgs.f, self.lbfgs.g
+        if f is None or g is None or self.theta is None:
+            return False                    # the first evaluation: the accepted point itself
+        move = theta - self.theta
+        if np.abs(move).max() > MAX_LOG_MOVE:
+            return True
+        return abs(float(g @ move[self.free])) < F_RTOL * max(1.0, abs(f))
+
     def objective(self, free_theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Return (-LML / n, its gradient) over the free hyperparameters; collective."""
         assert self.theta is not None
         theta = self.theta.copy()
         theta[self.free] = free_theta
-        if not np.all(np.abs(theta) <= LOG_BOUND) or (self.lbfgs.f is not None and
-                                                       np.abs(theta - self.theta).max() > MAX_LOG_MOVE):
+        if not np.all(np.abs(theta) <= LOG_BOUND) or self._futile(theta):
             return math.inf, np.zeros(free_theta.size)
         if self.fused:
             self.gram_at(np.exp(theta[:-2]), with_dls=True)
