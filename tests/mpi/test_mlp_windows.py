@@ -100,3 +100,15 @@ def test_mlp_task_multiclass_on_windows_is_refused(tmp_path: Path, series: Path)
     proc = cli("run", str(path), "--job-dir", str(tmp_path / "bad"))
     assert proc.returncode == 2
     assert "data.windows" in proc.stderr and "task multiclass" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mlp_forecaster_on_a_gpu_phase_is_refused(tmp_path: Path, series: Path) -> None:
+    # The GPU MLP kernels end in softmax: a regression MLP must not silently train as a classifier there.
+    spec = {"name": "gpu", "data": {"train": str(series), "windows": {"lags": P}},
+            "model": {"kind": "mlp", "hidden": [4]}, "goal": {"max_steps": 1},
+            "fleet": {"start": "p", "phases": {"p": {"ranks_per_node": 1, "device": "gpu"}}}}
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = cli("run", str(path), "--job-dir", str(tmp_path / "gpu"))
+    assert proc.returncode == 2, proc.stderr
+    assert "fleet.phases.p.device" in proc.stderr and "mlp (task regression)" in proc.stderr
