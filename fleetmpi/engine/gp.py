@@ -49,6 +49,10 @@ F_RTOL = 1e-9              # L-BFGS has converged when -LML/n moves less than th
 # (a factor e**2) is refused without a pass over the rows: an overlong L-BFGS direction then
 # costs halvings, not evaluations (one seen at 100k rows took 17 of them, each a full pass).
 MAX_LOG_MOVE = 2.0
+# ... and one whose first-order decrease is below this (relative to -LML/n) is refused too: at
+# large n the objective's own rounding is about that big (q/e and r.m/e, each ~n/e, cancel
+# through an ill-conditioned A), so Armijo there fails on noise, one full pass per halving.
+MIN_LS_DECREASE = 1e-6
 
 
 def chunk_share(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -234,8 +238,8 @@ class Gp(Technique):
         """Return whether a line-search trial is refused before its pass over the rows.
 
         Too long (a move past MAX_LOG_MOVE), or too short: a trial whose first-order decrease
-        g . (trial - accepted) is below F_RTOL of the objective would count as converged even
-        if accepted, so near the optimum the halving line search ends without spending up to
+        g . (trial - accepted) is below MIN_LS_DECREASE of the objective is lost in its
+        rounding, so near the optimum the halving line search ends without spending up to
         ``max_ls`` passes on steps that cannot matter (30 passes at 100k rows, measured).
         """
         f, g = self.lbfgs.f, self.lbfgs.g
@@ -244,7 +248,7 @@ class Gp(Technique):
         move = theta - self.theta
         if np.abs(move).max() > MAX_LOG_MOVE:
             return True
-        return abs(float(g @ move[self.free])) < F_RTOL * max(1.0, abs(f))
+        return abs(float(g @ move[self.free])) < MIN_LS_DECREASE * max(1.0, abs(f))
 
     def objective(self, free_theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Return (-LML / n, its gradient) over the free hyperparameters; collective."""
