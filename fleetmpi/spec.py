@@ -173,6 +173,8 @@ class ModelSpec:
         if self.is_tree:
             return _check_tree(self)
         for key in TREE_KEYS:
+            if key == "task" and self.kind == "mlp":
+                continue    # mlp: multiclass (softmax) or regression (one identity output)
             if getattr(self, key) is not None:
                 return key, f"only kinds {', '.join(TREE_KINDS)} take {key}; kind is {self.kind!r}"
         if self.kind == "gp":
@@ -192,6 +194,11 @@ class ModelSpec:
                 if bad:
                     return key, f"only kind ar takes {key}; kind is {self.kind!r} (other kinds use data.windows.lags)"
         if self.kind == "mlp":
+            if self.task == "binary":
+                return "task", ("kind mlp takes task multiclass (softmax, the default) or regression; "
+                                "for 0/1 labels use multiclass")
+            if self.task == "regression" and self.classes is not None:
+                return "classes", "task regression forecasts values and takes no classes"
             if not 1 <= len(self.hidden) <= 2:
                 return "hidden", f"mlp needs 1 or 2 hidden layer sizes, e.g. [64] or [128, 64]; got {list(self.hidden)}"
             if any(h < 1 for h in self.hidden):
@@ -217,7 +224,9 @@ class ModelSpec:
                     **{k: self.tree_value(k) for k in TREE_DEFAULTS
                        if k != "l2" and not (k == "learning_rate" and self.kind in ("forest", "tree"))}}
         for key in TREE_KEYS:
-            d.pop(key)   # absent for other kinds: their model hashes stay as they were
+            value = d.pop(key)   # absent for other kinds: their model hashes stay as they were
+            if key == "task" and self.kind == "mlp" and value == "regression":
+                d[key] = value   # a regression mlp has another output layer: another model hash
         for key in GP_KEYS:
             # Other kinds leave them out, so adding gp kept their model hashes (and checkpoints) valid.
             value = d.pop(key)
@@ -612,13 +621,15 @@ class PhaseSpec:
 @dataclass(frozen=True)
 class ActionSpec:
     goto: str | None = None
-    optimizer: Literal["sgd", "lbfgs", "bfgs"] | None = None
+    # closed_form (kind ar only, checked with the model): solve the fit exactly and end the phase.
+    optimizer: Literal["sgd", "lbfgs", "bfgs", "closed_form"] | None = None
     stop: bool = False
 
     def validate(self) -> tuple[str, str] | None:
         n = (self.goto is not None) + (self.optimizer is not None) + bool(self.stop)
         if n != 1:
-            return "goto", "an action is exactly one of {goto: PHASE}, {optimizer: sgd|lbfgs|bfgs}, {stop: true}"
+            return "goto", ("an action is exactly one of {goto: PHASE}, {optimizer: sgd|lbfgs|bfgs|closed_form}, "
+                            "{stop: true}")
         return None
 
     def describe(self) -> str:
@@ -775,11 +786,18 @@ def _check_series(spec: Spec) -> tuple[str, str] | None:
     m, w = spec.model, spec.data.windows
     if m.kind == "ar" and w is not None and w.lags != m.lags:
         return "data.windows.lags", f"is {w.lags} but model.lags is {m.lags}; kind ar needs one lag count (drop data.windows)"
-    if w is not None and m.kind not in ("linear", "ar"):
-        return "data.windows", (f"lag windows have real-valued targets; model kind {m.kind!r} classifies "
-                                "(use kind ar, or linear on data.windows)")
+    if w is not None and (m.kind not in ("linear", "ar", "mlp") or m.task == "multiclass"):
+        what = "task multiclass" if m.kind == "mlp" else f"model kind {m.kind!r}"
+        return "data.windows", (f"lag windows have real-valued targets; {what} classifies "
+                                "(use kind ar, linear or mlp (regression) on data.windows)")
     if spec.optimizer.kind == "closed_form" and m.kind != "ar":
         return "optimizer.kind", f"closed_form solves kind ar exactly; model kind {m.kind!r} needs sgd or lbfgs"
+    for i, rule in enumerate(spec.fleet.rules):
+        # A switch to closed_form solves the same objective exactly and ends the phase (reason solved);
+        # only ar provides the sufficient statistics it sums.
+        if rule.then.optimizer == "closed_form" and m.kind != "ar":
+            return f"fleet.rules[{i}].then.optimizer", (f"closed_form solves kind ar exactly; model kind {m.kind!r} "
+                                                        "can switch to sgd, lbfgs or bfgs")
     if spec.data.valid_tail is not None and spec.lags is None:
         return "data.valid_tail", "holds out the end of series data: set model.kind ar or data.windows.lags"
     if spec.lags is not None and spec.data.valid:
@@ -1030,6 +1048,9 @@ def from_raw(raw: dict[str, Any], source: str, base_dir: Path) -> Spec:
     if err:
         raise BadInput(f"{source}: {err[0]}: {err[1]}")
     object.__setattr__(spec, "_base_dir", str(base_dir))
+    if spec.model.kind == "mlp" and spec.data.windows is not None and spec.model.task is None:
+        # Lag windows have real targets: the mlp forecasts with its regression head.
+        object.__setattr__(spec.model, "task", "regression")
     if spec.model.is_tree and spec.optimizer.kind != "boost":
         object.__setattr__(spec, "optimizer", OptimizerSpec(kind="boost"))
     if spec.model.kind == "custom":

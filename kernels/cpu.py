@@ -28,6 +28,8 @@ __all__ = [
     "logistic_predict_proba",
     "mlp_grad",
     "mlp_predict_proba",
+    "mlp_regression_grad",
+    "mlp_regression_predict",
     "softmax_grad",
     "softmax_predict_proba",
     "warmup",
@@ -329,6 +331,17 @@ def _softmax_xent_inplace(Z: np.ndarray, y: np.ndarray) -> float:
 
 
 @njit(cache=True, fastmath=False, nogil=True)
+def _squared_residual_inplace(Z: np.ndarray, y: np.ndarray) -> float:
+    """Replace outputs Z (n, 1) by residuals Z - y in place; return the summed 0.5 * residual^2."""
+    loss = 0.0
+    for i in range(Z.shape[0]):
+        r = Z[i, 0] - np.float64(y[i])
+        Z[i, 0] = r
+        loss += 0.5 * r * r
+    return loss
+
+
+@njit(cache=True, fastmath=False, nogil=True)
 def _linear_predict(X: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     """Fill out (n,) with x.w + b."""
     n, d = X.shape
@@ -474,26 +487,23 @@ def softmax_grad(
     return float(_softmax_grad(X, y, W_flat, k, g_out))
 
 
-def mlp_grad(
-    X: np.ndarray,
-    y: np.ndarray,
-    params: np.ndarray,
-    sizes: Sequence[int],
-    g_out: np.ndarray,
-) -> float:
-    """Fill g_out with the summed ReLU-MLP cross-entropy gradient; return loss sum."""
-    _, d = _check_rows(X, y)
-    count = reference.mlp_param_count(sizes)
+def _mlp_check(X: np.ndarray, y: np.ndarray | None, params: np.ndarray, sizes: Sequence[int],
+               g_out: np.ndarray | None) -> tuple[int, ...]:
+    """Return sizes as ints after checking X, y, params and g_out fit them (O(1))."""
+    _check_rows(X, y)
     s = tuple(int(v) for v in sizes)
-    if s[0] != d:
-        raise ValueError(f"X has {d} columns but sizes[0] is {s[0]}")
+    count = reference.mlp_param_count(s)
+    if s[0] != X.shape[1]:
+        raise ValueError(f"X has {X.shape[1]} columns but sizes[0] is {s[0]}")
     _check_array(params, "params", np.float64, (count,))
-    _check_out(g_out, "g_out", (count,))
-    _check_labels(y, s[-1])
-    layers = reference.mlp_unpack(params, s)
-    grads = reference.mlp_unpack(g_out, s)
+    if g_out is not None:
+        _check_out(g_out, "g_out", (count,))
+    return s
 
-    # BLAS does the matrix products in float64; numba only fuses softmax + loss.
+
+def _mlp_forward(X: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Return every layer's input (float64 X, then ReLU activations) and the output pre-activations."""
+    # BLAS does the matrix products in float64; numba only fuses the output loss.
     acts = [X.astype(np.float64)]
     for W, b in layers[:-1]:
         h = acts[-1] @ W
@@ -501,9 +511,14 @@ def mlp_grad(
         np.maximum(h, 0.0, out=h)
         acts.append(h)
     W, b = layers[-1]
-    dZ = acts[-1] @ W
-    dZ += b
-    loss = float(_softmax_xent_inplace(dZ, y))
+    Z = acts[-1] @ W
+    Z += b
+    return acts, Z
+
+
+def _mlp_backward(acts: list[np.ndarray], dZ: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]],
+                  grads: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """Write the gradient sums into grads (views of g_out) from the output delta dZ."""
     for i in range(len(layers) - 1, -1, -1):
         gW, gb = grads[i]
         np.matmul(acts[i].T, dZ, out=gW)
@@ -513,6 +528,40 @@ def mlp_grad(
             # ReLU passes gradient only where its output was positive.
             dA *= acts[i] > 0.0
             dZ = dA
+
+
+def mlp_grad(
+    X: np.ndarray,
+    y: np.ndarray,
+    params: np.ndarray,
+    sizes: Sequence[int],
+    g_out: np.ndarray,
+) -> float:
+    """Fill g_out with the summed ReLU-MLP cross-entropy gradient; return loss sum."""
+    s = _mlp_check(X, y, params, sizes, g_out)
+    _check_labels(y, s[-1])
+    layers = reference.mlp_unpack(params, s)
+    acts, dZ = _mlp_forward(X, layers)
+    loss = float(_softmax_xent_inplace(dZ, y))
+    _mlp_backward(acts, dZ, layers, reference.mlp_unpack(g_out, s))
+    return loss
+
+
+def mlp_regression_grad(
+    X: np.ndarray,
+    y: np.ndarray,
+    params: np.ndarray,
+    sizes: Sequence[int],
+    g_out: np.ndarray,
+) -> float:
+    """Fill g_out with the summed 0.5*(f(x)-y)^2 gradient of a one-output ReLU MLP; return loss sum."""
+    s = _mlp_check(X, y, params, sizes, g_out)
+    if s[-1] != 1:
+        raise ValueError(f"a regression MLP has one output unit: sizes must end in 1, got {s}")
+    layers = reference.mlp_unpack(params, s)
+    acts, dZ = _mlp_forward(X, layers)
+    loss = float(_squared_residual_inplace(dZ, y))
+    _mlp_backward(acts, dZ, layers, reference.mlp_unpack(g_out, s))
     return loss
 
 
@@ -555,6 +604,19 @@ def mlp_predict_proba(
     out[...] = reference.mlp_predict_proba(X, params, s)
 
 
+def mlp_regression_predict(
+    X: np.ndarray, params: np.ndarray, sizes: Sequence[int], out: np.ndarray
+) -> None:
+    """Fill out (n,) float64 with the predictions of a one-output ReLU MLP."""
+    n, _ = _check_rows(X, None)
+    s = _mlp_check(X, None, params, sizes, None)
+    if s[-1] != 1:
+        raise ValueError(f"a regression MLP has one output unit: sizes must end in 1, got {s}")
+    _check_out(out, "out", (n,))
+    _, Z = _mlp_forward(X, reference.mlp_unpack(params, s))
+    out[...] = Z[:, 0]
+
+
 def warmup() -> None:
     """Compile each kernel on tiny inputs or load it from numba's cache (~3 s/0.3 s)."""
     rng = np.random.default_rng(0)
@@ -570,6 +632,7 @@ def warmup() -> None:
     _softmax_grad(X, ycls, W, k, np.empty((d + 1) * k))
     _softmax_grad_threads(X, ycls, W, k, np.empty((d + 1) * k))
     _softmax_xent_inplace(rng.standard_normal((n, k)), ycls)
+    _squared_residual_inplace(rng.standard_normal((n, 1)), y01)
     _linear_predict(X, w, np.empty(n))
     _logistic_predict_proba(X, w, np.empty(n))
     _softmax_predict_proba(X, W, k, np.empty((n, k)))

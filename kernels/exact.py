@@ -222,14 +222,22 @@ def softmax_rows(X: np.ndarray, y: np.ndarray, W_flat: np.ndarray, k: int) -> tu
     return float(cpu._softmax_xent_inplace(Z, y)), [(X, Z)]
 
 
-def mlp_rows(X: np.ndarray, y: np.ndarray, params: np.ndarray, sizes: Sequence[int]) -> tuple[float, Factors]:
-    """Return (summed cross-entropy, [(layer input, layer delta)] per layer) of a ReLU MLP."""
+def mlp_rows(X: np.ndarray, y: np.ndarray, params: np.ndarray, sizes: Sequence[int],
+             regression: bool = False) -> tuple[float, Factors]:
+    """Return (summed loss, [(layer input, layer delta)] per layer) of a ReLU MLP.
+
+    The loss is cross-entropy over a softmax output, or with ``regression`` 0.5 (f(x) - y)^2
+    of one identity output.
+    """
     s = tuple(int(v) for v in sizes)
     n, d = cpu._check_rows(X, y)
     if s[0] != d:
         raise ValueError(f"X has {d} columns but sizes[0] is {s[0]}")
     cpu._check_array(params, "params", np.float64, (reference.mlp_param_count(s),))
-    cpu._check_labels(y, s[-1])
+    if regression and s[-1] != 1:
+        raise ValueError(f"a regression MLP has one output unit: sizes must end in 1, got {s}")
+    if not regression:
+        cpu._check_labels(y, s[-1])
     layers = reference.mlp_unpack(params, s)
     acts: list[np.ndarray] = [X]
     for W, b in layers[:-1]:
@@ -239,7 +247,10 @@ def mlp_rows(X: np.ndarray, y: np.ndarray, params: np.ndarray, sizes: Sequence[i
     W, b = layers[-1]
     delta = np.empty((n, W.shape[1]))
     _layer_rows(acts[-1], W, b, False, delta)
-    loss = float(cpu._softmax_xent_inplace(delta, y))
+    if regression:
+        loss = float(cpu._squared_residual_inplace(delta, y))
+    else:
+        loss = float(cpu._softmax_xent_inplace(delta, y))
     deltas = [delta]
     for i in range(len(layers) - 1, 0, -1):
         prev = np.empty_like(acts[i])
@@ -292,6 +303,7 @@ def warmup() -> None:
         row_bound(*f[0])
         fixed_accumulate(*f[0], 2.0, np.zeros(3, np.int64))
     _, f = mlp_rows(X, y, rng.standard_normal(reference.mlp_param_count((2, 2, 2))), (2, 2, 2))
+    mlp_rows(X, y, rng.standard_normal(reference.mlp_param_count((2, 2, 1))), (2, 2, 1), regression=True)
     for U, V in f:
         row_bound(U, V)
         fixed_accumulate(U, V, 2.0, np.zeros((U.shape[1] + 1) * V.shape[1], np.int64))

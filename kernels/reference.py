@@ -35,6 +35,8 @@ __all__ = [
     "mlp_loss_grad",
     "mlp_param_count",
     "mlp_predict_proba",
+    "mlp_regression_loss_grad",
+    "mlp_regression_predict",
     "mlp_unpack",
     "softmax_loss_grad",
     "softmax_predict_proba",
@@ -283,6 +285,12 @@ def mlp_loss_grad(
     layers = mlp_unpack(params, s)
     acts, Z = _mlp_forward(X, layers)
     loss, dZ = _softmax_xent(Z, labels)
+    return loss, _mlp_backward(acts, dZ, layers, params, s)
+
+
+def _mlp_backward(acts: list[np.ndarray], dZ: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]],
+                  params: np.ndarray, s: tuple[int, ...]) -> np.ndarray:
+    """Return the flat gradient sum from the output delta dZ (n, k) and every layer's input."""
     g = np.empty_like(params)
     grads = mlp_unpack(g, s)
     for i in range(len(layers) - 1, -1, -1):
@@ -292,7 +300,36 @@ def mlp_loss_grad(
         if i > 0:
             # ReLU passes gradient only where its output was positive.
             dZ = (dZ @ layers[i][0].T) * (acts[i] > 0.0)
-    return loss, g
+    return g
+
+
+def _mlp_regression_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
+    """Return sizes after checking the regression MLP has one output unit."""
+    s = _mlp_sizes(sizes)
+    if s[-1] != 1:
+        raise ValueError(f"a regression MLP has one output unit: sizes must end in 1, got {s}")
+    return s
+
+
+def mlp_regression_loss_grad(
+    X: np.ndarray, y: np.ndarray, params: np.ndarray, sizes: Sequence[int]
+) -> tuple[float, np.ndarray]:
+    """Return summed 0.5*(f(x)-y)^2 of a ReLU MLP with one identity output, and its gradient."""
+    X, params, s = _mlp_check(X, params, _mlp_regression_sizes(sizes))
+    t = _targets(y, X.shape[0])
+    layers = mlp_unpack(params, s)
+    acts, Z = _mlp_forward(X, layers)
+    dZ = Z - t[:, None]
+    return 0.5 * float(np.sum(dZ * dZ)), _mlp_backward(acts, dZ, layers, params, s)
+
+
+def mlp_regression_predict(
+    X: np.ndarray, params: np.ndarray, sizes: Sequence[int]
+) -> np.ndarray:
+    """Return the predictions f(x) of a ReLU MLP with one identity output, float64 (n,)."""
+    X, params, s = _mlp_check(X, params, _mlp_regression_sizes(sizes))
+    _, Z = _mlp_forward(X, mlp_unpack(params, s))
+    return Z[:, 0]
 
 
 def mlp_predict_proba(

@@ -45,7 +45,13 @@ class StatsProvider(Protocol):
 
 
 def exact_gram(comm: Any, Z: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Return (sum Z^T Z (k, k), column sums of Z (k,), global row count) over all ranks, bitwise exact; collective."""
+    """Return (sum Z^T Z (k, k), column sums of Z (k,), global row count) over all ranks, bitwise exact; collective.
+
+    Why not the gp's ``exact_gram`` (``fleetmpi.engine.gp``): that one rounds each global
+    chunk's BLAS Gram once, which is exact only when every rank holds whole 1,024-row chunks;
+    here ranks split windows at any row (``contiguous_share``, the same reads as the gradient
+    techniques) and k is a few lags, so every row's products are rounded (numba, O(n k^2)).
+    """
     from mpi4py import MPI
     Z = np.ascontiguousarray(Z, dtype=np.float64)
     k = Z.shape[1]

@@ -11,8 +11,9 @@ One step is one L-BFGS iteration (``fleetmpi.optim.lbfgs``) on -LML / n over the
 hyperparameters (log lengthscales, log signal variance, log noise variance). Each
 objective evaluation makes one pass over the rank's rows for the Gram of [F, y] and one
 Allreduce of it (signal and noise variance act on the Gram analytically, so a line
-search that moves only them reuses it); when lengthscales are free, a second pass sums
-their gradient (one Allreduce of that many numbers). When L-BFGS stops moving, or
+search that moves only them reuses it). A free shared lengthscale's gradient needs
+S^T [F, y] (S = dF / d log l), summed in the same pass and the same Allreduce; free ARD
+lengthscales take a second pass (one Allreduce of d numbers). When L-BFGS stops moving, or
 nothing is ``auto``, the step solves the posterior and reports ``solved``: the run ends.
 """
 
@@ -27,7 +28,16 @@ import numpy as np
 
 from fleetmpi.engine.technique import StepRecord, Technique
 from fleetmpi.errors import BadInput, TrainingFailed
-from fleetmpi.models.gp import Fit, GpModel, draw_frequencies, fit_stats, lengthscale_grad_rows, phase, split_theta
+from fleetmpi.models.gp import (
+    Fit,
+    GpModel,
+    chunk_stats,
+    draw_frequencies,
+    fit_stats,
+    lengthscale_grad_rows,
+    shared_lengthscale_grad,
+    split_theta,
+)
 
 if TYPE_CHECKING:
     from fleetmpi.engine.trainer import Trainer
@@ -35,6 +45,14 @@ if TYPE_CHECKING:
 CHUNK_ROWS = 1024          # rows per global chunk: BLAS-sized, and the unit of the exact sum
 LOG_BOUND = 25.0           # |log hyperparameter| beyond which the objective is refused (e**25 ~ 7e10)
 F_RTOL = 1e-9              # L-BFGS has converged when -LML/n moves less than this, relatively
+# A line-search trial moving a log hyperparameter further than this from the accepted point
+# (a factor e**2) is refused without a pass over the rows: an overlong L-BFGS direction then
+# costs halvings, not evaluations (one seen at 100k rows took 17 of them, each a full pass).
+MAX_LOG_MOVE = 2.0
+# ... and one whose first-order decrease is below this (relative to -LML/n) is refused too: at
+# large n the objective's own rounding is about that big (q/e and r.m/e, each ~n/e, cancel
+# through an ill-conditioned A), so Armijo there fails on noise, one full pass per halving.
+MIN_LS_DECREASE = 1e-6
 
 
 def chunk_share(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -43,32 +61,44 @@ def chunk_share(n: int, rank: int, size: int) -> tuple[int, int]:
     return min(n, rank * chunks // size * CHUNK_ROWS), min(n, (rank + 1) * chunks // size * CHUNK_ROWS)
 
 
-def exact_gram(comm: Any, blocks: list[np.ndarray], entry_bound: float, n_blocks: int) -> tuple[np.ndarray, int]:
-    """Return (sum of B^T B over every rank's blocks, bytes sent): exact, the same for any split of the blocks.
+def exact_gram(comm: Any, grams: list[np.ndarray], k: int, gram_bound: float, n_blocks: int,
+               extras: list[np.ndarray] | None = None, extra_bound: float = 0.0
+               ) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Return (sum of the chunks' Grams, sum of their extra matrices or None, bytes sent); exact, collective.
 
-    ``blocks`` are this rank's design matrices (at most CHUNK_ROWS rows, same columns),
-    each a whole global chunk; ``entry_bound`` bounds every |entry| of every block on every
-    rank and ``n_blocks`` counts the blocks of all ranks (both global, so the fixed-point
-    scale is too). One integer Allreduce of the upper triangle. Autoregression's XᵀX and
-    Xᵀy ([X, 1, y]) are this same sum.
+    ``grams`` are this rank's chunks' symmetric (k, k) B^T B (each a whole global chunk,
+    from BLAS on the same rows and shapes at any rank count); ``gram_bound`` bounds every
+    |entry| of every chunk's Gram on every rank and ``n_blocks`` counts the chunks of all
+    ranks (all global, so the fixed-point scales are too). ``extras`` (one non-symmetric
+    matrix per chunk, entries bounded by ``extra_bound``) ride in the same integer
+    Allreduce as the Gram's upper triangle.
+
+    Why not closed_form's ``exact_gram``: that one rounds every row's products (windows
+    split over ranks at any row, and its k is a few lags), where this one rounds a whole
+    chunk's BLAS product once (D of 1024 features make per-row products n D^2 scalar
+    roundings, and ranks hold whole chunks, so a chunk's Gram is the same bits anywhere).
     """
     from mpi4py import MPI
 
     from kernels.exact import fixed_scale
-    k = blocks[0].shape[1] if blocks else 0
-    k = comm.allreduce(k, op=MPI.MAX)       # a rank without chunks still sizes the buffer alike
     iu = np.triu_indices(k)
-    scale = fixed_scale(CHUNK_ROWS * entry_bound * entry_bound, n_blocks)
-    acc = np.zeros(iu[0].size, np.int64)
-    for B in blocks:
-        G = B.T @ B
-        acc += np.rint(G[iu] * scale).astype(np.int64)
+    m = iu[0].size
+    scale = fixed_scale(gram_bound, n_blocks)
+    extra_shape = extras[0].shape if extras else (k - 1, k)
+    n_extra = extra_shape[0] * extra_shape[1] if extras is not None else 0
+    escale = fixed_scale(extra_bound, n_blocks)
+    acc = np.zeros(m + n_extra, np.int64)
+    for G in grams:
+        acc[:m] += np.rint(G[iu] * scale).astype(np.int64)
+    for E in extras or ():
+        acc[m:] += np.rint(E.ravel() * escale).astype(np.int64)
     tot = np.empty_like(acc)
     comm.Allreduce([acc, MPI.INT64_T], [tot, MPI.INT64_T], op=MPI.SUM)
     out = np.empty((k, k))
-    out[iu] = tot * (1.0 / scale)
+    out[iu] = tot[:m] * (1.0 / scale)
     out.T[iu] = out[iu]
-    return out, acc.nbytes
+    extra = (tot[m:] * (1.0 / escale)).reshape(extra_shape) if extras is not None else None
+    return out, extra, acc.nbytes
 
 
 def exact_vector_sum(comm: Any, parts: np.ndarray, n_parts: int) -> np.ndarray:
@@ -115,6 +145,12 @@ class Gp(Technique):
         self.theta: np.ndarray | None = None
         self.y_mean = self.y_std = self.y_bound = 0.0
         self._gram: tuple[bytes, np.ndarray] | None = None
+        # One free shared lengthscale: its gradient's statistic comes from the Gram's pass.
+        # ARD would need d such D x (D + 1) sums: its gradient keeps a pass of its own.
+        self.fused = bool(self.n_ls == 1 and self.free[0])
+        self._dstats: tuple[bytes, np.ndarray] | None = None
+        self._x_bound: float | None = None
+        self._omega_l1 = float(np.abs(self.omega).sum(axis=1).max()) if self.D else 0.0
         self._fit: tuple[bytes, Fit] | None = None
         self.solved = False
         self._acc = {"passes": 0, "payload": 0, "compute_s": 0.0, "comm_s": 0.0}
@@ -153,17 +189,34 @@ class Gp(Technique):
         self.theta = np.r_[np.log(ls), math.log(s), math.log(e)]
 
     # -- statistics -------------------------------------------------------------------------
-    def gram_at(self, ls: np.ndarray) -> np.ndarray:
-        """Return the exact global Gram of [F, y] at lengthscales ``ls`` (one pass, one Allreduce; cached)."""
+    def gram_at(self, ls: np.ndarray, with_dls: bool = False) -> np.ndarray:
+        """Return the exact global Gram of [F, y] at lengthscales ``ls`` (one pass, one Allreduce; cached).
+
+        ``with_dls`` (one free shared lengthscale): the same pass also sums S^T [F, y], its
+        gradient's statistic (``self._dstats``), so an evaluation reads the rows once.
+        """
         key = ls.tobytes()
-        if self._gram is None or self._gram[0] != key:
+        if self._gram is None or self._gram[0] != key or (with_dls and (self._dstats is None
+                                                                        or self._dstats[0] != key)):
+            from mpi4py import MPI
+            if with_dls and self._x_bound is None:
+                local = float(np.abs(self.X).max()) if self.X.size else 0.0
+                self._x_bound = float(self.run.comm.allreduce(local, op=MPI.MAX))
             t0 = time.perf_counter()
-            blocks = [np.c_[np.cos(phase(x, self.omega, self.b, ls)), y]
-                      for x, y in zip(self._chunks(self.X), self._chunks(self.y))]
+            stats = [chunk_stats(x, y, self.omega, self.b, ls, with_dls)
+                     for x, y in zip(self._chunks(self.X), self._chunks(self.y))]
             t1 = time.perf_counter()
-            gram, nbytes = exact_gram(self.run.comm, blocks, max(1.0, self.y_bound), self.n_chunks)
+            yb = max(1.0, self.y_bound)
+            # |S| = |sin Z| |Z - b| <= max|x| * max_j |omega_j|_1 / l: a global bound, no extra collective.
+            s_bound = (self._x_bound or 0.0) * self._omega_l1 / float(ls[0])
+            gram, dstats, nbytes = exact_gram(self.run.comm, [g for g, _ in stats], self.D + 1,
+                                              CHUNK_ROWS * yb * yb, self.n_chunks,
+                                              [e for _, e in stats if e is not None] if with_dls else None,
+                                              CHUNK_ROWS * s_bound * yb)
             self._note(t1 - t0, time.perf_counter() - t1, nbytes)
             self._gram = (key, gram)
+            if dstats is not None:
+                self._dstats = (key, dstats)
         return self._gram[1]
 
     def fit_at(self, theta: np.ndarray) -> Fit:
@@ -181,20 +234,41 @@ class Gp(Technique):
         a["comm_s"] += comm_s
         a["payload"] += nbytes
 
+    def _futile(self, theta: np.ndarray) -> bool:
+        """Return whether a line-search trial is refused before its pass over the rows.
+
+        Too long (a move past MAX_LOG_MOVE), or too short: a trial whose first-order decrease
+        g . (trial - accepted) is below MIN_LS_DECREASE of the objective is lost in its
+        rounding, so near the optimum the halving line search ends without spending up to
+        ``max_ls`` passes on steps that cannot matter (30 passes at 100k rows, measured).
+        """
+        f, g = self.lbfgs.f, self.lbfgs.g
+        if f is None or g is None or self.theta is None:
+            return False                    # the first evaluation: the accepted point itself
+        move = theta - self.theta
+        if np.abs(move).max() > MAX_LOG_MOVE:
+            return True
+        return abs(float(g @ move[self.free])) < MIN_LS_DECREASE * max(1.0, abs(f))
+
     def objective(self, free_theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Return (-LML / n, its gradient) over the free hyperparameters; collective."""
         assert self.theta is not None
         theta = self.theta.copy()
         theta[self.free] = free_theta
-        if not np.all(np.abs(theta) <= LOG_BOUND):
+        if not np.all(np.abs(theta) <= LOG_BOUND) or self._futile(theta):
             return math.inf, np.zeros(free_theta.size)
+        if self.fused:
+            self.gram_at(np.exp(theta[:-2]), with_dls=True)
         try:
             fit = self.fit_at(theta)
         except np.linalg.LinAlgError:
             return math.inf, np.zeros(free_theta.size)   # A not positive definite: the line search backs off
         grad = np.zeros(theta.size)
         grad[-2:] = fit.grad_se
-        if self.free[:-2].any():
+        if self.fused:
+            assert self._dstats is not None and self._dstats[0] == np.exp(theta[:-2]).tobytes()
+            grad[0] = shared_lengthscale_grad(self._dstats[1], fit)
+        elif self.free[:-2].any():
             ls = np.exp(theta[:-2])
             t0 = time.perf_counter()
             parts = [lengthscale_grad_rows(x, y, self.omega, self.b, ls, fit)

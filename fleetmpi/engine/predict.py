@@ -52,7 +52,9 @@ def _flat_model(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]
         else:
             hidden = tuple(meta.get("sizes", [])[1:-1]) if meta["kind"] == "mlp" else ()
             ar = meta["kind"] == "ar"
+            reg_mlp = meta["kind"] == "mlp" and meta.get("task") == "regression"
             mspec = ModelSpec(kind=meta["kind"], l2=float(meta.get("l2", 0.0)), hidden=hidden,
+                              task="regression" if reg_mlp else None,
                               classes=meta.get("classes") if meta["kind"] in ("softmax", "mlp") else None,
                               lags=int(meta["lags"]) if ar else None, trend="none" if ar and meta["trend"] == "none" else "const")
             model = build_model(mspec, int(meta["d"]), meta.get("classes"))
@@ -304,8 +306,8 @@ def forecast_file(model_path: Path, data_path: Path, out: Path, horizon: int) ->
     from fleetmpi.engine.data import open_h5
     from fleetmpi.engine.windows import series_dataset
     model, params, meta = load_model(model_path)
-    if model.kind not in ("ar", "linear"):
-        raise BadInput(f"{model_path}: --horizon forecasts with a lag model (kind ar, or linear on data.windows); "
+    if model.kind not in ("ar", "linear") and not (model.kind == "mlp" and model.task == "regression"):
+        raise BadInput(f"{model_path}: --horizon forecasts with a lag model (kind ar, or linear or mlp on data.windows); "
                        f"this model is kind {model.kind!r}")
     if not 1 <= horizon <= MAX_HORIZON:
         raise BadInput(f"--horizon {horizon}: expected a number of steps in [1, {MAX_HORIZON}]")
@@ -330,7 +332,10 @@ def forecast_file(model_path: Path, data_path: Path, out: Path, horizon: int) ->
     hist[:p] = last
     for h in range(horizon):
         # lag 1 is the newest value: rows p+h-1 down to h
-        hist[p + h] = w @ hist[h:p + h][::-1] + b
+        if model.kind == "mlp":   # one window per series, all series in one batch
+            hist[p + h] = model.predict(np.ascontiguousarray(hist[h:p + h][::-1].T), params)
+        else:
+            hist[p + h] = w @ hist[h:p + h][::-1] + b
     forecast = hist[p:]
     write_h5_atomic(out, {"forecast": forecast}, {"model": str(model_path), "data": str(data_path),
                                                   "model_meta": meta, "horizon": horizon}, kind="predictions")

@@ -56,7 +56,9 @@ def open_trainer(comm: Any, jd: JobDir) -> Trainer:
     if setting == "cpu":
         return Trainer(comm, jd, sp, state)
     from fleetmpi.engine import device
-    dev = device.choose(comm, phase, setting, sp.model.kind, sp.sync.kind)
+    # The GPU MLP kernels are softmax ones: a regression MLP is named apart, so it is refused there.
+    kind = "mlp (task regression)" if sp.model.kind == "mlp" and sp.model.task == "regression" else sp.model.kind
+    dev = device.choose(comm, phase, setting, kind, sp.sync.kind)
     if dev.kind == "gpu":
         from fleetmpi.engine.gpu import GpuTrainer
         return GpuTrainer(comm, jd, sp, state, dev)

@@ -25,6 +25,8 @@ def task_of(spec: ModelSpec) -> str:
         return "regression"   # fitted by its own technique (fleetmpi.engine.gp), not a flat-parameter Model
     if spec.kind in TREE_KINDS:
         return spec.tree_task
+    if spec.kind == "mlp" and spec.task is not None:
+        return spec.task    # regression: one identity output (spec resolves it on data.windows)
     return TASKS[spec.kind]
 
 
@@ -50,6 +52,8 @@ def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
         return AutoRegression(int(spec.lags or d), spec.trend, spec.l2)
     if spec.kind == "logistic":
         return LogisticRegression(d, spec.l2)
+    if spec.kind == "mlp" and spec.task == "regression":
+        return MLP((d, *spec.hidden, 1), spec.l2, "regression")
     k = spec.classes or classes
     if k is None:
         raise ValueError("a multiclass model needs the number of classes")

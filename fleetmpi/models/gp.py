@@ -111,6 +111,38 @@ def lengthscale_grad_rows(X: np.ndarray, y: np.ndarray, omega: np.ndarray, b: np
     return per_feature if ls.size > 1 else np.array([per_feature.sum()])
 
 
+def chunk_stats(X: np.ndarray, y: np.ndarray, omega: np.ndarray, b: np.ndarray, ls: np.ndarray,
+                with_dls: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return (B^T B, S^T B or None) of one chunk: B = [F, y], S = dF / d log l for one shared lengthscale.
+
+    With Z = (X / l) omega^T + b and F = cos Z, dZ / d log l = -(Z - b), so
+    S = sin(Z) (Z - b). ``S^T B`` (D x (D + 1)) is what the shared lengthscale's gradient
+    needs (``shared_lengthscale_grad``), computed from the same Z in the same pass as the
+    Gram, so an evaluation reads the rows once.
+    """
+    Z = phase(X, omega, b, ls)
+    B = np.empty((Z.shape[0], Z.shape[1] + 1))
+    np.cos(Z, out=B[:, :-1])
+    B[:, -1] = y
+    gram = B.T @ B                     # numpy hands A^T A to BLAS syrk
+    if not with_dls:
+        return gram, None
+    S = np.sin(Z)
+    Z -= b
+    S *= Z
+    return gram, S.T @ B
+
+
+def shared_lengthscale_grad(dstats: np.ndarray, fit: Fit) -> float:
+    """Return d lml / d log l of a shared lengthscale from the summed S^T [F, y] (D x (D + 1)).
+
+    dP / d log l = amp^2 (S^T F + F^T S) and dr / d log l = amp S^T y, so with M symmetric
+    the derivative is 2 amp^2 sum(M * S^T F) + amp v . S^T y (as ``lengthscale_grad_rows``).
+    """
+    D = dstats.shape[0]
+    return float(2.0 * fit.amp ** 2 * np.einsum("ij,ij->", fit.M, dstats[:, :D]) + fit.amp * (fit.v @ dstats[:, D]))
+
+
 @dataclass
 class GpModel:
     """A fitted random-feature GP: predicts mean and standard deviation in y's units."""

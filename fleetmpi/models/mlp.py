@@ -1,4 +1,9 @@
-"""Multi-layer perceptron: 1-2 hidden ReLU layers, softmax output; BLAS through numpy."""
+"""Multi-layer perceptron: 1-2 hidden ReLU layers; softmax output, or one identity output for regression.
+
+``task: regression`` (automatic on ``data.windows``) ends in one linear unit trained on
+0.5 (f(x) - y)^2, the squared error ``linear`` and ``ar`` minimise, so it is a nonlinear
+forecaster on lag windows. BLAS through numpy.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,21 @@ from kernels import cpu, exact, reference
 
 
 class MLP(Model):
-    kind, task = "mlp", "multiclass"
+    kind = "mlp"
 
-    def __init__(self, sizes: tuple[int, ...], l2: float) -> None:
+    def __init__(self, sizes: tuple[int, ...], l2: float, task: str = "multiclass") -> None:
         super().__init__(l2)
+        if task not in ("multiclass", "regression"):
+            raise ValueError(f"mlp task must be multiclass or regression, got {task!r}")
+        self.task = task
         self.sizes = tuple(int(s) for s in sizes)
         self.k = self.sizes[-1]
+        if task == "regression" and self.k != 1:
+            raise ValueError(f"a regression mlp has one output unit; sizes end in {self.k}")
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
 
     @property
     def n_params(self) -> int:
@@ -34,16 +48,23 @@ class MLP(Model):
         return m
 
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
+        if self.regression:
+            return float(cpu.mlp_regression_grad(X, y, params, self.sizes, g_out))
         self.check_labels(y, self.k)
         return float(cpu.mlp_grad(X, y, params, self.sizes, g_out))
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
         # Numba row loops instead of BLAS: a row's activations must not depend on its batch.
-        self.check_labels(y, self.k)
-        return exact.mlp_rows(X, y, params, self.sizes)
+        if not self.regression:
+            self.check_labels(y, self.k)
+        return exact.mlp_rows(X, y, params, self.sizes, regression=self.regression)
 
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
+        if self.regression:
+            return reference.mlp_regression_predict(X, params, self.sizes)
         return reference.mlp_predict_proba(X, params, self.sizes)
 
     def meta(self) -> dict:
-        return {**super().meta(), "sizes": list(self.sizes), "d": self.sizes[0], "classes": self.k}
+        classes = None if self.regression else self.k
+        return {**super().meta(), "sizes": list(self.sizes), "d": self.sizes[0], "classes": classes,
+                "task": self.task}
