@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FOUNDATION = ("errors", "spec", "schema", "jobdir", "h5store", "rules")
+FOUNDATION = ("errors", "spec", "spec_checks", "spec_yaml", "schema", "jobdir", "h5store", "rules")
 WINGS = ("engine", "launch", "jobs", "cli", "models", "optim", "sync")
 
 
