@@ -6,7 +6,8 @@ and stopped by ``goal: valid_loss_below`` at the model's target. Bytes are
 ``sync_bytes_total`` from metrics.jsonl at the goal: the payload one rank handed to MPI
 (gradient and the per-step record of loss, rows, batch fingerprint, signal), counted the
 same way for every kind. Dense sends float64 per parameter, exact int64 per parameter,
-threshold 4 bytes per sent entry plus a 40-byte record per step.
+threshold 2 bytes per sent entry (uint16 words: both models have at most 2**15 parameters;
+4 above that) plus a 40-byte record per step.
 
 Each kind runs at its best point of one grid (the same lr x momentum x batch grid for every
 kind; threshold also searches its own sync settings): the point with the fewest bytes

@@ -171,7 +171,7 @@ class ThresholdDeviceSync(DeviceSync):
             if total:
                 place.upload(hrecv[:total], drecv[:total])
         kg.decode(drecv, total, tau, self._dgrad, self._counts, place.stream, self._bad)   # synchronises
-        host.settle(m, total)
+        host.settle(m, total, entry_bytes=4)   # the device packs uint32 entries
         return self._dgrad, ex
 
     def to_host(self) -> None:

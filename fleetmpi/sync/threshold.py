@@ -3,8 +3,9 @@
 Per call, each rank adds its gradient sum to its residual and packs the entries with
 ``|r| >= tau`` (``kernels.compress``); one ``Allgather`` of a small float64 record
 (entry count, then the extras) tells every rank the counts and sums the extras, one
-``Allgatherv`` of uint32 entries moves the packed gradient, and every rank decodes the
-same buffer into the same global sum. Nothing is pickled.
+``Allgatherv`` of packed entries moves the gradient, and every rank decodes the same
+buffer into the same global sum. Nothing is pickled. An entry is a uint16 for models of at
+most 2**15 parameters (2 bytes: the softmax and MLP of the benches) and a uint32 above.
 
 Invariant on every rank count: sum of decoded updates + sum of residuals over ranks =
 sum of all gradients fed (up to float rounding). A checkpoint stores the residuals'
@@ -50,10 +51,12 @@ class ThresholdSync(Sync):
         self.residual = np.zeros(n_params)
         self.density = 0.0            # fraction of entries sent by all ranks in the last call
         self.sent_entries = 0         # entries this rank sent in the last call
-        self._packed = np.empty(n_params, np.uint32)
+        self.entry_dtype = compress.entry_dtype(n_params)
+        self._mpi_entry = MPI.UINT16_T if self.entry_dtype == np.uint16 else MPI.UINT32_T
+        self._packed: np.ndarray = np.empty(n_params, self.entry_dtype)
         self._record = np.empty(1 + n_extras)
         self._records = np.empty((self.size, 1 + n_extras))
-        self._recv = np.empty(max(n_params, 1), np.uint32)
+        self._recv: np.ndarray = np.empty(max(n_params, 1), self.entry_dtype)
         self._out = np.empty(n_params)
         compress.warmup()
 
@@ -63,9 +66,9 @@ class ThresholdSync(Sync):
         counts, displs, ex = self.exchange_counts(m, extras)
         total = int(counts.sum())
         if self._recv.shape[0] < total:
-            self._recv = np.empty(total, np.uint32)
+            self._recv = np.empty(total, self.entry_dtype)
         recv = self._recv[:total]
-        self.comm.Allgatherv([self._packed[:m], MPI.UINT32_T], [recv, (counts, displs), MPI.UINT32_T])
+        self.comm.Allgatherv([self._packed[:m], self._mpi_entry], [recv, (counts, displs), self._mpi_entry])
         compress.decode(recv, tau, self._out)
         self.settle(m, total)
         return self._out, ex
@@ -84,18 +87,20 @@ class ThresholdSync(Sync):
         np.cumsum(counts[:-1], out=displs[1:])
         return counts, displs, self._records[:, 1:].sum(axis=0)
 
-    def settle(self, m: int, total: int) -> None:
+    def settle(self, m: int, total: int, entry_bytes: int | None = None) -> None:
         """After a call that sent ``m`` entries here and ``total`` over all ranks: density, tau, bytes.
 
         Not collective, but every rank computes the same density and tau from the
-        allgathered counts.
+        allgathered counts. ``entry_bytes``: the width of one sent entry (default: this
+        sync's wire word; the device sync sends uint32).
         """
         self.sent_entries = m
         self.density = total / (self.size * self.n_params) if self.n_params else 0.0
         if self.adaptive:
             self.tau = next_tau(self.tau, self.density, self.target_density, self.tau0)
         # This rank's block reaches P-1 peers; the record is tiny but counted all the same.
-        payload = 4 * m + self._record.nbytes
+        width = np.dtype(self.entry_dtype).itemsize if entry_bytes is None else entry_bytes
+        payload = width * m + self._record.nbytes
         self._count(payload, float((self.size - 1) * payload))
 
     def gather_state(self) -> dict[str, np.ndarray]:

@@ -76,6 +76,29 @@ def test_round_trip_sign_and_index_bits() -> None:
     np.testing.assert_array_equal(dec + res, g)  # exact here: small integers
 
 
+def test_uint16_words_match_uint32_words_and_carry_the_sign_in_bit_15() -> None:
+    rng = np.random.default_rng(7)
+    n = 2 ** 15
+    assert compress.entry_dtype(n) == np.uint16 and compress.entry_dtype(n + 1) == np.uint32
+    g = rng.standard_normal(n)
+    r32, r16 = 0.3 * np.ones(n), 0.3 * np.ones(n)
+    o32, o16 = np.empty(n, np.uint32), np.empty(n, np.uint16)
+    m = compress.encode(r32, g, 1.1, o32)
+    assert compress.encode(r16, g, 1.1, o16) == m > 0
+    np.testing.assert_array_equal(r16, r32)
+    want = (o32[:m] & 0x7FFFFFFF) | ((o32[:m] >> 31) << 15)
+    np.testing.assert_array_equal(o16[:m], want.astype(np.uint16))
+    assert o16[:m].max() >= 2 ** 15   # some negative entry, index near the top
+    d32, d16 = np.empty(n), np.empty(n)
+    compress.decode(o32[:m], 1.1, d32)
+    compress.decode(o16[:m], 1.1, d16)
+    np.testing.assert_array_equal(d16, d32)
+    with pytest.raises(ValueError, match="2\\*\\*15"):
+        compress.encode(np.zeros(n + 1), np.zeros(n + 1), 1.0, np.empty(n + 1, np.uint16))
+    with pytest.raises(TypeError, match="uint32 or uint16"):
+        compress.encode(np.zeros(3), np.zeros(3), 1.0, np.empty(3, np.int32))
+
+
 def test_residual_conserves_mass_over_many_steps() -> None:
     rng = np.random.default_rng(3)
     res = np.zeros(N)
