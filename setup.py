@@ -32,12 +32,17 @@ setup(
         "gpu-compile": ["numba-cuda", "cuda-bindings>=13,<14", "nvidia-nvvm>=13,<14", "nvidia-cuda-nvrtc>=13,<14",
                         "nvidia-cuda-nvcc>=13,<14"],
         "plot": ["matplotlib>=3.8"],
+        # Experiment trackers (monitor.tensorboard, monitor.mlflow): the skinny MLflow client is
+        # enough for the job dir's own file store.
+        "tensorboard": ["tensorboard>=2.14"],
+        "mlflow": ["mlflow-skinny>=2.9"],
         # make-data --from parquet and predict on .parquet files.
         "parquet": ["pyarrow>=14"],
         # pandas reads the reference tables of the own-data tests; pyarrow their Parquet files;
-        # statsmodels is the AutoReg reference of the time-series tests.
+        # statsmodels is the AutoReg reference of the time-series tests; tensorboard and mlflow-skinny
+        # read the trackers' files back (tests/mpi/test_trackers.py).
         "dev": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8", "pandas>=2.1",
-                "pyarrow>=14", "statsmodels"],
+                "pyarrow>=14", "statsmodels", "tensorboard>=2.14", "mlflow-skinny>=2.9"],
     },
     entry_points={"console_scripts": ["fleetmpi=fleetmpi.cli:main"]},
 )

@@ -375,12 +375,23 @@ class CheckpointSpec:
 
 
 @dataclass(frozen=True)
+class MlflowSpec:
+    """Log a job to MLflow (fleetmpi.engine.trackers): one run per job, params from the spec."""
+
+    tracking_uri: str | None = None   # default: file:JOB_DIR/mlruns (a file store; mlflow-skinny is enough)
+    experiment: str | None = None     # default: the spec's name
+
+
+@dataclass(frozen=True)
 class MonitorSpec:
     log_every_steps: int = check(positive, 10)
     eval_every_steps: int = check(positive, 50)
     plateau_rel_tol: float = check(in_range(0.0, 1.0), 1e-3)
     progress: Literal["auto", "bar", "lines", "none"] = "auto"
     line_every_s: float = check(positive, 10.0)
+    # Experiment trackers, written by rank 0 (optional extras; a missing package is one warning line).
+    tensorboard: bool = False          # event files under JOB_DIR/tensorboard/NAME (tensorboard --logdir)
+    mlflow: MlflowSpec | None = None   # {tracking_uri, experiment}; {} for the defaults
 
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (seconds round up to a minute, as sbatch does).

@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from fleetmpi.engine.technique import StepRecord
@@ -23,7 +24,8 @@ class Monitor:
 
     def __init__(self, jd: JobDir, spec: Spec, phase: str, ranks: int, n_train: int,
                  carried: dict[str, Any], job_start: float, progress: str,
-                 stream: TextIO = sys.stderr, idle_nodes: Callable[[], dict[str, float]] | None = None) -> None:
+                 stream: TextIO = sys.stderr, idle_nodes: Callable[[], dict[str, float]] | None = None,
+                 start_step: int = 0) -> None:
         """Start the phase's metrics; ``idle_nodes`` returns the scheduler's idle_nodes metrics (None: none)."""
         self.jd, self.spec, self.phase, self.ranks, self.n = jd, spec, phase, ranks, n_train
         self.sync_total = int(carried.get("sync_bytes_total", 0))
@@ -51,11 +53,16 @@ class Monitor:
         self._bar: Any = None
         self._last_line = 0.0
         self._idle = idle_nodes
+        from fleetmpi.engine.trackers import Trackers
+        self.trackers = Trackers(jd, spec, phase=phase, ranks=ranks, step=start_step, say=self.say)
 
     # -- per step -------------------------------------------------------------------------
     def step(self, rec: StepRecord, *, step: int, epoch: float, optimizer: str) -> None:
         """Record one finished step (``step`` counts steps done, so it starts at 1)."""
         now = time.time()
+        # A phase's first step may compile kernels (numba, lazily) and touch cold data: it counts
+        # for bytes per step but not for throughput, which is timed from its end.
+        timed = self.phase_start_step is not None
         if self.phase_start_step is None:
             self.phase_start_step = step - 1
         self.sync_total += rec.payload_bytes
@@ -65,7 +72,7 @@ class Monitor:
         if self.ema < self.best_loss * (1.0 - self.spec.monitor.plateau_rel_tol):
             self.best_loss, self.best_step = self.ema, step
         for w in (self._win, self._log_win):
-            w.add(now, rec.samples, rec.payload_bytes, rec.wire_bytes, rec.compute_s, rec.comm_s)
+            w.add(now, rec.samples, rec.payload_bytes, rec.wire_bytes, rec.compute_s, rec.comm_s, timed=timed)
         self.last = {"step": step, "epoch": epoch, "loss": loss, "lr": rec.lr, "optimizer": optimizer,
                      "cursor": rec.cursor, "batch_fp": rec.batch_fp, "t": now}
         if step % self.spec.monitor.log_every_steps == 0:
@@ -80,16 +87,32 @@ class Monitor:
         rec.update(extra or {})
         return rec
 
-    def _write(self, rec: dict[str, Any]) -> None:
+    def _write(self, rec: dict[str, Any], track: dict[str, Any] | None = None) -> None:
+        """Append ``rec`` to metrics.jsonl and send ``track`` (default: ``rec``) to the trackers."""
         append_line(self.jd.metrics, rec)
+        if self.trackers.enabled:
+            self.trackers.scalars(int(rec.get("step", 0)), rec if track is None else track)
+            self._keep_tracker_state()
+
+    def _keep_tracker_state(self) -> None:
+        """Write what the trackers keep (the MLflow run id) into state.json, from this thread only."""
+        kept = self.trackers.take_state()
+        if kept:
+            try:
+                self.jd.update_state(**kept)
+            except OSError as e:   # a full disk is the run's business (its next write says so), not the tracker's
+                self.say(f"fleetmpi: warning: could not keep {', '.join(kept)} in state.json: {e}")
 
     # -- evaluation points ----------------------------------------------------------------
     def evaluated(self, valid: dict[str, float], util: dict[str, float]) -> dict[str, float]:
         """Fold in validation and utilisation; log them; return the rule metrics."""
         self.valid, self.util = valid, util
         metrics = self.metrics()
-        self._write(self._record(self._win, {"eval": True, **valid, **util}))
+        # Trackers get the evaluation's own values: the step's were sent with its step record.
+        self._write(self._record(self._win, {"eval": True, **valid, **util}), track={**valid, **util})
         self._win = _Window()
+        if self._bar is not None:
+            self._update_bar()   # the bar shows the newest valid metrics at once, not at the next step
         return metrics
 
     def judge_valid(self, step: int, min_delta: float) -> bool:
@@ -142,13 +165,14 @@ class Monitor:
     def _show(self, now: float) -> None:
         if self.progress == "bar":
             self._update_bar()
-        elif self.progress == "lines" and now - self._last_line >= self.spec.monitor.line_every_s:
+        elif (self.progress == "lines" and self._win.timed
+              and now - self._last_line >= self.spec.monitor.line_every_s):
             self._last_line = now
             self.say(self.status_line())
 
     def status_line(self) -> str:
         m, last = self._win.rates(), self.last
-        valid = f" valid_loss {self.valid['valid_loss']:.4f}" if "valid_loss" in self.valid else ""
+        valid = self._valid_text()
         return (f"[{self.phase} x{self.ranks}] step {last.get('step', 0)} epoch {last.get('epoch', 0):.3f} "
                 f"loss {last.get('loss', math.nan):.4f}{valid} sync {format_bytes(m['sync_bytes_per_step'])}/step "
                 f"{format_bytes(m['sync_bytes_per_s'])}/s {m['samples_per_s']:.0f} samples/s "
@@ -165,8 +189,12 @@ class Monitor:
         epoch = float(self.last.get("epoch", 0.0))
         self._bar.update(epoch - self._bar.n)
         m = self._win.rates()
-        self._bar.set_postfix_str(f"loss {self.last.get('loss', math.nan):.4f} "
+        self._bar.set_postfix_str(f"loss {self.last.get('loss', math.nan):.4f}{self._valid_text()} "
                                   f"sync {format_bytes(m['sync_bytes_per_step'])}/step", refresh=False)
+
+    def _valid_text(self) -> str:
+        """Return " valid_loss X valid_accuracy Y" for the newest evaluation ("" before the first)."""
+        return "".join(f" {k} {self.valid[k]:.4f}" for k in ("valid_loss", "valid_accuracy") if k in self.valid)
 
     def say(self, line: str) -> None:
         """Print one line for a person (above the bar when there is one)."""
@@ -176,9 +204,27 @@ class Monitor:
             print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
+        """Close the progress bar (its last state stays on the terminal)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def end(self, line: str, *, rescale: str | None = None, outcome: dict[str, Any] | None = None,
+            model: Path | None = None) -> None:
+        """End the phase for a person and the trackers: close the bar, then print ``line`` below it.
+
+        ``rescale`` describes a rescale ("small x2 -> wide x3 at step 20"); ``outcome`` is how the run
+        ended (monitor.outcome's dict) and ``model`` the model file the trackers keep.
+        """
+        self.close()
+        self.say(line)
+        step = int(self.last.get("step", 0))
+        if rescale is not None:
+            self.trackers.note("rescale", rescale, step)
+        if outcome is not None:
+            self.trackers.finish({**outcome, "step": step}, model)
+        self.trackers.close()
+        self._keep_tracker_state()
 
 
 FINAL_METRICS = ("step", "epoch", "loss", "valid_loss", "valid_accuracy")
@@ -245,15 +291,26 @@ class _Window:
     def __init__(self) -> None:
         self.t0: float | None = None
         self.t1 = 0.0
-        self.steps = self.samples = self.payload = 0
+        self.steps = self.timed = self.samples = self.payload = self.timed_payload = 0
         self.wire = self.compute = self.comm = 0.0
 
-    def add(self, now: float, samples: int, payload: int, wire: float, compute: float, comm: float) -> None:
+    def add(self, now: float, samples: int, payload: int, wire: float, compute: float, comm: float,
+            timed: bool = True) -> None:
+        """Add a step; an untimed one (a phase's first) counts for bytes per step only and opens the clock."""
+        if not timed:
+            self.t0 = self.t0 if self.t0 is not None else now
+            self.t1 = now
+            self.steps += 1
+            self.payload += payload
+            self.wire += wire
+            return
         if self.t0 is None:
             # The window's first step started before ``now``: count its own duration.
             self.t0 = now - (compute + comm)
         self.t1 = now
         self.steps += 1
+        self.timed += 1
+        self.timed_payload += payload
         self.samples += samples
         self.payload += payload
         self.wire += wire
@@ -264,9 +321,9 @@ class _Window:
         steps = max(self.steps, 1)
         dt = max(self.t1 - (self.t0 or self.t1), 1e-9)
         busy = self.compute + self.comm
-        return {"samples_per_s": self.samples / dt if self.steps else 0.0,
+        return {"samples_per_s": self.samples / dt if self.timed else 0.0,
                 "sync_bytes_per_step": self.payload / steps,
                 "wire_bytes_per_step": self.wire / steps,
-                "sync_bytes_per_s": self.payload / dt if self.steps else 0.0,
+                "sync_bytes_per_s": self.timed_payload / dt if self.timed else 0.0,
                 "compute_s": self.compute, "comm_s": self.comm,
                 "comm_fraction": self.comm / busy if busy > 0 else 0.0}

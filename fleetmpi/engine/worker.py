@@ -100,6 +100,11 @@ class Phase:
         """Warm the kernels; on rank 0 record the phase's start and return its Monitor (None elsewhere)."""
         from kernels import cpu
         sp, jd = t.spec, self.jd
+        cold = cold_kernels()
+        if cold and self.rank == 0:
+            # Precompiled at install, so only a cold cache (a new checkout, NUMBA_CACHE_DIR, a numba
+            # upgrade) compiles here: say so instead of pausing silently for seconds.
+            print("fleetmpi: compiling kernels (first run only)", file=sys.stderr, flush=True)
         cpu.warmup()
         self.marks["kernels_ready"] = time.time()
         hosts = self.comm.gather(socket.gethostname(), root=0)
@@ -110,7 +115,7 @@ class Phase:
         self.conditions = [parse_condition(r.when) for r in sp.fleet.rules]
         progress = _progress_mode(sp.monitor.progress)
         mon = Monitor(jd, sp, t.phase_name, self.size, t.n, t.carried, t.job_start, progress,
-                      idle_nodes=_idle_nodes(sp))
+                      idle_nodes=_idle_nodes(sp), start_step=t.step)
         state = jd.read_state()
         runs = state.get("phases_run", [])
         runs.append({"phase": t.phase_name, "ranks": self.size, "start": time.time(), "step": t.step,
@@ -126,7 +131,7 @@ class Phase:
             jd.event("resume", checkpoint=t.resumed_from, step=t.step, phase=t.phase_name)
         jd.event("phase_start", phase=t.phase_name, ranks=self.size, hosts=sorted(set(hosts)),
                  step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape(), device=t.device,
-                 startup=_startup_marks(self.marks))
+                 startup=_startup_marks(self.marks), compiled_kernels=cold)
         mon.say(f"fleetmpi: phase {t.phase_name} on {self.size} rank(s) "
                 f"({', '.join(sorted(set(hosts)))}), step {t.step}, optimizer {t.optimizer}"
                 + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else "")
@@ -289,9 +294,9 @@ class Phase:
         self.jd.event("goal", step=t.step, epoch=t.samples_seen / t.n, model=str(self.jd.model),
                       loss=out["metrics"].get("loss"), valid_loss=out["metrics"].get("valid_loss"), **out)
         self.jd.update_state(status="COMPLETED", reason=out["reason"], outcome=out, pending_approval=None)
-        mon.say(f"fleetmpi: {out['reason']}" + (f"; model written to {self.jd.model}" if self.hit
-                                                 else f" ({self.jd.model})"))
-        mon.close()
+        # The bar is closed first, so the outcome line stands below it, not inside it.
+        mon.end(f"fleetmpi: {out['reason']}" + (f"; model written to {self.jd.model}" if self.hit
+                                                 else f" ({self.jd.model})"), outcome=out, model=self.jd.model)
         return code
 
     def _rescale(self, t: Trainer, mon: Any, target: str) -> int:
@@ -311,8 +316,8 @@ class Phase:
             if t.pending is not None:
                 self.jd.approval.unlink(missing_ok=True)
             self.jd.update_state(phase=target, status="RESCALING", pending_approval=None)
-        mon.say(f"fleetmpi: rescale {t.phase_name} x{self.size} -> {target} x{to.ranks} at step {t.step}")
-        mon.close()
+        what = f"{t.phase_name} x{self.size} -> {target} x{to.ranks} at step {t.step}"
+        mon.end(f"fleetmpi: rescale {what}", rescale=what)
 
     def _stopped(self, t: Trainer, mon: Any, signum: int) -> int:
         """Checkpoint and end the phase after a signal (``signum`` 0: it reached another rank)."""
@@ -322,8 +327,7 @@ class Phase:
             with self._disk_guard():
                 self.jd.event("signal", signal=name, step=t.step)
                 self.jd.update_state(status="STOPPED")
-            mon.say(f"fleetmpi: stopped by {name} at step {t.step} after a checkpoint")
-            mon.close()
+            mon.end(f"fleetmpi: stopped by {name} at step {t.step} after a checkpoint")
         self._sync_disk()
         return ExitCode.STOPPED
 
@@ -394,6 +398,25 @@ def _read_json(path: Any) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def cold_kernels() -> bool:
+    """Return whether numba's cache lacks a fresh compiled kernel of kernels.cpu, so that warm-up compiles.
+
+    Reads each cached dispatcher's index the way numba does (missing, another numba version or a
+    changed source all count as cold); anything unexpected in numba's internals counts as warm.
+    """
+    from numba.core.registry import CPUDispatcher
+
+    from kernels import cpu
+    try:
+        for d in vars(cpu).values():
+            if isinstance(d, CPUDispatcher) and getattr(d, "_cache", None) is not None:
+                if not d._cache._cache_file._load_index():  # type: ignore[attr-defined]
+                    return True
+    except Exception:  # a guess about a pause must never stop a run
+        return False
+    return False
 
 
 def _progress_mode(setting: str) -> str:

@@ -2,7 +2,8 @@
 
 Drawn from the job dir's metrics.jsonl with matplotlib's Agg canvas (no pyplot, no
 display, nothing global changed). Phase boundaries are dashed vertical lines labelled with
-the phase that starts there.
+the phase that starts there, at the steps events.jsonl records the rescales at (metrics are
+logged every monitor.log_every_steps, so the first record of a new phase may come later).
 """
 
 from __future__ import annotations
@@ -34,11 +35,26 @@ def series(jd: JobDir) -> dict[str, Any]:
         raise BadInput(f"{jd.metrics}: no step metrics yet; the job has not trained (see `fleetmpi events {jd.root}`)")
     steps = sorted(by_step)
     recs = [by_step[s] for s in steps]
-    bounds = [(s, r.get("phase", "?")) for s, r, prev in zip(steps[1:], recs[1:], recs) if r.get("phase") != prev.get("phase")]
+    bounds = rescale_steps(jd, steps[-1])
+    if not bounds:   # a job dir without events (copied metrics only): where the logged phase changes
+        bounds = [(s, r.get("phase", "?")) for s, r, prev in zip(steps[1:], recs[1:], recs)
+                  if r.get("phase") != prev.get("phase")]
     return {"step": steps, "loss": [float(r.get("loss", float("nan"))) for r in recs],
             "sync": [float(r.get("sync_bytes_per_step", 0.0)) for r in recs],
             "ranks": [int(r.get("ranks", 0)) for r in recs], "first_phase": recs[0].get("phase", "?"),
             "boundaries": bounds, "valid_step": sorted(valid), "valid_loss": [valid[s] for s in sorted(valid)]}
+
+
+def rescale_steps(jd: JobDir, last_step: int) -> list[tuple[int, str]]:
+    """Return (step, phase it went to) for each rescale in events.jsonl, in step order, up to ``last_step``.
+
+    A rescale re-run after a retry (same step) counts once, the newest event winning.
+    """
+    by_step: dict[int, str] = {}
+    for ev in jd.read_events():
+        if ev.get("event") == "rescale" and isinstance(ev.get("step"), int) and ev["step"] <= last_step:
+            by_step[int(ev["step"])] = str(ev.get("to", "?"))
+    return sorted(by_step.items())
 
 
 def require_matplotlib() -> None:

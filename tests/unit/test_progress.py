@@ -1,0 +1,57 @@
+"""Issue 16.5, watching a run: what the progress bar and the progress lines show."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+from conftest import write_spec
+
+from fleetmpi.engine.monitor import Monitor
+from fleetmpi.engine.technique import StepRecord
+from fleetmpi.jobdir import JobDir
+from fleetmpi.spec import load
+
+
+def _monitor(tmp_path: Path, progress: str, stream: io.StringIO) -> Monitor:
+    data = tmp_path / "data"
+    spec = load(write_spec(tmp_path / "s.yaml", data, monitor={"log_every_steps": 1, "eval_every_steps": 5,
+                                                                "line_every_s": 1e-6}))
+    jd = JobDir(tmp_path / "job")
+    jd.root.mkdir()
+    return Monitor(jd, spec, "one", 2, 1000, {}, 0.0, progress, stream=stream)
+
+
+def _rec(compute_s: float) -> StepRecord:
+    return StepRecord(loss=0.5, lr=0.1, samples=50, batch_fp=0.0, cursor=0, compute_s=compute_s, comm_s=0.0,
+                      payload_bytes=400, wire_bytes=400.0, signal=0.0)
+
+
+def test_the_first_progress_line_does_not_count_a_first_step_that_compiled(tmp_path: Path) -> None:
+    out = io.StringIO()
+    mon = _monitor(tmp_path, "lines", out)
+    mon.step(_rec(compute_s=8.0), step=1, epoch=0.05, optimizer="sgd")   # 8 s: numba compiling
+    mon.step(_rec(compute_s=0.001), step=2, epoch=0.1, optimizer="sgd")
+    lines = out.getvalue().splitlines()
+    rate = float(re.search(r" (\d+) samples/s", lines[0]).group(1))  # type: ignore[union-attr]
+    assert rate > 100, lines   # 50 rows over 8 s would say 6 samples/s
+    assert "sync 400 B/step" in lines[0], lines
+    mon.end("fleetmpi: done")
+
+
+def test_the_bar_shows_the_newest_valid_metrics_and_closes_before_the_final_line(tmp_path: Path) -> None:
+    out = io.StringIO()
+    mon = _monitor(tmp_path, "bar", out)
+    for s in range(1, 6):
+        mon.step(_rec(compute_s=0.001), step=s, epoch=s / 20, optimizer="sgd")
+    mon.evaluated({"valid_loss": 0.4321, "valid_accuracy": 0.875}, {})
+    mon.step(_rec(compute_s=0.001), step=6, epoch=0.3, optimizer="sgd")
+    mon._bar.refresh()
+    text = out.getvalue()
+    assert "valid_loss 0.4321 valid_accuracy 0.8750" in text, text
+    line = "fleetmpi: target met: valid_loss 0.4321 < 0.5 at step 6"
+    mon.end(line)
+    # The bar's last frame comes first and the line stands alone below it (not drawn over by the bar).
+    assert out.getvalue().endswith("\n" + line + "\n"), repr(out.getvalue()[-300:])
+    assert mon._bar is None
