@@ -638,7 +638,7 @@ def warmup() -> None:
     gh = quantize_pair(g, h, 2.0**20, 2.0**20, np.empty((8, 2), np.int64))
     root = build_root(codes, gh, foff)
     level = (np.zeros(1, np.int64), starts, counts, root[:, : foff[1], 0].sum(1), root[:, : foff[1], 1].sum(1))
-    tree = (*(np.full(7, -1, np.int32) for _ in range(4)), np.zeros(7))   # feature, bin, left, right; gain
+    tree: tuple[np.ndarray, ...] = (*(np.full(7, -1, np.int32) for _ in range(4)), np.zeros(7))   # gain last
     leaves = np.empty((7, 5), np.int64)
     _, parent, small, built, _, _ = grow_level(codes, gh, order, np.empty(8, np.int32), root, level, foff,
                                                np.ones((1, 2), np.bool_), 2.0**-20, 2.0**-20, 1.0, 0.0, True,
