@@ -72,7 +72,7 @@ def test_a_rule_switches_sgd_to_closed_form_which_solves_and_ends(tmp_path: Path
         switch = [e for e in ev if e["event"] == "optimizer_switch"]
         assert len(switch) == 1 and switch[0]["from"] == "sgd" and switch[0]["to"] == "closed_form"
         goal = [e for e in ev if e["event"] == "goal"]
-        assert len(goal) == 1 and goal[0]["reason"] == "solved" and goal[0]["step"] < 100
+        assert len(goal) == 1 and goal[0]["outcome"] == "solved" and goal[0]["step"] < 100
 
 
 def test_closed_form_rule_on_another_kind_exits_2(tmp_path: Path, series: Path) -> None:

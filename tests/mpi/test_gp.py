@@ -59,7 +59,7 @@ def test_gp_model_is_bitwise_the_same_at_1_2_3_ranks_and_predicts(tmp_path: Path
         for name in ("theta", "mean_w", "chol", "omega", "b"):
             assert got[name].tobytes() == ref[name].tobytes(), (job.name, name)
     goal = [e for e in events(jobs[0]) if e["event"] == "goal"][0]
-    assert goal["reason"] == "solved"            # L-BFGS converged before the step budget
+    assert goal["outcome"] == "solved"           # L-BFGS converged before the step budget
     last = [m for m in metrics(jobs[0]) if m.get("eval")][-1]
     assert {"valid_loss", "valid_mse", "valid_nlpd"} <= set(last)
 
