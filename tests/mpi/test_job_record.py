@@ -34,8 +34,9 @@ def test_run_and_status_print_one_record_with_the_chain(tmp_path: Path, datasets
     assert proc.returncode == 0, proc.stderr
     ran = json.loads(proc.stdout)
     status = json.loads(cli("status", str(tmp_path / "job"), "--json", check=True).stdout)
+    assert list(ran) == list(RECORD_KEYS)
+    assert list(status) == [*RECORD_KEYS, "live"]   # status adds what a running job is doing now
     for rec in (ran, status):
-        assert list(rec) == list(RECORD_KEYS)
         assert rec["exit_code"] == 0 and rec["status"] == "COMPLETED" and rec["target_met"] is False
         assert rec["outcome"] == "budget spent" and rec["loss_meaning"] == LOSS_MEANING
         assert rec["metrics"]["step"] == 25 and rec["metrics"]["loss"] > 0
