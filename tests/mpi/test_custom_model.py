@@ -129,7 +129,8 @@ def test_lbfgs_fit_at_1_and_2_ranks_matches_newton(tmp_path: Path, counts: Path)
     for ranks in (1, 2):
         fleet = {"start": "p", "phases": {"p": {"ranks_per_node": ranks}}}
         spec = write_spec(tmp_path / f"lbfgs{ranks}.yaml", counts, model=MODEL, fleet=fleet,
-                          optimizer={"kind": "lbfgs", "lbfgs": {"batch": "full"}}, goal={"max_steps": 40})
+                          optimizer={"kind": "lbfgs", "lbfgs": {"batch": "full"}}, goal={"max_steps": 40},
+                          checkpoint={"every_steps": 20, "keep": 3, "keep_best": False})   # the optimizer's end point
         proc = cli("run", str(spec), "--job-dir", str(tmp_path / f"lbfgs{ranks}"))
         assert proc.returncode == 0, proc.stderr
         fits.append(_params(tmp_path / f"lbfgs{ranks}"))
