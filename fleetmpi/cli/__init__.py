@@ -9,7 +9,9 @@ Bad input exits 2 with one line on stderr (a traceback only with --debug).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -19,6 +21,13 @@ from fleetmpi.cli import jobs, slurm, train
 from fleetmpi.errors import BadInput, ExitCode, FleetError, disk_full
 
 Handler = Callable[[argparse.Namespace], int]
+
+_LONG_WORD = re.compile(r"[^\s'\"]{401,}")
+
+
+def _short(message: object) -> str:
+    """Return ``message`` with every word over 400 characters elided (a 100 KB argument stays one short line)."""
+    return _LONG_WORD.sub(lambda m: f"{m[0][:40]}...({len(m[0])} characters)", str(message))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,16 +76,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             PermissionError) as e:
         if debug:
             traceback.print_exc()
-        print(f"fleetmpi: error: {e}", file=sys.stderr)
+        print(f"fleetmpi: error: {_short(e)}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     except FleetError as e:
         if debug:
             traceback.print_exc()
-        print(f"fleetmpi: error: {e}", file=sys.stderr)
+        print(f"fleetmpi: error: {_short(e)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
     except OSError as e:   # a full disk is an outcome: one line, exit 1; anything else stays a bug to see
+        if e.errno == errno.ENAMETOOLONG:   # a path argument longer than the file system takes: bad input
+            if debug:
+                traceback.print_exc()
+            print(f"fleetmpi: error: {_short(e)} (expected a path whose names fit the file system, "
+                  "commonly 255 bytes each)", file=sys.stderr)
+            return ExitCode.BAD_INPUT
         full = disk_full(e, getattr(e, "filename", None) or ".")
         if full is None:
             raise
