@@ -227,7 +227,7 @@ def register_started(jd: JobDir, sp: Spec, *, backend: str, backend_id: str, inf
     Returns (ledger, job id, allocation id), or None when the job dir already has an active
     ledger job (the manager launched this runner) or the ledger cannot be written (a warning:
     training never waits on the ledger). The row gets ``max_attempts`` 1: nobody relaunches
-    a job a person started; `fleetmpi run JOB_DIR` again makes a new row for the same dir.
+    a job a person started; `fleetmpi run JOB_DIR` again reopens that row (a new attempt).
     """
     import sqlite3
     import sys
@@ -235,18 +235,22 @@ def register_started(jd: JobDir, sp: Spec, *, backend: str, backend_id: str, inf
     root = str(jd.root.resolve())
     try:
         ledger = Ledger()
-        mine = [r for r in ledger.jobs([NEW, *ACTIVE]) if Path(r.job_dir).resolve() == Path(root)]
-        if mine:
+        mine = [r for r in ledger.jobs() if Path(r.job_dir).resolve() == Path(root)]
+        if any(r.status in (NEW, *ACTIVE) for r in mine):
             return None
-        ph = sp.phase(str(jd.read_state().get("phase") or sp.fleet.start))
-        notify = [{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(n).items()}
-                  for n in sp.notify]
-        job_id = ledger.add_job(name=sp.name, spec_path=str(jd.spec), spec_hash=sp.spec_hash(), backend=backend,
-                                phase=str(jd.read_state().get("phase") or sp.fleet.start), shape=ph.shape(),
-                                max_attempts=1, backoff_s=0.0, notify=notify, make_dir=lambda _id: root)
-        ledger.claim(job_id, by, time.time())
+        if mine:   # the dir ran before and its row ended: this run continues that row
+            job_id = mine[-1].id
+            ledger.reopen(job_id, by, time.time())
+        else:
+            ph = sp.phase(str(jd.read_state().get("phase") or sp.fleet.start))
+            notify = [{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(n).items()}
+                      for n in sp.notify]
+            job_id = ledger.add_job(name=sp.name, spec_path=str(jd.spec), spec_hash=sp.spec_hash(), backend=backend,
+                                    phase=str(jd.read_state().get("phase") or sp.fleet.start), shape=ph.shape(),
+                                    max_attempts=1, backoff_s=0.0, notify=notify, make_dir=lambda _id: root)
+            ledger.claim(job_id, by, time.time())
         state = ledger.get(job_id)
-        alloc = ledger.add_allocation(job_id, attempt=1, backend=backend, backend_id=backend_id,
+        alloc = ledger.add_allocation(job_id, attempt=state.attempts, backend=backend, backend_id=backend_id,
                                       host=info.get("host"), phase=state.phase, shape=state.shape, log=log, info=info)
         return ledger, job_id, alloc
     except (OSError, sqlite3.Error, FleetError) as e:

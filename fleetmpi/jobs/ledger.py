@@ -129,6 +129,8 @@ def _guarded(method: Callable[Concatenate[Ledger, _P], _R]) -> Callable[Concaten
             text = str(e)
             if isinstance(e, sqlite3.OperationalError) and ("locked" in text or "readonly" in text):
                 raise
+            if isinstance(e, sqlite3.IntegrityError):
+                raise   # a constraint the caller broke (a bug to see), not a damaged file
             raise damaged(self.path, text) from e
     return run
 
@@ -323,6 +325,22 @@ class Ledger:
             if cur.rowcount != 1:
                 return False
             self._event(c, job_id, "manager", "claimed", by=by)
+        return True
+
+    @_guarded
+    def reopen(self, job_id: int, by: str, now: float) -> bool:
+        """Ended job -> LAUNCHED for ``by`` (attempts + 1): a person ran its job dir again (`fleetmpi run`).
+
+        The one way out of a terminal status: the job dir is the job, so a rerun (a raised
+        budget, a resume after a failure) continues the same ledger row.
+        """
+        with self.write() as c:
+            cur = c.execute("UPDATE jobs SET status=?, claimed_by=?, attempts=attempts+1, ended=NULL, updated=? "
+                            f"WHERE id=? AND status IN ({','.join('?' * len(TERMINAL))})",
+                            [LAUNCHED, by, now, job_id, *sorted(TERMINAL)])
+            if cur.rowcount != 1:
+                return False
+            self._event(c, job_id, "manager", "reopened", by=by)
         return True
 
     @_guarded

@@ -297,3 +297,24 @@ def test_a_pending_approval_goes_through_the_notifiers_with_the_approve_command(
                                                                          "APPROVAL_PENDING")]
     assert notes[0]["reason"] == (f"rule 0 wants a rescale one -> two at step 40; training goes on in phase one "
                                   f"until approved: fleetmpi approve {ledger.get(job).job_dir}")
+
+
+def test_reopen_continues_an_ended_row_and_nothing_else(tmp_path: Path) -> None:
+    ledger = Ledger()
+    job = add(ledger, tmp_path)
+    assert not ledger.reopen(job, "fleetmpi run", now=1.0)          # NEW is not ended
+    assert ledger.claim(job, "m1", now=1e12)
+    assert ledger.transition(job, "RUNNING") and ledger.transition(job, "COMPLETED")
+    assert ledger.reopen(job, "fleetmpi run", now=2.0)              # a rerun of its job dir
+    row = ledger.get(job)
+    assert (row.status, row.attempts, row.claimed_by) == ("LAUNCHED", 2, "fleetmpi run")
+    assert not ledger.reopen(job, "fleetmpi run", now=3.0)          # LAUNCHED is not ended
+    assert [e["kind"] for e in ledger.events(job)].count("reopened") == 1
+
+
+def test_a_broken_constraint_is_not_reported_as_damage(tmp_path: Path) -> None:
+    ledger = Ledger()
+    job = add(ledger, tmp_path)
+    with pytest.raises(sqlite3.IntegrityError):
+        ledger.add_job(name="again", spec_path="s.yaml", spec_hash="h", backend="local", phase="one", shape="1x1",
+                       max_attempts=3, backoff_s=0.0, notify=[], make_dir=lambda _id: ledger.get(job).job_dir)
