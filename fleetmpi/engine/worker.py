@@ -250,9 +250,12 @@ class Phase:
                     jd.update_state(pending_approval=t.pending)
                     jd.event("approval_pending", **t.pending)
                     # Training goes on in this phase meanwhile; say so where the user looks, once.
-                    print(f"\nfleetmpi: rule {i} wants a rescale {t.phase_name} -> {act.goto} at step {t.step}; "
-                          f"training goes on in phase {t.phase_name} until approved: fleetmpi approve {jd.root}",
-                          file=sys.stderr, flush=True)
+                    line = (f"fleetmpi: rule {i} wants a rescale {t.phase_name} -> {act.goto} at step {t.step}; "
+                            f"training goes on in phase {t.phase_name} until approved: fleetmpi approve {jd.root}")
+                    if mon is not None:
+                        mon.say(line)   # above the progress bar, not through it
+                    else:
+                        print(line, file=sys.stderr, flush=True)
                     continue
                 return Decision.GOTO, phases.index(act.goto)
             if act.optimizer:
