@@ -82,7 +82,7 @@ class _UniqueKeySafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-class _LimitedLoader(_UniqueKeySafeLoader):
+class _LimitedSafeLoader(_UniqueKeySafeLoader):
     """Loader that counts nodes as composed, each alias as the size of what it repeats, and the depth.
 
     Aliases compose to shared nodes, so a bomb of 10 levels of 9 aliases is small as a graph
@@ -138,7 +138,7 @@ def parse_yaml(text: bytes) -> Any:
     if len(text) > MAX_SPEC_BYTES:
         raise SpecTooLarge(f"{len(text)} bytes; a spec may have at most {MAX_SPEC_BYTES} bytes (1 MiB)")
     try:
-        return yaml.load(text.decode("utf-8"), Loader=_LimitedLoader)
+        return yaml.load(text.decode("utf-8"), Loader=_LimitedSafeLoader)
     except ValueError as e:
         if isinstance(e, (SpecTooLarge, UnicodeDecodeError)):
             raise

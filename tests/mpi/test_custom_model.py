@@ -190,7 +190,7 @@ class NoRows(PoissonRegression):
 '''
 
 
-def _one_line_exit_2(proc: Any, *needles: str) -> None:
+def assert_one_line_exit_2(proc: Any, *needles: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("fleetmpi: error:"), proc.stderr
@@ -215,13 +215,13 @@ def test_bad_custom_class_exits_2_with_one_line(tmp_path: Path, counts: Path, mo
     (tmp_path / "broken.py").write_text(BAD_MODULE)
     spec = write_spec(tmp_path / "spec.yaml", counts, model={"kind": "custom", **model})   # no path: the spec's folder
     proc = cli("run", str(spec), "--job-dir", str(tmp_path / "job"))
-    _one_line_exit_2(proc, *needles)
+    assert_one_line_exit_2(proc, *needles)
     assert not (tmp_path / "job").exists()
 
 
 def test_options_stay_errors_for_built_in_kinds(tmp_path: Path, counts: Path) -> None:
     spec = write_spec(tmp_path / "spec.yaml", counts, model={"kind": "linear", "full_nll": True})
-    _one_line_exit_2(cli("run", str(spec), "--job-dir", str(tmp_path / "job")), "model.full_nll", "unknown key")
+    assert_one_line_exit_2(cli("run", str(spec), "--job-dir", str(tmp_path / "job")), "model.full_nll", "unknown key")
 
 
 def test_exact_sync_without_row_factors_and_changed_source(tmp_path: Path, counts: Path) -> None:
@@ -229,7 +229,7 @@ def test_exact_sync_without_row_factors_and_changed_source(tmp_path: Path, count
     (tmp_path / "broken.py").write_text(BAD_MODULE)
     spec = write_spec(tmp_path / "exact.yaml", counts, model={"kind": "custom", "class": "broken:NoRows"},
                       sync={"kind": "exact"}, goal={"max_steps": 5})
-    _one_line_exit_2(cli("run", str(spec), "--job-dir", str(tmp_path / "exact")), "NoRows has no row_factors")
+    assert_one_line_exit_2(cli("run", str(spec), "--job-dir", str(tmp_path / "exact")), "NoRows has no row_factors")
     assert not (tmp_path / "exact").exists()
 
     spec = write_spec(tmp_path / "ok.yaml", counts, model={"kind": "custom", "class": "poisson_copy:PoissonRegression"},
@@ -241,4 +241,4 @@ def test_exact_sync_without_row_factors_and_changed_source(tmp_path: Path, count
         f.write("# an edit changes the model's meaning as far as fleetmpi can tell\n")
     out.unlink()
     proc = cli("predict", str(tmp_path / "ok" / "model.h5"), str(counts / "valid.h5"), "--out", str(out))
-    _one_line_exit_2(proc, "sha256", "restore the module")
+    assert_one_line_exit_2(proc, "sha256", "restore the module")

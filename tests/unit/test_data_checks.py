@@ -39,7 +39,7 @@ def write(path: Path, X: np.ndarray, y: np.ndarray, **kw: object) -> Path:
     return path
 
 
-def refused(path: Path, task: str, *expect: str, classes: int | None = None) -> str:
+def assert_refused(path: Path, task: str, *expect: str, classes: int | None = None) -> str:
     box: list[BaseException | object] = []
 
     def target() -> None:
@@ -68,7 +68,7 @@ def test_nonfinite_x_names_row_and_column(tmp_path: Path, task: str, bad: float)
     X[123, 4] = bad
     X[200, 1] = np.nan   # a later bad row: the first one is named
     y = labels() if task == "multiclass" else rand_x(N, 1)[:, 0]
-    refused(write(tmp_path / "x.h5", X, y), task, "dataset X", "row 123", "column 4",
+    assert_refused(write(tmp_path / "x.h5", X, y), task, "dataset X", "row 123", "column 4",
             "NaN" if np.isnan(bad) else "inf")
 
 
@@ -79,7 +79,7 @@ def test_nonfinite_x_in_chunked_compressed_file(tmp_path: Path) -> None:
     with h5py.File(path, "w") as f:
         f.create_dataset("X", data=X, chunks=(512, D), compression="gzip")
         f.create_dataset("y", data=labels(5000), chunks=(512,), compression="gzip")
-    refused(path, "multiclass", "dataset X", "inf", "row 4321", "column 0")
+    assert_refused(path, "multiclass", "dataset X", "inf", "row 4321", "column 0")
 
 
 def test_block_boundaries_do_not_hide_a_bad_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,13 +87,13 @@ def test_block_boundaries_do_not_hide_a_bad_row(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(datamod, "CHECK_BLOCK_BYTES", 7 * D * 4)
     X = rand_x()
     X[N - 1, D - 1] = np.nan
-    refused(write(tmp_path / "x.h5", X, labels()), "multiclass", f"row {N - 1}", f"column {D - 1}")
+    assert_refused(write(tmp_path / "x.h5", X, labels()), "multiclass", f"row {N - 1}", f"column {D - 1}")
 
 
 def test_nonfinite_regression_target(tmp_path: Path) -> None:
     y = rand_x(N, 1)[:, 0]
     y[77] = np.nan
-    refused(write(tmp_path / "r.h5", rand_x(), y), "regression", "dataset y", "NaN", "row 77")
+    assert_refused(write(tmp_path / "r.h5", rand_x(), y), "regression", "dataset y", "NaN", "row 77")
 
 
 def test_check_false_skips_the_finite_pass(tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_clean_file_passes_with_check(tmp_path: Path) -> None:
 def test_huge_label_is_refused_not_allocated(tmp_path: Path) -> None:
     y = labels().astype(np.float64)
     y[9] = 2.0**40
-    refused(write(tmp_path / "big.h5", rand_x(), y), "multiclass", "label 1099511627776", f"{MAX_CLASSES}")
+    assert_refused(write(tmp_path / "big.h5", rand_x(), y), "multiclass", "label 1099511627776", f"{MAX_CLASSES}")
 
 
 def test_label_just_under_the_limit_is_accepted(tmp_path: Path) -> None:
@@ -126,19 +126,19 @@ def test_huge_classes_attribute_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path / "a.h5", rand_x(), labels())
     with h5py.File(path, "a") as f:
         f.attrs["classes"] = 2**40
-    refused(path, "multiclass", "attribute classes")
+    assert_refused(path, "multiclass", "attribute classes")
 
 
 def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.h5"
     os.mkfifo(fifo)
-    refused(fifo, "multiclass", "not a regular file")
+    assert_refused(fifo, "multiclass", "not a regular file")
 
 
 def test_device_named_h5_is_refused(tmp_path: Path) -> None:
     dev = tmp_path / "zero.h5"
     dev.symlink_to("/dev/zero")
-    refused(dev, "multiclass", "not a regular file")
+    assert_refused(dev, "multiclass", "not a regular file")
     with pytest.raises(BadInput, match="not a regular file"):
         open_h5(dev)
 
@@ -148,7 +148,7 @@ def test_declared_2_40_rows_contiguous_is_refused(tmp_path: Path) -> None:
     with h5py.File(path, "w") as f:
         f.create_dataset("X", shape=(2**40, D), dtype="f4")
         f.create_dataset("y", shape=(2**40,), dtype="f4")
-    refused(path, "multiclass", "dataset X", "declares shape (1099511627776, 6)")
+    assert_refused(path, "multiclass", "dataset X", "declares shape (1099511627776, 6)")
 
 
 def test_declared_2_40_rows_chunked_is_refused(tmp_path: Path) -> None:
@@ -158,7 +158,7 @@ def test_declared_2_40_rows_chunked_is_refused(tmp_path: Path) -> None:
         X[:1024] = rand_x(1024)
         y = f.create_dataset("y", shape=(2**40,), dtype="f4", chunks=(1024,))
         y[:1024] = labels(1024)
-    refused(path, "multiclass", "dataset X", "chunks are written")
+    assert_refused(path, "multiclass", "dataset X", "chunks are written")
 
 
 def test_truncated_file_is_refused(tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
     size = path.stat().st_size
     with open(path, "r+b") as fh:
         fh.truncate(size - 40000)
-    msg = refused(path, "multiclass")
+    msg = assert_refused(path, "multiclass")
     assert "dataset" in msg or "not a readable HDF5 file" in msg
 
 

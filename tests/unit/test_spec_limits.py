@@ -44,7 +44,7 @@ def load_within(path: Path, overrides: list[str] | None = None) -> BadInput | sp
     return out
 
 
-def refused(path: Path, *expect: str, overrides: list[str] | None = None) -> str:
+def assert_refused(path: Path, *expect: str, overrides: list[str] | None = None) -> str:
     out = load_within(path, overrides)
     assert isinstance(out, BadInput), f"{path} was accepted"
     msg = str(out)
@@ -76,64 +76,64 @@ def test_quote_cuts_long_values() -> None:
 
 def test_alias_bomb_file_is_refused(tmp_path: Path) -> None:
     body = yaml.safe_dump(QUICKSTART, sort_keys=False) + alias_bomb()
-    refused(write(tmp_path, body), "spec.yaml", "aliases expand to more than 10000")
+    assert_refused(write(tmp_path, body), "spec.yaml", "aliases expand to more than 10000")
 
 
 def test_alias_bomb_through_set(tmp_path: Path) -> None:
     path = write(tmp_path, QUICKSTART)
     flow = "{a0: &a0 [x, y], " + ", ".join(
         f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 11)) + "}"
-    refused(path, "--set", "aliases expand to", overrides=[f"model.extra={flow}"])
+    assert_refused(path, "--set", "aliases expand to", overrides=[f"model.extra={flow}"])
 
 
 def test_recursive_alias_is_refused(tmp_path: Path) -> None:
-    refused(write(tmp_path, yaml.safe_dump(QUICKSTART) + "loop: &loop [1, *loop]\n"), "recursive")
+    assert_refused(write(tmp_path, yaml.safe_dump(QUICKSTART) + "loop: &loop [1, *loop]\n"), "recursive")
 
 
 def test_deep_nesting_is_refused(tmp_path: Path) -> None:
-    msg = refused(write(tmp_path, yaml.safe_dump(QUICKSTART) + "deep: " + "[" * 3000 + "]" * 3000 + "\n"),
+    msg = assert_refused(write(tmp_path, yaml.safe_dump(QUICKSTART) + "deep: " + "[" * 3000 + "]" * 3000 + "\n"),
                   "nested deeper than 32")
     assert "Recursion" not in msg
 
 
 def test_deep_set_key_is_refused(tmp_path: Path) -> None:
-    refused(write(tmp_path, QUICKSTART), "--set", "deeper", overrides=[".".join(["a"] * 5000) + "=1"])
+    assert_refused(write(tmp_path, QUICKSTART), "--set", "deeper", overrides=[".".join(["a"] * 5000) + "=1"])
 
 
 def test_two_megabyte_spec_is_refused(tmp_path: Path) -> None:
     body = yaml.safe_dump(QUICKSTART) + "".join(f"# padding line {i:08d} {'z' * 80}\n" for i in range(22_000))
     assert len(body) > 2_000_000
-    refused(write(tmp_path, body), "spec.yaml", "at most 1048576 bytes")
+    assert_refused(write(tmp_path, body), "spec.yaml", "at most 1048576 bytes")
 
 
 def test_many_nodes_without_aliases_are_refused(tmp_path: Path) -> None:
     spec = copy.deepcopy(QUICKSTART)
     spec["fleet"]["phases"]["small"]["partition"] = list(range(20_000))
-    refused(write(tmp_path, spec), "more than 10000 values")
+    assert_refused(write(tmp_path, spec), "more than 10000 values")
 
 
 def test_huge_integer_is_refused(tmp_path: Path) -> None:
-    refused(write(tmp_path, yaml.safe_dump(QUICKSTART).replace("seed: 0", "seed: " + "7" * 5000)), "4300 digits")
+    assert_refused(write(tmp_path, yaml.safe_dump(QUICKSTART).replace("seed: 0", "seed: " + "7" * 5000)), "4300 digits")
 
 
 def test_fifo_spec_is_refused_without_blocking(tmp_path: Path) -> None:
     import os
     fifo = tmp_path / "spec.yaml"
     os.mkfifo(fifo)
-    refused(fifo, "not a regular file")
+    assert_refused(fifo, "not a regular file")
 
 
 def test_long_value_is_quoted_short(tmp_path: Path) -> None:
     spec = copy.deepcopy(QUICKSTART)
     spec["optimizer"]["kind"] = "q" * 100_000
-    msg = refused(write(tmp_path, spec), "optimizer.kind", "100002 characters")
+    msg = assert_refused(write(tmp_path, spec), "optimizer.kind", "100002 characters")
     assert len(msg) < 500
 
 
 def test_long_unknown_key_is_quoted_short(tmp_path: Path) -> None:
     spec = copy.deepcopy(QUICKSTART)
     spec["k" * 50_000] = 1
-    msg = refused(write(tmp_path, spec), "unknown key")
+    msg = assert_refused(write(tmp_path, spec), "unknown key")
     assert len(msg) < 500
 
 
@@ -167,17 +167,17 @@ def test_out_of_bounds_values_are_refused(tmp_path: Path, key: str, value: Any, 
     for part in parents:
         node = node[part]
     node[last] = value
-    refused(write(tmp_path, spec), "spec.yaml", key, valid)
+    assert_refused(write(tmp_path, spec), "spec.yaml", key, valid)
 
 
 def test_bounds_apply_to_phases_not_yet_reached(tmp_path: Path) -> None:
     # 'single' is reached only after two rescales; its bound is still checked at load.
-    refused(write(tmp_path, QUICKSTART), "fleet.phases.single.nodes", "<= 10000",
+    assert_refused(write(tmp_path, QUICKSTART), "fleet.phases.single.nodes", "<= 10000",
             overrides=["fleet.phases.single.nodes=1000000"])
 
 
 def test_too_many_ranks_in_total(tmp_path: Path) -> None:
-    refused(write(tmp_path, QUICKSTART), "fleet.phases.wide", "at most 1048576",
+    assert_refused(write(tmp_path, QUICKSTART), "fleet.phases.wide", "at most 1048576",
             overrides=["fleet.phases.wide.nodes=10000", "fleet.phases.wide.ranks_per_node=1000"])
 
 
