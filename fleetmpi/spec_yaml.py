@@ -138,7 +138,8 @@ def parse_yaml(text: bytes) -> Any:
     if len(text) > MAX_SPEC_BYTES:
         raise SpecTooLarge(f"{len(text)} bytes; a spec may have at most {MAX_SPEC_BYTES} bytes (1 MiB)")
     try:
-        return yaml.load(text.decode("utf-8"), Loader=_LimitedSafeLoader)
+        decoded = text.decode("utf-8")
+        return yaml.load(decoded, Loader=_LimitedSafeLoader)
     except ValueError as e:
         if isinstance(e, (SpecTooLarge, UnicodeDecodeError)):
             raise

@@ -6,10 +6,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from campaign import CAMPAIGN, Campaign
@@ -67,6 +69,27 @@ def assert_launches_compile_checked(path: Path) -> int:
 
 def events(job: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (job / "events.jsonl").read_text().splitlines()]
+
+
+def wait_for_event(job: Path, kind: str, timeout: float = 60.0,
+                   proc: subprocess.Popen[str] | None = None) -> dict[str, Any]:
+    """Return the newest ``kind`` event of ``job`` once it appears; fail after ``timeout`` s or when ``proc`` ends."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        if (job / "events.jsonl").exists():
+            found = [e for e in events(job) if e["event"] == kind]
+            if found:
+                return found[-1]
+        time.sleep(0.02)
+    rc = f" (driver rc {proc.poll()})" if proc is not None else ""
+    raise AssertionError(f"no {kind} event in {job} within {timeout} s{rc}")
+
+
+def model_params(job: Path) -> np.ndarray:
+    """Return the ``params`` array of a job's verified model.h5."""
+    from fleetmpi.h5store import read_h5_verified
+    arrays, _ = read_h5_verified(job / "model.h5", kind="model")
+    return arrays["params"]
 
 
 def metrics(job: Path) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ nothing but corrupt checkpoints says so; SIGUSR2 and SIGINT are reported by name
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -23,17 +22,11 @@ from pathlib import Path
 import psutil
 import pytest
 from campaign import Campaign, trials
+from conftest import ROOT, cli, events, wait_for_event, write_spec
 
 from fleetmpi import spec as specmod
 from fleetmpi.jobdir import JobDir, read_lines
 from fleetmpi.lock import JobDirBusy, JobLock
-
-# tests/faults/conftest.py takes the module name `conftest`: load the shared helpers by path.
-_SHARED = importlib.util.spec_from_file_location("tests_shared_conftest", Path(__file__).parents[1] / "conftest.py")
-assert _SHARED is not None and _SHARED.loader is not None
-_shared = importlib.util.module_from_spec(_SHARED)
-_SHARED.loader.exec_module(_shared)
-ROOT, cli, events, write_spec = _shared.ROOT, _shared.cli, _shared.events, _shared.write_spec
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -44,17 +37,6 @@ def _start(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", *args], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "FLEETMPI_PROGRESS": "none", "PYTHONPATH": str(ROOT)})
-
-
-def _wait_for(job: Path, kind: str, timeout: float = 120.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (job / "events.jsonl").exists():
-            found = [e for e in events(job) if e["event"] == kind]
-            if found:
-                return found[-1]
-        time.sleep(0.02)
-    raise AssertionError(f"no {kind} event in {job} within {timeout} s")
 
 
 def _job_processes(job: Path) -> list[psutil.Process]:
@@ -107,7 +89,7 @@ def test_kill9_of_driver_leaves_no_ranks_and_the_job_resumes(tmp_path: Path, dat
     job = tmp_path / "job"
     driver = _start(["run", str(spec), "--job-dir", str(job)])
     # Every fourth trial kills during start-up, the others while training (or checkpointing).
-    _wait_for(job, "launch" if trial % 4 == 3 else "first_step")
+    wait_for_event(job, timeout=120.0, kind="launch" if trial % 4 == 3 else "first_step")
     time.sleep(rng.uniform(0.0, 1.5))
     training = any(e["event"] == "first_step" for e in events(job))
     tree = psutil.Process(driver.pid).children(recursive=True)
@@ -139,7 +121,7 @@ def test_second_run_is_refused_while_one_runs_and_writes_nothing(tmp_path: Path,
     first = _start(["run", str(spec), "--job-dir", str(job)])
     tree: list[psutil.Process] = []
     try:
-        _wait_for(job, "first_step")
+        wait_for_event(job, timeout=120.0, kind="first_step")
         # Freeze the first run's ranks (its only writers while a phase runs) so that what the
         # second run writes, nothing, can be counted. (Hydra's proxy stays stopped if stopped.)
         tree = [p for p in psutil.Process(first.pid).children(recursive=True)
@@ -238,7 +220,7 @@ def test_kill9_during_a_checkpoint_write_leaves_a_temp_the_next_start_removes(tm
                  checkpoint={"every_steps": 1, "keep": 1})
     job = tmp_path / "job"
     driver = _start(["run", str(spec), "--job-dir", str(job)])
-    _wait_for(job, "first_step")
+    wait_for_event(job, timeout=120.0, kind="first_step")
     temp = None
     deadline = time.time() + 60
     while temp is None and time.time() < deadline and driver.poll() is None:
@@ -292,7 +274,7 @@ def test_signal_to_the_driver_is_reported_as_what_it_was(tmp_path: Path, dataset
     spec = _spec(tmp_path, datasets, 2)
     job = tmp_path / "job"
     driver = _start(["run", str(spec), "--job-dir", str(job)])
-    _wait_for(job, "first_step")
+    wait_for_event(job, timeout=120.0, kind="first_step")
     driver.send_signal(sig)
     _, err = driver.communicate(timeout=120)
     stopped = [e for e in events(job) if e["event"] == "signal"]

@@ -15,26 +15,20 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import psutil
 import pytest
 from campaign import Campaign, trials
-from conftest import ROOT, cli, events, write_spec
+from conftest import ROOT, cli, events, model_params, wait_for_event, write_spec
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 DEADLINE_S = 30.0
-STEPS = 4000   # about 3 s of training on an idle core: every kill lands in it
+STEPS = 20000   # several seconds of training even on an idle machine: every kill lands in it (4000 did not)
 SECTIONS: dict = {"sync": {"kind": "exact"}, "goal": {"max_steps": STEPS},
                   "checkpoint": {"every_steps": 250, "keep": 2},
                   "monitor": {"log_every_steps": 10, "eval_every_steps": 100},
                   "fleet": {"start": "p", "phases": {"p": {"nodes": 1, "ranks_per_node": 2}}}}
-
-
-def _params(job: Path) -> np.ndarray:
-    with h5py.File(job / "model.h5", "r") as f:
-        return np.asarray(f["arrays/params"][...])
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +37,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, datasets: dict[str, Path
     base = tmp_path_factory.mktemp("rank-kill-ref")
     spec = write_spec(base / "s.yaml", datasets["multiclass"], **SECTIONS)
     cli("run", str(spec), "--job-dir", str(base / "job"), check=True, timeout=300)
-    return _params(base / "job")
-
-
-def _wait_for(job: Path, kind: str, proc: subprocess.Popen[str], timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (job / "events.jsonl").exists() and any(e["event"] == kind for e in events(job)):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"no {kind} event in {job} within {timeout} s (driver rc {proc.poll()})")
+    return model_params(base / "job")
 
 
 @pytest.mark.parametrize("trial", range(trials(ci=2, full=24)))
@@ -65,7 +50,7 @@ def test_kill9_of_a_rank_ends_the_world_and_the_job_resumes_bitwise(tmp_path: Pa
     driver = subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", "run", str(spec), "--job-dir", str(job)],
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, "FLEETMPI_PROGRESS": "none", "PYTHONPATH": str(ROOT)})
-    _wait_for(job, "first_step", driver)
+    wait_for_event(job, "first_step", timeout=120.0, proc=driver)
     time.sleep(rng.uniform(0.0, 1.0))
     tree = psutil.Process(driver.pid).children(recursive=True)
     ranks = sorted((p for p in tree if "fleetmpi.engine.worker" in p.cmdline()
@@ -89,7 +74,7 @@ def test_kill9_of_a_rank_ends_the_world_and_the_job_resumes_bitwise(tmp_path: Pa
     lines = [ln for ln in err.splitlines() if ln.startswith("fleetmpi: ") and "failed" in ln]
     said = bool(lines) and f"fleetmpi run {job}` resumes" in lines[-1] and "Traceback" not in err
     again = cli("run", str(job), timeout=300)
-    same = again.returncode == 0 and np.array_equal(_params(job), reference)
+    same = again.returncode == 0 and np.array_equal(model_params(job), reference)
     ok = not hang and not alive and not goal_before and driver.returncode not in (0, None) and said and same
     campaign.record("rank kill -9", ok=ok, hang=hang)
     assert not hang, f"the world did not end within {DEADLINE_S} s of a rank's kill -9"

@@ -15,19 +15,18 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import psutil
 import pytest
 from campaign import Campaign, trials
-from conftest import ROOT, cli, events, metrics, write_spec
+from conftest import ROOT, cli, events, metrics, model_params, wait_for_event, write_spec
 
 from fleetmpi.engine import checkpoint
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 DEADLINE_S = 60.0
-STEPS = 4000   # about 3 s of training on an idle core: every kill lands in it
+STEPS = 20000   # several seconds of training even on an idle machine: every kill lands in it (4000 did not)
 SECTIONS: dict = {"sync": {"kind": "exact"}, "goal": {"max_steps": STEPS},
                   "checkpoint": {"every_steps": 250, "keep": 2},
                   "monitor": {"log_every_steps": 1, "eval_every_steps": 100},
@@ -39,27 +38,13 @@ TARGETS = ("driver", "one rank", "every rank")
 CASES = [(SIGNALS[k % 3], TARGETS[(k + k // 3) % 3]) for k in range(9)]
 
 
-def _params(job: Path) -> np.ndarray:
-    with h5py.File(job / "model.h5", "r") as f:
-        return np.asarray(f["arrays/params"][...])
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, datasets: dict[str, Path]) -> np.ndarray:
     """The final parameters of the uninterrupted run."""
     base = tmp_path_factory.mktemp("signals-ref")
     spec = write_spec(base / "s.yaml", datasets["multiclass"], **SECTIONS)
     cli("run", str(spec), "--job-dir", str(base / "job"), check=True, timeout=300)
-    return _params(base / "job")
-
-
-def _wait_for(job: Path, kind: str, proc: subprocess.Popen[str], timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        if (job / "events.jsonl").exists() and any(e["event"] == kind for e in events(job)):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"no {kind} event in {job} within {timeout} s (driver rc {proc.poll()})")
+    return model_params(base / "job")
 
 
 @pytest.mark.parametrize("trial", range(trials(ci=3, full=18)))
@@ -73,7 +58,7 @@ def test_signal_loses_no_step_and_the_job_resumes_bitwise(tmp_path: Path, datase
     driver = subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", "run", str(spec), "--job-dir", str(job)],
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, "FLEETMPI_PROGRESS": "none", "PYTHONPATH": str(ROOT)})
-    _wait_for(job, "first_step", driver)
+    wait_for_event(job, "first_step", timeout=120.0, proc=driver)
     time.sleep(rng.uniform(0.0, 1.0))
     ranks = sorted((p for p in psutil.Process(driver.pid).children(recursive=True)
                     if "fleetmpi.engine.worker" in p.cmdline() and "mpiexec" not in p.name()
@@ -97,7 +82,7 @@ def test_signal_loses_no_step_and_the_job_resumes_bitwise(tmp_path: Path, datase
     resumed = [e for e in events(job) if e["event"] == "resume"]
     steps = [m["step"] for m in metrics(job) if not m.get("eval")]   # an evaluation is a second line
     no_loss = bool(resumed) and resumed[-1]["step"] == step and steps == list(range(1, STEPS + 1))
-    same = again.returncode == 0 and np.array_equal(_params(job), reference)
+    same = again.returncode == 0 and np.array_equal(model_params(job), reference)
     ok = not hang and driver.returncode == 4 and valid and no_loss and same and "Traceback" not in err
     campaign.record("signal", ok=ok, hang=hang)
     what = f"{sig.name} to {target}"

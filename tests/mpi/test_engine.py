@@ -14,18 +14,13 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-from conftest import ROOT, cli, events, metrics, run_rescaled_and_solo, write_spec
+from conftest import ROOT, cli, events, metrics, model_params, run_rescaled_and_solo, wait_for_event, write_spec
 
 from fleetmpi.engine.data import SampleOrder, row_fingerprint
 from fleetmpi.h5store import read_h5_verified
 from kernels import reference
 
 pytestmark = pytest.mark.slow
-
-
-def _params(job: Path) -> np.ndarray:
-    arrays, _ = read_h5_verified(job / "model.h5", kind="model")
-    return arrays["params"]
 
 
 def _by_step(job: Path) -> dict[int, dict]:
@@ -56,7 +51,7 @@ def test_quickstart_rescales_twice_reaches_goal_and_predicts(tmp_path: Path) -> 
     arrays, _ = read_h5_verified(pred, kind="predictions")
     with h5py.File(valid) as f:
         X, y = f["X"][...], f["y"][...]
-    want = reference.softmax_predict_proba(X, _params(job), 10)
+    want = reference.softmax_predict_proba(X, model_params(job), 10)
     np.testing.assert_allclose(arrays["proba"], want, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(arrays["pred"], want.argmax(axis=1))
     assert (arrays["pred"] == y).mean() > 0.9
@@ -79,7 +74,7 @@ def test_rescale_2_3_1_matches_uninterrupted_single_rank(tmp_path: Path, dataset
 
     starts = [(e["phase"], e["ranks"], e["step"]) for e in events(rescaled) if e["event"] == "phase_start"]
     assert starts == [("a", 2, 0), ("b", 3, 20), ("c", 1, 45)]
-    p_r, p_s = _params(rescaled), _params(single)
+    p_r, p_s = model_params(rescaled), model_params(single)
     rel = np.linalg.norm(p_r - p_s) / np.linalg.norm(p_s)
     assert rel < 1e-5, rel
     assert not np.array_equal(p_s, np.zeros_like(p_s))
@@ -112,17 +107,6 @@ def _worker_pids(launcher: int) -> list[int]:
     return [k.pid for k in kids if k.cmdline()[1:3] == ["-m", "fleetmpi.engine.worker"]]
 
 
-def _wait_for(job: Path, kind: str, timeout: float = 60.0) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (job / "events.jsonl").exists():
-            found = [e for e in events(job) if e["event"] == kind]
-            if found:
-                return found[-1]
-        time.sleep(0.02)
-    raise AssertionError(f"no {kind} event within {timeout} s")
-
-
 def _start(args: list[str], env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", *args], text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -136,7 +120,7 @@ def test_kill9_of_one_rank_ends_run_then_resume_skips_truncated_checkpoint(tmp_p
                       fleet={"start": "two", "phases": {"two": {"ranks_per_node": 2}}})
     job = tmp_path / "job"
     proc = _start(["run", str(spec), "--job-dir", str(job)])
-    _wait_for(job, "checkpoint")
+    wait_for_event(job, "checkpoint")
     while len([e for e in events(job) if e["event"] == "checkpoint"]) < 2:
         time.sleep(0.01)
     pids = _worker_pids(proc.pid)
@@ -177,11 +161,11 @@ def test_sigterm_checkpoints_exits_4_and_resumes_at_that_step(tmp_path: Path, da
                       fleet={"start": "two", "phases": {"two": {"ranks_per_node": 2}}})
     job = tmp_path / "job"
     proc = _start(["run", str(spec), "--job-dir", str(job)])
-    _wait_for(job, "first_step")
+    wait_for_event(job, "first_step")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 4, err
-    sig = _wait_for(job, "signal")
+    sig = wait_for_event(job, "signal")
     assert sig["signal"] == "SIGTERM"
     ck = [e for e in events(job) if e["event"] == "checkpoint"][-1]
     assert ck["step"] == sig["step"] and ck["reason"].startswith("signal")
@@ -248,7 +232,7 @@ def test_manual_approval_holds_rescale_until_approved(tmp_path: Path, datasets: 
                                        {"in": "b", "when": "phase_steps >= 20", "then": {"stop": True}}]})
     job = tmp_path / "job"
     proc = _start(["run", str(spec), "--job-dir", str(job)])
-    pending = _wait_for(job, "approval_pending")
+    pending = wait_for_event(job, "approval_pending")
     assert pending["goto"] == "b"
     time.sleep(1.0)
     steps_waiting = max(m["step"] for m in metrics(job))
@@ -288,7 +272,7 @@ def test_rule_switches_sgd_to_lbfgs_and_loss_drops(tmp_path: Path, datasets: dic
     # The full-data objective at the final point matches the numpy reference.
     with h5py.File(datasets["binary"] / "train.h5") as f:
         X, y = f["X"][...], f["y"][...]
-    w = _params(job)
+    w = model_params(job)
     ref, _ = reference.logistic_loss_grad(X, y, w)
     assert abs(rows[60]["loss"] - (ref / len(y) + 0.5e-3 * float(w[:-1] @ w[:-1]))) < 1e-9
 
