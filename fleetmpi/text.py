@@ -2,7 +2,9 @@
 
 THE FILE FORMAT: an HDF5 file per split (`train.h5`, `valid.h5`) with datasets `indptr`
 (int64, n+1), `indices` (int32, nnz, sorted within each row, no duplicates), `data`
-(float32, nnz), `y` (float32, n: class ids), and file attributes `format = "csr"`,
+(float32, nnz), `y` (float32, n: class ids), `source_index` (int64, n: the document's
+position in its source, counting from 0 over every document read, skipped ones included),
+and file attributes `format = "csr"`,
 `n_features` (int), `classes` (int), `class_names` (JSON list of str), `hashing` (JSON:
 {"n_features", "ngram_range", "alternate_sign", "norm", "lowercase", "token_pattern"}).
 
@@ -13,6 +15,11 @@ l2 division is done in float64 before the one cast to float32, as scikit-learn's
 output cast with ``astype(np.float32)`` does. Further attributes: ``text_field`` (the
 field predict reads), ``provenance``, ``skipped_empty`` and ``replaced_utf8`` (counts).
 
+Rows are in a seeded random order (``--seed``): each document draws a key uniformly in
+[0, 1) in source order and the file holds the rows sorted by key, so every order is equally
+likely, the order does not depend on the chunk size or on the layout, and a folder source
+(listed class by class) comes out mixed. See ``_CsrWriter`` for the memory bound.
+
 Sources: a folder with one subfolder per class and one document per file (scikit-learn's
 ``load_files`` layout), or a JSONL / CSV file with a text field and a label field.
 """
@@ -22,7 +29,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -32,11 +38,11 @@ from typing import Any
 
 import h5py
 import numpy as np
-from numba import njit
 
 from fleetmpi.errors import BadInput
+from fleetmpi.texthash import TOKEN_PATTERN, hash_texts, murmurhash3_32, ngrams
 
-TOKEN_PATTERN = r"(?u)\b\w\w+\b"
+__all__ = ["Hashing", "analyze", "hash_docs", "make_text_data", "murmurhash3_32", "read_texts", "text_meta"]
 HASH_BITS_MIN, HASH_BITS_MAX = 10, 26
 CHUNK_DOCS = 4096                 # documents hashed and appended per step: bounds memory
 MAX_NGRAM = 5
@@ -90,150 +96,16 @@ def hashing_for(hash_bits: int, ngrams: str) -> Hashing:
     return Hashing(1 << hash_bits, (lo, hi))
 
 
-# ---------------------------------------------------------------- hashing kernels
-
-@njit(cache=True, nogil=True)
-def _rotl(x: np.uint32, r: int) -> np.uint32:
-    return np.uint32((x << np.uint32(r)) | (x >> np.uint32(32 - r)))
-
-
-@njit(cache=True, nogil=True)
-def _murmur(buf: np.ndarray, lo: int, hi: int, seed: int) -> np.int32:
-    """Return MurmurHash3 x86_32 of ``buf[lo:hi]`` (uint8) as a signed 32-bit int."""
-    c1, c2 = np.uint32(0xCC9E2D51), np.uint32(0x1B873593)
-    h = np.uint32(seed)
-    n = hi - lo
-    nblocks = n // 4
-    for i in range(nblocks):
-        p = lo + 4 * i
-        k = (np.uint32(buf[p]) | (np.uint32(buf[p + 1]) << np.uint32(8)) | (np.uint32(buf[p + 2]) << np.uint32(16))
-             | (np.uint32(buf[p + 3]) << np.uint32(24)))
-        k = np.uint32(k * c1)
-        k = _rotl(k, 15)
-        k = np.uint32(k * c2)
-        h = np.uint32(h ^ k)
-        h = _rotl(h, 13)
-        h = np.uint32(h * np.uint32(5) + np.uint32(0xE6546B64))
-    tail = lo + 4 * nblocks
-    k = np.uint32(0)
-    rem = n & 3
-    if rem >= 3:
-        k = np.uint32(k ^ (np.uint32(buf[tail + 2]) << np.uint32(16)))
-    if rem >= 2:
-        k = np.uint32(k ^ (np.uint32(buf[tail + 1]) << np.uint32(8)))
-    if rem >= 1:
-        k = np.uint32(k ^ np.uint32(buf[tail]))
-        k = np.uint32(k * c1)
-        k = _rotl(k, 15)
-        k = np.uint32(k * c2)
-        h = np.uint32(h ^ k)
-    h = np.uint32(h ^ np.uint32(n))
-    h = np.uint32(h ^ (h >> np.uint32(16)))
-    h = np.uint32(h * np.uint32(0x85EBCA6B))
-    h = np.uint32(h ^ (h >> np.uint32(13)))
-    h = np.uint32(h * np.uint32(0xC2B2AE35))
-    h = np.uint32(h ^ (h >> np.uint32(16)))
-    return np.int32(np.int64(h) - (np.int64(1) << 32) if h >= np.uint32(0x80000000) else np.int64(h))
-
-
-@njit(cache=True, nogil=True)
-def _hash_segments(buf: np.ndarray, seed: int) -> np.ndarray:
-    """Return the signed hash of every b'\\n'-separated segment of ``buf`` (uint8)."""
-    n = 1
-    for i in range(buf.shape[0]):
-        if buf[i] == 10:
-            n += 1
-    out = np.empty(n, np.int32)
-    lo, j = 0, 0
-    for i in range(buf.shape[0] + 1):
-        if i == buf.shape[0] or buf[i] == 10:
-            out[j] = _murmur(buf, lo, i, seed)
-            j += 1
-            lo = i + 1
-    return out
-
-
-@njit(cache=True, nogil=True)
-def _csr_rows(hashes: np.ndarray, counts: np.ndarray, n_features: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (indptr, indices, data) of l2-normalised signed feature counts, one row per ``counts`` entry."""
-    m = hashes.shape[0]
-    idx = np.empty(m, np.int64)
-    sign = np.empty(m, np.float64)
-    for i in range(m):
-        h = np.int64(hashes[i])
-        # scikit-learn maps INT32_MIN by its own rule, since abs() overflows in C
-        idx[i] = (2147483647 - (n_features - 1)) % n_features if h == -2147483648 else abs(h) % n_features
-        sign[i] = 1.0 if h >= 0 else -1.0
-    nrows = counts.shape[0]
-    indptr = np.zeros(nrows + 1, np.int64)
-    indices = np.empty(m, np.int32)
-    data = np.empty(m, np.float32)
-    vals = np.empty(m, np.float64)
-    pos, nnz = 0, 0
-    for r in range(nrows):
-        seg = idx[pos:pos + counts[r]]
-        sg = sign[pos:pos + counts[r]]
-        order = np.argsort(seg)
-        start = nnz
-        last = -1
-        for t in range(order.shape[0]):
-            c = seg[order[t]]
-            if c != last:
-                indices[nnz] = c
-                vals[nnz] = 0.0
-                nnz += 1
-                last = c
-            vals[nnz - 1] += sg[order[t]]   # whole numbers: the sum is exact in any order
-        # drop entries whose signs cancelled, then l2-normalise in float64 as scikit-learn does
-        w = start
-        ss = 0.0
-        for t in range(start, nnz):
-            if vals[t] != 0.0:
-                indices[w] = indices[t]
-                vals[w] = vals[t]
-                ss += vals[t] * vals[t]
-                w += 1
-        nnz = w
-        norm = np.sqrt(ss)
-        for t in range(start, nnz):
-            data[t] = np.float32(vals[t] / norm)
-        indptr[r + 1] = nnz
-        pos += counts[r]
-    return indptr, indices[:nnz].copy(), data[:nnz].copy()
-
-
-def murmurhash3_32(key: str | bytes, seed: int = 0) -> int:
-    """Return the signed MurmurHash3 x86_32 of ``key`` (str as UTF-8), as sklearn's murmurhash3_32(positive=False)."""
-    raw = key.encode("utf-8") if isinstance(key, str) else key
-    return int(_murmur(np.frombuffer(raw, np.uint8) if raw else np.zeros(0, np.uint8), 0, len(raw), seed))
-
-
-_TOKEN_RE = re.compile(TOKEN_PATTERN)
-
+# ---------------------------------------------------------------- hashing
 
 def analyze(doc: str, hashing: Hashing) -> list[str]:
     """Return the word n-grams of ``doc`` in scikit-learn's order (lowercased, joined by one space)."""
-    tokens = _TOKEN_RE.findall(doc.lower())
-    lo, hi = hashing.ngram_range
-    out = list(tokens) if lo == 1 else []
-    for n in range(max(lo, 2), min(hi, len(tokens)) + 1):
-        out.extend(" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
-    return out
+    return ngrams(doc, hashing.ngram_range)
 
 
 def hash_docs(docs: list[str], hashing: Hashing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return CSR (indptr int64, indices int32, data float32) of ``docs`` hashed into hashing.n_features columns."""
-    feats = [analyze(d, hashing) for d in docs]
-    counts = np.fromiter((len(f) for f in feats), np.int64, len(feats))
-    flat = [t for f in feats for t in f]
-    if flat:
-        # One buffer for all features: n-grams hold word characters and spaces only, so
-        # b'\n' separates them, and no UTF-8 multibyte sequence contains that byte.
-        hashes = _hash_segments(np.frombuffer("\n".join(flat).encode("utf-8"), np.uint8), 0)
-    else:
-        hashes = np.zeros(0, np.int32)
-    return _csr_rows(hashes, counts, hashing.n_features)
+    return hash_texts(docs, hashing.n_features, hashing.ngram_range)
 
 
 # ---------------------------------------------------------------- text sources
@@ -416,74 +288,148 @@ class SplitStats:
     first_replaced: str = ""
 
 
-REPACK_ENTRIES = 1 << 22   # entries copied per block when the staged rows become contiguous (24 MiB)
+BUCKET_BYTES = 256 << 20   # CSR bytes per shuffle bucket: what closing a split holds in memory at once
+SPILL_BYTES = 64 << 20     # staged CSR bytes kept in memory before they go to the bucket files
+CSR_PER_SOURCE_BYTE = 2    # CSR bytes per source byte, generously: sizes the buckets before the rows exist
 
 
 class _CsrWriter:
-    """Append CSR rows to an HDF5 staging file, then repack them contiguous into ``path``.
+    """Collect CSR rows, then write them in a seeded random order, contiguous, into ``path``.
 
-    y and indptr stay in memory (12 bytes per row). The rows are staged in chunked,
-    resizable datasets since nnz is unknown until the source ends; ``close`` copies them
-    block by block into contiguous datasets of the final temp file, so trainers memory-map
-    them (``fleetmpi.engine.data._mapped``) instead of reading HDF5 hyperslabs per step.
+    Every row comes with a key drawn uniformly in [0, 1) (per document in source order, so
+    independent of chunking); the file holds the rows sorted by key, i.e. in a uniformly
+    random order that depends only on the seed and the documents. Two passes bound the
+    memory: rows are staged in ``buckets`` by key range (in memory up to SPILL_BYTES, then in
+    raw files next to ``path``), and ``close`` sorts one bucket at a time. Per row, nnz,
+    label, source position and key stay in memory (32 bytes).
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.stage = path.with_name(path.name + ".stage")
-        self.f = h5py.File(self.stage, "w", locking=False)
-        chunk = 1 << 16   # 256 KiB per dataset chunk: small files stay small, big ones stream
-        self.indices = self.f.create_dataset("indices", (0,), np.int32, maxshape=(None,), chunks=(chunk,))
-        self.data = self.f.create_dataset("data", (0,), np.float32, maxshape=(None,), chunks=(chunk,))
-        self.ptr: list[np.ndarray] = [np.zeros(1, np.int64)]
+    def __init__(self, path: Path, buckets: int) -> None:
+        self.path, self.buckets = path, buckets
+        self.mem: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(buckets)]
+        self.mem_bytes = 0
+        self.files = [(path.with_name(f"{path.name}.stage{b}.indices"), path.with_name(f"{path.name}.stage{b}.data"))
+                      for b in range(buckets)]
+        self.counts: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
+        self.where: list[np.ndarray] = []
+        self.keys: list[np.ndarray] = []
         self.nnz = 0
 
-    def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, labels: np.ndarray) -> None:
-        m = indices.shape[0]
-        if m:
-            self.indices.resize((self.nnz + m,))
-            self.data.resize((self.nnz + m,))
-            self.indices[self.nnz:] = indices
-            self.data[self.nnz:] = data
-        self.ptr.append(indptr[1:] + self.nnz)
+    def _bucket(self, keys: np.ndarray) -> np.ndarray:
+        return np.minimum((keys * self.buckets).astype(np.int64), self.buckets - 1)
+
+    def append(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray,
+               labels: np.ndarray, where: np.ndarray, keys: np.ndarray) -> int:
+        """Stage ``rows`` of a CSR chunk with their labels, source positions and keys; return their entries."""
+        bucket = self._bucket(keys)
+        added = 0
+        for b in np.unique(bucket).tolist():
+            sel = _row_entries(indptr, rows[bucket == b])
+            self.mem[b].append((indices[sel], data[sel]))
+            added += int(sel.size)
+        self.counts.append((indptr[rows + 1] - indptr[rows]).astype(np.int64))
         self.labels.append(labels)
-        self.nnz += m
+        self.where.append(where)
+        self.keys.append(keys)
+        self.nnz += added
+        self.mem_bytes += 8 * added
+        if self.mem_bytes > SPILL_BYTES:
+            self._spill()
+        return added
+
+    def _spill(self) -> None:
+        for b, parts in enumerate(self.mem):
+            if parts:
+                for f, k in zip(self.files[b], (0, 1)):
+                    with open(f, "ab") as fh:
+                        for part in parts:
+                            part[k].tofile(fh)
+                parts.clear()
+        self.mem_bytes = 0
+
+    def _load(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return bucket ``b``'s staged entries in arrival order: the spilled ones first, then those in memory."""
+        ix: list[np.ndarray] = []
+        dv: list[np.ndarray] = []
+        fi, fd = self.files[b]
+        if fi.exists():
+            ix.append(np.fromfile(fi, np.int32))
+            dv.append(np.fromfile(fd, np.float32))
+            fi.unlink()
+            fd.unlink()
+        ix += [p[0] for p in self.mem[b]]
+        dv += [p[1] for p in self.mem[b]]
+        self.mem[b] = []
+        return (np.concatenate(ix) if ix else np.zeros(0, np.int32)), (np.concatenate(dv) if dv else np.zeros(0, np.float32))
 
     def close(self, remap: np.ndarray, attrs: dict[str, Any]) -> int:
-        """Write indices/data contiguous, y (label ids through ``remap``), indptr and ``attrs``; fsync; return the rows."""
-        labels = np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
+        """Write indices/data contiguous, indptr, y (label ids through ``remap``), source_index and ``attrs``
+        in key order; fsync; return the rows."""
+        def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype)
+        counts, labels, where, keys = (cat(self.counts, np.int64), cat(self.labels, np.int64),
+                                       cat(self.where, np.int64), cat(self.keys, np.float64))
+        bucket = self._bucket(keys)
+        arrival = [np.flatnonzero(bucket == b) for b in range(self.buckets)]
+        # Rows sorted by key: bucket by bucket (buckets are key ranges), by key within one.
+        ranks = [np.argsort(keys[rows], kind="stable") for rows in arrival]
+        order = cat([rows[r] for rows, r in zip(arrival, ranks)], np.int64)
+        indptr = np.zeros(order.shape[0] + 1, np.int64)
+        np.cumsum(counts[order], out=indptr[1:])
         with h5py.File(self.path, "w", locking=False) as out:
-            for name, dtype in (("indices", np.int32), ("data", np.float32)):
-                dst = out.create_dataset(name, (self.nnz,), dtype)   # contiguous: no chunks, no filters
-                src = self.f[name]
-                for lo in range(0, self.nnz, REPACK_ENTRIES):
-                    hi = min(lo + REPACK_ENTRIES, self.nnz)
-                    dst[lo:hi] = src[lo:hi]
-            out.create_dataset("indptr", data=np.concatenate(self.ptr))
-            out.create_dataset("y", data=remap[labels].astype(np.float32))
+            # contiguous (no chunks, no filters), so trainers memory-map them
+            dst_i = out.create_dataset("indices", (self.nnz,), np.int32)
+            dst_d = out.create_dataset("data", (self.nnz,), np.float32)
+            at = 0
+            for b, rows in enumerate(arrival):
+                ix, dv = self._load(b)
+                staged = np.zeros(rows.shape[0] + 1, np.int64)
+                np.cumsum(counts[rows], out=staged[1:])
+                sel = _row_entries(staged, ranks[b])
+                if sel.size:
+                    dst_i[at:at + sel.size] = ix[sel]
+                    dst_d[at:at + sel.size] = dv[sel]
+                at += int(sel.size)
+            out.create_dataset("indptr", data=indptr)
+            out.create_dataset("y", data=remap[labels[order]].astype(np.float32))
+            out.create_dataset("source_index", data=where[order])
             for k, v in attrs.items():
                 out.attrs[k] = v
-        self.f.close()
-        self.stage.unlink(missing_ok=True)
         with open(self.path, "rb+") as fh:
             os.fsync(fh.fileno())
-        return int(labels.shape[0])
+        return int(order.shape[0])
 
     def abort(self) -> None:
-        try:
-            self.f.close()
-        finally:
-            self.stage.unlink(missing_ok=True)
-            self.path.unlink(missing_ok=True)
+        for pair in self.files:
+            for f in pair:
+                f.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+
+
+def _row_entries(indptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Return the entry positions of ``rows`` (in that order) of a CSR matrix with offsets ``indptr``."""
+    lo, hi = indptr[rows], indptr[rows + 1]
+    lens = hi - lo
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    # each row's run: lo, lo+1, ..., hi-1, built as one arange shifted per run
+    shift = np.repeat(lo - (np.cumsum(lens) - lens), lens)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def _buckets(source_bytes: int) -> int:
+    """Return the shuffle buckets for a source of ``source_bytes``: about BUCKET_BYTES of CSR each."""
+    return max(1, -(-CSR_PER_SOURCE_BYTE * source_bytes // BUCKET_BYTES))
 
 
 def _hash_split(source: Source, hashing: Hashing, writer: _CsrWriter, label_ids: dict[str, int],
                 assign: np.random.Generator | None, valid_fraction: float, valid_writer: _CsrWriter | None,
-                chunk_docs: int, grow: bool, label: str) -> tuple[SplitStats, SplitStats]:
+                order: np.random.Generator, chunk_docs: int, grow: bool, progress: _Progress
+                ) -> tuple[SplitStats, SplitStats]:
     """Stream ``source`` into ``writer`` (and ``valid_writer`` for a seeded ``valid_fraction``) chunk by chunk."""
     stats, vstats = SplitStats(), SplitStats()
-    progress = _Progress(label, source.size_bytes())
     buf: list[Doc] = []
     seen = done = 0
 
@@ -499,8 +445,11 @@ def _hash_split(source: Source, hashing: Hashing, writer: _CsrWriter, label_ids:
                                    f"({', '.join(map(repr, label_ids))}); --valid must use the training labels")
                 label_ids[key] = len(label_ids)
             ids[i] = label_ids[key]
-        # The draw is per document in source order, so the split does not depend on the chunk size.
+        # The draws are per document in source order, so neither the split nor the shuffled
+        # order depends on the chunk size.
         to_valid = (assign.random(len(buf)) < valid_fraction) if assign is not None else np.zeros(len(buf), bool)
+        keys = order.random(len(buf))
+        where = np.arange(seen - len(buf), seen, dtype=np.int64)
         for dest, st, mask in ((writer, stats, ~to_valid), (valid_writer, vstats, to_valid)):
             if dest is None:
                 continue
@@ -513,12 +462,8 @@ def _hash_split(source: Source, hashing: Hashing, writer: _CsrWriter, label_ids:
                     st.replaced_utf8 += 1
                     st.first_replaced = st.first_replaced or buf[j].where
             rows = np.flatnonzero(keep)
-            lo, hi = indptr[rows], indptr[rows + 1]
-            sel = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if rows.size else np.zeros(0, np.int64)
-            sub_ptr = np.concatenate([[0], np.cumsum(hi - lo)]).astype(np.int64)
-            dest.append(sub_ptr, indices[sel], data[sel], ids[rows])
+            st.nnz += dest.append(indptr, indices, data, rows, ids[rows], where[rows], keys[rows])
             st.rows += rows.size
-            st.nnz += int(sel.size)
         buf.clear()
 
     for doc, done in source.docs():
@@ -556,19 +501,23 @@ def make_text_data(path: Path, out: Path, text_field: str = "text", label_field:
     tmp = {name: out / f".{name}.tmp.{os.getpid()}" for name in ("train.h5", "valid.h5")}
     writers: list[_CsrWriter] = []
     try:
-        tw = _CsrWriter(tmp["train.h5"])
+        size = src.size_bytes()
+        vsize = vsrc.size_bytes() if vsrc is not None else size
+        tw = _CsrWriter(tmp["train.h5"], _buckets(size))
         writers.append(tw)
         split = valid is not None or valid_fraction > 0
-        vw = _CsrWriter(tmp["valid.h5"]) if split else None
+        vw = _CsrWriter(tmp["valid.h5"], _buckets(vsize)) if split else None
         if vw is not None:
             writers.append(vw)
         label_ids: dict[str, int] = {}
         assign = np.random.default_rng([seed, 7]) if valid is None and valid_fraction > 0 else None
         tstats, vstats = _hash_split(src, hashing, tw, label_ids, assign, valid_fraction,
-                                     vw if valid is None else None, chunk_docs, True, f"hashing {path}")
+                                     vw if valid is None else None, np.random.default_rng([seed, 11]), chunk_docs,
+                                     True, _Progress(f"hashing {path}", size))
         if vsrc is not None and vw is not None:
-            vstats, _ = _hash_split(vsrc, hashing, vw, label_ids, None, 0.0, None, chunk_docs, False,
-                                    f"hashing {valid}")
+            vstats, _ = _hash_split(vsrc, hashing, vw, label_ids, None, 0.0, None,
+                                    np.random.default_rng([seed, 11, 1]), chunk_docs, False,
+                                    _Progress(f"hashing {valid}", vsize))
         names = sorted(label_ids)
         if len(names) < 2:
             raise BadInput(f"{path}: found {len(names)} class{'es' if len(names) != 1 else ''} "

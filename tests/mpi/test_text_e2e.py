@@ -8,7 +8,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import yaml
 from conftest import cli, events, metrics, write_spec
 
 from fleetmpi.engine.data import CsrReader
@@ -86,11 +85,8 @@ def _params(job: Path) -> np.ndarray:
 
 
 def _run(tmp_path: Path, name: str, data: Path, fleet: dict[str, object], sync: dict[str, object]) -> Path:
-    # A folder source lists its documents class by class: draw rows one by one, not in runs of 32 of one class.
+    # The default block_rows (runs of 32 rows): make-data shuffles the folder's class-by-class order.
     spec = write_spec(tmp_path / f"{name}.yaml", data, fleet=fleet, sync=sync, **COMMON)
-    full = yaml.safe_load(spec.read_text())
-    full["data"]["block_rows"] = 1
-    spec.write_text(yaml.safe_dump(full))
     proc = cli("run", str(spec), "--job-dir", str(tmp_path / name))
     assert proc.returncode == 0, proc.stderr
     assert "chunked or compressed" not in proc.stderr   # make-data's rows are contiguous: memory-mapped
@@ -105,6 +101,8 @@ def test_make_data_writes_contiguous_rows_read_through_maps(text_data: Path) -> 
     assert reader.direct and reader.d == D
     reader.close()
     assert sorted(p.name for p in text_data.iterdir()) == ["train.h5", "valid.h5"]   # no stage or temp file left
+    y = read_split(text_data / "train.h5")["y"]   # the corpus folders list the classes one after the other
+    assert np.count_nonzero(np.diff(y)) > len(y) / 3, "rows not shuffled"
 
 
 def test_exact_sync_is_bitwise_at_1_2_3_ranks_and_rescaled_2_to_3(tmp_path: Path, text_data: Path) -> None:

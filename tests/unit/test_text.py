@@ -68,6 +68,54 @@ def test_csr_rows_equal_hashing_vectorizer_bitwise(bits: int, ngrams: tuple[int,
         assert np.all(np.diff(indices[indptr[r]:indptr[r + 1]]) > 0)
 
 
+ASCII = [chr(c) for c in range(128)]
+# Characters where unicode rules differ from ASCII ones: case mappings that change length or
+# land in ASCII (dotted I, Kelvin sign, sharp s), word characters outside letters (digits of
+# other scripts, superscripts, combining marks), non-BMP, the replacement character.
+TRICKY = ["\u0130", "\u0131", "\u212a", "\u00df", "\u1e9e", "\uff11", "\u0663", "\u00b2", "\u00e9", "e\u0301",
+          "\U0001f600", "\ufffd", "\u00a0", "\u2028", "\u01c5", "\u03a3", "\u03c2"]
+
+
+def ascii_docs(rng: np.random.Generator, n: int) -> list[str]:
+    """Return ``n`` pure-ASCII documents over all 128 code points, words and separators mixed."""
+    words = ["".join(rng.choice(ASCII[32:], rng.integers(1, 9))) for _ in range(300)]
+    return ["".join(str(rng.choice(words)) + str(rng.choice(ASCII)) for _ in range(rng.integers(0, 60)))
+            for _ in range(n)]
+
+
+def real_docs() -> list[str]:
+    """Return real text: numpy's and the standard library's sources (some hold non-ASCII), and man pages if installed."""
+    import gzip
+    import inspect
+    files = sorted(Path(np.__file__).parent.rglob("*.py"))[:150] + sorted(Path(inspect.__file__).parent.glob("*.py"))[:150]
+    docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    man = Path("/usr/share/man/man1")
+    if man.is_dir():
+        docs += [gzip.decompress(f.read_bytes()).decode("utf-8", "replace") for f in sorted(man.glob("*.gz"))[:200]]
+    return docs
+
+
+def assert_rows_equal_sklearn(docs: list[str], bits: int, ngrams: tuple[int, int]) -> None:
+    ref = sklearn_rows(docs, bits, ngrams)
+    indptr, indices, data = hash_docs(docs, Hashing(2 ** bits, ngrams))
+    np.testing.assert_array_equal(indptr, ref.indptr)
+    np.testing.assert_array_equal(indices, ref.indices)
+    np.testing.assert_array_equal(data.view(np.uint32), ref.data.view(np.uint32))
+
+
+@pytest.mark.parametrize("ngrams", [(1, 1), (1, 2), (2, 3)])
+def test_ascii_and_unicode_paths_match_sklearn_on_random_and_real_text(ngrams: tuple[int, int]) -> None:
+    rng = np.random.default_rng(21)
+    pure = ascii_docs(rng, 300)
+    # ASCII documents with one tricky character spliced in: the whole document takes the exact path
+    spliced = [d[:k] + str(rng.choice(TRICKY)) + d[k:] for d in pure[:150] for k in [int(rng.integers(0, len(d) + 1))]]
+    real = real_docs()
+    for docs in (pure, spliced, real, pure + spliced + real):
+        assert_rows_equal_sklearn(docs, 18, ngrams)
+    assert all(d.isascii() for d in pure) and not any(d.isascii() for d in spliced)
+    assert sum(d.isascii() for d in real) > 50 and sum(not d.isascii() for d in real) > 5   # both paths ran
+
+
 def write_folder(root: Path, docs: list[str], labels: list[str]) -> Path:
     for i, (doc, lab) in enumerate(zip(docs, labels)):
         (root / lab).mkdir(parents=True, exist_ok=True)
@@ -77,7 +125,7 @@ def write_folder(root: Path, docs: list[str], labels: list[str]) -> Path:
 
 def read_split(path: Path) -> dict[str, object]:
     with h5py.File(path, "r") as f:
-        return {**{k: f[k][()] for k in ("indptr", "indices", "data", "y")}, **dict(f.attrs)}
+        return {**{k: f[k][()] for k in ("indptr", "indices", "data", "y", "source_index")}, **dict(f.attrs)}
 
 
 @pytest.fixture()
@@ -101,7 +149,7 @@ def test_files_hold_the_format_and_sklearn_rows_in_any_chunk_size(tmp_path: Path
         outs.append((read_split(out / "train.h5"), read_split(out / "valid.h5")))
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
-            for k in ("indptr", "indices", "data", "y"):
+            for k in ("indptr", "indices", "data", "y", "source_index"):
                 np.testing.assert_array_equal(a[k], b[k])
     train, valid = outs[0]
     names = json.loads(train["class_names"])
@@ -109,14 +157,16 @@ def test_files_hold_the_format_and_sklearn_rows_in_any_chunk_size(tmp_path: Path
     assert json.loads(train["hashing"]) == {"n_features": 4096, "ngram_range": [1, 2], "alternate_sign": True,
                                             "norm": "l2", "lowercase": True, "token_pattern": r"(?u)\b\w\w+\b"}
     assert 0 < len(valid["y"]) < len(train["y"])
-    # Reassemble the documents each split holds, in source order, and compare with scikit-learn.
+    # Each split holds its documents in a seeded random order; source_index says which row is
+    # which document, so the rows compare with scikit-learn's rows of those documents.
     ref_all = sklearn_rows(docs, 12, (1, 2))
     nonempty = [i for i in range(len(docs)) if ref_all.indptr[i + 1] > ref_all.indptr[i]]
     rows_t, rows_v = len(train["y"]), len(valid["y"])
     assert rows_t + rows_v == len(nonempty)
     draws = np.random.default_rng([4, 7]).random(len(docs)) < 0.3
     for split, mask in ((train, ~draws), (valid, draws)):
-        keep = [i for i in nonempty if mask[i]]
+        keep = split["source_index"]
+        assert sorted(keep) == [i for i in nonempty if mask[i]] and list(keep) != sorted(keep)
         ref = ref_all[keep]
         np.testing.assert_array_equal(split["indptr"], ref.indptr)
         np.testing.assert_array_equal(split["indices"], ref.indices)
@@ -138,8 +188,41 @@ def test_folder_csv_and_jsonl_layouts_give_the_same_rows(tmp_path: Path, corpus:
         make_text_data(tmp_path / src, tmp_path / f"o-{src}", valid_fraction=0.0, hash_bits=11)
         got.append(read_split(tmp_path / f"o-{src}" / "train.h5"))
         assert not (tmp_path / f"o-{src}" / "valid.h5").exists()
-    for k in ("indptr", "indices", "data", "y"):
+    for k in ("indptr", "indices", "data", "y", "source_index"):
         np.testing.assert_array_equal(got[0][k], got[1][k])
+
+
+def test_rows_are_shuffled_by_seed_and_spilled_buckets_write_the_same_files(
+        tmp_path: Path, corpus: tuple[list[str], list[str]], monkeypatch: pytest.MonkeyPatch) -> None:
+    import fleetmpi.text as text_mod
+    docs, labels = corpus
+    write_folder(tmp_path / "folder", docs, labels)   # listed class by class
+
+    def make(out: str, seed: int, chunk: int = 4096) -> tuple[dict[str, object], dict[str, object]]:
+        make_text_data(tmp_path / "folder", tmp_path / out, valid_fraction=0.2, hash_bits=11, seed=seed,
+                       chunk_docs=chunk)
+        assert sorted(p.name for p in (tmp_path / out).iterdir()) == ["train.h5", "valid.h5"]   # no stage file left
+        return read_split(tmp_path / out / "train.h5"), read_split(tmp_path / out / "valid.h5")
+
+    base = make("s0", 0)
+    y = base[0]["y"]
+    assert np.count_nonzero(np.diff(y)) > len(y) / 3   # classes mixed (the folder order changes class twice)
+    other = make("s1", 1)   # another seed: another split and another order of the same documents
+    both = [np.sort(np.concatenate([s["source_index"] for s in pair])) for pair in (base, other)]
+    np.testing.assert_array_equal(both[0], both[1])
+    common = np.intersect1d(base[0]["source_index"], other[0]["source_index"])
+    assert not np.array_equal(*(s["source_index"][np.isin(s["source_index"], common)] for s in (base[0], other[0])))
+    # Tiny buckets and spills: many key ranges staged on disk give the same files.
+    spills = []
+    monkeypatch.setattr(text_mod, "BUCKET_BYTES", 2000)
+    monkeypatch.setattr(text_mod, "SPILL_BYTES", 1000)
+    spill = text_mod._CsrWriter._spill
+    monkeypatch.setattr(text_mod._CsrWriter, "_spill", lambda self: (spills.append(self.buckets), spill(self)))
+    small = make("small", 0, chunk=7)
+    assert spills and min(spills) > 5
+    for a, b in zip(base, small):
+        for k in ("indptr", "indices", "data", "y", "source_index"):
+            np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_bad_input_counts_and_warnings(tmp_path: Path) -> None:
