@@ -12,15 +12,18 @@ pages are absent (Docker images often exclude /usr/share/man via dpkg path-exclu
 Peers (whole process each: interpreter, imports, reading, hashing, fitting, scoring):
 scikit-learn HashingVectorizer(2^18, ngram_range=(1, 2)) + SGDClassifier(log_loss) and +
 LogisticRegression. fleetmpi: `make-data --from text` (same hashing, bit-compatible) then
-`fleetmpi run` on 2 ranks with sync dense, sparse and threshold until the validation
-accuracy passes LogisticRegression's. Printed: accuracy and log-loss side by side,
-whole-process time to the peer's accuracy as a ratio, sync bytes per step.
+`fleetmpi run` until the validation accuracy reaches LogisticRegression's: on 1 rank with
+sync dense (the time row), and on 2 ranks with sync dense, sparse and threshold (the bytes
+rows). Every fleetmpi row's time is make-data's process plus its run's process. Printed:
+accuracy and log-loss side by side, whole-process time to the peer's accuracy as a ratio,
+sync bytes per step, the phases of every process, and the settings.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 import re
 import subprocess
@@ -88,32 +91,52 @@ def build_corpus(root: Path, seed: int = 0) -> dict[str, int]:
 
 PEER = """
 import sys, time, json
+t = {"started": time.time()}
 import numpy as np
 from sklearn.datasets import load_files
 from sklearn.feature_extraction.text import HashingVectorizer
 from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.metrics import accuracy_score, log_loss
+t["imported"] = time.time()
 root, which = sys.argv[1], sys.argv[2]
 tr = load_files(root + "/train", encoding="utf-8", decode_error="replace")
 va = load_files(root + "/valid", encoding="utf-8", decode_error="replace")
+t["read"] = time.time()
 hv = HashingVectorizer(n_features=2**int(sys.argv[3]), ngram_range=(1, 2), alternate_sign=True, norm="l2")
 Xt, Xv = hv.transform(tr.data), hv.transform(va.data)
+t["hashed"] = time.time()
 clf = (SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=30, tol=1e-4, random_state=0) if which == "sgd"
        else LogisticRegression(C=10.0, max_iter=300))
 clf.fit(Xt, tr.target)
+t["fitted"] = time.time()
 p = clf.predict_proba(Xv)
-print(json.dumps({"accuracy": accuracy_score(va.target, p.argmax(1)), "log_loss": log_loss(va.target, p)}))
+t["predicted"] = time.time()
+print(json.dumps({"accuracy": accuracy_score(va.target, p.argmax(1)), "log_loss": log_loss(va.target, p), "t": t}))
 """
 
 
+def phases(t0: float, marks: list[tuple[str, float]], end: float) -> dict[str, float]:
+    """Return seconds per phase: ``marks`` are (phase name, wall clock when it ended), in order; t0 and end bound them."""
+    out, last = {}, t0
+    for name, t in marks:
+        out[f"{name}_s"] = round(t - last, 3)
+        last = t
+    out["rest_s"] = round(end - last, 3)
+    return out
+
+
 def peer(root: Path, which: str) -> dict[str, Any]:
-    """Run one scikit-learn peer as its own process; return accuracy, log-loss and wall seconds."""
-    t0 = time.perf_counter()
+    """Run one scikit-learn peer as its own process; return accuracy, log-loss, wall seconds and phases."""
+    t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", PEER, str(root), which, str(HASH_BITS)], capture_output=True, text=True, env=ENV)
-    wall = time.perf_counter() - t0
+    end = time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"peer {which} failed:\n{proc.stderr}")
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": wall}
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    t = res.pop("t")
+    marks = [("startup", t["imported"]), ("read", t["read"]), ("hash", t["hashed"]), ("fit", t["fitted"]),
+             ("predict", t["predicted"])]
+    return {**res, "wall_s": end - t0, **phases(t0, marks, end)}
 
 
 def sparse_available() -> bool:
@@ -122,47 +145,69 @@ def sparse_available() -> bool:
     return "sparse" in typing.get_args(typing.get_type_hints(SyncSpec)["kind"])
 
 
-def fleet(root: Path, tmp: Path, target_acc: float) -> list[dict[str, Any]]:
-    """Hash the corpus once, then train on 2 ranks per sync kind to the target accuracy; return one row per kind."""
-    import yaml
-    data = tmp / "data"
+# (sync kind, ranks): 1 rank is the time-to-accuracy row (on a 2-core box a second rank adds
+# MPI start-up and a per-step allreduce but no cores to spare); the 2-rank rows compare the
+# bytes each sync kind sends.
+RUNS = (("dense", 1), ("dense", 2), ("sparse", 2), ("threshold", 2))
+# Batch 32: a step's pages touch ~1/12 of the 2^18 columns, so sparse sync sends ~12x fewer
+# bytes than dense; rows are l2-normalised, so the gradients are small and a large lr
+# converges in a few epochs. make-data shuffles the rows, so the default block_rows mixes
+# sections. keep_best off: the run stops at the first evaluation past the target, whose
+# parameters are the model; writing best.h5 at every improvement would only add disk time.
+OPTIMIZER = {"kind": "sgd", "lr": 8.0, "momentum": 0.9, "batch": 32}
+EVAL_EVERY = 10
+
+
+def make_data(root: Path, data: Path) -> float:
+    """Hash the corpus with `fleetmpi make-data` (its own process); return its wall seconds."""
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "fleetmpi.cli", "make-data", "--from", "text", str(root / "train"),
                     "--valid", str(root / "valid"), "--out", str(data), "--hash-bits", str(HASH_BITS)],
                    check=True, capture_output=True, env=ENV, cwd=ROOT)
-    hash_s = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def fleet(root: Path, tmp: Path, target_acc: float) -> list[dict[str, Any]]:
+    """Hash the corpus once, then train per (sync kind, ranks) to the target accuracy; return one row per run."""
+    import yaml
+    data = tmp / "data"
+    hash_s = make_data(root, data)
     rows = []
-    for kind in ("dense", "sparse", "threshold"):
+    for kind, ranks in RUNS:
         sync: dict[str, Any] = {"kind": kind, **({"tau": 0.5, "adaptive": True} if kind == "threshold" else {})}
         spec = {"name": f"text-{kind}", "seed": 0,
-                # The corpus folders list pages section by section: block_rows 1 draws pages one by
-                # one (runs of 32 would be 32 pages of one section). Batch 32: a step's pages touch
-                # ~1/12 of the 2^18 columns, so sparse sync sends ~12x fewer bytes than dense; rows
-                # are l2-normalised, so the gradients are small and a large lr converges in ~3 epochs.
-                "data": {"train": str(data / "train.h5"), "valid": str(data / "valid.h5"), "block_rows": 1},
-                "model": {"kind": "softmax", "l2": 1e-6}, "optimizer": {"kind": "sgd", "lr": 8.0, "momentum": 0.9,
-                                                                      "batch": 32},
+                "data": {"train": str(data / "train.h5"), "valid": str(data / "valid.h5")},
+                "model": {"kind": "softmax", "l2": 1e-6}, "optimizer": OPTIMIZER,
                 "sync": sync, "goal": {"valid_accuracy_above": max(target_acc - 1e-9, 0.0), "max_epochs": 20},
-                "checkpoint": {"every_steps": 10 ** 9},
-                "monitor": {"log_every_steps": 1, "eval_every_steps": 10, "progress": "none"},
-                "fleet": {"start": "p", "phases": {"p": {"ranks_per_node": 2}}}}
-        (tmp / kind).mkdir()
-        (tmp / kind / "spec.yaml").write_text(yaml.safe_dump(spec))
-        job = tmp / kind / "job"
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "fleetmpi.cli", "run", str(tmp / kind / "spec.yaml"),
+                "checkpoint": {"every_steps": 10 ** 9, "keep_best": False},
+                "monitor": {"log_every_steps": 1, "eval_every_steps": EVAL_EVERY, "progress": "none"},
+                "fleet": {"start": "p", "phases": {"p": {"ranks_per_node": ranks}}}}
+        name = f"{kind}{ranks}"
+        (tmp / name).mkdir()
+        (tmp / name / "spec.yaml").write_text(yaml.safe_dump(spec))
+        job = tmp / name / "job"
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "fleetmpi.cli", "run", str(tmp / name / "spec.yaml"),
                                "--job-dir", str(job)], capture_output=True, text=True, env=ENV, cwd=ROOT)
-        wall = hash_s + time.perf_counter() - t0
+        end = time.time()
         if proc.returncode != 0:
-            print(f"bench_text: fleetmpi sync {kind}: skipped, run exited {proc.returncode}: "
+            print(f"bench_text: fleetmpi sync {kind} on {ranks} rank(s): skipped, run exited {proc.returncode}: "
                   f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
             continue
         metrics = [json.loads(ln) for ln in (job / "metrics.jsonl").read_text().splitlines()]
+        events = {e["event"]: e for e in map(json.loads, (job / "events.jsonl").read_text().splitlines())}
         evals = [m for m in metrics if "valid_loss" in m]
         last = metrics[-1]
-        rows.append({"system": f"fleetmpi sync {kind} (2 ranks)", "accuracy": evals[-1].get("valid_accuracy"),
-                     "log_loss": evals[-1]["valid_loss"], "wall_s": wall,
-                     "bytes_per_step": last["sync_bytes_total"] / max(last["step"], 1)})
+        row = {"system": f"fleetmpi sync {kind} ({ranks} rank{'s' if ranks > 1 else ''})",
+               "accuracy": evals[-1].get("valid_accuracy"), "log_loss": evals[-1]["valid_loss"],
+               "wall_s": hash_s + end - t0, "make_data_s": round(hash_s, 3),
+               # run start -> first step (driver, mpiexec, imports, data, kernels) -> goal (the
+               # steps and evaluations) -> exit (model written, ranks and driver gone)
+               **phases(t0, [("startup", events["first_step"]["t"]), ("train", events["goal"]["t"])], end),
+               "steps": last["step"]}
+        if ranks > 1:
+            row["bytes_per_step"] = last["sync_bytes_total"] / max(last["step"], 1)
+        rows.append(row)
     return rows
 
 
@@ -179,13 +224,9 @@ def main() -> None:
         else:
             print("bench_text: fleetmpi training on CSR skipped: this fleetmpi has no sync kind 'sparse' yet "
                   "(the sparse reader and sync land separately); peers and hashing only")
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "fleetmpi.cli", "make-data", "--from", "text",
-                            str(tmp / "corpus" / "train"), "--valid", str(tmp / "corpus" / "valid"), "--out",
-                            str(tmp / "data"), "--hash-bits", str(HASH_BITS)], check=True, env=ENV, cwd=ROOT,
-                           capture_output=True)
-            rows.append({"system": "fleetmpi make-data --from text (hashing only)", "wall_s": time.perf_counter() - t0})
-        dense = next((r for r in rows if "sync dense" in r["system"]), None)
+            rows.append({"system": "fleetmpi make-data --from text (hashing only)",
+                         "wall_s": make_data(tmp / "corpus", tmp / "data")})
+        dense = next((r for r in rows if "sync dense" in r["system"] and "bytes_per_step" in r), None)
         for r in rows:
             r["lr_time_ratio"] = lr["wall_s"] / r["wall_s"]    # >1: faster than LogisticRegression
             if dense and "bytes_per_step" in r:
@@ -193,8 +234,19 @@ def main() -> None:
         print(table("text: man pages by section (accuracy, log-loss, whole-process seconds)", rows,
                     [("system", "s"), ("accuracy", ".4f"), ("log_loss", ".4f"), ("wall_s", ".1f"),
                      ("lr_time_ratio", ".2f"), ("bytes_per_step", ".0f"), ("dense_bytes_ratio", ".1f")]))
+        print(table("phases (seconds; peers: startup = interpreter + imports, fleetmpi: startup = `fleetmpi run` "
+                    "to its first step, train = to the goal, rest = model write and exit)", rows,
+                    [("system", "s"), ("startup_s", ".2f"), ("read_s", ".2f"), ("hash_s", ".2f"), ("fit_s", ".2f"),
+                     ("predict_s", ".2f"), ("make_data_s", ".2f"), ("train_s", ".2f"), ("rest_s", ".2f"),
+                     ("steps", "d")]))
+        settings = {"hash_bits": HASH_BITS, "ngrams": "1,2", "optimizer": OPTIMIZER, "eval_every_steps": EVAL_EVERY,
+                    "keep_best": False, "block_rows": "default (32)", "runs": [f"{k} x{r}" for k, r in RUNS],
+                    "threads": {k: ENV[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")},
+                    "load_avg_1m_at_end": os.getloadavg()[0]}
+        print(f"settings: {json.dumps(settings)}")
         print("targets: accuracy >= LogisticRegression's; lr_time_ratio >= 5; sparse dense_bytes_ratio >= 10")
-        save("text", rows, corpus=f"/usr/share/man sections {','.join(SECTIONS)}", per_section=counts)
+        save("text", rows, corpus=f"/usr/share/man sections {','.join(SECTIONS)}", per_section=counts,
+             settings=settings)
 
 
 if __name__ == "__main__":
