@@ -310,6 +310,9 @@ class _CsrWriter:
         self.mem_bytes = 0
         self.files = [(path.with_name(f"{path.name}.stage{b}.indices"), path.with_name(f"{path.name}.stage{b}.data"))
                       for b in range(buckets)]
+        for pair in self.files:   # a crashed run with this pid may have left some; spills append
+            for f in pair:
+                f.unlink(missing_ok=True)
         self.counts: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
         self.where: list[np.ndarray] = []
@@ -483,7 +486,9 @@ def make_text_data(path: Path, out: Path, text_field: str = "text", label_field:
                    hash_bits: int = 18, seed: int = 0, chunk_docs: int = CHUNK_DOCS) -> dict[str, Any]:
     """Hash the labelled documents of ``path`` into ``out/train.h5`` and ``out/valid.h5`` (CSR); return a summary.
 
-    Both files appear only when both are complete (temp names in ``out``, fsync, rename);
+    Each split's rows are in the seeded random order of ``_CsrWriter`` (``seed``), with
+    ``source_index`` naming each row's document. Both files appear only when both are
+    complete (temp names in ``out``, fsync, rename);
     on any refusal nothing is left behind. Warnings (skipped empty documents, replaced
     bytes, classes with one document) are returned under ``warnings``.
     """
