@@ -52,6 +52,21 @@ def _dot(x: np.ndarray, w: np.ndarray, d: int) -> float:
     return s
 
 
+@njit(cache=True, fastmath={"reassoc"}, nogil=True)
+def _dot2(x0: np.ndarray, x1: np.ndarray, w: np.ndarray, d: int) -> tuple[float, float]:
+    """Return (x0 . w, x1 . w) over j < d in float64, each reduced as in ``_dot``."""
+    # Two rows per pass: w is loaded once for both, and two rows' cache lines are in
+    # flight at once (1.3x _dot's rate on L2-resident X; both rows are adjacent in X,
+    # one stream to the prefetcher). A row's sum is the same whichever slot it is in.
+    s0 = 0.0
+    s1 = 0.0
+    for j in range(d):
+        wj = w[j]
+        s0 += x0[j] * wj
+        s1 += x1[j] * wj
+    return s0, s1
+
+
 # Row chunks: a FIXED count that depends only on n, never on the thread count. Each chunk
 # sums its rows into its own partial gradient and the partials are added in chunk order,
 # so one thread and many threads give bit-identical results (the threaded drivers only
@@ -105,11 +120,49 @@ def _glm_add8(g: np.ndarray, X: np.ndarray, i: int, r: np.ndarray, o: int, d: in
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
+def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
+                  g: np.ndarray) -> float:
+    """Add rows lo..hi's squared-loss gradient to g (d+1,) (zeroed here); return the loss."""
+    # As _glm_chunk, but in blocks of eight rows with the residual (one subtraction)
+    # computed in line: no SIMD residual block is needed, and the smaller block measured
+    # faster (0.72 vs 0.67 of the read rate at L2 size).
+    d = X.shape[1]
+    g[:] = 0.0
+    b = float(w[d])
+    loss = 0.0
+    gb = 0.0
+    r = np.empty(8)
+    i = lo
+    while i + 8 <= hi:
+        for t in range(0, 8, 2):
+            s0, s1 = _dot2(X[i + t], X[i + t + 1], w, d)
+            r0 = (s0 + b) - y[i + t]
+            r1 = (s1 + b) - y[i + t + 1]
+            r[t] = r0
+            r[t + 1] = r1
+            loss += 0.5 * r0 * r0 + 0.5 * r1 * r1
+        gb += _glm_add8(g, X, i, r, 0, d)
+        i += 8
+    for t in range(i, hi):
+        x = X[t]
+        s0, _ = _dot2(x, x, w, d)
+        rt = (s0 + b) - y[t]
+        loss += 0.5 * rt * rt
+        gb += rt
+        for j in range(d):
+            g[j] += rt * x[j]
+    g[d] = gb
+    return loss
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
 def _glm_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
                g: np.ndarray, logistic: bool) -> float:
     """Add rows lo..hi's gradient to g (d+1,) (zeroed here); return their loss sum."""
-    # Blocks of _BLOCK rows in three passes. (1) The logits, row-by-row dot products
-    # (vectorised over d, w stays in L1), so X is read in address order: reading rows
+    if not logistic:
+        return _linear_chunk(X, y, w, lo, hi, g)
+    # Blocks of _BLOCK rows in three passes. (1) The logits, dot products of two adjacent
+    # rows at a time (_dot2; vectorised over d, w stays in L1), so X is read in address order: reading rows
     # interleaved makes short streams that the hardware prefetcher does not follow
     # (measured 3x slower from DRAM). (2) The block's residuals and losses together, a
     # SIMD loop over rows (for the logistic, exp and log1p from kernels.vmath: libm's
@@ -129,20 +182,25 @@ def _glm_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
     i = lo
     while i < hi:
         m = min(_BLOCK, hi - i)
+        for t in range(0, m, 2):
+            # An odd last row is paired with itself, so it is summed as any other row.
+            s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w, d)
+            z[t] = s0 + b
+            if t + 1 < m:
+                z[t + 1] = s1 + b
         for t in range(m):
-            z[t] = _dot(X[i + t], w, d) + b
             yb[t] = y[i + t]
         loss += _glm_rows(z, yb, rb, rbits, lb, m, logistic)
         t = 0
         while t + 8 <= m:
             gb += _glm_add8(g, X, i + t, rb, t, d)
             t += 8
-        for t in range(t, m):
-            x = X[i + t]
-            rt = rb[t]
-            gb += rt
+        for u in range(t, m):
+            x = X[i + u]
+            ru = rb[u]
+            gb += ru
             for j in range(d):
-                g[j] += rt * x[j]
+                g[j] += ru * x[j]
         i += m
     g[d] = gb
     return loss
