@@ -14,22 +14,18 @@ raw ``_*`` kernels, which do no checking at all.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from kernels import reference, vmath
+from kernels import vmath
 
 __all__ = [
     "linear_grad",
     "linear_predict",
     "logistic_grad",
     "logistic_predict_proba",
-    "mlp_grad",
-    "mlp_predict_proba",
-    "mlp_regression_grad",
-    "mlp_regression_predict",
     "softmax_grad",
     "softmax_predict_proba",
     "warmup",
@@ -515,6 +511,19 @@ def _check_labels(y: np.ndarray, k: int) -> None:
 
 # --------------------------------------------------------------------------- public
 
+# The MLP entry points live in kernels.cpu_mlp (BLAS, float64 or float32 compute); they
+# stay reachable as kernels.cpu.<name> for callers, imported on first use because
+# cpu_mlp imports this module's checks.
+_MLP_NAMES = ("mlp_grad", "mlp_predict_proba", "mlp_regression_grad", "mlp_regression_predict")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MLP_NAMES:
+        from kernels import cpu_mlp
+        return getattr(cpu_mlp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 
 def _glm(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: bool) -> float:
     """Run the linear/logistic gradient, threaded when numba has more than one thread."""
@@ -557,84 +566,6 @@ def softmax_grad(
     return float(_softmax_grad(X, y, W_flat, k, g_out))
 
 
-def _mlp_check(X: np.ndarray, y: np.ndarray | None, params: np.ndarray, sizes: Sequence[int],
-               g_out: np.ndarray | None) -> tuple[int, ...]:
-    """Return sizes as ints after checking X, y, params and g_out fit them (O(1))."""
-    _check_rows(X, y)
-    s = tuple(int(v) for v in sizes)
-    count = reference.mlp_param_count(s)
-    if s[0] != X.shape[1]:
-        raise ValueError(f"X has {X.shape[1]} columns but sizes[0] is {s[0]}")
-    _check_array(params, "params", np.float64, (count,))
-    if g_out is not None:
-        _check_out(g_out, "g_out", (count,))
-    return s
-
-
-def _mlp_forward(X: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[np.ndarray], np.ndarray]:
-    """Return every layer's input (float64 X, then ReLU activations) and the output pre-activations."""
-    # BLAS does the matrix products in float64; numba only fuses the output loss.
-    acts = [X.astype(np.float64)]
-    for W, b in layers[:-1]:
-        h = acts[-1] @ W
-        h += b
-        np.maximum(h, 0.0, out=h)
-        acts.append(h)
-    W, b = layers[-1]
-    Z = acts[-1] @ W
-    Z += b
-    return acts, Z
-
-
-def _mlp_backward(acts: list[np.ndarray], dZ: np.ndarray, layers: list[tuple[np.ndarray, np.ndarray]],
-                  grads: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Write the gradient sums into grads (views of g_out) from the output delta dZ."""
-    for i in range(len(layers) - 1, -1, -1):
-        gW, gb = grads[i]
-        np.matmul(acts[i].T, dZ, out=gW)
-        np.sum(dZ, axis=0, out=gb)
-        if i > 0:
-            dA = dZ @ layers[i][0].T
-            # ReLU passes gradient only where its output was positive.
-            dA *= acts[i] > 0.0
-            dZ = dA
-
-
-def mlp_grad(
-    X: np.ndarray,
-    y: np.ndarray,
-    params: np.ndarray,
-    sizes: Sequence[int],
-    g_out: np.ndarray,
-) -> float:
-    """Fill g_out with the summed ReLU-MLP cross-entropy gradient; return loss sum."""
-    s = _mlp_check(X, y, params, sizes, g_out)
-    _check_labels(y, s[-1])
-    layers = reference.mlp_unpack(params, s)
-    acts, dZ = _mlp_forward(X, layers)
-    loss = float(_softmax_xent_inplace(dZ, y))
-    _mlp_backward(acts, dZ, layers, reference.mlp_unpack(g_out, s))
-    return loss
-
-
-def mlp_regression_grad(
-    X: np.ndarray,
-    y: np.ndarray,
-    params: np.ndarray,
-    sizes: Sequence[int],
-    g_out: np.ndarray,
-) -> float:
-    """Fill g_out with the summed 0.5*(f(x)-y)^2 gradient of a one-output ReLU MLP; return loss sum."""
-    s = _mlp_check(X, y, params, sizes, g_out)
-    if s[-1] != 1:
-        raise ValueError(f"a regression MLP has one output unit: sizes must end in 1, got {s}")
-    layers = reference.mlp_unpack(params, s)
-    acts, dZ = _mlp_forward(X, layers)
-    loss = float(_squared_residual_inplace(dZ, y))
-    _mlp_backward(acts, dZ, layers, reference.mlp_unpack(g_out, s))
-    return loss
-
-
 def linear_predict(X: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
     """Fill out (n,) float64 with the predictions x.w + b."""
     n, d = _check_rows(X, None)
@@ -660,31 +591,6 @@ def softmax_predict_proba(
     _check_array(W_flat, "W_flat", np.float64, ((d + 1) * k,))
     _check_out(out, "out", (n, k))
     _softmax_predict_proba(X, W_flat, k, out)
-
-
-def mlp_predict_proba(
-    X: np.ndarray, params: np.ndarray, sizes: Sequence[int], out: np.ndarray
-) -> None:
-    """Fill out (n, k) float64 with the class probabilities of a ReLU MLP."""
-    n, _ = _check_rows(X, None)
-    count = reference.mlp_param_count(sizes)
-    s = tuple(int(v) for v in sizes)
-    _check_array(params, "params", np.float64, (count,))
-    _check_out(out, "out", (n, s[-1]))
-    out[...] = reference.mlp_predict_proba(X, params, s)
-
-
-def mlp_regression_predict(
-    X: np.ndarray, params: np.ndarray, sizes: Sequence[int], out: np.ndarray
-) -> None:
-    """Fill out (n,) float64 with the predictions of a one-output ReLU MLP."""
-    n, _ = _check_rows(X, None)
-    s = _mlp_check(X, None, params, sizes, None)
-    if s[-1] != 1:
-        raise ValueError(f"a regression MLP has one output unit: sizes must end in 1, got {s}")
-    _check_out(out, "out", (n,))
-    _, Z = _mlp_forward(X, reference.mlp_unpack(params, s))
-    out[...] = Z[:, 0]
 
 
 def warmup() -> None:
