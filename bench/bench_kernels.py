@@ -8,7 +8,8 @@ and one core's FMA peak from a numba FMA loop on L1-resident data (float64 and f
 Sizes: 200000 x 128 (X from DRAM) and 1536 x 128 (768 KiB, fits in L2). Timings are
 best-of, interleaved between the kernels, so a loaded machine hurts every row alike.
 Also: the MLP training step (784-128-10, batch 128, one thread, float64 and float32
-compute) against PyTorch CPU in both dtypes, and one rank with 2 numba threads against 1 thread (the 2-ranks-x-1-thread side is bench_scaling's).
+compute) against PyTorch CPU in both dtypes, and one rank with 2 numba threads against
+1 thread (the 2-ranks-x-1-thread side is bench_scaling's).
 """
 
 from __future__ import annotations

@@ -32,7 +32,8 @@ _Layers = list[tuple[np.ndarray, np.ndarray]]
 def _compute_dtype(dtype: str | type | np.dtype) -> np.dtype:
     """Return np.float64 or np.float32 for dtype, or raise ValueError naming the valid ones."""
     try:
-        dt = np.dtype(dtype)
+        # np.dtype(None) would be float64: a missing dtype is an error, not the default.
+        dt = None if dtype is None else np.dtype(dtype)
     except TypeError:
         dt = None
     if dt is None or dt.name not in DTYPES:
