@@ -14,7 +14,6 @@ raw ``_*`` kernels, which do no checking at all.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from numba import get_num_threads, njit, prange
@@ -510,20 +509,6 @@ def _check_labels(y: np.ndarray, k: int) -> None:
 
 
 # --------------------------------------------------------------------------- public
-
-# The MLP entry points live in kernels.cpu_mlp (BLAS, float64 or float32 compute); they
-# stay reachable as kernels.cpu.<name> for callers, imported on first use because
-# cpu_mlp imports this module's checks.
-_MLP_NAMES = ("mlp_grad", "mlp_predict_proba", "mlp_regression_grad", "mlp_regression_predict")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MLP_NAMES:
-        from kernels import cpu_mlp
-        return getattr(cpu_mlp, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 
 def _glm(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: bool) -> float:
     """Run the linear/logistic gradient, threaded when numba has more than one thread."""

@@ -80,7 +80,7 @@ def _cpu_loss_grad(
     elif kind == "softmax":
         loss = cpu.softmax_grad(X, y, p, K, g)
     else:
-        loss = cpu.mlp_grad(X, y, p, _sizes(kind), g)
+        loss = cpu_mlp.mlp_grad(X, y, p, _sizes(kind), g)
     assert isinstance(loss, float)
     return loss, g
 
@@ -253,7 +253,7 @@ def test_predictions_match_reference(n: int) -> None:
     for kind in ("mlp3", "mlp4"):
         X, _, p = _problem(kind, n, seed=11)
         out2[...] = np.nan
-        cpu.mlp_predict_proba(X, p, _sizes(kind), out2)
+        cpu_mlp.mlp_predict_proba(X, p, _sizes(kind), out2)
         assert_close(out2, ref.mlp_predict_proba(X, p, _sizes(kind)))
         assert_close(out2.sum(axis=1), np.ones(n))
 
@@ -310,15 +310,15 @@ def test_class_labels_out_of_range_are_rejected() -> None:
     yb = y.copy()
     yb[0] = K
     with pytest.raises(ValueError, match="class labels"):
-        cpu.mlp_grad(X, yb, p, _sizes("mlp3"), np.empty_like(p))
+        cpu_mlp.mlp_grad(X, yb, p, _sizes("mlp3"), np.empty_like(p))
 
 
 def test_mlp_rejects_mismatched_sizes() -> None:
     X, y, p = _problem("mlp3", 10)
     with pytest.raises(ValueError, match="sizes"):
-        cpu.mlp_grad(X, y, p, (D + 1, 8, K), np.empty_like(p))
+        cpu_mlp.mlp_grad(X, y, p, (D + 1, 8, K), np.empty_like(p))
     with pytest.raises(ValueError, match="params must have shape"):
-        cpu.mlp_grad(X, y, p, (D, 9, K), np.empty_like(p))
+        cpu_mlp.mlp_grad(X, y, p, (D, 9, K), np.empty_like(p))
     with pytest.raises(TypeError):
         ref.mlp_param_count((D, 8.5, K))
     with pytest.raises(ValueError):
