@@ -2,7 +2,8 @@
 
 ``task: regression`` (automatic on ``data.windows``) ends in one linear unit trained on
 0.5 (f(x) - y)^2, the squared error ``linear`` and ``ar`` minimise, so it is a nonlinear
-forecaster on lag windows. BLAS through numpy.
+forecaster on lag windows. BLAS through numpy (``kernels.cpu_mlp``), in float64 or, with
+``dtype="float32"``, single-precision products (parameters and gradient sums stay float64).
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ from __future__ import annotations
 import numpy as np
 
 from fleetmpi.models.base import Model
-from kernels import cpu, exact, reference
+from kernels import cpu_mlp, exact, reference
 
 
 class MLP(Model):
     kind = "mlp"
 
-    def __init__(self, sizes: tuple[int, ...], l2: float, task: str = "multiclass") -> None:
+    def __init__(self, sizes: tuple[int, ...], l2: float, task: str = "multiclass",
+                 dtype: str = "float64") -> None:
         super().__init__(l2)
         if task not in ("multiclass", "regression"):
             raise ValueError(f"mlp task must be multiclass or regression, got {task!r}")
+        if dtype not in cpu_mlp.DTYPES:
+            raise ValueError(f"mlp dtype must be one of {', '.join(cpu_mlp.DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
         self.task = task
         self.sizes = tuple(int(s) for s in sizes)
         self.k = self.sizes[-1]
@@ -49,9 +54,9 @@ class MLP(Model):
 
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
         if self.regression:
-            return float(cpu.mlp_regression_grad(X, y, params, self.sizes, g_out))
+            return float(cpu_mlp.mlp_regression_grad(X, y, params, self.sizes, g_out, self.dtype))
         self.check_labels(y, self.k)
-        return float(cpu.mlp_grad(X, y, params, self.sizes, g_out))
+        return float(cpu_mlp.mlp_grad(X, y, params, self.sizes, g_out, self.dtype))
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
         # Numba row loops instead of BLAS: a row's activations must not depend on its batch.

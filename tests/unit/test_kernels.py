@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from kernels import cpu
+from kernels import cpu, cpu_mlp, vmath
 from kernels import reference as ref
 
 D = 13
@@ -80,7 +80,7 @@ def _cpu_loss_grad(
     elif kind == "softmax":
         loss = cpu.softmax_grad(X, y, p, K, g)
     else:
-        loss = cpu.mlp_grad(X, y, p, _sizes(kind), g)
+        loss = cpu_mlp.mlp_grad(X, y, p, _sizes(kind), g)
     assert isinstance(loss, float)
     return loss, g
 
@@ -253,7 +253,7 @@ def test_predictions_match_reference(n: int) -> None:
     for kind in ("mlp3", "mlp4"):
         X, _, p = _problem(kind, n, seed=11)
         out2[...] = np.nan
-        cpu.mlp_predict_proba(X, p, _sizes(kind), out2)
+        cpu_mlp.mlp_predict_proba(X, p, _sizes(kind), out2)
         assert_close(out2, ref.mlp_predict_proba(X, p, _sizes(kind)))
         assert_close(out2.sum(axis=1), np.ones(n))
 
@@ -310,16 +310,104 @@ def test_class_labels_out_of_range_are_rejected() -> None:
     yb = y.copy()
     yb[0] = K
     with pytest.raises(ValueError, match="class labels"):
-        cpu.mlp_grad(X, yb, p, _sizes("mlp3"), np.empty_like(p))
+        cpu_mlp.mlp_grad(X, yb, p, _sizes("mlp3"), np.empty_like(p))
 
 
 def test_mlp_rejects_mismatched_sizes() -> None:
     X, y, p = _problem("mlp3", 10)
     with pytest.raises(ValueError, match="sizes"):
-        cpu.mlp_grad(X, y, p, (D + 1, 8, K), np.empty_like(p))
+        cpu_mlp.mlp_grad(X, y, p, (D + 1, 8, K), np.empty_like(p))
     with pytest.raises(ValueError, match="params must have shape"):
-        cpu.mlp_grad(X, y, p, (D, 9, K), np.empty_like(p))
+        cpu_mlp.mlp_grad(X, y, p, (D, 9, K), np.empty_like(p))
     with pytest.raises(TypeError):
         ref.mlp_param_count((D, 8.5, K))
     with pytest.raises(ValueError):
         ref.mlp_param_count((D,))
+
+
+# ------------------------------------------------------- SIMD exp/log1p (logistic)
+
+
+def test_vmath_exp_and_log1p_are_within_two_ulps_of_libm() -> None:
+    rng = np.random.default_rng(12)
+    x = np.concatenate([rng.uniform(-40.0, 40.0, 50_000), rng.uniform(-708.0, 708.0, 50_000),
+                        rng.uniform(-1e-8, 1e-8, 1000), [0.0, -0.0, 1e-300, 707.9, -707.9]])
+    e = np.full_like(x, np.nan)
+    vmath.exp_minus_abs(x, e, e.view(np.int64), x.size)
+    want = np.exp(-np.abs(x))
+    ulp = np.spacing(want)
+    assert np.max(np.abs(e - want) / ulp) <= 2.0
+    # Beyond |x| = 708 exp would be subnormal: the kernel returns 0 (documented).
+    big = np.array([708.5, -709.0, 745.2, 800.0, -1e300])
+    out = np.full_like(big, np.nan)
+    vmath.exp_minus_abs(big, out, out.view(np.int64), big.size)
+    np.testing.assert_array_equal(out, np.zeros_like(big))
+
+    u = np.concatenate([rng.random(50_000), rng.uniform(0.0, 1e-12, 1000), [0.0, 1.0, 1e-300]])
+    got = np.array([_log1p_unit(float(v)) for v in u])
+    want = np.log1p(u)
+    assert np.max(np.abs(got - want) / np.spacing(np.maximum(want, 1e-300))) <= 2.0
+
+
+def _log1p_unit(v: float) -> float:
+    return float(vmath.log1p_unit(v))
+
+
+@pytest.mark.parametrize("scale", [3.0, 60.0, 2000.0])
+def test_logistic_matches_reference_across_logit_ranges(scale: float) -> None:
+    # Logits up to +-scale*4: the exp argument range of the SIMD exp, its clamp at 708
+    # included. 1001 rows: 31 full 32-row blocks and a remainder of 9.
+    rng = np.random.default_rng(13)
+    n = 1001
+    X = rng.standard_normal((n, D)).astype(np.float32)
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    w = scale * rng.standard_normal(D + 1) / np.sqrt(D)
+    g = np.full(D + 1, np.nan)
+    loss = cpu.logistic_grad(X, y, w, g)
+    loss_ref, g_ref = ref.logistic_loss_grad(X, y, w)
+    assert_close(loss, loss_ref)
+    assert_close(g, g_ref)
+
+
+# ---------------------------------------------------------- MLP float32 compute
+
+# float32 products of O(1) values summed over <= D + 8 terms: ~1e-6 relative per entry.
+F32_RTOL = 2e-5
+
+
+@pytest.mark.parametrize("kind", ["mlp3", "mlp4"])
+def test_mlp_float32_compute_matches_reference(kind: str) -> None:
+    X, y, p = _problem(kind, 257, seed=14)
+    loss_ref, g_ref = ref.mlp_loss_grad(X, y, p, _sizes(kind))
+    g = np.full_like(p, np.nan)
+    loss = cpu_mlp.mlp_grad(X, y, p, _sizes(kind), g, "float32")
+    assert_close(loss, loss_ref, rtol=F32_RTOL)
+    assert_close(g, g_ref, rtol=F32_RTOL)
+    # float32 really is used: float64 agrees 1e6 times closer.
+    g64 = np.empty_like(p)
+    cpu_mlp.mlp_grad(X, y, p, _sizes(kind), g64, "float64")
+    assert np.max(np.abs(g - g_ref)) > 100 * np.max(np.abs(g64 - g_ref))
+    # Repeatable bit for bit on one rank.
+    g2 = np.empty_like(p)
+    assert cpu_mlp.mlp_grad(X, y, p, _sizes(kind), g2, "float32") == loss
+    np.testing.assert_array_equal(g2, g)
+
+
+def test_mlp_regression_float32_compute_matches_reference() -> None:
+    sizes = (D, 8, 1)
+    X, _, _ = _problem("linear", 129, seed=15)
+    rng = np.random.default_rng(15)
+    y = rng.standard_normal(129).astype(np.float32)
+    p = 0.5 * rng.standard_normal(ref.mlp_param_count(sizes))
+    loss_ref, g_ref = ref.mlp_regression_loss_grad(X, y, p, sizes)
+    g = np.full_like(p, np.nan)
+    loss = cpu_mlp.mlp_regression_grad(X, y, p, sizes, g, "float32")
+    assert_close(loss, loss_ref, rtol=F32_RTOL)
+    assert_close(g, g_ref, rtol=F32_RTOL)
+
+
+def test_mlp_rejects_unknown_compute_dtype() -> None:
+    X, y, p = _problem("mlp3", 10)
+    for bad in ("float16", "f64x", np.int32, None):
+        with pytest.raises(ValueError, match="dtype must be one of float64, float32"):
+            cpu_mlp.mlp_grad(X, y, p, _sizes("mlp3"), np.empty_like(p), bad)  # type: ignore[arg-type]

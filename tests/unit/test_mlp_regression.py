@@ -7,7 +7,7 @@ import pytest
 
 from fleetmpi.models import build_model, task_of
 from fleetmpi.spec import ModelSpec
-from kernels import cpu, exact
+from kernels import cpu_mlp, exact
 from kernels import reference as ref
 
 D = 7
@@ -33,14 +33,14 @@ def _close(a: np.ndarray | float, b: np.ndarray | float, rtol: float) -> None:
 def test_cpu_kernel_matches_reference(sizes: tuple[int, ...], n: int) -> None:
     X, y, p = _problem(sizes, n, seed=n)
     g = np.full_like(p, np.nan)
-    loss = cpu.mlp_regression_grad(X, y, p, sizes, g)
+    loss = cpu_mlp.mlp_regression_grad(X, y, p, sizes, g)
     loss_ref, g_ref = ref.mlp_regression_loss_grad(X, y, p, sizes)
     assert loss > 0.0
     _close(loss, loss_ref, 1e-11)
     _close(g, g_ref, 1e-11)
     assert ref.mlp_unpack(g, sizes)[-1][1][0] != 0.0      # the output bias sums the residuals
     out = np.full(n, np.nan)
-    cpu.mlp_regression_predict(X, p, sizes, out)
+    cpu_mlp.mlp_regression_predict(X, p, sizes, out)
     _close(out, ref.mlp_regression_predict(X, p, sizes), 1e-12)
     # the loss is 0.5 * squared error of the predictions
     _close(loss, 0.5 * float(((out - y) ** 2).sum()), 1e-11)
@@ -84,7 +84,7 @@ def test_row_factors_give_the_gradient_and_do_not_depend_on_the_batch() -> None:
 def test_kernels_refuse_a_wider_output() -> None:
     X, y, p = _problem((D, 4, 2), 5, seed=1)
     with pytest.raises(ValueError, match="one output unit"):
-        cpu.mlp_regression_grad(X, y, p, (D, 4, 2), np.empty_like(p))
+        cpu_mlp.mlp_regression_grad(X, y, p, (D, 4, 2), np.empty_like(p))
     with pytest.raises(ValueError, match="one output unit"):
         ref.mlp_regression_loss_grad(X, y, p, (D, 4, 2))
     with pytest.raises(ValueError, match="one output unit"):
