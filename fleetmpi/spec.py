@@ -38,6 +38,7 @@ from fleetmpi.spec_checks import (  # the kinds' constants are part of the spec'
     TREE_DEFAULTS,
     TREE_KEYS,
     TREE_KINDS,
+    _check_compute,
     _check_custom,
     _check_fleet,
     _check_goal,
@@ -124,6 +125,9 @@ class ModelSpec:
                              None)                # ar: the autoregression's order p
     trend: Literal["const", "none"] = "const"     # ar: an intercept, or none
     hidden: tuple[int, ...] = ()
+    # mlp: the precision of its matrix products. float32 runs them in single-precision BLAS
+    # (parameters, loss and gradient sums stay float64), like PyTorch's default dtype.
+    compute: Literal["float64", "float32"] = "float64"
     classes: int | None = check(lambda v: None if 2 <= v <= MAX_CLASSES else
                                 f"expected 2..{MAX_CLASSES} classes, got {v}", None)
     init_scale: float = check(positive, 0.01)
@@ -208,6 +212,8 @@ class ModelSpec:
                 return "hidden", f"hidden layer sizes must be >= 1, got {list(self.hidden)}"
         elif self.hidden:
             return "hidden", f"only kind mlp takes hidden layers; kind is {self.kind!r}"
+        elif self.compute != "float64":
+            return "compute", f"only kind mlp takes compute: float32; kind is {self.kind!r}"
         if self.classes is not None and self.kind in ("linear", "logistic"):
             return "classes", f"kind {self.kind!r} takes no classes (logistic is binary: labels 0/1)"
         return None
@@ -230,6 +236,8 @@ class ModelSpec:
             value = d.pop(key)   # absent for other kinds: their model hashes stay as they were
             if key == "task" and self.kind == "mlp" and value == "regression":
                 d[key] = value   # a regression mlp has another output layer: another model hash
+        if d["compute"] == "float64":
+            d.pop("compute")   # the default: model hashes of specs written before the key stay as they were
         for key in GP_KEYS:
             # Other kinds leave them out, so adding gp kept their model hashes (and checkpoints) valid.
             value = d.pop(key)
@@ -255,6 +263,7 @@ class ModelSpec:
         source hash is in (editing the class makes old checkpoints incompatible).
         """
         d = self.plain()
+        d.pop("compute", None)   # the products' precision: the same parameters mean the same model
         if self.kind == "custom" and self.class_path is not None:
             d.pop("path")
             d["source_sha256"] = module_source_sha256(self.class_path, self.path)
@@ -643,8 +652,8 @@ def from_raw(raw: dict[str, Any], source: str, base_dir: Path) -> Spec:
         spec = build(Spec, tree_defaults(fold_model_options(raw)))
     except SchemaError as e:
         raise BadInput(f"{source}: {e}") from None
-    err = (_check_fleet(spec) or _check_gp_spec(spec) or _check_sparse_sync(spec) or _check_tree_spec(raw, spec)
-           or _check_series(spec) or _check_goal(spec))
+    err = (_check_fleet(spec) or _check_gp_spec(spec) or _check_compute(spec) or _check_sparse_sync(spec)
+           or _check_tree_spec(raw, spec) or _check_series(spec) or _check_goal(spec))
     if err:
         raise BadInput(f"{source}: {err[0]}: {err[1]}")
     object.__setattr__(spec, "_base_dir", str(base_dir))

@@ -53,13 +53,13 @@ def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
     if spec.kind == "logistic":
         return LogisticRegression(d, spec.l2)
     if spec.kind == "mlp" and spec.task == "regression":
-        return MLP((d, *spec.hidden, 1), spec.l2, "regression")
+        return MLP((d, *spec.hidden, 1), spec.l2, "regression", spec.compute)
     k = spec.classes or classes
     if k is None:
         raise ValueError("a multiclass model needs the number of classes")
     if spec.kind == "softmax":
         return SoftmaxRegression(d, k, spec.l2)
-    return MLP((d, *spec.hidden, k), spec.l2)
+    return MLP((d, *spec.hidden, k), spec.l2, dtype=spec.compute)
 
 
 __all__ = ["TASKS", "TREE_KINDS", "Model", "build_model", "preflight", "task_of"]

@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "custom_model" / "poisson.yaml"
 
 
-def _load(tmp_path: Path, model: dict[str, object], name: str = "s.yaml") -> specmod.Spec:
+def _load(tmp_path: Path, model: dict[str, object], name: str = "s.yaml",
+          sync: str = "exact") -> specmod.Spec:
     raw = yaml.safe_load(EXAMPLE.read_text())
-    raw["model"] = model
+    raw["model"], raw["sync"] = model, {"kind": sync}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return specmod.load(path)
@@ -47,7 +48,8 @@ def test_extra_keys_become_options_and_the_dump_reloads_the_same(tmp_path: Path)
 def test_built_in_model_hash_is_unchanged_by_the_custom_fields(tmp_path: Path) -> None:
     s = _load(tmp_path, {"kind": "softmax", "l2": 0.25})
     legacy = {k: v for k, v in to_plain(s.model).items()
-              if k not in ("class_path", "path", "options", "lags", "trend", *specmod.GP_KEYS, *specmod.TREE_KEYS)}
+              if k not in ("class_path", "path", "options", "lags", "trend", "compute", *specmod.GP_KEYS,
+                           *specmod.TREE_KEYS)}
     assert s.model_hash() == hashlib.sha256(json.dumps({"model": legacy}, sort_keys=True).encode()).hexdigest()
     assert "class" not in yaml.safe_load(specmod.dump(s))["model"]
 
@@ -77,3 +79,20 @@ def test_bad_custom_sections_name_the_key(tmp_path: Path, model: dict[str, objec
     with pytest.raises(BadInput) as e:
         _load(tmp_path, model)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mlp_compute_float32_is_checked_built_and_keeps_checkpoints_compatible(tmp_path: Path) -> None:
+    from fleetmpi.models import build_model
+    mlp = {"kind": "mlp", "hidden": [8]}
+    s64 = _load(tmp_path, mlp, "a.yaml", "dense")
+    s32 = _load(tmp_path, {**mlp, "compute": "float32"}, "b.yaml", "dense")
+    assert build_model(s32.model, 5, 3).dtype == "float32" and build_model(s64.model, 5, 3).dtype == "float64"
+    assert "compute" not in yaml.safe_load(specmod.dump(s64))["model"]        # old hashes stay as they were
+    assert s32.spec_hash() != s64.spec_hash()                                 # another run, another hash
+    assert s32.model.identity() == s64.model.identity()                       # same parameters: resumable
+    with pytest.raises(BadInput, match="only kind mlp takes compute"):
+        _load(tmp_path, {"kind": "softmax", "compute": "float32"}, "c.yaml", "dense")
+    with pytest.raises(BadInput, match=r"model\.compute: sync exact"):
+        _load(tmp_path, {**mlp, "compute": "float32"}, "d.yaml", "exact")
+    with pytest.raises(BadInput, match="compute"):
+        _load(tmp_path, {**mlp, "compute": "float16"}, "e.yaml", "dense")
