@@ -13,7 +13,8 @@ benches' softmax). Two collectives, nothing pickled:
 So a silent step (no rank crosses tau, extras held back) costs one byte per rank. Extras
 go out on every call unless the caller sets ``defer_extras`` (SGD does); then each rank
 sums them and sends the sums on its first deferred call (a phase's first step has its
-loss) and every ``extras_every``-th after, or at once when one rank raises the top bit. The calls between return zeros (ROWS = 0: "nothing reported").
+loss) and every ``extras_every``-th after, or at once when one rank raises the top bit.
+The calls between return zeros (ROWS = 0: "nothing reported").
 
 Bytes: ``payload_bytes`` is every rank's bytes of the call (headers, lengths, blocks,
 extras) divided by the rank count, rounded up: a rank's share, not only this rank's own
