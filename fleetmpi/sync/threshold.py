@@ -14,7 +14,8 @@ So a silent step (no rank crosses tau, extras held back) costs one byte per rank
 go out on every call unless the caller sets ``defer_extras`` (SGD does); then each rank
 sums them and sends the sums on its first deferred call (a phase's first step has its
 loss) and every ``extras_every``-th after, or at once when one rank raises the top bit.
-The calls between return zeros (ROWS = 0: "nothing reported").
+The calls between return zeros (ROWS = 0: "nothing reported"). A held-back window is
+metrics only: a checkpoint does not carry it, a resumed phase starts a new one.
 
 Bytes: ``payload_bytes`` is every rank's bytes of the call (headers, lengths, blocks,
 extras) divided by the rank count, rounded up: a rank's share, not only this rank's own
@@ -97,8 +98,10 @@ class ThresholdSync(Sync):
             self._window += extras
         else:
             # A caller that needs every call's extras (a line search) gets exactly this call's:
-            # what an SGD window held back when a rule switched over is dropped, never mixed in.
+            # what an SGD window held back when a rule switched over is dropped, never mixed in,
+            # and SGD's first step back flushes again, so its record never shows a stale loss.
             self._window[:] = extras
+            self._deferred = 0
         urgent = not np.all(np.isfinite(extras)) or (self.n_extras > Extra.SIGNAL and extras[Extra.SIGNAL] != 0)
         self._hdr[0] = (_URGENT if urgent else 0) | min(nb, _LONG)
         self.comm.Allgather([self._hdr, MPI.UINT8_T], [self._hdrs, MPI.UINT8_T])

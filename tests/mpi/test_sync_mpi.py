@@ -170,6 +170,13 @@ SCRIPT = textwrap.dedent('''
             check(not g.any(), "nothing crossed tau")
         check(np.array_equal(s.residual, fed), "the residual holds every gradient fed")
         check(s.payload_total == 5 * (1 + 32) + 4, f"payload total {s.payload_total}")
+        # A line search's call (not deferred) gets its own extras, never the held-back window's;
+        # SGD's next call flushes at once instead of waiting for the 4th.
+        for defer, step in ((True, 9), (False, 10), (True, 11), (True, 12)):
+            s.defer_extras = defer
+            _, ex = s.reduce(grads(step, tag=5)[rank].copy(), ex4(step, rank))
+            now = sum(ex4(step, r) for r in range(P))
+            check(not ex.any() if step in (9, 12) else np.array_equal(ex, now), f"call {step} extras {ex}")
 
 
     def exact_fallback():
