@@ -18,7 +18,7 @@ kind; threshold also searches its own sync settings): the point with the fewest 
 among runs that reached the target. A run stops at the first evaluation below the target;
 ``within_1pct`` says whether that loss is within 1% of it. A run that overshoots reached a
 lower loss with the bytes counted, so keeping it never favours its kind (dense softmax's
-best point overshoots the most). ``--tune`` reruns the whole grid (288 runs, about 35
+best point overshoots the most). ``--tune`` reruns the whole grid (384 runs, about 45
 minutes on 2 busy cores), prints it and writes bench/results/compress_tune.json; BEST
 below is what it chose. The default run measures only the chosen points (about 30 s).
 
@@ -61,19 +61,23 @@ MAX_EPOCHS = 60        # a run that has not reached the target by then does not 
 TOLERANCE = 0.01       # "equal loss": stopped with valid loss in [(1 - TOLERANCE) * target, target)
 
 # Chosen by `bench_compress.py --tune` (fewest bytes to the target per model and kind;
-# for threshold, the best fixed tau and the best adaptive setting).
+# for threshold, the best fixed tau and the best adaptive setting with extras every step,
+# and the best of the extras_every settings: tuned with --settings 6 7 for the softmax,
+# --settings 6 for the MLP, bench/results/compress_tune_part.json).
 BEST: dict[str, dict[str, dict[str, Any]]] = {
     "softmax": {
         "dense": {"lr": 3.0, "momentum": 0.9, "batch": 512, "sync": {"kind": "dense"}},
         "exact": {"lr": 3.0, "momentum": 0.9, "batch": 512, "sync": {"kind": "exact"}},
         "threshold": {"lr": 1.0, "momentum": 0.9, "batch": 512, "sync": {"kind": "threshold", "tau": 16.0}},
         "threshold adaptive": {"lr": 3.0, "momentum": 0.0, "batch": 32, "sync": GRID_THRESHOLD[3]},
+        "threshold extras_every": {"lr": 3.0, "momentum": 0.0, "batch": 32, "sync": GRID_THRESHOLD[4]},
     },
     "mlp": {
         "dense": {"lr": 0.3, "momentum": 0.9, "batch": 512, "sync": {"kind": "dense"}},
         "exact": {"lr": 0.3, "momentum": 0.9, "batch": 512, "sync": {"kind": "exact"}},
         "threshold": {"lr": 3.0, "momentum": 0.0, "batch": 128, "sync": {"kind": "threshold", "tau": 16.0}},
         "threshold adaptive": {"lr": 1.0, "momentum": 0.0, "batch": 128, "sync": GRID_THRESHOLD[3]},
+        "threshold extras_every": {"lr": 3.0, "momentum": 0.0, "batch": 128, "sync": GRID_THRESHOLD[4]},
     },
 }
 
