@@ -326,6 +326,9 @@ class SyncSpec:
     tau: float | None = check(positive, None)
     adaptive: bool = False                     # threshold: steer tau towards target_density
     target_density: float | None = check(in_range(1e-9, 1.0), None)  # fraction sent; default 0.01
+    # threshold: SGD's loss, rows and fingerprint go out summed every N steps (default 1:
+    # every step); between, a step with no entry to send costs one byte a rank.
+    extras_every: int | None = check(positive, None)
 
     def validate(self) -> tuple[str, str] | None:
         if self.kind == "threshold" and self.tau is None:
@@ -333,7 +336,8 @@ class SyncSpec:
                            "gradient sum, e.g. {kind: threshold, tau: 0.5} (with adaptive: true, its start value)")
         if self.kind != "threshold":
             for key, given in (("tau", self.tau is not None), ("adaptive", self.adaptive),
-                               ("target_density", self.target_density is not None)):
+                               ("target_density", self.target_density is not None),
+                               ("extras_every", self.extras_every is not None)):
                 if given:
                     return key, f"only kind threshold takes {key}; kind is {self.kind!r}"
         if self.target_density is not None and not self.adaptive:

@@ -52,6 +52,7 @@ class FlatState:
         self.lbfgs = LBFGS(sp.optimizer.lbfgs, p)
         self.lbfgs_data: Rows | None = None
         self.bfgs: BFGS | None = None     # made by bfgs_state(): d x d floats only where BFGS runs
+        self.last_loss = float("nan")     # SGD's last reported training loss per row
         self.params = self.model.init(np.random.default_rng([sp.seed, 0x1417]), sp.model.init_scale)
 
     # -- checkpoint state -------------------------------------------------------------------
@@ -186,11 +187,16 @@ class Sgd(GradientTechnique):
     def step(self) -> StepRecord:
         run, flat = self.run, self.flat
         B = run.spec.optimizer.batch
+        flat.sync.defer_extras = True   # the record may take the loss a few steps late (sync.base)
         g, ex, compute_s, comm_s = flat.sgd_gradient()
         lr = flat.sgd.lr(run.step)
         flat.sgd_apply(g, lr)
         e = Extras.of(ex)
-        rec = StepRecord(loss=e.loss / B, lr=lr, samples=int(e.rows), batch_fp=e.batch_fp, cursor=run.cursor,
+        # Loss per row over the steps the extras cover (this one, or a threshold sync's window);
+        # a step they skip repeats the last reported loss.
+        if e.rows:
+            flat.last_loss = e.loss / e.rows
+        rec = StepRecord(loss=flat.last_loss, lr=lr, samples=int(e.rows), batch_fp=e.batch_fp, cursor=run.cursor,
                          compute_s=compute_s, comm_s=comm_s, payload_bytes=flat.sync.payload_bytes,
                          wire_bytes=flat.sync.wire_bytes, signal=e.signal)
         run.cursor += B
@@ -233,6 +239,7 @@ class LineSearchTechnique(GradientTechnique):
                 loss += 0.5 * flat.model.l2 * float(np.sum(flat.mask * w * w))
             return loss, grad.copy()
 
+        flat.sync.defer_extras = False   # every objective needs its own loss
         flat.to_host()
         loss, _moved = opt.step(flat.params, objective)
         flat.from_host()

@@ -20,7 +20,7 @@ def build_sync(spec: SyncSpec, comm: Any, n_params: int, n_extras: int = N_EXTRA
         if spec.tau is None:
             raise ValueError("threshold sync needs tau (SyncSpec.validate rejects a spec without it)")
         target = spec.target_density if spec.target_density is not None else DEFAULT_TARGET_DENSITY
-        return ThresholdSync(comm, n_params, n_extras, spec.tau, spec.adaptive, target)
+        return ThresholdSync(comm, n_params, n_extras, spec.tau, spec.adaptive, target, spec.extras_every or 1)
     if spec.kind == "exact":
         return ExactSync(comm, n_params, n_extras)
     if spec.kind == "sparse":

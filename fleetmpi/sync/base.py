@@ -71,6 +71,12 @@ class Sync(ABC):
         # Where kernels write this rank's gradient sum; a sync may make it a view of its
         # send buffer so that reduce() copies nothing.
         self.grad_out = np.empty(n_params)
+        # Set by the caller before ``reduce`` (the same on every rank): True when it needs
+        # this call's LOSS, ROWS and BATCH_FP only eventually (SGD's per-step record), not
+        # now (a line search's objective). A sync may then hold them back and return the
+        # sums over several calls at once, with zeros in the calls between (ROWS = 0 says
+        # "none this call"); SIGNAL and a non-finite loss always come back at once.
+        self.defer_extras = False
 
     def _count(self, payload: int, wire: float) -> None:
         """Record one call's bytes: ``payload`` handed to MPI (B), ``wire`` estimated on the wire (B)."""

@@ -1,11 +1,25 @@
 """Threshold sync: send only +-tau per large residual entry, keep the rest (Strom 2015).
 
-Per call, each rank adds its gradient sum to its residual and packs the entries with
-``|r| >= tau`` (``kernels.compress``); one ``Allgather`` of a small float64 record
-(entry count, then the extras) tells every rank the counts and sums the extras, one
-``Allgatherv`` of packed entries moves the gradient, and every rank decodes the same
-buffer into the same global sum. Nothing is pickled. An entry is a uint16 for models of at
-most 2**15 parameters (2 bytes: the softmax and MLP of the benches) and a uint32 above.
+Per call, each rank adds its gradient sum to its residual and writes the entries with
+``|r| >= tau`` as gap varints (``kernels.compress.encode_gaps``: 1 byte an entry on the
+benches' softmax). Two collectives, nothing pickled:
+
+1. ``Allgather`` of one byte per rank: the length of its block (0..126; 127: "longer",
+   then one more ``Allgather`` of the lengths as uint32/uint64), top bit set where the
+   rank must report its extras now (a stop signal, a non-finite loss).
+2. ``Allgatherv`` of the blocks, skipped when every block is empty; on a flush call each
+   rank appends its extras (float64, ``Extra`` layout) to its block.
+
+So a silent step (no rank crosses tau, extras held back) costs one byte per rank. Extras
+go out on every call unless the caller sets ``defer_extras`` (SGD does); then each rank
+sums them and sends the sums on its first deferred call (a phase's first step has its
+loss) and every ``extras_every``-th after, or at once when one rank raises the top bit.
+The calls between return zeros (ROWS = 0: "nothing reported"). A held-back window is
+metrics only: a checkpoint does not carry it, a resumed phase starts a new one.
+
+Bytes: ``payload_bytes`` is every rank's bytes of the call (headers, lengths, blocks,
+extras) divided by the rank count, rounded up: a rank's share, not only this rank's own
+(ranks send unequal blocks, and rank 0 records what the monitor shows).
 
 Invariant on every rank count: sum of decoded updates + sum of residuals over ranks =
 sum of all gradients fed (up to float rounding). A checkpoint stores the residuals'
@@ -25,19 +39,23 @@ import numpy as np
 from mpi4py import MPI
 
 from fleetmpi.errors import CheckpointError
-from fleetmpi.sync.base import Sync
+from fleetmpi.sync.base import Extra, Sync
 from kernels import compress
 
 # Adaptive tau moves at most this factor per call, and stays within this range of the start.
 _MAX_STEP = 2.0
 _RANGE = 2.0 ** 40
+# The compact exchange's header byte: the top bit asks for extras now, the rest is the
+# block's length in bytes, _LONG meaning "longer: a second round carries the lengths".
+_URGENT = 0x80
+_LONG = 0x7F
 
 
 class ThresholdSync(Sync):
     kind = "threshold"
 
     def __init__(self, comm: Any, n_params: int, n_extras: int, tau: float,
-                 adaptive: bool = False, target_density: float = 0.01) -> None:
+                 adaptive: bool = False, target_density: float = 0.01, extras_every: int = 1) -> None:
         super().__init__(comm, n_params, n_extras)
         if n_params > compress.MAX_PARAMS:
             raise ValueError(f"threshold sync addresses at most 2**31 parameters, the model has {n_params}")
@@ -47,37 +65,94 @@ class ThresholdSync(Sync):
             raise ValueError(f"target_density must lie in (0, 1], got {target_density}")
         self.tau0 = float(tau)
         self.tau = float(tau)
+        if extras_every < 1:
+            raise ValueError(f"extras_every must be an integer >= 1, got {extras_every}")
         self.adaptive, self.target_density = adaptive, float(target_density)
+        self.extras_every = int(extras_every)
         self.residual = np.zeros(n_params)
         self.density = 0.0            # fraction of entries sent by all ranks in the last call
         self.sent_entries = 0         # entries this rank sent in the last call
         self.entry_dtype = compress.entry_dtype(n_params)
-        self._mpi_entry = MPI.UINT16_T if self.entry_dtype == np.uint16 else MPI.UINT32_T
-        self._packed: np.ndarray = np.empty(n_params, self.entry_dtype)
         self._record = np.empty(1 + n_extras)
         self._records = np.empty((self.size, 1 + n_extras))
-        self._recv: np.ndarray = np.empty(max(n_params, 1), self.entry_dtype)
         self._out = np.empty(n_params)
+        # The compact exchange (host): this rank's block with room for its extras, the
+        # byte headers, the long-block lengths, the held-back extras and what came back.
+        self._ext_bytes = 8 * n_extras
+        self._msg = np.empty(compress.MAX_GAP_BYTES * n_params + self._ext_bytes, np.uint8)
+        self._hdr = np.zeros(1, np.uint8)
+        self._hdrs = np.zeros(self.size, np.uint8)
+        self._len_dtype = np.uint32 if compress.MAX_GAP_BYTES * n_params < 2 ** 32 else np.uint64
+        self._len = np.zeros(1, self._len_dtype)
+        self._lens = np.zeros(self.size, self._len_dtype)
+        self._bytes: np.ndarray = np.empty(max(n_params, 64), np.uint8)
+        self._window = np.zeros(n_extras)
+        self._ex = np.zeros(n_extras)
+        self._deferred = 0   # calls made with defer_extras set
         compress.warmup()
 
     def reduce(self, grad: np.ndarray, extras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        tau = self.tau
-        m = compress.encode(self.residual, np.ascontiguousarray(grad, dtype=np.float64), tau, self._packed)
-        counts, displs, ex = self.exchange_counts(m, extras)
-        total = int(counts.sum())
-        if self._recv.shape[0] < total:
-            self._recv = np.empty(total, self.entry_dtype)
-        recv = self._recv[:total]
-        self.comm.Allgatherv([self._packed[:m], self._mpi_entry], [recv, (counts, displs), self._mpi_entry])
-        compress.decode(recv, tau, self._out)
-        self.settle(m, total)
-        return self._out, ex
+        tau, P = self.tau, self.size
+        m, nb = compress.encode_gaps(self.residual, np.ascontiguousarray(grad, dtype=np.float64), tau, self._msg)
+        if self.defer_extras:
+            self._window += extras
+        else:
+            # A caller that needs every call's extras (a line search) gets exactly this call's:
+            # what an SGD window held back when a rule switched over is dropped, never mixed in,
+            # and SGD's first step back flushes again, so its record never shows a stale loss.
+            self._window[:] = extras
+            self._deferred = 0
+        urgent = not np.all(np.isfinite(extras)) or (self.n_extras > Extra.SIGNAL and extras[Extra.SIGNAL] != 0)
+        self._hdr[0] = (_URGENT if urgent else 0) | min(nb, _LONG)
+        self.comm.Allgather([self._hdr, MPI.UINT8_T], [self._hdrs, MPI.UINT8_T])
+        lens = (self._hdrs & _LONG).astype(np.int64)
+        long_round = bool((lens == _LONG).any())
+        if long_round:
+            self._len[0] = nb
+            self.comm.Allgather(self._len, self._lens)
+            lens = self._lens.astype(np.int64)
+        # Deferred calls flush on the first and then on every extras_every-th (calls N, 2N, ...
+        # of the sync: with a log interval a multiple of N, every logged step has its own window).
+        flush = (not self.defer_extras or bool((self._hdrs & _URGENT).any())
+                 or self._deferred == 0 or (self._deferred + 1) % self.extras_every == 0)
+        ext = self._ext_bytes if flush else 0
+        if flush:
+            self._msg[nb:nb + ext] = self._window.view(np.uint8)
+        counts = lens + ext
+        displs = np.zeros_like(counts)
+        np.cumsum(counts[:-1], out=displs[1:])
+        total_bytes = int(counts.sum())
+        if self._bytes.shape[0] < total_bytes:
+            self._bytes = np.empty(total_bytes, np.uint8)
+        recv = self._bytes[:total_bytes]
+        if total_bytes:
+            self.comm.Allgatherv([self._msg[:nb + ext], MPI.UINT8_T], [recv, (counts, displs), MPI.UINT8_T])
+        self._out[:] = 0.0
+        self._ex[:] = 0.0
+        total = 0
+        for r in range(P):   # rank order: every rank adds the same numbers in the same order
+            lo = int(displs[r])
+            total += compress.decode_gaps(recv[lo:lo + int(lens[r])], tau, self._out)
+            if flush:
+                self._ex += np.frombuffer(recv[lo + int(lens[r]):lo + int(counts[r])].tobytes(), np.float64)
+        if flush:
+            self._window[:] = 0.0
+        if self.defer_extras:
+            self._deferred += 1
+        self.sent_entries = m
+        self._steer(total)
+        width = np.dtype(self._len_dtype).itemsize if long_round else 0
+        all_bytes = P * (1 + width) + total_bytes
+        payload = -(-all_bytes // P)
+        self._count(payload, float((P - 1) * payload))
+        return self._out, self._ex
 
     def exchange_counts(self, m: int, extras: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return (entries per rank, their offsets, global extras sum) from this rank's count ``m``.
 
-        Collective: one Allgather of [m, extras...] (float64). The host and the device
-        threshold syncs both call it before their Allgatherv of the packed entries.
+        Collective: one Allgather of [m, extras...] (float64). The device threshold sync
+        calls it before its Allgatherv of packed uint32 entries (the host sync's compact
+        exchange is ``reduce``).
         """
         self._record[0] = m
         self._record[1:] = extras
@@ -92,16 +167,20 @@ class ThresholdSync(Sync):
 
         Not collective, but every rank computes the same density and tau from the
         allgathered counts. ``entry_bytes``: the width of one sent entry (default: this
-        sync's wire word; the device sync sends uint32).
+        sync's wire word; the device sync sends uint32). The device sync's accounting.
         """
         self.sent_entries = m
-        self.density = total / (self.size * self.n_params) if self.n_params else 0.0
-        if self.adaptive:
-            self.tau = next_tau(self.tau, self.density, self.target_density, self.tau0)
+        self._steer(total)
         # This rank's block reaches P-1 peers; the record is tiny but counted all the same.
         width = np.dtype(self.entry_dtype).itemsize if entry_bytes is None else entry_bytes
         payload = width * m + self._record.nbytes
         self._count(payload, float((self.size - 1) * payload))
+
+    def _steer(self, total: int) -> None:
+        """Set density from ``total`` entries sent over all ranks, and the next tau if adaptive."""
+        self.density = total / (self.size * self.n_params) if self.n_params else 0.0
+        if self.adaptive:
+            self.tau = next_tau(self.tau, self.density, self.target_density, self.tau0)
 
     def gather_state(self) -> dict[str, np.ndarray]:
         """Return {"sync_residual": residuals summed over ranks, "sync_tau": [tau]} on rank 0."""

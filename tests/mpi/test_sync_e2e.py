@@ -27,7 +27,8 @@ def _params(job: Path) -> np.ndarray:
 
 def test_threshold_rescale_2_to_3_on_falling_bytes_keeps_all_gradient_mass(tmp_path: Path, datasets: dict) -> None:
     data = datasets["multiclass"]
-    # The rule fires below 8 sent entries a step: 40-byte record + 8 x 2 bytes (uint16 entries).
+    # The rule fires below about 8 sent entries a step: a 1-byte header and 32 bytes of extras
+    # a rank, + 1 byte an entry (gap varints: 52 parameters, every gap under 64).
     # Plain SGD (no momentum, no L2, constant lr): each step moves the parameters by exactly
     # lr/B times the decoded global update, so the updates can be read back from checkpoints.
     spec = write_spec(tmp_path / "s.yaml", data, model={"kind": "softmax", "l2": 0.0},
@@ -35,14 +36,14 @@ def test_threshold_rescale_2_to_3_on_falling_bytes_keeps_all_gradient_mass(tmp_p
                       sync={"kind": "threshold", "tau": TAU}, goal={"max_steps": 90},
                       checkpoint={"every_steps": 1, "keep": 1000},
                       fleet={"start": "a", "phases": {"a": {"ranks_per_node": 2}, "b": {"ranks_per_node": 3}},
-                             "rules": [{"in": "a", "when": "sync_bytes_per_step < 56", "then": {"goto": "b"}}]})
+                             "rules": [{"in": "a", "when": "sync_bytes_per_step < 41", "then": {"goto": "b"}}]})
     job = tmp_path / "job"
     proc = cli("run", str(spec), "--job-dir", str(job))
     assert proc.returncode == 0, proc.stderr
 
     ev = events(job)
     fired = [e for e in ev if e["event"] == "rule_fired"]
-    assert len(fired) == 1 and fired[0]["metrics"]["sync_bytes_per_step"] < 56
+    assert len(fired) == 1 and fired[0]["metrics"]["sync_bytes_per_step"] < 41
     rescale = [e for e in ev if e["event"] == "rescale"]
     assert [(e["from_ranks"], e["to_ranks"]) for e in rescale] == [(2, 3)]
     S = rescale[0]["step"]
@@ -76,6 +77,43 @@ def test_threshold_rescale_2_to_3_on_falling_bytes_keeps_all_gradient_mass(tmp_p
             np.testing.assert_allclose(applied + kept, G, rtol=0, atol=1e-8 * np.abs(G).max())
     # Dropping the residual at the rescale would miss by res_S, far above that tolerance.
     assert np.abs(res_S).max() > 1e3 * 1e-8 * np.abs(G).max()
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_threshold_extras_every_trains_the_same_model_and_reports_window_losses(
+        tmp_path: Path, datasets: dict, ranks: int) -> None:
+    """extras_every: 5 changes what goes on the wire, never the model; the loss comes per window.
+
+    Against the same run with extras every step: bitwise-equal parameters, fewer bytes; the
+    loss of steps 1, 5, 10, ... is the mean of that run's per-step losses over the window
+    (step 1; steps 2-5; 6-10; ...), and the steps between repeat the last reported loss.
+    """
+    data = datasets["multiclass"]
+    jobs = {}
+    for every in (1, 5):
+        spec = write_spec(tmp_path / f"e{every}.yaml", data, model={"kind": "softmax", "l2": 1e-4},
+                          optimizer={"kind": "sgd", "lr": 0.2, "momentum": 0.9, "batch": B},
+                          sync={"kind": "threshold", "tau": 16.0, **({"extras_every": every} if every > 1 else {})},
+                          goal={"max_steps": 40}, fleet={"start": "a", "phases": {"a": {"ranks_per_node": ranks}}})
+        jobs[every] = tmp_path / f"job{every}"
+        proc = cli("run", str(spec), "--job-dir", str(jobs[every]))
+        assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(_params(jobs[1]), _params(jobs[5]))
+    per_step = {m["step"]: m for m in metrics(jobs[1]) if not m.get("eval")}
+    windowed = {m["step"]: m for m in metrics(jobs[5]) if not m.get("eval")}
+    assert sorted(per_step) == sorted(windowed) == list(range(1, 41))
+    last = None
+    for t in range(1, 41):
+        if t == 1 or t % 5 == 0:
+            lo = 1 if t == 1 else t - 4 if t > 5 else 2
+            want = np.mean([per_step[u]["loss"] for u in range(lo, t + 1)])
+            assert windowed[t]["loss"] == pytest.approx(want, rel=1e-12), t
+            last = windowed[t]["loss"]
+        else:
+            assert windowed[t]["loss"] == last, t
+    # The same entries; a rank's 32 bytes of extras go out on 9 of the 40 steps, not all 40.
+    total1, total5 = per_step[40]["sync_bytes_total"], windowed[40]["sync_bytes_total"]
+    assert total1 - total5 == 32 * 31, (total1, total5)
 
 
 @pytest.mark.parametrize("kind", ["softmax", "mlp"])

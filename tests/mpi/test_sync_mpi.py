@@ -49,6 +49,21 @@ SCRIPT = textwrap.dedent('''
         return out, int(send.sum())
 
 
+    def ref_block_bytes(out):
+        """Bytes of the gap-varint block for the entries of ``out`` (LEB128 of 2 * gap + sign)."""
+        idx = np.flatnonzero(out)
+        gaps = np.diff(np.concatenate([[-1], idx])) - 1
+        syms = 2 * gaps + (out[idx] < 0)
+        return sum(1 + (int(v).bit_length() - 1) // 7 if v else 1 for v in syms)
+
+
+    def ref_payload(blocks, extras_bytes):
+        """A rank's share of one call: header byte (+4-byte length round if a block is long) + blocks."""
+        long_round = 4 if max(blocks) >= 127 else 0
+        total = sum(1 + long_round + b + extras_bytes for b in blocks)
+        return -(-total // len(blocks))
+
+
     def dense():
         s = DenseSync(comm, N, E)
         for step in range(3):
@@ -66,16 +81,17 @@ SCRIPT = textwrap.dedent('''
         for step in range(steps):
             gs = grads(step, tag=1)
             want = np.zeros(N)
-            counts = []
+            counts, blocks = [], []
             for r in range(P):
                 out, m = ref_encode(res[r], gs[r], tau)
                 want += out
                 counts.append(m)
+                blocks.append(ref_block_bytes(out))
             g, ex = s.reduce(gs[rank].copy(), extras(step, rank))
             check(np.allclose(g, want, rtol=0, atol=1e-12), f"threshold sum at step {step}")
             check(np.allclose(ex, sum(extras(step, r) for r in range(P))), "threshold extras")
-            width = 2 if N <= 2 ** 15 else 4   # uint16 entries for models of at most 2**15 parameters
-            check(s.payload_bytes == width * counts[rank] + 8 * (1 + E), f"threshold payload {s.payload_bytes}")
+            want_bytes = ref_payload(blocks, 8 * E)
+            check(s.payload_bytes == want_bytes, f"threshold payload {s.payload_bytes}, want {want_bytes}")
             check(s.wire_bytes == (P - 1) * s.payload_bytes, "threshold wire")
             check(0 < counts[rank] < N, f"threshold sends some, not all: {counts[rank]}")
             fed += np.sum(gs, axis=0)
@@ -125,6 +141,44 @@ SCRIPT = textwrap.dedent('''
         check(0.005 < s.density < 0.5, f"density near the 0.05 target: {s.density}")
 
 
+    def deferred(every=4, steps=9):
+        """defer_extras: silent calls cost 1 byte a rank and return zeros; extras come summed.
+
+        tau lies above every entry, so no rank ever sends one. Flushes: the first call, every
+        4th (calls 3, 7), a non-finite loss on rank 0 (call 4), a stop signal on the last
+        rank (call 6); each returns the sums over the calls since the previous flush.
+        """
+        s = ThresholdSync(comm, N, 4, 1e9, extras_every=every)
+        s.defer_extras = True
+
+        def ex4(step, r):
+            loss = np.inf if (step == 4 and r == 0) else 0.25 * (r + 1) * (step + 1)
+            return np.array([loss, 7.0 + r, 3.0 * step + r, 1.0 if (step == 6 and r == P - 1) else 0.0])
+
+        window, fed = np.zeros(4), np.zeros(N)
+        for step in range(steps):
+            g, ex = s.reduce(grads(step, tag=5)[rank].copy(), ex4(step, rank))
+            fed += grads(step, tag=5)[rank]
+            window += sum(ex4(step, r) for r in range(P))
+            if step in (0, 3, 4, 6, 7):
+                check(np.array_equal(ex, window), f"deferred extras at call {step}: {ex} != {window}")
+                check(s.payload_bytes == 1 + 8 * 4, f"flush call {step} payload {s.payload_bytes}")
+                window[:] = 0.0
+            else:
+                check(not ex.any(), f"silent call {step} returned extras {ex}")
+                check(s.payload_bytes == 1, f"silent call {step} payload {s.payload_bytes}: one header byte")
+            check(not g.any(), "nothing crossed tau")
+        check(np.array_equal(s.residual, fed), "the residual holds every gradient fed")
+        check(s.payload_total == 5 * (1 + 32) + 4, f"payload total {s.payload_total}")
+        # A line search's call (not deferred) gets its own extras, never the held-back window's;
+        # SGD's next call flushes at once instead of waiting for the 4th.
+        for defer, step in ((True, 9), (False, 10), (True, 11), (True, 12)):
+            s.defer_extras = defer
+            _, ex = s.reduce(grads(step, tag=5)[rank].copy(), ex4(step, rank))
+            now = sum(ex4(step, r) for r in range(P))
+            check(not ex.any() if step in (9, 12) else np.array_equal(ex, now), f"call {step} extras {ex}")
+
+
     def exact_fallback():
         s = ExactSync(comm, N, E)
         for step in range(3):
@@ -166,6 +220,7 @@ SCRIPT = textwrap.dedent('''
         s, fed, got = threshold()
         after = rescale(s, fed, got)
         adaptive()
+        deferred()
         exact_fallback()
         out = {"softmax": exact_rows("softmax"), "mlp": exact_rows("mlp"), "residual_after": after}
         if rank == 0:

@@ -54,6 +54,49 @@ def test_encode_matches_reference(tau: float) -> None:
     assert np.all(np.abs(res[kept]) < tau)
 
 
+def _ref_gap_bytes(packed: np.ndarray) -> bytes:
+    """Return the gap-varint block of sorted uint32 entries: LEB128 of 2 * gap + sign each."""
+    out, prev = bytearray(), -1
+    for w in packed.tolist():
+        j, neg = w & 0x7FFFFFFF, w >> 31
+        v = 2 * (j - prev - 1) + neg
+        prev = j
+        while v >= 128:
+            out.append(v & 127 | 128)
+            v >>= 7
+        out.append(v)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(("n", "scale"), [(N, 1.0), (40000, 0.4), (5, 3.0), (0, 1.0)])
+def test_gap_varint_block_matches_reference_bytes_and_decodes_to_the_same_sum(n: int, scale: float) -> None:
+    # scale 0.4 on 40000 parameters: few entries, gaps past 64 and 8192 (2- and 3-byte varints).
+    rng = np.random.default_rng(5)
+    res, g = 0.5 * rng.standard_normal(n), scale * rng.standard_normal(n)
+    want_packed, want_res = _ref_encode(res, g, 1.3)
+    out = np.full(compress.MAX_GAP_BYTES * n, 0xEE, np.uint8)
+    m, nb = compress.encode_gaps(res, g, 1.3, out)
+    assert m == want_packed.size
+    assert out[:nb].tobytes() == _ref_gap_bytes(want_packed)
+    np.testing.assert_array_equal(res, want_res)
+    got = np.full(n, 0.25)   # decode adds to what is there: several ranks' blocks, one sum
+    assert compress.decode_gaps(out[:nb], 1.3, got) == m
+    np.testing.assert_array_equal(got, 0.25 + _ref_decode(want_packed, 1.3, n))
+
+
+def test_gap_varint_worst_case_fits_and_corrupt_blocks_are_refused() -> None:
+    n = 300
+    out = np.empty(compress.MAX_GAP_BYTES * n, np.uint8)
+    m, nb = compress.encode_gaps(np.zeros(n), np.full(n, -5.0), 1.0, out)   # every entry, negative
+    assert (m, nb) == (n, n)
+    with pytest.raises(ValueError, match="cut off or addresses an index >= 299"):
+        compress.decode_gaps(out[:nb], 1.0, np.zeros(n - 1))
+    with pytest.raises(ValueError, match="cut off"):
+        compress.decode_gaps(np.array([0x80], np.uint8), 1.0, np.zeros(n))
+    with pytest.raises(ValueError, match="must hold 1500 bytes"):
+        compress.encode_gaps(np.zeros(n), np.zeros(n), 1.0, out[:-1])
+
+
 def test_decode_matches_reference_with_repeated_indices() -> None:
     rng = np.random.default_rng(2)
     # Blocks of several ranks: the same index may come from every rank, with either sign.
@@ -239,6 +282,8 @@ def _spec(sync: dict) -> object:
     ({"kind": "exact", "adaptive": True}, "sync.adaptive: only kind threshold"),
     ({"kind": "threshold", "tau": 1.0, "target_density": 0.1}, "sync.target_density: target_density steers"),
     ({"kind": "threshold", "tau": -1.0}, "sync.tau: expected a number > 0"),
+    ({"kind": "dense", "extras_every": 5}, "sync.extras_every: only kind threshold takes extras_every"),
+    ({"kind": "threshold", "tau": 1.0, "extras_every": 0}, "sync.extras_every: expected"),
     ({"kind": "bogus"}, "sync.kind: expected one of 'dense' | 'threshold' | 'exact' | 'sparse'"),
 ])
 def test_sync_spec_rejects_inconsistent_combinations(sync: dict, words: str) -> None:
@@ -249,4 +294,5 @@ def test_sync_spec_rejects_inconsistent_combinations(sync: dict, words: str) -> 
 def test_sync_spec_accepts_valid_combinations() -> None:
     s = _spec({"kind": "threshold", "tau": 0.5, "adaptive": True, "target_density": 0.02})
     assert (s.sync.kind, s.sync.tau, s.sync.adaptive, s.sync.target_density) == ("threshold", 0.5, True, 0.02)
+    assert _spec({"kind": "threshold", "tau": 4.0, "extras_every": 50}).sync.extras_every == 50
     assert _spec({"kind": "exact"}).sync.kind == "exact"
