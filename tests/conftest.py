@@ -85,6 +85,26 @@ def wait_for_event(job: Path, kind: str, timeout: float = 60.0,
     raise AssertionError(f"no {kind} event in {job} within {timeout} s{rc}")
 
 
+def wait_for_training_moment(job: Path, rng: Any, proc: subprocess.Popen[str] | None = None,
+                             first: int = 250, last: int = 1000, timeout: float = 120.0) -> int:
+    """Return at a random step (``first`` to ``last``) of ``job``'s training, read from metrics.jsonl; return it.
+
+    A moment drawn by step, not by time since the first step, lands in training on a machine
+    of any speed, so a trial needs only a few thousand steps beyond ``last`` (a second drawn
+    by time needed 20000 steps for an idle machine, and minutes of them on a loaded one).
+    """
+    target = rng.randint(first, last)
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc is None or proc.poll() is None):
+        if (job / "metrics.jsonl").exists():
+            *done, _partial = (job / "metrics.jsonl").read_bytes().split(b"\n")   # the last may be half written
+            if done and json.loads(done[-1]).get("step", 0) >= target:
+                return target
+        time.sleep(0.01)
+    rc = f" (driver rc {proc.poll()})" if proc is not None else ""
+    raise AssertionError(f"{job} did not reach step {target} within {timeout} s{rc}")
+
+
 def model_params(job: Path) -> np.ndarray:
     """Return the ``params`` array of a job's verified model.h5."""
     from fleetmpi.h5store import read_h5_verified

@@ -12,9 +12,12 @@ from typing import Any
 
 from fleetmpi.cli.common import JOB_HELP, add_set, resolve_job
 from fleetmpi.errors import BadInput, ExitCode
-from fleetmpi.preprocess import AUTO_MAX_CLASSES
 
 Handler = Callable[[argparse.Namespace], int]
+
+# fleetmpi.preprocess.AUTO_MAX_CLASSES, for make-data's help: importing preprocess here would load numpy
+# on every CLI call, refusals included (tests/unit/test_cli.py checks the two agree).
+AUTO_MAX_CLASSES = 32
 
 
 def add_parsers(sub: Any) -> dict[str, Handler]:
@@ -171,11 +174,12 @@ def raise_budget(jd: Any, old: Any, overrides: list[str], verb: str) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fleetmpi.launch.local import LocalBackend, find_mpiexec
     from fleetmpi.preflight import check_inputs
     from fleetmpi.spec import check_local_fit
 
     def preflight(spec: Any, _jd: Any) -> None:
+        # launch.local loads h5py: only once the spec is read, so a refused spec exits sooner.
+        from fleetmpi.launch.local import find_mpiexec
         find_mpiexec(spec)
         check_local_fit(spec, source=str(args.spec))   # before a job dir exists
 
@@ -190,6 +194,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not isinstance(phase, str) or phase not in spec.fleet.phases:
             raise BadInput(f"{jd.state_path}: phase {phase!r} is not in the spec's fleet.phases "
                            f"({', '.join(spec.fleet.phases)}); the file was edited or belongs to another job")
+        from fleetmpi.launch.local import LocalBackend, find_mpiexec
         check_inputs(spec)   # data may have moved since the job was created
         find_mpiexec(spec)
         seen = _register_run(jd, spec)

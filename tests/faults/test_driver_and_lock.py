@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 from campaign import Campaign, trials
-from conftest import ROOT, cli, events, wait_for_event, write_spec
+from conftest import ROOT, cli, events, wait_for_event, wait_for_training_moment, write_spec
 
 from fleetmpi import spec as specmod
 from fleetmpi.jobdir import JobDir, read_lines
@@ -84,13 +84,18 @@ def test_kill9_of_driver_leaves_no_ranks_and_the_job_resumes(tmp_path: Path, dat
     ranks = (2, 3, 1)[trial % 3]
     # Ranks left running either outlive the deadline or reach the goal (and write the model)
     # before it: both fail.
-    # 30000 steps outlast the kill's random moment even on an idle machine (6000 did not at 1 rank).
-    spec = _spec(tmp_path, datasets, ranks, goal={"max_steps": 30000}, checkpoint={"every_steps": 1000, "keep": 2})
+    # Every fourth trial kills during start-up, up to 1.5 s after the launch: 30000 steps outlast
+    # that on an idle machine (6000 did not at 1 rank). The others kill by step 1000 of 6000.
+    at_launch = trial % 4 == 3
+    steps = 30000 if at_launch else 6000
+    spec = _spec(tmp_path, datasets, ranks, goal={"max_steps": steps}, checkpoint={"every_steps": 1000, "keep": 2})
     job = tmp_path / "job"
     driver = _start(["run", str(spec), "--job-dir", str(job)])
-    # Every fourth trial kills during start-up, the others while training (or checkpointing).
-    wait_for_event(job, timeout=120.0, kind="launch" if trial % 4 == 3 else "first_step")
-    time.sleep(rng.uniform(0.0, 1.5))
+    if at_launch:
+        wait_for_event(job, timeout=120.0, kind="launch")
+        time.sleep(rng.uniform(0.0, 1.5))
+    else:
+        wait_for_training_moment(job, rng, proc=driver)
     training = any(e["event"] == "first_step" for e in events(job))
     tree = psutil.Process(driver.pid).children(recursive=True)
     killed_at = time.time()
@@ -110,7 +115,7 @@ def test_kill9_of_driver_leaves_no_ranks_and_the_job_resumes(tmp_path: Path, dat
     assert not orphan_goal, "the ranks trained on to the goal after their driver was killed"
     assert checkpointed, "the ranks ended without a checkpoint when their driver was killed"
     assert again.returncode == 0, again.stderr
-    assert [e for e in events(job) if e["event"] == "goal"][-1]["step"] == 30000
+    assert [e for e in events(job) if e["event"] == "goal"][-1]["step"] == steps
     assert not (job / "lock.holder").exists()
 
 
@@ -216,7 +221,9 @@ def test_lock_held_on_another_host_is_refused_naming_host_and_how_to_break_it(tm
 def test_kill9_during_a_checkpoint_write_leaves_a_temp_the_next_start_removes(tmp_path: Path, datasets: dict,
                                                                               campaign: Campaign) -> None:
     # A checkpoint every step keeps rank 0 writing most of the time, so a temp is there to catch.
-    spec = _spec(tmp_path, datasets, 2, goal={"max_steps": 3000}, model={"kind": "mlp", "hidden": [256]},
+    # 400 steps as in test_checkpoint_faults.py: the kill comes at the first temp seen, the resume
+    # writes a checkpoint every step to the goal (3000 fsynced ones took most of this test's time).
+    spec = _spec(tmp_path, datasets, 2, goal={"max_steps": 400}, model={"kind": "mlp", "hidden": [256]},
                  checkpoint={"every_steps": 1, "keep": 1})
     job = tmp_path / "job"
     driver = _start(["run", str(spec), "--job-dir", str(job)])

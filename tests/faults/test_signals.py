@@ -12,21 +12,20 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 from campaign import Campaign, trials
-from conftest import ROOT, cli, events, metrics, model_params, wait_for_event, write_spec
+from conftest import ROOT, cli, events, metrics, model_params, wait_for_training_moment, write_spec
 
 from fleetmpi.engine import checkpoint
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 DEADLINE_S = 60.0
-STEPS = 20000   # several seconds of training even on an idle machine: every kill lands in it (4000 did not)
+STEPS = 6000   # the kill comes by step 1000 (wait_for_training_moment): 5000 steps to spare
 SECTIONS: dict = {"sync": {"kind": "exact"}, "goal": {"max_steps": STEPS},
                   "checkpoint": {"every_steps": 250, "keep": 2},
                   "monitor": {"log_every_steps": 1, "eval_every_steps": 100},
@@ -58,8 +57,7 @@ def test_signal_loses_no_step_and_the_job_resumes_bitwise(tmp_path: Path, datase
     driver = subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", "run", str(spec), "--job-dir", str(job)],
                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, "FLEETMPI_PROGRESS": "none", "PYTHONPATH": str(ROOT)})
-    wait_for_event(job, "first_step", timeout=120.0, proc=driver)
-    time.sleep(rng.uniform(0.0, 1.0))
+    wait_for_training_moment(job, rng, proc=driver)
     ranks = sorted((p for p in psutil.Process(driver.pid).children(recursive=True)
                     if "fleetmpi.engine.worker" in p.cmdline() and "mpiexec" not in p.name()
                     and "proxy" not in p.name()), key=lambda p: p.pid)

@@ -73,9 +73,16 @@ def _params(job: Path) -> np.ndarray:
     return np.asarray(arrays["params"])
 
 
-def test_closed_form_is_bitwise_equal_at_1_2_3_ranks_and_matches_least_squares(tmp_path: Path,
-                                                                                 series: dict[str, Any]) -> None:
-    jobs = [_run(tmp_path, f"cf{r}", series["two"], r, {"kind": "closed_form"}) for r in (1, 2, 3)]
+@pytest.fixture(scope="module")
+def closed_form_jobs(tmp_path_factory: pytest.TempPathFactory, series: dict[str, Any]) -> list[Path]:
+    """The closed form on both series at 1, 2 and 3 ranks: the bitwise test's jobs and the forecast's model."""
+    tmp = tmp_path_factory.mktemp("cf")
+    return [_run(tmp, f"cf{r}", series["two"], r, {"kind": "closed_form"}) for r in (1, 2, 3)]
+
+
+def test_closed_form_is_bitwise_equal_at_1_2_3_ranks_and_matches_least_squares(
+        series: dict[str, Any], closed_form_jobs: list[Path]) -> None:
+    jobs = closed_form_jobs
     params = [_params(j) for j in jobs]
     for p in params[1:]:
         np.testing.assert_array_equal(p, params[0])       # one long series split at any window: same sums
@@ -113,8 +120,9 @@ def test_trend_none_and_gradient_techniques_train_ar(tmp_path: Path, series: dic
     np.testing.assert_allclose(sgd, ref, atol=0.1)         # a noisy fit, but of the same model
 
 
-def test_predict_horizon_writes_recursive_forecasts(tmp_path: Path, series: dict[str, Any]) -> None:
-    job = _run(tmp_path, "fc", series["two"], 1, {"kind": "closed_form"})
+def test_predict_horizon_writes_recursive_forecasts(tmp_path: Path, series: dict[str, Any],
+                                                    closed_form_jobs: list[Path]) -> None:
+    job = closed_form_jobs[0]   # 1 rank
     w = _params(job)
     out = tmp_path / "fc.h5"
     proc = cli("predict", str(job / "model.h5"), str(series["two"]), "--horizon", "6", "--out", str(out))

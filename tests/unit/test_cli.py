@@ -110,3 +110,22 @@ def test_run_refuses_more_ranks_than_cores_before_making_a_job_dir(tmp_path: Pat
     ok = cli("run", str(spec), "--job-dir", str(tmp_path / "job"), "--set", "goal.max_steps=2",
              env={**os.environ, "FLEETMPI_OVERSUBSCRIBE": "1"})
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_a_refused_spec_exits_before_numpy_and_h5py_load(tmp_path: Path) -> None:
+    # Refusals are most CLI calls of the test suite and of a user's typo loop: each loaded
+    # numpy and h5py (about half the call's time) before the spec was read.
+    import subprocess
+    import sys
+
+    from fleetmpi.cli import train
+    from fleetmpi.preprocess import AUTO_MAX_CLASSES
+    assert train.AUTO_MAX_CLASSES == AUTO_MAX_CLASSES   # make-data's help quotes preprocess's limit
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: t\nbogus: 1\n")
+    probe = ("import runpy, sys\nsys.argv = ['fleetmpi', 'run', sys.argv[1]]\n"
+             "try:\n    runpy.run_module('fleetmpi.cli', run_name='__main__')\nexcept SystemExit as e:\n"
+             "    print(e.code, sorted(m for m in ('numpy', 'h5py') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
+    assert "bogus: unknown key" in proc.stderr
