@@ -85,9 +85,9 @@ def test_kill9_of_driver_leaves_no_ranks_and_the_job_resumes(tmp_path: Path, dat
     # Ranks left running either outlive the deadline or reach the goal (and write the model)
     # before it: both fail.
     # Every fourth trial kills during start-up, up to 1.5 s after the launch: 30000 steps outlast
-    # that on an idle machine (6000 did not at 1 rank). The others kill by step 1000 of 6000.
+    # that on an idle machine (6000 did not at 1 rank). The others kill by step 1000 of 12000.
     at_launch = trial % 4 == 3
-    steps = 30000 if at_launch else 6000
+    steps = 30000 if at_launch else 12000
     spec = _spec(tmp_path, datasets, ranks, goal={"max_steps": steps}, checkpoint={"every_steps": 1000, "keep": 2})
     job = tmp_path / "job"
     driver = _start(["run", str(spec), "--job-dir", str(job)])
