@@ -468,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, size, host = comm.Get_rank(), comm.Get_size(), socket.gethostname()
     debug = os.environ.get("FLEETMPI_DEBUG") == "1"
     jd = JobDir(argv[0])
+    phase = Phase(comm, jd)
     try:
-        phase = Phase(comm, jd)
         phase.marks.update(imported=t_main, mpi_ready=time.time())
         code = phase.run()
         # The phase is over and its checkpoint or model is written: a stop signal now must
@@ -479,25 +479,34 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, signal.SIG_IGN)
         return code
     except BadInput as e:
-        return _fail(comm, jd, ExitCode.BAD_INPUT, f"fleetmpi: error: {e}", debug)
+        return _fail(comm, _events_to(phase), ExitCode.BAD_INPUT, f"fleetmpi: error: {e}", debug)
     except DiskFull as e:
-        return _fail(comm, jd, ExitCode.FAILED, f"fleetmpi: {e}", debug)
+        return _fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: {e}", debug)
     except TrainingFailed as e:
-        return _fail(comm, jd, ExitCode.FAILED, f"fleetmpi: training failed: {e}", debug)
+        return _fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: training failed: {e}", debug)
     except Exception as e:
         full = disk_full(e, jd.root, newest_valid_path(jd.ckpt))
         if full is not None:   # a write only this rank made: the others cannot be told, so the world ends
-            return _fail(comm, jd, ExitCode.FAILED, f"fleetmpi: {full}", debug)
+            return _fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: {full}", debug)
         msg = f"fleetmpi: rank {rank}/{size}@{host}: {type(e).__name__}: {e}".replace("\n", " ")
         print(msg, file=sys.stderr, flush=True)
         if debug:
             traceback.print_exc()
-        _record_error(jd, msg)
+        _record_error(_events_to(phase), msg)
         comm.Abort(ExitCode.FAILED)
         return ExitCode.FAILED
 
 
-def _fail(comm: Any, jd: JobDir, code: int, msg: str, debug: bool) -> int:
+def _events_to(phase: Phase) -> JobDir | None:
+    """Return the job dir a failure is recorded in: none for a pre-started phase before its word.
+
+    Until the launcher said go, the phase still running is the job dir's only writer; the
+    failure shows in this phase's own log, and the launcher starts the phase afresh.
+    """
+    return phase.jd if standby_from_env() is None or "go" in phase.marks else None
+
+
+def _fail(comm: Any, jd: JobDir | None, code: int, msg: str, debug: bool) -> int:
     """End a phase on an error every rank raised alike, or abort the world if only some did."""
     if debug:
         traceback.print_exc()
@@ -527,7 +536,9 @@ def _all_failed(comm: Any) -> bool:
     return False
 
 
-def _record_error(jd: JobDir, msg: str) -> None:
+def _record_error(jd: JobDir | None, msg: str) -> None:
+    if jd is None:
+        return
     try:
         jd.event("error", message=msg)
     except OSError:

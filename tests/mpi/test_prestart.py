@@ -174,3 +174,21 @@ def test_failing_old_phase_calls_off_the_prestarted_one_without_orphans(tmp_path
     assert json.loads((job / "state.json").read_text())["status"] == "FAILED"
     time.sleep(0.5)
     assert _job_processes(job) == []
+
+
+def test_prestarted_phase_failing_before_its_word_records_nothing_in_the_job(tmp_path: Path,
+                                                                             datasets: dict) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(datasets["multiclass"], data)
+    spec = write_spec(tmp_path / "s.yaml", data, goal={"max_steps": 20},
+                      fleet={"start": "two", "phases": {"two": {"ranks_per_node": 2}}})
+    job = tmp_path / "job"
+    assert cli("run", str(spec), "--job-dir", str(job)).returncode == 0
+    (data / "train.h5").unlink()   # its data open fails while the old phase would still run
+    before = _snapshot(job)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FLEETMPI_PROGRESS": "none", STANDBY_ENV: "tok3:two"}
+    proc = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "fleetmpi.engine.worker", str(job)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "train.h5" in proc.stderr
+    assert _snapshot(job) == before
