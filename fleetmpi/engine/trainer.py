@@ -32,22 +32,37 @@ class Trainer:
     notes: tuple[str, ...] = ()         # further lines for the log (rank 0)
     flat_state_class: type[FlatState] = FlatState   # the gradient techniques' state on this device
 
-    def __init__(self, comm: Any, jd: JobDir, spec: Spec, state: dict[str, Any], device_detail: str = "cpu") -> None:
-        """Open the phase's data and resume from the newest valid checkpoint or start fresh (collective)."""
+    def __init__(self, comm: Any, jd: JobDir, spec: Spec, state: dict[str, Any], device_detail: str = "cpu",
+                 ready: Callable[[], dict[str, Any]] | None = None) -> None:
+        """Open the phase's data and resume from the newest valid checkpoint or start fresh (collective).
+
+        ``ready`` (a pre-started phase, :mod:`fleetmpi.engine.standby`): called collectively
+        once the data is open and the model's kernels are loaded; it waits until the previous
+        phase has ended and returns the job's state then, which this trainer goes on from
+        (``state`` need only name the phase). It raises to give up: nothing was read of the
+        job's checkpoints or written yet.
+        """
         self.comm, self.jd, self.spec = comm, jd, spec
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.device_detail = device_detail
         self.phase_name: str = state["phase"]
         if self.phase_name not in spec.fleet.phases:
             raise BadInput(f"{jd.state_path}: phase {self.phase_name!r} is not in the spec's fleet.phases")
-        self.job_start = float(state.get("created", time.time()))
-        self.pending: dict[str, Any] | None = state.get("pending_approval")
         self.stop_signal = 0
         self.checkpointed_step: int | None = None   # the step of this phase's last checkpoint
-        self._util_mark = (time.perf_counter(), time.process_time())
         self._shared: dict[str, Any] = {}
         self._techniques: dict[str, Technique] = {}
         self._open_data()
+        self.kernels_warmed = False
+        if ready is not None:
+            self.kernels_warmed = self.warm_kernels()
+            state = ready()
+            if state.get("phase") != self.phase_name:   # the launcher says go only to the phase it named
+                raise BadInput(f"{jd.state_path}: the job moved to phase {state.get('phase')!r}, "
+                               f"not the pre-started {self.phase_name!r}")
+        self.job_start = float(state.get("created", time.time()))
+        self.pending: dict[str, Any] | None = state.get("pending_approval")
+        self._util_mark = (time.perf_counter(), time.process_time())
         from fleetmpi.engine import checkpoint
         ckpt, skipped = _on_root(comm, lambda: checkpoint.latest_valid(jd.ckpt))
         self.skipped = [(str(path), why) for path, why in skipped]
@@ -86,6 +101,24 @@ class Trainer:
         else:
             self.valid_xy, self.n_valid = None, 0
         self.order = SampleOrder(self.n, sp.optimizer.batch, sp.seed, sp.data.block_rows)
+
+    def warm_kernels(self) -> bool:
+        """Load the kernels of the spec's model from numba's cache (local; no collective); return whether it did.
+
+        Only what this model's gradient and predictions call, on two of this rank's rows with
+        throwaway parameters: the first call of any numba kernel pays numba's own set-up
+        (most of a kernel load), the others a few ms each. The run's state is not touched,
+        so results are the same with or without it. Trees, GP, custom models and GPU phases load theirs at
+        their first step.
+        """
+        from fleetmpi.models import TREE_KINDS, build_model
+        sp = self.spec
+        if self.device != "cpu" or sp.model.kind in (*TREE_KINDS, "gp", "custom") or sp.lags is not None:
+            return False
+        X, y = self.reader.read_contiguous(0, min(2, self.n))
+        model = build_model(sp.model, self.d, self.classes)
+        model.eval_sums(X, y, model.init(np.random.default_rng(0), 0.01))
+        return True
 
     def _open_reader(self, path: Any) -> Any:
         """Return this rank's reader of the training rows (a GPU phase reads into pinned buffers)."""

@@ -12,10 +12,25 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
-__all__ = ["DRIVER_ENV", "driver_token", "watch_parent"]
+__all__ = ["DRIVER_ENV", "driver_token", "started_at", "watch_parent"]
 
 DRIVER_ENV = "FLEETMPI_DRIVER_PID"
+
+
+def started_at(pid: int | str = "self") -> float | None:
+    """Return when process ``pid`` started (s since the epoch, to 10 ms), or None off Linux or once it is gone.
+
+    /proc's start time counts clock ticks since boot: exact, unlike psutil's wall-clock guess.
+    Used for start-up marks (:mod:`fleetmpi.engine.worker`, the Slurm batch steps).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def _start_time(pid: int) -> float | None:

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from fleetmpi.engine.checkpoint import newest_valid_path
+from fleetmpi.engine.standby import STANDBY_ENV, Cancelled, Standby, await_go
+from fleetmpi.engine.standby import from_env as standby_from_env
 from fleetmpi.engine.technique import TECHNIQUES, StepRecord
 from fleetmpi.engine.trainer import Trainer
 from fleetmpi.errors import BadInput, DiskFull, ExitCode, TrainingFailed, disk_full
@@ -41,15 +43,33 @@ class Decision(IntEnum):
     FAIL = 5      # rank 0 could not write the job dir (disk full): every rank ends with its line
 
 
-def open_trainer(comm: Any, jd: JobDir) -> Trainer:
+def open_trainer(comm: Any, jd: JobDir, standby: Standby | None = None,
+                 stopped: Callable[[], bool] = lambda: False, marks: dict[str, float] | None = None) -> Trainer:
     """Return this rank's trainer for the job's phase on the device the phase asks for (collective).
 
     The spec is loaded here, once per rank. ``device: gpu`` or ``auto`` resolve through
     ``fleetmpi.engine.device.choose`` (every rank alike); a GPU phase gets a ``GpuTrainer``,
-    which imports numba.cuda only then.
+    which imports numba.cuda only then. A pre-started phase (``standby``, CPU phases only)
+    opens its data and kernels, then waits for the launcher's word before it reads the job's
+    state and checkpoint (:mod:`fleetmpi.engine.standby`; Cancelled if called off); ``marks``
+    gets when it began to wait and when the word came.
     """
     from fleetmpi import spec as specmod
     sp = specmod.load(jd.spec)
+    if standby is not None:
+        if standby.phase not in sp.fleet.phases or sp.fleet.phases[standby.phase].device != "cpu":
+            raise BadInput(f"{STANDBY_ENV}: phase {standby.phase!r} is not a CPU phase of {jd.spec}; "
+                           f"only those are pre-started")
+
+        marks = {} if marks is None else marks
+
+        def ready() -> dict[str, Any]:
+            marks["standby_ready"] = time.time()
+            state = await_go(comm, jd.root, standby, stopped, jd.read_state)
+            marks["go"] = time.time()
+            return state
+
+        return Trainer(comm, jd, sp, {"phase": standby.phase}, ready=ready)
     state = jd.read_state()
     phase = str(state.get("phase"))
     setting = sp.fleet.phases[phase].device if phase in sp.fleet.phases else "cpu"
@@ -91,21 +111,28 @@ class Phase:
             signal.signal(s, on_signal)
         from fleetmpi.engine.watchdog import watch_parent
         watch_parent()   # SIGTERM to this rank if the local driver dies (no-op elsewhere)
-        t = open_trainer(self.comm, self.jd)
+        standby = standby_from_env()
+        try:
+            t = open_trainer(self.comm, self.jd, standby, stopped=lambda: bool(self.stop_flag["n"]), marks=self.marks)
+        except Cancelled:
+            # Called off before it read or wrote anything of the job: by a signal, the
+            # phase stopped (4); by the launcher (the old phase ended otherwise), nothing to say.
+            return ExitCode.STOPPED if self.stop_flag["n"] else ExitCode.OK
         self.marks["trainer_open"] = time.time()
         mon = self._start(t)
         return self._loop(t, mon)
 
     def _start(self, t: Trainer) -> Any:
-        """Warm the kernels; on rank 0 record the phase's start and return its Monitor (None elsewhere)."""
-        from kernels import cpu
+        """Warm the model's kernels; on rank 0 record the phase's start and return its Monitor (None elsewhere)."""
         sp, jd = t.spec, self.jd
-        cold = cold_kernels()
-        if cold and self.rank == 0:
-            # Precompiled at install, so only a cold cache (a new checkout, NUMBA_CACHE_DIR, a numba
-            # upgrade) compiles here: say so instead of pausing silently for seconds.
-            print("fleetmpi: compiling kernels (first run only)", file=sys.stderr, flush=True)
-        cpu.warmup()
+        cold = False
+        if not t.kernels_warmed:   # a pre-started phase loaded them while it waited
+            cold = cold_kernels()
+            if cold and self.rank == 0:
+                # Precompiled at install, so only a cold cache (a new checkout, NUMBA_CACHE_DIR, a numba
+                # upgrade) compiles here: say so instead of pausing silently for seconds.
+                print("fleetmpi: compiling kernels (first run only)", file=sys.stderr, flush=True)
+            t.warm_kernels()
         self.marks["kernels_ready"] = time.time()
         hosts = self.comm.gather(socket.gethostname(), root=0)
         if self.rank != 0:
@@ -363,13 +390,11 @@ def _startup_marks(marks: dict[str, float]) -> dict[str, float]:
     Read by bench/bench_rescale.py to split a rescale's start-up into launcher, interpreter
     and imports, MPI init, data and checkpoint open, and kernel load.
     """
+    from fleetmpi.engine.watchdog import started_at
     marks = dict(marks)
-    try:   # /proc's start time counts clock ticks since boot: exact to 10 ms, unlike psutil's wall time
-        with open("/proc/self/stat") as f:
-            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-        marks["process"] = time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
-    except (OSError, ValueError, IndexError, AttributeError):
-        pass   # not Linux: the split starts at the worker's imports
+    process = started_at()
+    if process is not None:   # not Linux: the split starts at the worker's imports
+        marks["process"] = process
     return marks
 
 
@@ -443,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, size, host = comm.Get_rank(), comm.Get_size(), socket.gethostname()
     debug = os.environ.get("FLEETMPI_DEBUG") == "1"
     jd = JobDir(argv[0])
+    phase = Phase(comm, jd)
     try:
-        phase = Phase(comm, jd)
         phase.marks.update(imported=t_main, mpi_ready=time.time())
         code = phase.run()
         # The phase is over and its checkpoint or model is written: a stop signal now must
@@ -454,25 +479,34 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, signal.SIG_IGN)
         return code
     except BadInput as e:
-        return _fail(comm, jd, ExitCode.BAD_INPUT, f"fleetmpi: error: {e}", debug)
+        return _fail(comm, _events_to(phase), ExitCode.BAD_INPUT, f"fleetmpi: error: {e}", debug)
     except DiskFull as e:
-        return _fail(comm, jd, ExitCode.FAILED, f"fleetmpi: {e}", debug)
+        return _fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: {e}", debug)
     except TrainingFailed as e:
-        return _fail(comm, jd, ExitCode.FAILED, f"fleetmpi: training failed: {e}", debug)
+        return _fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: training failed: {e}", debug)
     except Exception as e:
         full = disk_full(e, jd.root, newest_valid_path(jd.ckpt))
         if full is not None:   # a write only this rank made: the others cannot be told, so the world ends
-            return _fail(comm, jd, ExitCode.FAILED, f"fleetmpi: {full}", debug)
+            return _fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: {full}", debug)
         msg = f"fleetmpi: rank {rank}/{size}@{host}: {type(e).__name__}: {e}".replace("\n", " ")
         print(msg, file=sys.stderr, flush=True)
         if debug:
             traceback.print_exc()
-        _record_error(jd, msg)
+        _record_error(_events_to(phase), msg)
         comm.Abort(ExitCode.FAILED)
         return ExitCode.FAILED
 
 
-def _fail(comm: Any, jd: JobDir, code: int, msg: str, debug: bool) -> int:
+def _events_to(phase: Phase) -> JobDir | None:
+    """Return the job dir a failure is recorded in: none for a pre-started phase before its word.
+
+    Until the launcher said go, the phase still running is the job dir's only writer; the
+    failure shows in this phase's own log, and the launcher starts the phase afresh.
+    """
+    return phase.jd if standby_from_env() is None or "go" in phase.marks else None
+
+
+def _fail(comm: Any, jd: JobDir | None, code: int, msg: str, debug: bool) -> int:
     """End a phase on an error every rank raised alike, or abort the world if only some did."""
     if debug:
         traceback.print_exc()
@@ -502,7 +536,9 @@ def _all_failed(comm: Any) -> bool:
     return False
 
 
-def _record_error(jd: JobDir, msg: str) -> None:
+def _record_error(jd: JobDir | None, msg: str) -> None:
+    if jd is None:
+        return
     try:
         jd.event("error", message=msg)
     except OSError:

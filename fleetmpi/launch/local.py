@@ -5,6 +5,16 @@ until one ends with something other than a rescale, passes SIGTERM/SIGINT/SIGUSR
 ranks as what they were (they checkpoint and exit 4), and turns every exit into an event and
 a one-line reason. Its ranks do not outlive it: mpiexec gets SIGTERM when the launcher dies
 (PR_SET_PDEATHSIG), and the ranks watch the launcher's pid (:mod:`fleetmpi.engine.watchdog`).
+
+A rescale overlaps the next phase's start-up with the running phase: as it starts a phase,
+the launcher pre-starts the one phase its rules can go to (or, when several can, the one a
+rule fired for, once it fired), whose ranks import, open the data, load kernels and
+then wait (:mod:`fleetmpi.engine.standby`). When the old phase's mpiexec has ended with a
+rescale to it and its ``phase_exit`` is recorded, the launcher says go; any other end calls
+it off (it exits having written nothing) and is reported as ever. The pre-started ranks
+share the lock's open file, as every phase's do. While they start up the machine runs both
+phases' ranks (oversubscribed on a small one); once waiting they take no core.
+``FLEETMPI_PRESTART``: ``next`` (default, as above), ``rule`` (only once a rule fired), ``off``.
 """
 
 from __future__ import annotations
@@ -18,12 +28,15 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import fleetmpi
 from fleetmpi.engine import checkpoint
+from fleetmpi.engine.standby import STANDBY_ENV, write_handover
 from fleetmpi.engine.watchdog import DRIVER_ENV, driver_token
 from fleetmpi.errors import BadInput, ExitCode, disk_full
 from fleetmpi.jobdir import JobDir
@@ -65,12 +78,49 @@ def worker_env(progress: str | None = None, threads: int = 1) -> dict[str, str]:
     return env
 
 
+PRESTART_ENV = "FLEETMPI_PRESTART"
+PRESTART_MODES = ("next", "rule", "off")
+CANCEL_WAIT_S = 10.0   # a called-off pre-started phase gets this long to end before it is killed
+
+
+def prestart_mode() -> str:
+    """Return $FLEETMPI_PRESTART (default ``next``); BadInput naming the valid values otherwise."""
+    mode = os.environ.get(PRESTART_ENV, "") or "next"
+    if mode not in PRESTART_MODES:
+        raise BadInput(f"{PRESTART_ENV}={mode!r} is not valid; valid: {', '.join(PRESTART_MODES)}")
+    return mode
+
+
+def goto_targets(spec: Spec, phase: str) -> list[str]:
+    """Return the phases the rules can move ``phase`` to, in rule order."""
+    out: list[str] = []
+    for rule in spec.fleet.rules:
+        to = rule.then.goto
+        if to and to != phase and (rule.phases is None or phase in rule.phases) and to not in out:
+            out.append(to)
+    return out
+
+
+@dataclass
+class _Started:
+    """A phase's mpiexec and where its output goes (``token`` set while it is a pre-started one)."""
+
+    proc: subprocess.Popen[bytes]
+    phase: str
+    log: Path
+    out_from: int
+    token: str = ""
+
+
 class LocalBackend:
     """Run a job's phases one after another on this machine."""
 
     def __init__(self, jd: JobDir, spec: Spec, out: TextIO = sys.stderr) -> None:
         self.jd, self.spec, self.out = jd, spec, out
         self._proc: subprocess.Popen[bytes] | None = None
+        self._standby: _Started | None = None     # the pre-started next phase, waiting for its word
+        self._launch: tuple[list[str], str | None, int] = ([], None, 0)   # mpiexec, progress, running index
+        self._prestart = "off"
         self._signals: list[tuple[int, str]] = []   # (signal, how it was passed on), for the main loop
         self._lock: JobLock | None = None
         self._signals_seen: list[int] = []
@@ -79,6 +129,7 @@ class LocalBackend:
     def run(self) -> int:
         """Run phases until the goal, a failure or a stop; return the exit code."""
         mpiexec = find_mpiexec(self.spec)
+        self._prestart = prestart_mode()
         check_local_fit(self.spec, source=str(self.jd.spec))
         progress = None
         if self.spec.monitor.progress == "auto":
@@ -95,6 +146,7 @@ class LocalBackend:
             try:
                 return self._phases(mpiexec, progress)
             finally:
+                self._call_off("the run ended")
                 for s, h in prev.items():
                     signal.signal(s, h)
                 self._lock = None
@@ -111,15 +163,29 @@ class LocalBackend:
                           f"`fleetmpi run {self.jd.root}` resumes from the newest checkpoint")
                 return ExitCode.STOPPED
             index = len(state.get("phases_run", []))
-            ranks = self.spec.phase(phase).ranks
-            cmd = [*mpiexec, "-n", str(ranks), *self.spec.scheduler.launcher_args,
-                   sys.executable, "-m", "fleetmpi.engine.worker", str(self.jd.root)]
-            log = self.jd.phase_log(index, phase)
-            self.jd.event("launch", backend="local", phase=phase, ranks=ranks, command=cmd, log=str(log))
+            self._launch = (mpiexec, progress, index)
             t0 = time.time()
-            env = worker_env(progress, self.spec.phase(phase).threads)
-            env[DRIVER_ENV] = driver_token()
-            rc = self._run_phase(cmd, log, env, tee=progress != "bar")
+            ready = self._standby if self._standby is not None and self._standby.phase == phase else None
+            if ready is not None and ready.proc.poll() is not None:
+                ready = None   # it ended while it waited (a signal, a crash): the phase starts afresh
+            if ready is not None:
+                # The old phase's mpiexec has ended and its phase_exit is recorded: the
+                # pre-started ranks may now read its checkpoint and write.
+                self._standby = None
+                write_handover(self.jd.root, ready.token, True, f"phase {phase} starts")
+                self.jd.event("handover", backend="local", phase=phase, ranks=self.spec.phase(phase).ranks,
+                              log=str(ready.log))
+                ready.token = ""
+                started = ready
+            else:
+                self._call_off(f"the job goes on in phase {phase}")
+                started = self._start(phase, index, progress, mpiexec)
+            if self._prestart == "next":
+                targets = goto_targets(self.spec, phase)
+                if len(targets) == 1:   # several: wait for the rule that picks one
+                    self._pre_start(targets[0])
+            rc = self._follow(started, tee=progress != "bar")
+            log = started.log
             self._report_signals()
             after = self.jd.read_state()
             code = ExitCode.of(rc)
@@ -150,26 +216,42 @@ class LocalBackend:
                 self.jd.update_state(reason=f"stopped by {_signame(self._signals_seen[0])}")
             return rc
 
-    def _run_phase(self, cmd: list[str], log: Path, env: dict[str, str], tee: bool) -> int:
-        """Run one phase's mpiexec; with ``tee``, copy its output from the log to ``out`` as it comes.
+    def _start(self, phase: str, index: int, progress: str | None, mpiexec: list[str],
+               token: str = "") -> _Started:
+        """Start phase ``phase``'s mpiexec as run ``index``; ``token``: as a pre-started phase.
 
         mpiexec writes to the log file, never to a pipe of ours: if this process dies, a
         pipe would break and hydra would die of SIGPIPE and kill the ranks mid-checkpoint.
         """
-        had_checkpoints = bool(checkpoint.list_checkpoints(self.jd.ckpt))
-        events_from = self.jd.events.stat().st_size if self.jd.events.exists() else 0
+        ranks = self.spec.phase(phase).ranks
+        cmd = [*mpiexec, "-n", str(ranks), *self.spec.scheduler.launcher_args,
+               sys.executable, "-m", "fleetmpi.engine.worker", str(self.jd.root)]
+        log = self.jd.phase_log(index, phase)
+        self.jd.event("prestart" if token else "launch", backend="local", phase=phase, ranks=ranks, command=cmd,
+                      log=str(log))
+        env = worker_env(progress, self.spec.phase(phase).threads)
+        env[DRIVER_ENV] = driver_token()
+        if token:
+            env[STANDBY_ENV] = f"{token}:{phase}"
+        tee = progress != "bar"
         lock_fd = self._lock.fd if self._lock is not None else None
         with open(log, "ab") as logf:
             logf.write(f"$ {' '.join(cmd)}\n".encode())
             logf.flush()
-            out_from = logf.tell()
             # The lock goes with mpiexec: ranks that outlive this process still hold the job dir.
-            self._proc = subprocess.Popen(cmd, env=env, preexec_fn=_dies_with(os.getpid()),
-                                          pass_fds=(lock_fd,) if lock_fd is not None else (),
-                                          stdout=logf if tee else None, stderr=subprocess.STDOUT if tee else None)
+            proc = subprocess.Popen(cmd, env=env, preexec_fn=_dies_with(os.getpid()),
+                                    pass_fds=(lock_fd,) if lock_fd is not None else (),
+                                    stdout=logf if tee else None, stderr=subprocess.STDOUT if tee else None)
+            return _Started(proc, phase, log, logf.tell(), token)
+
+    def _follow(self, started: _Started, tee: bool) -> int:
+        """Wait for a started phase's mpiexec; with ``tee``, copy its output from the log to ``out`` as it comes."""
+        had_checkpoints = bool(checkpoint.list_checkpoints(self.jd.ckpt))
+        events_from = self.jd.events.stat().st_size if self.jd.events.exists() else 0
+        self._proc = started.proc
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        with open(log, "rb") as follow:
-            follow.seek(out_from)
+        with open(started.log, "rb") as follow:
+            follow.seek(started.out_from)
             while True:
                 rc = self._proc.poll()
                 chunk = follow.read() if tee else b""
@@ -207,7 +289,36 @@ class LocalBackend:
                 if note:
                     self._say(note)
                 self._skipped = []
+            elif ev.get("event") == "rule_fired" and str(ev.get("action", "")).startswith("goto "):
+                if self._prestart != "off":
+                    self._pre_start(str(ev["action"])[5:])
         return offset + end
+
+    def _pre_start(self, phase: str) -> None:
+        """Pre-start ``phase`` as the next one (a CPU phase only), calling off one for another phase."""
+        if self._standby is not None:
+            if self._standby.phase == phase:
+                return
+            self._call_off(f"a rule chose phase {phase}")
+        if phase not in self.spec.fleet.phases or self.spec.phase(phase).device != "cpu":
+            return   # a GPU phase would take the device while the old phase still holds it
+        mpiexec, progress, index = self._launch
+        self._standby = self._start(phase, index + 1, progress, mpiexec, token=uuid.uuid4().hex)
+
+    def _call_off(self, reason: str) -> None:
+        """End the pre-started phase, if any: its word says no, SIGTERM ends a start-up; no orphans."""
+        sb, self._standby = self._standby, None
+        if sb is None:
+            return
+        write_handover(self.jd.root, sb.token, False, reason)
+        if sb.proc.poll() is None:
+            sb.proc.send_signal(signal.SIGTERM)   # hydra forwards it; ranks still importing just end
+        try:
+            rc = sb.proc.wait(timeout=CANCEL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            _kill_tree(sb.proc)
+            rc = sb.proc.wait()
+        self.jd.event("prestart_called_off", phase=sb.phase, reason=reason, exit_code=rc, log=str(sb.log))
 
     def _forward(self, signum: int, _frame: Any) -> None:
         # Runs between bytecodes of the main loop: pass the signal on now, write and say
@@ -282,6 +393,20 @@ def _ranks_under(pid: int) -> list[int]:
         except psutil.Error:
             continue
     return found
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL mpiexec ``proc`` and every process under it (ranks included)."""
+    import psutil
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        kids = []
+    for p in [*kids, proc]:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _dies_with(parent: int) -> Callable[[], None] | None:

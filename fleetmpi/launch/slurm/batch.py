@@ -46,8 +46,8 @@ def _this_run() -> tuple[str, int]:
     return job_id, int(os.environ.get("SLURM_RESTART_COUNT") or 0)
 
 
-def begin(jd: JobDir, phase: str) -> int:
-    """Record the allocation this run got; refuse to start a phase the job is not in."""
+def begin(jd: JobDir, phase: str, locked_at: float | None = None) -> int:
+    """Record the allocation this run got (``locked_at``: when it got the job dir's lock); refuse a wrong phase."""
     job_id, restart = _this_run()
     env = {k: os.environ[k] for k in chain_mod.SHAPE_VARS if k in os.environ}
     chain_mod.write_env(jd, job_id, restart, env)
@@ -59,8 +59,11 @@ def begin(jd: JobDir, phase: str) -> int:
         raise BadInput(f"{jd.state_path}: the job is in phase {state.get('phase')!r} but Slurm job {job_id} "
                        f"was shaped for phase {phase!r}")
     sync_state(jd, status="STARTING")
+    from fleetmpi.engine.watchdog import started_at
+    # When the batch shell and this step started: bench/bench_rescale_slurm.py splits a rescale by them.
+    marks = {"shell": started_at(os.getppid()), "process": started_at(), "locked": locked_at}
     jd.event("slurm_start", job_id=job_id, restart=restart, phase=phase, nodes=env.get("SLURM_JOB_NUM_NODES"),
-             partition=env.get("SLURM_JOB_PARTITION"), nodelist=env.get("SLURM_JOB_NODELIST"))
+             partition=env.get("SLURM_JOB_PARTITION"), nodelist=env.get("SLURM_JOB_NODELIST"), startup=marks)
     return ExitCode.OK
 
 
@@ -294,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.BAD_INPUT
     try:
         if args.cmd == "begin":
-            return begin(jd, args.phase)
+            return begin(jd, args.phase, time.time())
         when = float(args.signal_time) if args.signal_time else None
         return after(jd, args.phase, args.exit_code, args.signal, when)
     except BadInput as e:
