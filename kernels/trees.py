@@ -196,17 +196,19 @@ def _grad_softmax(pred: np.ndarray, y: np.ndarray, g: np.ndarray, h: np.ndarray)
     n, k = pred.shape
     factor = k / (k - 1.0)          # LightGBM's: the diagonal of the softmax Hessian, rescaled
     loss = 0.0
+    e = np.empty(k)                 # each exp once (it was taken twice a class)
     for i in range(n):
         m = pred[i, 0]
         for c in range(1, k):
             m = max(m, pred[i, c])
         s = 0.0
         for c in range(k):
-            s += math.exp(pred[i, c] - m)
+            e[c] = math.exp(pred[i, c] - m)
+            s += e[c]
         yi = int(y[i])
         loss += math.log(s) + m - pred[i, yi]
         for c in range(k):
-            p = math.exp(pred[i, c] - m) / s
+            p = e[c] / s
             g[c, i] = p - (1.0 if c == yi else 0.0)
             h[c, i] = max(factor * p * (1.0 - p), 1e-16)
     return loss
@@ -460,12 +462,12 @@ def _splittable(hq: np.int64, inv_h: float, mcw: float) -> bool:
 
 @njit(cache=True, nogil=True)
 def _grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.ndarray, hist: np.ndarray,
-                ids: np.ndarray, starts: np.ndarray, counts: np.ndarray, gs: np.ndarray, hs: np.ndarray,
-                foff: np.ndarray, colmask: np.ndarray, inv_g: float, inv_h: float, l2: float, mcw: float,
-                build: bool, feature: np.ndarray, tbin: np.ndarray, left: np.ndarray, right: np.ndarray,
-                gain_out: np.ndarray, nodes: int, leaves: np.ndarray, nleaves: int, built_buf: np.ndarray
+                hrow: np.ndarray, ids: np.ndarray, starts: np.ndarray, counts: np.ndarray, gs: np.ndarray,
+                hs: np.ndarray, foff: np.ndarray, colmask: np.ndarray, inv_g: float, inv_h: float, l2: float,
+                mcw: float, build: bool, feature: np.ndarray, tbin: np.ndarray, left: np.ndarray, right: np.ndarray,
+                gain_out: np.ndarray, nodes: int, leaves: np.ndarray, nleaves: int, out: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                           np.ndarray, np.ndarray, np.ndarray, int, int]:
+                           np.ndarray, int, int, int]:
     k = ids.shape[0]
     d = codes.shape[1]
     feat = np.empty(k, np.int64)
@@ -482,7 +484,7 @@ def _grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.nd
         if not _splittable(hs[j], inv_h, mcw):
             continue                   # its histogram was never made (see need below)
         cm = colmask[j if colmask.shape[0] > 1 else 0]
-        feat[j], thr[j], gsplit[j], lg[j], lh[j] = _best_one(hist[j], gs[j], hs[j], foff, cm, inv_g, inv_h, l2, mcw,
+        feat[j], thr[j], gsplit[j], lg[j], lh[j] = _best_one(hist[hrow[j]], gs[j], hs[j], foff, cm, inv_g, inv_h, l2, mcw,
                                                               cg, ch, at, work)
         if feat[j] >= 0:
             nsplit += 1
@@ -493,11 +495,10 @@ def _grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.nd
     c_counts = np.empty(2 * nsplit, np.int64)
     c_gs = np.empty(2 * nsplit, np.int64)
     c_hs = np.empty(2 * nsplit, np.int64)
+    c_hrow = np.full(2 * nsplit, -1, np.int64)
     parent = np.empty(nbuilt, np.int64)
-    small = np.empty(nbuilt, np.int64)
-    pair = np.empty(nbuilt, np.int64)
     need = np.empty(nbuilt, np.int64)
-    built = built_buf[:nbuilt]
+    built = out[:nbuilt]
     built[:] = 0
     q = 0
     b = 0
@@ -578,78 +579,68 @@ def _grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.nd
         c_hs[2 * q] = lh[j]
         c_hs[2 * q + 1] = hs[j] - lh[j]
         if want:
-            parent[b] = j
-            small[b] = go
-            pair[b] = q
+            # The built child stays in out[b], where it was summed; its sibling goes to
+            # out[nbuilt + b]. Children whose histograms are never read keep row -1.
+            parent[b] = hrow[j]
             need[b] = want
+            if want & 1:
+                c_hrow[2 * q + go] = b
+            if want & 2:
+                c_hrow[2 * q + 1 - go] = nbuilt + b
             b += 1
         q += 1
-    return (c_ids, c_starts, c_counts, c_gs, c_hs, parent, small, pair, need, built, nodes + 2 * nsplit,
-            nleaves)
+    return c_ids, c_starts, c_counts, c_gs, c_hs, c_hrow, parent, need, nbuilt, nodes + 2 * nsplit, nleaves
 
 
 def grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.ndarray, hist: np.ndarray,
-               level: tuple[np.ndarray, ...], foff: np.ndarray,
-               colmask: np.ndarray, inv_g: float, inv_h: float, l2: float, min_child_weight: float, build: bool,
-               tree: tuple[np.ndarray, ...], nodes: int, leaves: np.ndarray, nleaves: int,
-               built: np.ndarray | None = None
-               ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...], np.ndarray, int, int]:
+               hrow: np.ndarray, level: tuple[np.ndarray, ...], foff: np.ndarray, colmask: np.ndarray, inv_g: float,
+               inv_h: float, l2: float, min_child_weight: float, build: bool, tree: tuple[np.ndarray, ...],
+               nodes: int, leaves: np.ndarray, nleaves: int, out: np.ndarray
+               ) -> tuple[tuple[np.ndarray, ...], np.ndarray, tuple[np.ndarray, np.ndarray], int, int, int]:
     """Split one level's nodes in one pass: best split, tree arrays, stable partition, smaller-child histograms.
 
-    level is (node ids, order starts, counts, gq sums, hq sums) of the level's nodes and
-    hist their (k, bins, 2) global histograms; colmask is (k, d) or (1, d) for all. Nodes
-    without a positive-gain split become rows of leaves (node, start, count, gq, hq) from
-    nleaves on; so do nodes whose hessian is below 2 min_child_weight, without a look at
-    their histogram (no split could leave both children min_child_weight), so theirs need
-    not exist. Each split node writes (feature, bin, left, right, gain) into tree (four
+    level is (node ids, order starts, counts, gq sums, hq sums) of the level's nodes; node
+    j's global histogram is hist[hrow[j]] (bins, 2); colmask is (k, d) or (1, d) for all.
+    Nodes without a positive-gain split become rows of leaves (node, start, count, gq, hq)
+    from nleaves on; so do nodes whose hessian is below 2 min_child_weight, without a look
+    at their histogram (no split could leave both children min_child_weight), so theirs
+    need not exist. Each split node writes (feature, bin, left, right, gain) into tree (four
     int32 arrays and one float64 array) and its children take node ids nodes, nodes + 1,
     ... in level order. With build, the local histogram of each split's smaller child (by
-    global hessian, left on a tie) is summed while its rows are partitioned, into the front
-    of built (at least k, bins, 2; reused so its pages stay mapped) when given, unless
-    neither child could split. Return (children's level tuple, links, built (built
-    children, bins, 2), nodes, nleaves); links are, per built child, the index of its
-    parent in this level, its side (0 left, 1 right), its split's index among the splits
-    and which histograms the next level reads (bit 1: it, bit 2: its sibling).
+    global hessian, left on a tie) is summed while its rows are partitioned, into
+    out[0:nbuilt] (out: a reused buffer of at least 2 k rows, not hist), unless neither
+    child could split. Return (children's level tuple, children's hist rows in out (-1:
+    never read), links, nbuilt, nodes, nleaves); links are, per built child, its parent's
+    hist row and which histograms the next level reads (bit 1: it, bit 2: its sibling).
     """
     ids, starts, counts, gs, hs = level
-    if built is None:
-        built = np.empty((ids.shape[0] if build else 0, hist.shape[1], 2), np.int64)
-    out = _grow_level(codes, gh, order, tmp, hist, ids, starts, counts, gs, hs, foff, colmask, float(inv_g),
-                      float(inv_h), float(l2), float(min_child_weight), bool(build), tree[0], tree[1], tree[2],
-                      tree[3], tree[4], int(nodes), leaves, int(nleaves), built)
-    return out[:5], out[5:9], out[9], int(out[10]), int(out[11])
+    r = _grow_level(codes, gh, order, tmp, hist, hrow, ids, starts, counts, gs, hs, foff, colmask, float(inv_g),
+                    float(inv_h), float(l2), float(min_child_weight), bool(build), tree[0], tree[1], tree[2],
+                    tree[3], tree[4], int(nodes), leaves, int(nleaves), out)
+    return (r[0], r[1], r[2], r[3], r[4]), r[5], (r[6], r[7]), int(r[8]), int(r[9]), int(r[10])
 
 
 @njit(cache=True, nogil=True)
-def _children(hist: np.ndarray, built: np.ndarray, parent: np.ndarray, small: np.ndarray, pair: np.ndarray,
-              need: np.ndarray, out: np.ndarray) -> None:
+def _children(hist: np.ndarray, parent: np.ndarray, need: np.ndarray, out: np.ndarray) -> None:
     nb = hist.shape[1]
-    for q in range(parent.shape[0]):
-        a = out[2 * pair[q] + small[q]]
-        o = out[2 * pair[q] + 1 - small[q]]
-        src = built[q]
-        par = hist[parent[q]]
-        if need[q] & 1:
-            for b in range(nb):
-                a[b, 0] = src[b, 0]
-                a[b, 1] = src[b, 1]
+    nbuilt = parent.shape[0]
+    for q in range(nbuilt):
         if need[q] & 2:
+            o = out[nbuilt + q]
+            src = out[q]
+            par = hist[parent[q]]
             for b in range(nb):
                 o[b, 0] = par[b, 0] - src[b, 0]
                 o[b, 1] = par[b, 1] - src[b, 1]
 
 
-def children_histograms(hist: np.ndarray, built: np.ndarray, links: tuple[np.ndarray, ...], splits: int,
-                        out: np.ndarray | None = None) -> np.ndarray:
-    """Return (2 splits, bins, 2) histograms of the next level from grow_level's built children and links.
+def children_histograms(hist: np.ndarray, links: tuple[np.ndarray, np.ndarray], out: np.ndarray) -> np.ndarray:
+    """Fill the siblings' histograms of grow_level's out, now holding the built children's global sums; return out.
 
-    Each built child's histogram is copied to its place, its sibling's is the parent minus
-    it; a histogram links mark unread is left as it was. out, when given, is a reused
-    buffer (not hist) whose front receives them.
+    Sibling of built child b: its parent's (hist[parent[b]]) minus it, into out[nbuilt + b],
+    where the next level's hist rows point; siblings the next level never reads are skipped.
     """
-    k = 2 * int(splits)
-    out = np.empty((k, hist.shape[1], 2), np.int64) if out is None else out[:k]
-    _children(hist, built, *links, out)
+    _children(hist, links[0], links[1], out)
     return out
 
 
@@ -815,10 +806,11 @@ def warmup() -> None:
     level = (np.zeros(1, np.int64), starts, counts, *node_sums(root, foff))
     tree: tuple[np.ndarray, ...] = (*(np.full(7, -1, np.int32) for _ in range(4)), np.zeros(7))   # gain last
     leaves = np.empty((7, 5), np.int64)
-    level, links, built, nodes, nleaves = grow_level(codes, gh, order, np.empty(8, np.int32), root, level, foff,
-                                                     np.ones((1, 2), np.bool_), 2.0**-20, 2.0**-20, 1.0, 0.0, True,
-                                                     tree, 1, leaves, 0)
-    children_histograms(root, built, links, level[0].size // 2)
+    out = np.empty((2, root.shape[1], 2), np.int64)
+    level, _, links, _, nodes, nleaves = grow_level(codes, gh, order, np.empty(8, np.int32), root,
+                                                    np.zeros(1, np.int64), level, foff, np.ones((1, 2), np.bool_),
+                                                    2.0**-20, 2.0**-20, 1.0, 0.0, True, tree, 1, leaves, 0, out)
+    children_histograms(root, links, out)
     finish_tree(leaves, nleaves, level, tree, nodes, cuts, 2.0**-20, 2.0**-20, 1.0, 0.1, order,
                 np.zeros((8, 1)), 0)
     predict_raw(X, np.array([-1], np.int32), np.zeros(1, np.float32), np.zeros(1, np.int32), np.zeros(1, np.int32),

@@ -217,7 +217,7 @@ class TreeLearner:
         self.hist_bytes = 0
         self._n_global: int | None = None
         self._bufs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._hbufs = [np.empty((0, int(self.foff[-1]), 2), np.int64) for _ in range(3)]
+        self._hbufs = [np.empty((0, int(self.foff[-1]), 2), np.int64) for _ in range(2)]
         self._zero = np.zeros(1, np.int64)
         size = 2 ** (min(params.depth, 6) + 1) - 1        # grown by _tree_work for deeper trees
         # feature, bin, left, right (int32, -1: none) and each split's gain (float64)
@@ -299,9 +299,13 @@ class TreeLearner:
             self._mask, self._mask_key = mask, key
         return self._mask
 
-    def _reduce_hist(self, h: np.ndarray) -> np.ndarray:
+    def _reduce_hist(self, h: np.ndarray) -> None:
+        """Replace contiguous histograms h by their sums over ranks, in place."""
         self.hist_bytes += h.nbytes
-        return self.reduce(h.reshape(-1)).reshape(h.shape)
+        flat = h.reshape(-1)
+        summed = self.reduce(flat)
+        if summed is not flat:
+            flat[:] = summed
 
     def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return (order, tmp, gh) row buffers, reused across trees while n stays the same."""
@@ -313,7 +317,7 @@ class TreeLearner:
         return order, tmp, gh
 
     def _hist_buffer(self, slot: int, k: int) -> np.ndarray:
-        """Return reusable histogram buffer slot (0 built, 1 and 2 levels) with at least k nodes.
+        """Return reusable histogram buffer slot (0 or 1: levels alternate) with at least k nodes.
 
         Fresh multi-MiB arrays would be page-faulted in on every level; reused ones stay mapped.
         """
@@ -350,22 +354,25 @@ class TreeLearner:
         K.quantize_pair(g, h, sg, sh, gh)
         inv_g, inv_h = 1.0 / sg, 1.0 / sh
 
-        # The root goes to slot 2, which the first level's children (slot 1) do not overwrite.
-        hist = self._reduce_hist(K.build_root(codes, gh, foff, self._hist_buffer(2, 1)))
+        # Levels alternate between histogram slots 0 and 1, the root (in 1) first.
+        hist = K.build_root(codes, gh, foff, self._hist_buffer(1, 1))
+        self._reduce_hist(hist)
         level: tuple[np.ndarray, ...] = (self._zero, self._zero, np.full(1, n, np.int64), *K.node_sums(hist, foff))
+        hrow = self._zero
         nodes, nleaves = 1, 0
         for depth in range(p.depth):
             last = depth == p.depth - 1
             k = level[0].size
             tree, leaves = self._tree_work(nodes + 2 * k)
-            level, links, built, nodes, nleaves = K.grow_level(
-                codes, gh, order, tmp, hist, level, foff, self._colmask(r, c, level[0]), inv_g, inv_h, p.l2,
-                p.min_child_weight, not last, tree, nodes, leaves, nleaves, self._hist_buffer(0, 0 if last else k))
+            out = self._hist_buffer(depth % 2, 0 if last else 2 * k)
+            level, hrow, links, nbuilt, nodes, nleaves = K.grow_level(
+                codes, gh, order, tmp, hist, hrow, level, foff, self._colmask(r, c, level[0]), inv_g, inv_h, p.l2,
+                p.min_child_weight, not last, tree, nodes, leaves, nleaves, out)
             # No child histogram built: no child can split, so the level is all leaves (every rank agrees).
-            if not level[0].size or last or not built.shape[0]:
+            if not level[0].size or last or not nbuilt:
                 break
-            out = self._hist_buffer(1 + depth % 2, level[0].size)
-            hist = K.children_histograms(hist, self._reduce_hist(built), links, level[0].size // 2, out)
+            self._reduce_hist(out[:nbuilt])
+            hist = K.children_histograms(hist, links, out)
         return K.finish_tree(self._leaves, nleaves, level, self._tree, nodes, self.ensemble.cuts, inv_g, inv_h, p.l2,
                              lr, order, pred, c)
 

@@ -118,7 +118,7 @@ def test_learner_matches_reference(task: str, bins: int) -> None:
 @pytest.mark.parametrize("rows", [600, 40, 5])
 def test_best_splits_match_reference_on_dense_and_sparse_histograms(rows: int) -> None:
     # Few rows leave most of 255 bins empty; min_child_weight rules out cuts near both ends.
-    X, y = _data(11, n=600, d=6)
+    X, _ = _data(11, n=600, d=6)
     X[:, 4] = np.random.default_rng(12).integers(0, 40, 600)     # 40 distinct values: SIMD with ties
     cuts, ncuts = K.cut_points(X, 255)
     codes = K.bin_rows(X, cuts, ncuts)
