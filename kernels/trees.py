@@ -53,11 +53,13 @@ __all__ = [
     "predict_raw",
     "quantize",
     "quantize_pair",
+    "root_level",
     "warmup",
 ]
 
 MAX_BINS = 256          # codes are uint8
 SIMD_CUTS = 32          # a feature's split scan vectorises its gains from this many cuts on
+LEVEL_ROWS = 6          # a level array's rows: node id, order start, count, gq sum, hq sum, hist row
 PREFETCH_ROWS = 16      # rows ahead whose codes and g/h are requested while this row is summed
 
 
@@ -462,12 +464,12 @@ def _splittable(hq: np.int64, inv_h: float, mcw: float) -> bool:
 
 @njit(cache=True, nogil=True)
 def _grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.ndarray, hist: np.ndarray,
-                hrow: np.ndarray, ids: np.ndarray, starts: np.ndarray, counts: np.ndarray, gs: np.ndarray,
-                hs: np.ndarray, foff: np.ndarray, colmask: np.ndarray, inv_g: float, inv_h: float, l2: float,
-                mcw: float, build: bool, feature: np.ndarray, tbin: np.ndarray, left: np.ndarray, right: np.ndarray,
-                gain_out: np.ndarray, nodes: int, leaves: np.ndarray, nleaves: int, out: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                           np.ndarray, int, int, int]:
+                level: np.ndarray, foff: np.ndarray, colmask: np.ndarray, inv_g: float, inv_h: float, l2: float,
+                mcw: float, build: bool, tnode: np.ndarray, gain_out: np.ndarray, nodes: int, leaves: np.ndarray,
+                nleaves: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+    # Few array arguments and results: each costs the call from Python a few hundred ns.
+    ids, starts, counts, gs, hs, hrow = level[0], level[1], level[2], level[3], level[4], level[5]
+    feature, tbin, left, right = tnode[0], tnode[1], tnode[2], tnode[3]
     k = ids.shape[0]
     d = codes.shape[1]
     feat = np.empty(k, np.int64)
@@ -490,14 +492,12 @@ def _grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.nd
             nsplit += 1
             if build and (_splittable(lh[j], inv_h, mcw) or _splittable(hs[j] - lh[j], inv_h, mcw)):
                 nbuilt += 1
-    c_ids = np.empty(2 * nsplit, np.int64)
-    c_starts = np.empty(2 * nsplit, np.int64)
-    c_counts = np.empty(2 * nsplit, np.int64)
-    c_gs = np.empty(2 * nsplit, np.int64)
-    c_hs = np.empty(2 * nsplit, np.int64)
-    c_hrow = np.full(2 * nsplit, -1, np.int64)
-    parent = np.empty(nbuilt, np.int64)
-    need = np.empty(nbuilt, np.int64)
+    children = np.empty((LEVEL_ROWS, 2 * nsplit), np.int64)
+    c_ids, c_starts, c_counts, c_gs, c_hs, c_hrow = (children[0], children[1], children[2], children[3],
+                                                     children[4], children[5])
+    c_hrow[:] = -1
+    links = np.empty((2, nbuilt), np.int64)
+    parent, need = links[0], links[1]
     built = out[:nbuilt]
     built[:] = 0
     q = 0
@@ -589,35 +589,39 @@ def _grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.nd
                 c_hrow[2 * q + 1 - go] = nbuilt + b
             b += 1
         q += 1
-    return c_ids, c_starts, c_counts, c_gs, c_hs, c_hrow, parent, need, nbuilt, nodes + 2 * nsplit, nleaves
+    return children, links, nbuilt, nodes + 2 * nsplit, nleaves
+
+
+def root_level(n: int, hist: np.ndarray, foff: np.ndarray) -> np.ndarray:
+    """Return grow_level's level array of a root over n local rows with global histogram hist[0]."""
+    gs, hs = node_sums(hist[:1], foff)
+    return np.array([[0], [0], [n], [gs[0]], [hs[0]], [0]], np.int64)
 
 
 def grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.ndarray, hist: np.ndarray,
-               hrow: np.ndarray, level: tuple[np.ndarray, ...], foff: np.ndarray, colmask: np.ndarray, inv_g: float,
-               inv_h: float, l2: float, min_child_weight: float, build: bool, tree: tuple[np.ndarray, ...],
-               nodes: int, leaves: np.ndarray, nleaves: int, out: np.ndarray
-               ) -> tuple[tuple[np.ndarray, ...], np.ndarray, tuple[np.ndarray, np.ndarray], int, int, int]:
+               level: np.ndarray, foff: np.ndarray, colmask: np.ndarray, inv_g: float, inv_h: float, l2: float,
+               min_child_weight: float, build: bool, tree: tuple[np.ndarray, np.ndarray], nodes: int,
+               leaves: np.ndarray, nleaves: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """Split one level's nodes in one pass: best split, tree arrays, stable partition, smaller-child histograms.
 
-    level is (node ids, order starts, counts, gq sums, hq sums) of the level's nodes; node
-    j's global histogram is hist[hrow[j]] (bins, 2); colmask is (k, d) or (1, d) for all.
-    Nodes without a positive-gain split become rows of leaves (node, start, count, gq, hq)
-    from nleaves on; so do nodes whose hessian is below 2 min_child_weight, without a look
-    at their histogram (no split could leave both children min_child_weight), so theirs
-    need not exist. Each split node writes (feature, bin, left, right, gain) into tree (four
-    int32 arrays and one float64 array) and its children take node ids nodes, nodes + 1,
-    ... in level order. With build, the local histogram of each split's smaller child (by
-    global hessian, left on a tie) is summed while its rows are partitioned, into
-    out[0:nbuilt] (out: a reused buffer of at least 2 k rows, not hist), unless neither
-    child could split. Return (children's level tuple, children's hist rows in out (-1:
-    never read), links, nbuilt, nodes, nleaves); links are, per built child, its parent's
-    hist row and which histograms the next level reads (bit 1: it, bit 2: its sibling).
+    level is (LEVEL_ROWS, k) int64: per node its id, order start, count, gq sum, hq sum
+    and the row of hist (rows, bins, 2) holding its global histogram (-1: none; see
+    root_level); colmask is (k, d) or (1, d) for all. Nodes without a positive-gain split
+    become rows of leaves (node, start, count, gq, hq) from nleaves on; so do nodes whose
+    hessian is below 2 min_child_weight, without a look at their histogram (no split could
+    leave both children min_child_weight), so theirs need not exist. Each split node writes
+    feature, bin, left, right into tree[0] ((4, nodes) int32) and its gain into tree[1];
+    its children take node ids nodes, nodes + 1, ... in level order. With build, the local
+    histogram of each split's smaller child (by global hessian, left on a tie) is summed
+    while its rows are partitioned, into out[0:nbuilt] (out: a reused buffer of at least
+    2 k rows, not hist), unless neither child could split. Return (the children's level,
+    links, nbuilt, nodes, nleaves); the children's hist rows point into out, links are
+    (2, nbuilt): per built child its parent's hist row and which histograms the next level
+    reads (bit 1: it, bit 2: its sibling).
     """
-    ids, starts, counts, gs, hs = level
-    r = _grow_level(codes, gh, order, tmp, hist, hrow, ids, starts, counts, gs, hs, foff, colmask, float(inv_g),
-                    float(inv_h), float(l2), float(min_child_weight), bool(build), tree[0], tree[1], tree[2],
-                    tree[3], tree[4], int(nodes), leaves, int(nleaves), out)
-    return (r[0], r[1], r[2], r[3], r[4]), r[5], (r[6], r[7]), int(r[8]), int(r[9]), int(r[10])
+    r = _grow_level(codes, gh, order, tmp, hist, level, foff, colmask, float(inv_g), float(inv_h), float(l2),
+                    float(min_child_weight), bool(build), tree[0], tree[1], int(nodes), leaves, int(nleaves), out)
+    return r[0], r[1], int(r[2]), int(r[3]), int(r[4])
 
 
 @njit(cache=True, nogil=True)
@@ -634,7 +638,7 @@ def _children(hist: np.ndarray, parent: np.ndarray, need: np.ndarray, out: np.nd
                 o[b, 1] = par[b, 1] - src[b, 1]
 
 
-def children_histograms(hist: np.ndarray, links: tuple[np.ndarray, np.ndarray], out: np.ndarray) -> np.ndarray:
+def children_histograms(hist: np.ndarray, links: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Fill the siblings' histograms of grow_level's out, now holding the built children's global sums; return out.
 
     Sibling of built child b: its parent's (hist[parent[b]]) minus it, into out[nbuilt + b],
@@ -678,15 +682,11 @@ def _leaf(node: np.int64, s: np.int64, n: np.int64, gq: np.int64, hq: np.int64, 
 
 
 @njit(cache=True, nogil=True)
-def _finish_tree(leaves: np.ndarray, nleaves: int, ids: np.ndarray, starts: np.ndarray, counts: np.ndarray,
-                 gs: np.ndarray, hs: np.ndarray, feature: np.ndarray, tbin: np.ndarray, left: np.ndarray,
-                 right: np.ndarray, gain: np.ndarray, nodes: int, cuts: np.ndarray, inv_g: float, inv_h: float,
-                 l2: float, lr: float, order: np.ndarray, pred: np.ndarray, c: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    fa = feature[:nodes].copy()
-    ba = tbin[:nodes].copy()
-    la = left[:nodes].copy()
-    ra = right[:nodes].copy()
+def _finish_tree(leaves: np.ndarray, nleaves: int, level: np.ndarray, tnode: np.ndarray, gain: np.ndarray,
+                 nodes: int, cuts: np.ndarray, inv_g: float, inv_h: float, l2: float, lr: float, order: np.ndarray,
+                 pred: np.ndarray, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    tn = tnode[:, :nodes].copy()
+    fa, ba = tn[0], tn[1]
     ga = gain[:nodes].copy()
     thr = np.zeros(nodes, np.float32)
     value = np.zeros(nodes)
@@ -696,32 +696,29 @@ def _finish_tree(leaves: np.ndarray, nleaves: int, ids: np.ndarray, starts: np.n
     for j in range(nleaves):
         _leaf(leaves[j, 0], leaves[j, 1], leaves[j, 2], leaves[j, 3], leaves[j, 4], inv_g, inv_h, l2, lr, value,
               order, pred, c)
-    for j in range(ids.shape[0]):
-        _leaf(ids[j], starts[j], counts[j], gs[j], hs[j], inv_g, inv_h, l2, lr, value, order, pred, c)
+    for j in range(level.shape[1]):
+        _leaf(level[0, j], level[1, j], level[2, j], level[3, j], level[4, j], inv_g, inv_h, l2, lr, value, order,
+              pred, c)
     # The work arrays go back to "no split" for the next tree.
-    feature[:nodes] = -1
-    tbin[:nodes] = -1
-    left[:nodes] = -1
-    right[:nodes] = -1
+    tnode[:, :nodes] = -1
     gain[:nodes] = 0.0
-    return fa, ba, thr, la, ra, value, ga
+    return tn, thr, value, ga
 
 
-def finish_tree(leaves: np.ndarray, nleaves: int, level: tuple[np.ndarray, ...], tree: tuple[np.ndarray, ...],
+def finish_tree(leaves: np.ndarray, nleaves: int, level: np.ndarray, tree: tuple[np.ndarray, np.ndarray],
                 nodes: int, cuts: np.ndarray, inv_g: float, inv_h: float, l2: float, learning_rate: float,
                 order: np.ndarray, pred: np.ndarray, c: int) -> dict[str, np.ndarray]:
     """Return a grown tree's node arrays and add its leaves to pred[:, c] (n, outputs) of their rows.
 
     Leaves are the first nleaves rows of leaves plus every node of the last level (both as
     grow_level gives them); each gets leaf_values' Newton step. tree holds grow_level's
-    work arrays (feature, bin, left, right, gain), reset to "no split" on return so the
+    work arrays ((4, nodes) int32 feature, bin, left, right; gain), reset to "no split" so the
     next tree can reuse them; split nodes get their bin's float32 cut as threshold.
     """
-    ids, starts, counts, gs, hs = level
-    feature, tbin, left, right, gain = tree
-    out = _finish_tree(leaves, int(nleaves), ids, starts, counts, gs, hs, feature, tbin, left, right, gain, int(nodes),
-                       cuts, float(inv_g), float(inv_h), float(l2), float(learning_rate), order, pred, int(c))
-    return dict(zip(("feature", "bin", "threshold", "left", "right", "value", "gain"), out))
+    tn, thr, value, gain = _finish_tree(leaves, int(nleaves), level, tree[0], tree[1], int(nodes), cuts, float(inv_g),
+                                        float(inv_h), float(l2), float(learning_rate), order, pred, int(c))
+    return {"feature": tn[0], "bin": tn[1], "threshold": thr, "left": tn[2], "right": tn[3], "value": value,
+            "gain": gain}
 
 
 @njit(cache=True, nogil=True)
@@ -803,13 +800,13 @@ def warmup() -> None:
     gh = quantize_pair(g, h, 2.0**20, 2.0**20, np.empty((8, 2), np.int64))
     bounds(g, h)
     root = build_root(codes, gh, foff)
-    level = (np.zeros(1, np.int64), starts, counts, *node_sums(root, foff))
-    tree: tuple[np.ndarray, ...] = (*(np.full(7, -1, np.int32) for _ in range(4)), np.zeros(7))   # gain last
+    level = root_level(8, root, foff)
+    tree = (np.full((4, 7), -1, np.int32), np.zeros(7))
     leaves = np.empty((7, 5), np.int64)
     out = np.empty((2, root.shape[1], 2), np.int64)
-    level, _, links, _, nodes, nleaves = grow_level(codes, gh, order, np.empty(8, np.int32), root,
-                                                    np.zeros(1, np.int64), level, foff, np.ones((1, 2), np.bool_),
-                                                    2.0**-20, 2.0**-20, 1.0, 0.0, True, tree, 1, leaves, 0, out)
+    level, links, _, nodes, nleaves = grow_level(codes, gh, order, np.empty(8, np.int32), root, level, foff,
+                                                 np.ones((1, 2), np.bool_), 2.0**-20, 2.0**-20, 1.0, 0.0, True, tree,
+                                                 1, leaves, 0, out)
     children_histograms(root, links, out)
     finish_tree(leaves, nleaves, level, tree, nodes, cuts, 2.0**-20, 2.0**-20, 1.0, 0.1, order,
                 np.zeros((8, 1)), 0)

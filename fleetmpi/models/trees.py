@@ -218,10 +218,9 @@ class TreeLearner:
         self._n_global: int | None = None
         self._bufs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._hbufs = [np.empty((0, int(self.foff[-1]), 2), np.int64) for _ in range(2)]
-        self._zero = np.zeros(1, np.int64)
         size = 2 ** (min(params.depth, 6) + 1) - 1        # grown by _tree_work for deeper trees
-        # feature, bin, left, right (int32, -1: none) and each split's gain (float64)
-        self._tree: tuple[np.ndarray, ...] = (*(np.full(size, -1, np.int32) for _ in range(4)), np.zeros(size))
+        # (feature, bin, left, right) per node (int32, -1: none) and each split's gain (float64)
+        self._tree = (np.full((4, size), -1, np.int32), np.zeros(size))
         self._leaves = np.empty((size, 5), np.int64)       # node, start, count, gq sum, hq sum
         self._arange = np.empty(0, np.int32)
         self._mask = np.ones((1, self.foff.size - 1), np.bool_)
@@ -327,15 +326,17 @@ class TreeLearner:
             self._hbufs[slot] = buf
         return buf
 
-    def _tree_work(self, nodes: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    def _tree_work(self, nodes: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
         """Return grow_level's tree arrays and leaf rows with room for ``nodes`` nodes, kept across trees.
 
         finish_tree resets the nodes a tree used, so no tree starts with another's splits.
         """
         tree, leaves = self._tree, self._leaves
-        if nodes > tree[0].size:
-            grow = max(nodes, 2 * tree[0].size) - tree[0].size
-            tree = tuple(np.concatenate([a, np.full(grow, -1 if a.dtype == np.int32 else 0, a.dtype)]) for a in tree)
+        size = tree[1].size
+        if nodes > size:
+            grow = max(nodes, 2 * size) - size
+            tree = (np.concatenate([tree[0], np.full((4, grow), -1, np.int32)], axis=1),
+                    np.concatenate([tree[1], np.zeros(grow)]))
             leaves = np.concatenate([leaves, np.empty((grow, 5), np.int64)])
             self._tree, self._leaves = tree, leaves
         return tree, leaves
@@ -357,19 +358,18 @@ class TreeLearner:
         # Levels alternate between histogram slots 0 and 1, the root (in 1) first.
         hist = K.build_root(codes, gh, foff, self._hist_buffer(1, 1))
         self._reduce_hist(hist)
-        level: tuple[np.ndarray, ...] = (self._zero, self._zero, np.full(1, n, np.int64), *K.node_sums(hist, foff))
-        hrow = self._zero
+        level = K.root_level(n, hist, foff)
         nodes, nleaves = 1, 0
         for depth in range(p.depth):
             last = depth == p.depth - 1
-            k = level[0].size
+            k = level.shape[1]
             tree, leaves = self._tree_work(nodes + 2 * k)
             out = self._hist_buffer(depth % 2, 0 if last else 2 * k)
-            level, hrow, links, nbuilt, nodes, nleaves = K.grow_level(
-                codes, gh, order, tmp, hist, hrow, level, foff, self._colmask(r, c, level[0]), inv_g, inv_h, p.l2,
+            level, links, nbuilt, nodes, nleaves = K.grow_level(
+                codes, gh, order, tmp, hist, level, foff, self._colmask(r, c, level[0]), inv_g, inv_h, p.l2,
                 p.min_child_weight, not last, tree, nodes, leaves, nleaves, out)
             # No child histogram built: no child can split, so the level is all leaves (every rank agrees).
-            if not level[0].size or last or not nbuilt:
+            if not level.shape[1] or last or not nbuilt:
                 break
             self._reduce_hist(out[:nbuilt])
             hist = K.children_histograms(hist, links, out)
