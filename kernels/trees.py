@@ -31,7 +31,6 @@ from numba.extending import intrinsic
 from kernels.exact import fixed_scale
 
 __all__ = [
-    "add_leaves",
     "best_splits",
     "bin_rows",
     "bounds",
@@ -46,7 +45,6 @@ __all__ = [
     "grad_softmax",
     "grad_squared",
     "grow_level",
-    "leaf_values",
     "node_sums",
     "pair",
     "partition",
@@ -648,33 +646,10 @@ def children_histograms(hist: np.ndarray, links: np.ndarray, out: np.ndarray) ->
     return out
 
 
-def leaf_values(gsum: np.ndarray, hsum: np.ndarray, inv_g: float, inv_h: float, l2: float,
-                learning_rate: float) -> np.ndarray:
-    """Return the Newton step -G/(H + l2) times learning_rate of each leaf's int sums."""
-    G = gsum.astype(np.float64) * inv_g
-    H = hsum.astype(np.float64) * inv_h
-    return -G / (H + l2) * learning_rate
-
-
-@njit(cache=True, nogil=True)
-def _add_leaves(order: np.ndarray, starts: np.ndarray, counts: np.ndarray, values: np.ndarray,
-                pred: np.ndarray) -> None:
-    for j in range(starts.shape[0]):
-        v = values[j]
-        for p in range(starts[j], starts[j] + counts[j]):
-            pred[order[p]] += v
-
-
-def add_leaves(order: np.ndarray, starts: np.ndarray, counts: np.ndarray, values: np.ndarray,
-               pred: np.ndarray) -> None:
-    """Add each leaf's value to pred (n,) of the rows in its order segment."""
-    _add_leaves(order, starts, counts, values, pred)
-
-
 @njit(cache=True, nogil=True)
 def _leaf(node: np.int64, s: np.int64, n: np.int64, gq: np.int64, hq: np.int64, inv_g: float, inv_h: float,
           l2: float, lr: float, value: np.ndarray, order: np.ndarray, pred: np.ndarray, c: int) -> None:
-    # leaf_values' arithmetic, operation for operation: the same bits.
+    # The Newton step -G / (H + l2) times the learning rate, as kernels.tree_reference has it.
     v = -(np.float64(gq) * inv_g) / (np.float64(hq) * inv_h + l2) * lr
     value[node] = v
     for p in range(s, s + n):
@@ -711,7 +686,7 @@ def finish_tree(leaves: np.ndarray, nleaves: int, level: np.ndarray, tree: tuple
     """Return a grown tree's node arrays and add its leaves to pred[:, c] (n, outputs) of their rows.
 
     Leaves are the first nleaves rows of leaves plus every node of the last level (both as
-    grow_level gives them); each gets leaf_values' Newton step. tree holds grow_level's
+    grow_level gives them); each gets the Newton step -G / (H + l2) times learning_rate. tree holds grow_level's
     work arrays ((4, nodes) int32 feature, bin, left, right; gain), reset to "no split" so the
     next tree can reuse them; split nodes get their bin's float32 cut as threshold.
     """
@@ -796,7 +771,6 @@ def warmup() -> None:
     f, t, _, _, _ = best_splits(hist, hist[:, : foff[1], 0].sum(1), hist[:, : foff[1], 1].sum(1), foff,
                                 np.ones((1, 2), np.bool_), 2.0**-20, 2.0**-20, 1.0, 0.0)
     partition(codes, order, starts, counts, f, t)
-    add_leaves(order, starts, counts, np.ones(1), pred)
     gh = quantize_pair(g, h, 2.0**20, 2.0**20, np.empty((8, 2), np.int64))
     bounds(g, h)
     root = build_root(codes, gh, foff)
