@@ -370,6 +370,8 @@ def _best_one(hist: np.ndarray, gsum: np.int64, hsum: np.int64, foff: np.ndarray
                 continue
             gl += dg
             hl += dh
+            if (hsum - hl) * inv_h < mcw:
+                break                       # the right child's hessian only shrinks from here on
             cg[k] = gl
             ch[k] = hl
             at[k] = b
