@@ -160,14 +160,23 @@ def gather_sample(X: np.ndarray, row_ids: np.ndarray, ids: np.ndarray,
 
 
 def mpi_reducers(comm: Any) -> tuple[Reduce, Reduce]:
-    """Return (int64 SUM, float64 MAX) Allreduce callables over comm."""
+    """Return (int64 SUM, float64 MAX) Allreduce callables over comm; identities on a one-rank comm.
+
+    The SUM works in place when given a contiguous int64 array (and returns it).
+
+    An Allreduce over one rank returns its input, so it is skipped: it only cost a copy
+    and an MPI call per tree level (small data sets run a few hundred levels a second).
+    """
     from mpi4py import MPI
 
+    if comm.Get_size() == 1:
+        return _identity, _identity
+
     def reduce(a: np.ndarray) -> np.ndarray:
+        # In place: a fresh multi-MiB result per tree level costs page faults and a copy back.
         a = np.ascontiguousarray(a, dtype=np.int64)
-        out = np.empty_like(a)
-        comm.Allreduce([a, MPI.INT64_T], [out, MPI.INT64_T], op=MPI.SUM)
-        return out
+        comm.Allreduce(MPI.IN_PLACE, [a, MPI.INT64_T], op=MPI.SUM)
+        return a
 
     def reduce_max(a: np.ndarray) -> np.ndarray:
         a = np.ascontiguousarray(a, dtype=np.float64)
@@ -205,10 +214,16 @@ class TreeLearner:
         self.reduce_max = reduce_max
         self.foff = K.feature_offsets(ncuts)
         self.ensemble = Ensemble(cuts, ncuts, np.zeros(params.outputs), params.task)
-        self.hist_bytes = 0            # int64 bytes this rank put into reduce() so far
+        # int64 histogram bytes this rank put into reduce() so far; counted on one rank too,
+        # where the reducer is the identity: the payload a data-parallel run sums per rank.
+        self.hist_bytes = 0
         self._n_global: int | None = None
         self._bufs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._hbufs = [np.empty((0, int(self.foff[-1]), 2), np.int64) for _ in range(3)]
+        self._hbufs = [np.empty((0, int(self.foff[-1]), 2), np.int64) for _ in range(2)]
+        size = 2 ** (min(params.depth, 6) + 1) - 1        # grown by _tree_work for deeper trees
+        # (feature, bin, left, right) per node (int32, -1: none) and each split's gain (float64)
+        self._tree = (np.full((4, size), -1, np.int32), np.zeros(size))
+        self._leaves = np.empty((size, 5), np.int64)       # node, start, count, gq sum, hq sum
         self._arange = np.empty(0, np.int32)
         self._mask = np.ones((1, self.foff.size - 1), np.bool_)
         self._mask_key: tuple[int, int] | None = None
@@ -249,12 +264,9 @@ class TreeLearner:
         for c in range(p.outputs):
             w = self._row_weights(row_ids, r, c)
             gc, hc = (g[c], h[c]) if w is None else (g[c] * w, h[c] * w)
-            tree, add = self._grow(codes, gc, hc, r, c, lr)
+            tree = self._grow(codes, gc, hc, r, c, lr, pred)
             tree["class"] = np.array([c], np.int32)
             self.ensemble.trees.append(tree)
-            col = np.ascontiguousarray(pred[:, c])
-            K.add_leaves(*add, col)
-            pred[:, c] = col
         self.ensemble.rounds += 1
         return loss
 
@@ -288,9 +300,13 @@ class TreeLearner:
             self._mask, self._mask_key = mask, key
         return self._mask
 
-    def _reduce_hist(self, h: np.ndarray) -> np.ndarray:
+    def _reduce_hist(self, h: np.ndarray) -> None:
+        """Replace contiguous histograms h by their sums over ranks, in place."""
         self.hist_bytes += h.nbytes
-        return self.reduce(h.reshape(-1)).reshape(h.shape)
+        flat = h.reshape(-1)
+        summed = self.reduce(flat)
+        if summed is not flat:
+            flat[:] = summed
 
     def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return (order, tmp, gh) row buffers, reused across trees while n stays the same."""
@@ -302,7 +318,7 @@ class TreeLearner:
         return order, tmp, gh
 
     def _hist_buffer(self, slot: int, k: int) -> np.ndarray:
-        """Return reusable histogram buffer slot (0 built, 1 and 2 levels) with at least k nodes.
+        """Return reusable histogram buffer slot (0 or 1: levels alternate) with at least k nodes.
 
         Fresh multi-MiB arrays would be page-faulted in on every level; reused ones stay mapped.
         """
@@ -312,58 +328,55 @@ class TreeLearner:
             self._hbufs[slot] = buf
         return buf
 
-    def _grow(self, codes: np.ndarray, g: np.ndarray, h: np.ndarray, r: int, c: int, lr: float
-              ) -> tuple[dict[str, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """Return one tree's node arrays and (order, leaf starts, counts, values) for the pred update."""
+    def _tree_work(self, nodes: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+        """Return grow_level's tree arrays and leaf rows with room for ``nodes`` nodes, kept across trees.
+
+        finish_tree resets the nodes a tree used, so no tree starts with another's splits.
+        """
+        tree, leaves = self._tree, self._leaves
+        size = tree[1].size
+        if nodes > size:
+            grow = max(nodes, 2 * size) - size
+            tree = (np.concatenate([tree[0], np.full((4, grow), -1, np.int32)], axis=1),
+                    np.concatenate([tree[1], np.zeros(grow)]))
+            leaves = np.concatenate([leaves, np.empty((grow, 5), np.int64)])
+            self._tree, self._leaves = tree, leaves
+        return tree, leaves
+
+    def _grow(self, codes: np.ndarray, g: np.ndarray, h: np.ndarray, r: int, c: int, lr: float, pred: np.ndarray
+              ) -> dict[str, np.ndarray]:
+        """Return one tree's node arrays; add its leaf values to pred[:, c] of their rows."""
         p, foff = self.p, self.foff
         n = codes.shape[0]
         if self._n_global is None:
             self._n_global = int(self.reduce(np.array([n], np.int64))[0])
         n_global = self._n_global
-        local = np.array([np.abs(g).max() if n else 0.0, h.max() if n else 0.0])
-        bg, bh = self.reduce_max(local)
+        bg, bh = self.reduce_max(K.bounds(g, h))
         sg, sh = K.fixed_scale(float(bg), max(n_global, 1)), K.fixed_scale(float(bh), max(n_global, 1))
         order, tmp, gh = self._buffers(n)
         K.quantize_pair(g, h, sg, sh, gh)
         inv_g, inv_h = 1.0 / sg, 1.0 / sh
 
-        hist = self._reduce_hist(K.build_root(codes, gh, foff))
-        gs = hist[:, foff[0]:foff[1], 0].sum(axis=1)
-        hs = hist[:, foff[0]:foff[1], 1].sum(axis=1)
-        level: tuple[np.ndarray, ...] = (np.zeros(1, np.int64), np.zeros(1, np.int64), np.full(1, n, np.int64), gs, hs)
-        size = 2 ** (min(p.depth, 6) + 1) - 1         # grown below for deeper trees
-        # feature, bin, left, right (int32, -1: none) and each split's gain (float64)
-        tree_arrays: tuple[np.ndarray, ...] = (*(np.full(size, -1, np.int32) for _ in range(4)), np.zeros(size))
-        leaves = np.empty((size, 5), np.int64)          # node, start, count, gq sum, hq sum
+        # Levels alternate between histogram slots 0 and 1, the root (in 1) first.
+        hist = K.build_root(codes, gh, foff, self._hist_buffer(1, 1))
+        self._reduce_hist(hist)
+        level = K.root_level(n, hist, foff)
         nodes, nleaves = 1, 0
         for depth in range(p.depth):
             last = depth == p.depth - 1
-            k = level[0].size
-            if nodes + 2 * k > tree_arrays[0].size:
-                grow = max(nodes + 2 * k, 2 * tree_arrays[0].size) - tree_arrays[0].size
-                tree_arrays = tuple(np.concatenate([a, np.full(grow, -1 if a.dtype == np.int32 else 0, a.dtype)])
-                                    for a in tree_arrays)
-                leaves = np.concatenate([leaves, np.empty((grow, 5), np.int64)])
-            built_buf = self._hist_buffer(0, 0 if last else k)
-            level, parent, small, built, nodes, nleaves = K.grow_level(
+            k = level.shape[1]
+            tree, leaves = self._tree_work(nodes + 2 * k)
+            out = self._hist_buffer(depth % 2, 0 if last else 2 * k)
+            level, links, nbuilt, nodes, nleaves = K.grow_level(
                 codes, gh, order, tmp, hist, level, foff, self._colmask(r, c, level[0]), inv_g, inv_h, p.l2,
-                p.min_child_weight, not last, tree_arrays, nodes, leaves, nleaves, built_buf)
-            if not level[0].size or last:
+                p.min_child_weight, not last, tree, nodes, leaves, nleaves, out)
+            # No child histogram built: no child can split, so the level is all leaves (every rank agrees).
+            if not level.shape[1] or last or not nbuilt:
                 break
-            out = self._hist_buffer(1 + depth % 2, level[0].size)
-            hist = K.children_histograms(hist, self._reduce_hist(built), parent, small, out)
-        k = level[0].size
-        leaves[nleaves:nleaves + k] = np.stack(level, axis=1)
-        seg = leaves[:nleaves + k]
-        values = K.leaf_values(seg[:, 3], seg[:, 4], inv_g, inv_h, p.l2, lr)
-        value = np.zeros(nodes)
-        value[seg[:, 0]] = values
-        fa, ba, la, ra, ga = (a[:nodes].copy() for a in tree_arrays)
-        cuts = self.ensemble.cuts
-        thr = np.where(fa >= 0, cuts[np.maximum(fa, 0), np.maximum(ba, 0)], np.float32(0)).astype(np.float32)
-        tree: dict[str, np.ndarray] = {"feature": fa, "bin": ba, "threshold": thr, "left": la, "right": ra,
-                                       "value": value, "gain": ga}
-        return tree, (order, np.ascontiguousarray(seg[:, 1]), np.ascontiguousarray(seg[:, 2]), values)
+            self._reduce_hist(out[:nbuilt])
+            hist = K.children_histograms(hist, links, out)
+        return K.finish_tree(self._leaves, nleaves, level, self._tree, nodes, self.ensemble.cuts, inv_g, inv_h, p.l2,
+                             lr, order, pred, c)
 
 
 def forest_scores(raw: np.ndarray, base: np.ndarray, kind: str, trees: int, rounds: int) -> np.ndarray:

@@ -77,12 +77,14 @@ def _quantized(g: np.ndarray, h: np.ndarray, n: int) -> tuple[np.ndarray, np.nda
     return K.quantize(g, sg), K.quantize(h, sh), 1.0 / sg, 1.0 / sh
 
 
-@pytest.mark.parametrize("task", ["regression", "binary", "multiclass"])
-def test_learner_matches_reference(task: str) -> None:
+@pytest.mark.parametrize(("task", "bins"), [("regression", 32), ("binary", 32), ("multiclass", 32),
+                                           ("binary", 255), ("multiclass", 255)])
+def test_learner_matches_reference(task: str, bins: int) -> None:
+    # 255 bins: features with 32+ cuts take the split scan's SIMD path, the rest its scalar one.
     X, yr = _data(5, n=800)
     y = {"regression": yr, "binary": (yr > 0.5).astype(np.float32),
          "multiclass": np.digitize(yr, [0.0, 1.0]).astype(np.float32)}[task]
-    p = TreeParams(task=task, classes=3, trees=3, depth=4, learning_rate=0.3, bins=32, l2=0.7,
+    p = TreeParams(task=task, classes=3, trees=3, depth=4, learning_rate=0.3, bins=bins, l2=0.7,
                    min_child_weight=2.0)
     cuts, ncuts = K.cut_points(X, p.bins)
     codes = K.bin_rows(X, cuts, ncuts)
@@ -111,6 +113,32 @@ def test_learner_matches_reference(task: str) -> None:
         assert np.array_equal(pred, want_pred)
     # Raw float rows through the flat ensemble land in the same leaves as their codes.
     assert np.array_equal(learner.ensemble.raw(X), pred)
+
+
+@pytest.mark.parametrize("rows", [600, 40, 5])
+def test_best_splits_match_reference_on_dense_and_sparse_histograms(rows: int) -> None:
+    # Few rows leave most of 255 bins empty; min_child_weight rules out cuts near both ends.
+    X, _ = _data(11, n=600, d=6)
+    X[:, 4] = np.random.default_rng(12).integers(0, 40, 600)     # 40 distinct values: SIMD with ties
+    cuts, ncuts = K.cut_points(X, 255)
+    codes = K.bin_rows(X, cuts, ncuts)
+    foff = K.feature_offsets(ncuts)
+    nbins = [int(c) + 1 for c in ncuts]
+    rng = np.random.default_rng(rows)
+    for trial in range(5):
+        gq = rng.integers(-(2**40), 2**40, 600)
+        hq = rng.integers(0, 2**40, 600)
+        order = rng.permutation(600).astype(np.int32)
+        hist = K.build_histograms(codes, gq, hq, order, np.zeros(1, np.int64), np.full(1, rows, np.int64), foff)
+        sel = order[:rows]
+        G, H = np.array([gq[sel].sum()]), np.array([hq[sel].sum()])
+        mask = rng.random(6) < 0.8 if trial else np.ones(6, np.bool_)
+        for mcw in (0.0, 1.5):
+            f, t, gain, lg, lh = K.best_splits(hist, G, H, foff, mask[None], 2.0**-40, 2.0**-40, 0.5, mcw)
+            want = ref._best(ref._hist(codes, gq, hq, sel, nbins), int(G[0]), int(H[0]), mask, 2.0**-40,
+                             2.0**-40, 0.5, mcw)
+            assert (int(f[0]), int(t[0]), int(lg[0]), int(lh[0])) == want, (trial, mcw)
+            assert (f[0] >= 0) == (gain[0] > 0)
 
 
 def test_one_split_by_hand() -> None:
