@@ -1,26 +1,22 @@
-"""Histogram tree kernels: cut points, uint8 binning, int64 histograms, splits, prediction.
+"""Histogram tree kernels: int64 histograms, split search, row partition, one tree level, a tree's leaves.
 
 The pieces follow LightGBM's and XGBoost's hist learners, kept apart so a data-parallel
-learner can put one integer Allreduce between histogram build and split finding:
+learner can put one integer Allreduce between histogram build and split finding. Rows
+come binned and their gradients rounded to int64 by kernels.tree_rows (re-exported here,
+so a learner imports one module):
 
-* ``cut_points`` turns a sample of rows into at most ``bins - 1`` float32 cuts per
-  feature; ``bin_rows`` maps float32 rows to uint8 codes, ``code = #{cuts < x}``.
-* Gradients and hessians are rounded once per row to int64 (``quantize`` at a
-  power-of-two scale from global bounds, as kernels.exact does), so a histogram is an
-  integer sum: the same for any split of rows over ranks, and a sibling derived by
-  subtraction equals the one built directly.
 * ``build_histograms`` fills (nodes, bins, 2) int64 histograms for row segments of a
   partitioned row order; ``best_splits`` scans them (gain with l2 and
   min_child_weight; ties go to the lowest (feature, bin)); ``partition`` splits each
-  segment stably into left then right rows.
-* ``predict_raw`` walks raw float32 rows through an ensemble stored as flat node arrays.
+  segment stably into left then right rows. Integer sums make a sibling derived by
+  subtraction equal the one built directly.
+* ``grow_level`` does one level in one call (split, partition, smaller child's
+  histogram); ``finish_tree`` turns the leaves into values and the tree's node arrays.
 
 Every kernel is plain numba, fastmath off: results depend on the inputs only.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from llvmlite import ir
@@ -29,6 +25,20 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from kernels.exact import fixed_scale
+from kernels.tree_rows import (
+    MAX_BINS,
+    bin_rows,
+    bounds,
+    cut_points,
+    feature_offsets,
+    grad_logistic,
+    grad_softmax,
+    grad_squared,
+    pair,
+    predict_raw,
+    quantize,
+    quantize_pair,
+)
 
 __all__ = [
     "best_splits",
@@ -55,7 +65,6 @@ __all__ = [
     "warmup",
 ]
 
-MAX_BINS = 256          # codes are uint8
 SIMD_CUTS = 32          # a feature's split scan vectorises its gains from this many cuts on
 LEVEL_ROWS = 6          # a level array's rows: node id, order start, count, gq sum, hq sum, hist row
 PREFETCH_ROWS = 16      # rows ahead whose codes and g/h are requested while this row is summed
@@ -79,163 +88,6 @@ def _prefetch(typingctx: object, arr: types.Array, offset: types.Integer) -> tup
         return context.get_dummy_value()  # type: ignore[attr-defined]
 
     return types.void(arr, offset), codegen
-
-
-# --------------------------------------------------------------------------- bins
-
-
-def cut_points(sample: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (cuts (d, bins-1) float32 padded with +inf, ncuts (d,) int32) from sample rows.
-
-    A feature with at most ``bins`` distinct values gets a cut at each distinct value but
-    the largest (every value its own bin); otherwise the cuts are the distinct values at
-    the sample's k/bins quantiles (k = 1 .. bins-1), less the largest value. A constant
-    feature has no cut. The result depends on the sample's values only, not its row order.
-    """
-    if not 2 <= int(bins) <= MAX_BINS:
-        raise ValueError(f"bins must be in 2..{MAX_BINS}, got {bins}")
-    if not isinstance(sample, np.ndarray) or sample.ndim != 2 or sample.shape[0] == 0:
-        raise ValueError(f"sample must be a 2-D array with at least one row, got {getattr(sample, 'shape', sample)}")
-    S = np.asarray(sample, dtype=np.float32)
-    if not np.isfinite(S).all():
-        r, c = np.argwhere(~np.isfinite(S))[0]
-        raise ValueError(f"sample row {r}, feature {c} is {S[r, c]}; cut points need finite values")
-    m, d = S.shape
-    bins = int(bins)
-    cuts = np.full((d, bins - 1), np.inf, dtype=np.float32)
-    ncuts = np.zeros(d, dtype=np.int32)
-    qidx = (np.arange(1, bins, dtype=np.int64) * m) // bins
-    for f in range(d):
-        v = np.sort(S[:, f])
-        u = np.unique(v)
-        if u.size <= bins:
-            c = u[:-1]
-        else:
-            c = np.unique(v[qidx])
-            c = c[c < u[-1]]
-        cuts[f, : c.size] = c
-        ncuts[f] = c.size
-    return cuts, ncuts
-
-
-def feature_offsets(ncuts: np.ndarray) -> np.ndarray:
-    """Return (d + 1,) int64 offsets of each feature's ncuts + 1 bins in a flat histogram."""
-    off = np.zeros(ncuts.size + 1, dtype=np.int64)
-    np.cumsum(ncuts.astype(np.int64) + 1, out=off[1:])
-    return off
-
-
-@njit(cache=True, nogil=True)
-def _bin_rows(X: np.ndarray, cuts: np.ndarray, ncuts: np.ndarray, out: np.ndarray) -> int:
-    """Fill out (n, d) uint8 with #{cuts < x}; return the first row holding NaN, or -1."""
-    n, d = X.shape
-    for i in range(n):
-        for f in range(d):
-            x = X[i, f]
-            if x != x:
-                return i
-            lo = 0
-            hi = ncuts[f]
-            c = cuts[f]
-            while lo < hi:             # first cut >= x
-                mid = (lo + hi) >> 1
-                if c[mid] < x:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            out[i, f] = lo
-    return -1
-
-
-def bin_rows(X: np.ndarray, cuts: np.ndarray, ncuts: np.ndarray) -> np.ndarray:
-    """Return (n, d) uint8 codes of float32 rows: values above every cut get the last bin."""
-    if not isinstance(X, np.ndarray) or X.ndim != 2 or X.shape[1] != cuts.shape[0]:
-        raise ValueError(f"X must be 2-D with {cuts.shape[0]} columns, got {getattr(X, 'shape', X)}")
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    out = np.empty(X.shape, dtype=np.uint8)
-    bad = _bin_rows(X, cuts, ncuts, out)
-    if bad >= 0:
-        f = int(np.flatnonzero(np.isnan(X[bad]))[0])
-        raise ValueError(f"row {bad}, feature {f} is NaN; tree inputs must be finite")
-    return out
-
-
-# --------------------------------------------------------------------------- gradients
-
-
-@njit(cache=True, nogil=True)
-def _grad_squared(pred: np.ndarray, y: np.ndarray, g: np.ndarray, h: np.ndarray) -> float:
-    n = pred.shape[0]
-    loss = 0.0
-    for i in range(n):
-        r = pred[i] - np.float64(y[i])
-        g[i] = r
-        h[i] = 1.0
-        loss += 0.5 * r * r
-    return loss
-
-
-@njit(cache=True, nogil=True)
-def _grad_logistic(pred: np.ndarray, y: np.ndarray, g: np.ndarray, h: np.ndarray) -> float:
-    n = pred.shape[0]
-    loss = 0.0
-    for i in range(n):
-        z = pred[i]
-        yi = np.float64(y[i])
-        e = math.exp(-abs(z))
-        q = 1.0 / (1.0 + e)
-        p = q if z >= 0.0 else e * q
-        loss += math.log1p(e) + max(z, 0.0) - yi * z
-        g[i] = p - yi
-        h[i] = max(p * (1.0 - p), 1e-16)
-    return loss
-
-
-@njit(cache=True, nogil=True)
-def _grad_softmax(pred: np.ndarray, y: np.ndarray, g: np.ndarray, h: np.ndarray) -> float:
-    n, k = pred.shape
-    factor = k / (k - 1.0)          # LightGBM's: the diagonal of the softmax Hessian, rescaled
-    loss = 0.0
-    e = np.empty(k)                 # each exp once (it was taken twice a class)
-    for i in range(n):
-        m = pred[i, 0]
-        for c in range(1, k):
-            m = max(m, pred[i, c])
-        s = 0.0
-        for c in range(k):
-            e[c] = math.exp(pred[i, c] - m)
-            s += e[c]
-        yi = int(y[i])
-        loss += math.log(s) + m - pred[i, yi]
-        for c in range(k):
-            p = e[c] / s
-            g[c, i] = p - (1.0 if c == yi else 0.0)
-            h[c, i] = max(factor * p * (1.0 - p), 1e-16)
-    return loss
-
-
-def grad_squared(pred: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Return (summed 0.5 (pred - y)^2, g (n,), h (n,)) of squared error."""
-    g, h = np.empty(pred.shape[0]), np.empty(pred.shape[0])
-    return float(_grad_squared(pred, y, g, h)), g, h
-
-
-def grad_logistic(pred: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Return (summed log-loss, g (n,), h (n,)) of logistic loss on raw scores pred."""
-    g, h = np.empty(pred.shape[0]), np.empty(pred.shape[0])
-    return float(_grad_logistic(pred, y, g, h)), g, h
-
-
-def grad_softmax(pred: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """Return (summed cross-entropy, g (k, n), h (k, n)) of softmax on raw scores pred (n, k)."""
-    n, k = pred.shape
-    g, h = np.empty((k, n)), np.empty((k, n))
-    return float(_grad_softmax(pred, y, g, h)), g, h
-
-
-def quantize(v: np.ndarray, scale: float) -> np.ndarray:
-    """Return round(v * scale) as int64 (half to even); scale is a power of two."""
-    return np.rint(v * scale).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- histograms
@@ -265,20 +117,6 @@ def _build_all(codes: np.ndarray, gh: np.ndarray, foff: np.ndarray, out: np.ndar
     hist = out.reshape(-1)
     for i in range(codes.shape[0]):
         _add_row(hist, codes[i], foff, gh[i, 0], gh[i, 1])
-
-
-def pair(gq: np.ndarray, hq: np.ndarray) -> np.ndarray:
-    """Return (n, 2) int64 rows (gq, hq) interleaved, the layout the histogram kernels read."""
-    gh = np.empty((gq.shape[0], 2), np.int64)
-    gh[:, 0] = gq
-    gh[:, 1] = hq
-    return gh
-
-
-def quantize_pair(g: np.ndarray, h: np.ndarray, sg: float, sh: float, out: np.ndarray) -> np.ndarray:
-    """Fill out (n, 2) int64 with (quantize(g, sg), quantize(h, sh)) per row; return it."""
-    _quantize_pair(g, h, float(sg), float(sh), out)
-    return out
 
 
 def build_histograms(codes: np.ndarray, gq: np.ndarray, hq: np.ndarray, order: np.ndarray,
@@ -696,63 +534,6 @@ def finish_tree(leaves: np.ndarray, nleaves: int, level: np.ndarray, tree: tuple
                                         float(inv_h), float(l2), float(learning_rate), order, pred, int(c))
     return {"feature": tn[0], "bin": tn[1], "threshold": thr, "left": tn[2], "right": tn[3], "value": value,
             "gain": gain}
-
-
-@njit(cache=True, nogil=True)
-def _quantize_pair(g: np.ndarray, h: np.ndarray, sg: float, sh: float, out: np.ndarray) -> None:
-    for i in range(g.shape[0]):
-        out[i, 0] = np.int64(np.rint(g[i] * sg))
-        out[i, 1] = np.int64(np.rint(h[i] * sh))
-
-
-@njit(cache=True, nogil=True)
-def _bounds(g: np.ndarray, h: np.ndarray) -> tuple[float, float]:
-    bg = 0.0
-    bh = 0.0
-    for i in range(g.shape[0]):
-        bg = max(bg, abs(g[i]))
-        bh = max(bh, h[i])
-    return bg, bh
-
-
-def bounds(g: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """Return [max |g|, max h] (zeros when empty; h >= 0): the local bounds of a tree's fixed-point scales."""
-    return np.array(_bounds(g, h))
-
-
-# --------------------------------------------------------------------------- prediction
-
-
-@njit(cache=True, nogil=True)
-def _predict(X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
-             value: np.ndarray, offsets: np.ndarray, tree_class: np.ndarray, out: np.ndarray) -> None:
-    n = X.shape[0]
-    for i in range(n):
-        x = X[i]
-        for t in range(offsets.shape[0] - 1):
-            base = offsets[t]
-            node = base
-            while feature[node] >= 0:
-                if x[feature[node]] <= threshold[node]:
-                    node = base + left[node]
-                else:
-                    node = base + right[node]
-            out[i, tree_class[t]] += value[node]
-
-
-def predict_raw(X: np.ndarray, feature: np.ndarray, threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
-                value: np.ndarray, offsets: np.ndarray, tree_class: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """Return raw scores (n, classes) of float32 rows: base plus every tree's leaf for its class.
-
-    Node arrays are flat over trees; tree t owns nodes offsets[t]:offsets[t+1], its root
-    first, left/right indices relative to its root; a leaf has feature -1. A row goes
-    left where x[feature] <= threshold (the float32 cut), as bin_rows would bin it.
-    """
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    out = np.empty((X.shape[0], base.size))
-    out[:] = base
-    _predict(X, feature, threshold, left, right, value, offsets, tree_class, out)
-    return out
 
 
 def warmup() -> None:
