@@ -42,7 +42,7 @@ def local_chain(jd: JobDir) -> list[dict[str, Any]]:
         spec = None
     chain: list[dict[str, Any]] = []
     for ev in jd.read_events():
-        if ev.get("event") == "launch":
+        if ev.get("event") in ("launch", "handover"):   # handover: a pre-started phase takes over
             phase = ev.get("phase")
             shape = spec.phase(phase).shape() if spec is not None and phase in spec.fleet.phases else None
             chain.append({"job_id": None, "phase": phase, "shape": shape, "ranks": ev.get("ranks"),

@@ -6,8 +6,9 @@ ranks as what they were (they checkpoint and exit 4), and turns every exit into 
 a one-line reason. Its ranks do not outlive it: mpiexec gets SIGTERM when the launcher dies
 (PR_SET_PDEATHSIG), and the ranks watch the launcher's pid (:mod:`fleetmpi.engine.watchdog`).
 
-A rescale overlaps the next phase's start-up with the running phase: as it starts a phase,
-the launcher pre-starts the one phase its rules can go to (or, when several can, the one a
+A rescale overlaps the next phase's start-up with the running phase: once a phase is up
+(its ``phase_start`` event, so the two start-ups do not compete for the cores and a phase
+refused at start costs nothing), the launcher pre-starts the one phase its rules can go to (or, when several can, the one a
 rule fired for, once it fired), whose ranks import, open the data, load kernels and
 then wait (:mod:`fleetmpi.engine.standby`). When the old phase's mpiexec has ended with a
 rescale to it and its ``phase_exit`` is recorded, the launcher says go; any other end calls
@@ -36,7 +37,7 @@ from typing import Any, TextIO
 
 import fleetmpi
 from fleetmpi.engine import checkpoint
-from fleetmpi.engine.standby import STANDBY_ENV, write_handover
+from fleetmpi.engine.standby import STANDBY_ENV, handover_path, write_handover
 from fleetmpi.engine.watchdog import DRIVER_ENV, driver_token
 from fleetmpi.errors import BadInput, ExitCode, disk_full
 from fleetmpi.jobdir import JobDir
@@ -121,6 +122,7 @@ class LocalBackend:
         self._standby: _Started | None = None     # the pre-started next phase, waiting for its word
         self._launch: tuple[list[str], str | None, int] = ([], None, 0)   # mpiexec, progress, running index
         self._prestart = "off"
+        self._next_up: str | None = None          # the phase to pre-start once the running one is up
         self._signals: list[tuple[int, str]] = []   # (signal, how it was passed on), for the main loop
         self._lock: JobLock | None = None
         self._signals_seen: list[int] = []
@@ -147,6 +149,9 @@ class LocalBackend:
                 return self._phases(mpiexec, progress)
             finally:
                 self._call_off("the run ended")
+                # The word file is the launcher's and lives as long as its run: a job dir
+                # at rest holds none (and a refused resume leaves the job dir as it found it).
+                handover_path(self.jd.root).unlink(missing_ok=True)
                 for s, h in prev.items():
                     signal.signal(s, h)
                 self._lock = None
@@ -172,19 +177,22 @@ class LocalBackend:
                 # The old phase's mpiexec has ended and its phase_exit is recorded: the
                 # pre-started ranks may now read its checkpoint and write.
                 self._standby = None
-                write_handover(self.jd.root, ready.token, True, f"phase {phase} starts")
                 self.jd.event("handover", backend="local", phase=phase, ranks=self.spec.phase(phase).ranks,
                               log=str(ready.log))
+                events_from = self._events_size()   # before the word: its phase_start comes after
+                write_handover(self.jd.root, ready.token, True, f"phase {phase} starts")
                 ready.token = ""
                 started = ready
             else:
                 self._call_off(f"the job goes on in phase {phase}")
+                events_from = self._events_size()
                 started = self._start(phase, index, progress, mpiexec)
-            if self._prestart == "next":
-                targets = goto_targets(self.spec, phase)
-                if len(targets) == 1:   # several: wait for the rule that picks one
-                    self._pre_start(targets[0])
-            rc = self._follow(started, tee=progress != "bar")
+            # Pre-start the one phase the rules can go to once this one is up (its phase_start):
+            # not during its own start-up, which would compete for the cores, and never for a
+            # phase that fails at start (a refused checkpoint leaves the job dir as it was).
+            targets = goto_targets(self.spec, phase) if self._prestart == "next" else []
+            self._next_up = targets[0] if len(targets) == 1 else None   # several: wait for a rule
+            rc = self._follow(started, events_from, tee=progress != "bar")
             log = started.log
             self._report_signals()
             after = self.jd.read_state()
@@ -244,10 +252,13 @@ class LocalBackend:
                                     stdout=logf if tee else None, stderr=subprocess.STDOUT if tee else None)
             return _Started(proc, phase, log, logf.tell(), token)
 
-    def _follow(self, started: _Started, tee: bool) -> int:
-        """Wait for a started phase's mpiexec; with ``tee``, copy its output from the log to ``out`` as it comes."""
+    def _events_size(self) -> int:
+        return self.jd.events.stat().st_size if self.jd.events.exists() else 0
+
+    def _follow(self, started: _Started, events_from: int, tee: bool) -> int:
+        """Wait for a started phase's mpiexec, reading events from ``events_from``; with ``tee``, copy
+        its output from the log to ``out`` as it comes."""
         had_checkpoints = bool(checkpoint.list_checkpoints(self.jd.ckpt))
-        events_from = self.jd.events.stat().st_size if self.jd.events.exists() else 0
         self._proc = started.proc
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with open(started.log, "rb") as follow:
@@ -284,11 +295,15 @@ class LocalBackend:
                 continue
             if ev.get("event") == "checkpoint_skipped":
                 self._skipped.append((str(ev.get("path")), str(ev.get("reason"))))
-            elif ev.get("event") == "phase_start" and ev.get("step") == 0 and had_checkpoints:
-                note = checkpoint.restart_note(False, self._skipped)
-                if note:
-                    self._say(note)
-                self._skipped = []
+            elif ev.get("event") == "phase_start":
+                if ev.get("step") == 0 and had_checkpoints:
+                    note = checkpoint.restart_note(False, self._skipped)
+                    if note:
+                        self._say(note)
+                    self._skipped = []
+                if self._next_up is not None:
+                    self._pre_start(self._next_up)
+                    self._next_up = None
             elif ev.get("event") == "rule_fired" and str(ev.get("action", "")).startswith("goto "):
                 if self._prestart != "off":
                     self._pre_start(str(ev["action"])[5:])

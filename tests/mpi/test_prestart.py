@@ -16,6 +16,8 @@ import pytest
 from conftest import MPIEXEC, ROOT, cli, events, metrics, model_params, write_spec
 
 from fleetmpi.engine.standby import STANDBY_ENV, write_handover
+from fleetmpi.jobdir import JobDir
+from fleetmpi.jobs.summary import local_chain
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +61,8 @@ def test_prestarted_phases_give_bitwise_the_run_of_fresh_launches(tmp_path: Path
         pre = next(i for i, e in enumerate(ev) if e["event"] == "prestart" and e["phase"] == target)
         exit_ = next(i for i, e in enumerate(ev) if e["event"] == "phase_exit" and e["phase"] == before)
         start = next(e for e in ev if e["event"] == "phase_start" and e["phase"] == target)
-        assert pre < exit_
+        up = next(i for i, e in enumerate(ev) if e["event"] == "phase_start" and e["phase"] == before)
+        assert up < pre < exit_   # started once the phase before was up, not during its start-up
         assert start["startup"]["go"] >= ev[exit_]["t"]
     starts = [(e["phase"], e["ranks"], e["step"]) for e in ev if e["event"] == "phase_start"]
     assert starts == [("a", 2, 0), ("b", 3, 40), ("c", 1, 80)]
@@ -68,6 +71,10 @@ def test_prestarted_phases_give_bitwise_the_run_of_fresh_launches(tmp_path: Path
     np.testing.assert_array_equal(model_params(jobs["next"]), model_params(jobs["off"]))
     losses = {m: [(r["step"], r["loss"]) for r in metrics(jobs[m]) if not r.get("eval")] for m in jobs}
     assert losses["next"] == losses["off"] and len(losses["next"]) == 120
+    # The chain names each phase once, a pre-started one from its handover; the word file is gone.
+    assert [(r["phase"], r["exit_code"]) for r in local_chain(JobDir(jobs["next"]))] == \
+        [("a", 3), ("b", 3), ("c", 0)]
+    assert not (jobs["next"] / "standby.json").exists()
 
 
 def _ranks_idle(mpiexec: subprocess.Popen, n: int, timeout: float = 120.0) -> list[psutil.Process]:
