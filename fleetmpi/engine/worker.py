@@ -557,6 +557,15 @@ def _exit_now(code: int) -> None:
     from mpi4py import MPI
     if MPI.Is_initialized() and not MPI.Is_finalized():
         MPI.Finalize()
+    # libc's exit, not os._exit: it runs the C atexit handlers (MPICH's among them; about
+    # 10 ms more). Without them hydra took 1 in 4 of such exits for a crash and SIGKILLed
+    # the ranks still exiting (mpiexec rc 9 after a clean phase end): with 3 ranks leaving
+    # 0.3 s apart, 11 of 36 runs were killed with os._exit, none of 10 with libc's exit.
+    try:
+        import ctypes
+        ctypes.CDLL(None).exit(code)
+    except (OSError, AttributeError):
+        pass
     os._exit(code)
 
 

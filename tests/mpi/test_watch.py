@@ -56,7 +56,10 @@ def test_status_of_a_running_job_shows_progress_and_the_approve_command_events_f
         out, _ = follow.communicate(timeout=30)   # ends by itself: the job stopped
         kinds = [json.loads(line)["event"] for line in out.splitlines()]
         assert kinds[0] == "job_created" or "phase_start" in kinds
-        assert "approval_pending" in kinds and "checkpoint" in kinds and kinds[-1] == "phase_exit", kinds
+        # The phase's exit is the last word of the job; the launcher's calling off of the
+        # pre-started next phase (nothing of it ran) may follow it.
+        ran = [k for k in kinds if k not in ("prestart", "prestart_called_off")]
+        assert "approval_pending" in kinds and "checkpoint" in kinds and ran[-1] == "phase_exit", kinds
     finally:
         for p in (run, follow):
             if p is not None:
