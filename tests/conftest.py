@@ -112,6 +112,13 @@ def model_params(job: Path) -> np.ndarray:
     return arrays["params"]
 
 
+def uninterrupted_params(base: Path, data: Path, **sections: Any) -> np.ndarray:
+    """Return the final parameters of an uninterrupted run of ``sections`` in ``base``: a trial's reference."""
+    spec = write_spec(base / "s.yaml", data, **sections)
+    cli("run", str(spec), "--job-dir", str(base / "job"), check=True, timeout=300)
+    return model_params(base / "job")
+
+
 def metrics(job: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
 

@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 from campaign import Campaign, trials
-from conftest import ROOT, cli, events, model_params, wait_for_training_moment, write_spec
+from conftest import ROOT, cli, events, model_params, uninterrupted_params, wait_for_training_moment, write_spec
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -34,10 +34,7 @@ SECTIONS: dict = {"sync": {"kind": "exact"}, "goal": {"max_steps": STEPS},
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, datasets: dict[str, Path]) -> np.ndarray:
     """The final parameters of the uninterrupted run."""
-    base = tmp_path_factory.mktemp("rank-kill-ref")
-    spec = write_spec(base / "s.yaml", datasets["multiclass"], **SECTIONS)
-    cli("run", str(spec), "--job-dir", str(base / "job"), check=True, timeout=300)
-    return model_params(base / "job")
+    return uninterrupted_params(tmp_path_factory.mktemp("rank-kill-ref"), datasets["multiclass"], **SECTIONS)
 
 
 @pytest.mark.parametrize("trial", range(trials(ci=2, full=24)))

@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 from campaign import Campaign, trials
-from conftest import ROOT, cli, events, metrics, model_params, wait_for_training_moment, write_spec
+from conftest import ROOT, cli, events, metrics, model_params, uninterrupted_params, wait_for_training_moment, write_spec
 
 from fleetmpi.engine import checkpoint
 
@@ -40,10 +40,7 @@ CASES = [(SIGNALS[k % 3], TARGETS[(k + k // 3) % 3]) for k in range(9)]
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, datasets: dict[str, Path]) -> np.ndarray:
     """The final parameters of the uninterrupted run."""
-    base = tmp_path_factory.mktemp("signals-ref")
-    spec = write_spec(base / "s.yaml", datasets["multiclass"], **SECTIONS)
-    cli("run", str(spec), "--job-dir", str(base / "job"), check=True, timeout=300)
-    return model_params(base / "job")
+    return uninterrupted_params(tmp_path_factory.mktemp("signals-ref"), datasets["multiclass"], **SECTIONS)
 
 
 @pytest.mark.parametrize("trial", range(trials(ci=3, full=18)))
