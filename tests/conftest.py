@@ -112,6 +112,13 @@ def model_params(job: Path) -> np.ndarray:
     return arrays["params"]
 
 
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    """Start ``fleetmpi ARGS`` in the background (no progress bar, this checkout first); a fault trial's driver."""
+    return subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "FLEETMPI_PROGRESS": "none", "PYTHONPATH": str(ROOT)})
+
+
 def uninterrupted_params(base: Path, data: Path, **sections: Any) -> np.ndarray:
     """Return the final parameters of an uninterrupted run of ``sections`` in ``base``: a trial's reference."""
     spec = write_spec(base / "s.yaml", data, **sections)

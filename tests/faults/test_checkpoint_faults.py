@@ -12,14 +12,13 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import h5py
 import pytest
 from campaign import Campaign, trials
-from conftest import ROOT, cli, events, write_spec
+from conftest import cli, events, start_cli, write_spec
 
 from fleetmpi.engine import checkpoint
 
@@ -45,9 +44,7 @@ def test_kill9_during_a_checkpoint_write(tmp_path: Path, datasets: dict[str, Pat
                       monitor={"log_every_steps": 10, "eval_every_steps": 100},
                       fleet={"start": "p", "phases": {"p": {"nodes": 1, "ranks_per_node": 1 + trial % 2}}})
     job = tmp_path / "job"
-    driver = subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", "run", str(spec), "--job-dir", str(job)],
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, "FLEETMPI_PROGRESS": "none", "PYTHONPATH": str(ROOT)})
+    driver = start_cli("run", str(spec), "--job-dir", str(job))
     deadline = time.time() + 120
     while time.time() < deadline and driver.poll() is None and not (
             (job / "events.jsonl").exists() and any(e["event"] == "first_step" for e in events(job))):

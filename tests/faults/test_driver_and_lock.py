@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 from campaign import Campaign, trials
-from conftest import ROOT, cli, events, wait_for_event, wait_for_training_moment, write_spec
+from conftest import ROOT, cli, events, start_cli, wait_for_event, wait_for_training_moment, write_spec
 
 from fleetmpi import spec as specmod
 from fleetmpi.jobdir import JobDir, read_lines
@@ -31,12 +31,6 @@ from fleetmpi.lock import JobDirBusy, JobLock
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 LONG = {"max_steps": 200000}   # far beyond any trial: the run is killed or signalled first
-
-
-def _start(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", *args], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "FLEETMPI_PROGRESS": "none", "PYTHONPATH": str(ROOT)})
 
 
 def _job_processes(job: Path) -> list[psutil.Process]:
@@ -90,7 +84,7 @@ def test_kill9_of_driver_leaves_no_ranks_and_the_job_resumes(tmp_path: Path, dat
     steps = 30000 if at_launch else 12000
     spec = _spec(tmp_path, datasets, ranks, goal={"max_steps": steps}, checkpoint={"every_steps": 1000, "keep": 2})
     job = tmp_path / "job"
-    driver = _start(["run", str(spec), "--job-dir", str(job)])
+    driver = start_cli("run", str(spec), "--job-dir", str(job))
     if at_launch:
         wait_for_event(job, timeout=120.0, kind="launch")
         time.sleep(rng.uniform(0.0, 1.5))
@@ -123,7 +117,7 @@ def test_second_run_is_refused_while_one_runs_and_writes_nothing(tmp_path: Path,
                                                                  campaign: Campaign) -> None:
     spec = _spec(tmp_path, datasets, 2)
     job = tmp_path / "job"
-    first = _start(["run", str(spec), "--job-dir", str(job)])
+    first = start_cli("run", str(spec), "--job-dir", str(job))
     tree: list[psutil.Process] = []
     try:
         wait_for_event(job, timeout=120.0, kind="first_step")
@@ -226,7 +220,7 @@ def test_kill9_during_a_checkpoint_write_leaves_a_temp_the_next_start_removes(tm
     spec = _spec(tmp_path, datasets, 2, goal={"max_steps": 400}, model={"kind": "mlp", "hidden": [256]},
                  checkpoint={"every_steps": 1, "keep": 1})
     job = tmp_path / "job"
-    driver = _start(["run", str(spec), "--job-dir", str(job)])
+    driver = start_cli("run", str(spec), "--job-dir", str(job))
     wait_for_event(job, timeout=120.0, kind="first_step")
     temp = None
     deadline = time.time() + 60
@@ -255,7 +249,7 @@ def test_start_over_only_corrupt_checkpoints_says_it_restarts_from_step_0(tmp_pa
                                                                           campaign: Campaign) -> None:
     spec = _spec(tmp_path, datasets, 2, goal={"max_steps": 3000}, checkpoint={"every_steps": 20, "keep": 3})
     job = tmp_path / "job"
-    driver = _start(["run", str(spec), "--job-dir", str(job)])
+    driver = start_cli("run", str(spec), "--job-dir", str(job))
     while len([e for e in (events(job) if (job / "events.jsonl").exists() else [])
                if e["event"] == "checkpoint"]) < 2:
         time.sleep(0.05)
@@ -280,7 +274,7 @@ def test_signal_to_the_driver_is_reported_as_what_it_was(tmp_path: Path, dataset
                                                          sig: signal.Signals) -> None:
     spec = _spec(tmp_path, datasets, 2)
     job = tmp_path / "job"
-    driver = _start(["run", str(spec), "--job-dir", str(job)])
+    driver = start_cli("run", str(spec), "--job-dir", str(job))
     wait_for_event(job, timeout=120.0, kind="first_step")
     driver.send_signal(sig)
     _, err = driver.communicate(timeout=120)

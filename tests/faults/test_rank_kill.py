@@ -8,10 +8,8 @@ The world must end within a deadline (0.1-0.3 s was measured; 30 s means a hang)
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import numpy as np
 import psutil
 import pytest
 from campaign import Campaign, trials
-from conftest import ROOT, cli, events, model_params, uninterrupted_params, wait_for_training_moment, write_spec
+from conftest import cli, events, model_params, start_cli, uninterrupted_params, wait_for_training_moment, write_spec
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -44,9 +42,7 @@ def test_kill9_of_a_rank_ends_the_world_and_the_job_resumes_bitwise(tmp_path: Pa
     rng = random.Random(trial)
     spec = write_spec(tmp_path / "s.yaml", datasets["multiclass"], **SECTIONS)
     job = tmp_path / "job"
-    driver = subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", "run", str(spec), "--job-dir", str(job)],
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, "FLEETMPI_PROGRESS": "none", "PYTHONPATH": str(ROOT)})
+    driver = start_cli("run", str(spec), "--job-dir", str(job))
     wait_for_training_moment(job, rng, proc=driver)
     tree = psutil.Process(driver.pid).children(recursive=True)
     ranks = sorted((p for p in tree if "fleetmpi.engine.worker" in p.cmdline()

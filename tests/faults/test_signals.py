@@ -7,18 +7,25 @@ equals an uninterrupted run's bit for bit (sync: exact).
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 from campaign import Campaign, trials
-from conftest import ROOT, cli, events, metrics, model_params, uninterrupted_params, wait_for_training_moment, write_spec
+from conftest import (
+    cli,
+    events,
+    metrics,
+    model_params,
+    start_cli,
+    uninterrupted_params,
+    wait_for_training_moment,
+    write_spec,
+)
 
 from fleetmpi.engine import checkpoint
 
@@ -51,9 +58,7 @@ def test_signal_loses_no_step_and_the_job_resumes_bitwise(tmp_path: Path, datase
     sig, target = CASES[trial % len(CASES)]
     spec = write_spec(tmp_path / "s.yaml", datasets["multiclass"], **SECTIONS)
     job = tmp_path / "job"
-    driver = subprocess.Popen([sys.executable, "-m", "fleetmpi.cli", "run", str(spec), "--job-dir", str(job)],
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, "FLEETMPI_PROGRESS": "none", "PYTHONPATH": str(ROOT)})
+    driver = start_cli("run", str(spec), "--job-dir", str(job))
     wait_for_training_moment(job, rng, proc=driver)
     ranks = sorted((p for p in psutil.Process(driver.pid).children(recursive=True)
                     if "fleetmpi.engine.worker" in p.cmdline() and "mpiexec" not in p.name()
