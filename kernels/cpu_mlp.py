@@ -15,7 +15,7 @@ is not bitwise portable between CPU models (nor is the float64 path).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -100,6 +100,17 @@ def _mlp_backward(acts: list[np.ndarray], dZ: np.ndarray, layers: _Layers, grads
             dZ = dA
 
 
+def _grad(X: np.ndarray, y: np.ndarray, params: np.ndarray, s: tuple[int, ...], g_out: np.ndarray,
+          dtype: str | type, loss_inplace: Callable[[np.ndarray, np.ndarray], float]) -> float:
+    """Forward, ``loss_inplace`` (turns the outputs into dLoss/dZ, returns the loss sum), backward into g_out."""
+    layers = _layers(params, s, _compute_dtype(dtype))
+    acts, Z = _mlp_forward(X, layers)
+    dZ = Z.astype(np.float64, copy=False)
+    loss = float(loss_inplace(dZ, y))
+    _mlp_backward(acts, dZ, layers, reference.mlp_unpack(g_out, s))
+    return loss
+
+
 def mlp_grad(
     X: np.ndarray,
     y: np.ndarray,
@@ -110,14 +121,8 @@ def mlp_grad(
 ) -> float:
     """Fill g_out with the summed ReLU-MLP cross-entropy gradient; return loss sum."""
     s = _mlp_check(X, y, params, sizes, g_out)
-    dt = _compute_dtype(dtype)
     _check_labels(y, s[-1])
-    layers = _layers(params, s, dt)
-    acts, Z = _mlp_forward(X, layers)
-    dZ = Z.astype(np.float64, copy=False)
-    loss = float(_softmax_xent_inplace(dZ, y))
-    _mlp_backward(acts, dZ, layers, reference.mlp_unpack(g_out, s))
-    return loss
+    return _grad(X, y, params, s, g_out, dtype, _softmax_xent_inplace)
 
 
 def mlp_regression_grad(
@@ -130,15 +135,9 @@ def mlp_regression_grad(
 ) -> float:
     """Fill g_out with the summed 0.5*(f(x)-y)^2 gradient of a one-output ReLU MLP; return loss sum."""
     s = _mlp_check(X, y, params, sizes, g_out)
-    dt = _compute_dtype(dtype)
     if s[-1] != 1:
         raise ValueError(f"a regression MLP has one output unit: sizes must end in 1, got {s}")
-    layers = _layers(params, s, dt)
-    acts, Z = _mlp_forward(X, layers)
-    dZ = Z.astype(np.float64, copy=False)
-    loss = float(_squared_residual_inplace(dZ, y))
-    _mlp_backward(acts, dZ, layers, reference.mlp_unpack(g_out, s))
-    return loss
+    return _grad(X, y, params, s, g_out, dtype, _squared_residual_inplace)
 
 
 def mlp_predict_proba(
