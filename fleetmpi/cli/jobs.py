@@ -226,7 +226,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
-    from fleetmpi.jobs.ledger import home, rebuild_from_job_dirs
+    from fleetmpi.jobs.ledger import home
+    from fleetmpi.jobs.rebuild import rebuild_from_job_dirs
     summary = rebuild_from_job_dirs(home())
     by_status: dict[str, int] = {}
     for j in summary["jobs"]:
