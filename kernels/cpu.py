@@ -6,6 +6,9 @@ single passes: each row's logit, residual and gradient contribution are computed
 the row is in L1. Numba compiles on first call (or loads its on-disk cache); call
 ``warmup()`` before timing-sensitive work.
 
+The linear and logistic kernels are in ``kernels.cpu_glm`` (what they do to approach the
+read rate is described there); their public, checked entry points are here.
+
 The public functions check shapes and dtypes in O(1) (plus one O(n) label range check
 for class labels, which keeps the kernels from indexing out of bounds) and call the
 raw ``_*`` kernels, which do no checking at all.

@@ -4,21 +4,27 @@ The raw kernels behind ``kernels.cpu.linear_grad`` / ``logistic_grad`` (which ch
 arguments and pick the one- or many-thread driver); conventions as in ``kernels.cpu``.
 Also the fixed row chunking that the softmax kernels in ``kernels.cpu`` share.
 
-Where the time goes (a Zen 4 core, X 1536 x 128 float32 in L2, per element of X): the
-float32 -> float64 conversion (vcvtps2pd) is the scarcest resource, not the load. A dot
-product and a gradient update each need x in float64, and the gradient of a row needs the
-residual of its finished dot product, so each element is converted twice, once per pass;
-keeping the converted block in an L1 buffer instead costs a 64-byte store per eight
-elements, which measured slower than converting again. Everything else is arranged so the
-two conversions (and their FMAs) are all that is left:
-- the dot products contract multiply and add into one FMA ("contract") and run two rows
-  per pass over w (w loaded once per two rows, eight rows' worth of loads in flight);
-- the gradient adds eight rows per pass over g as one chain of FMAs per element (g
-  loaded and stored once per eight rows);
-- the logistic's residuals (exp and log1p, kernels.vmath) are a long chain of dependent
-  vector operations: they are computed one block AHEAD of the gradient that uses them
-  (software pipelining), so their latency overlaps the previous block's gradient FMAs
-  instead of stalling the core between the two passes.
+How they spend their time (Zen 4 core, AVX-512, X 1536 x 128 in L2, one thread): the
+float32 -> float64 conversion (vcvtps2pd) is the scarce resource, not the load. Converting
+alone (with an FMA by a constant) ran at 1.8x the bench's read loop per element; the dot
+product and the gradient update each need x in float64, and a row's gradient needs its
+finished dot product, so each element is converted twice, which caps a fused kernel near
+0.9 of that read loop. The linear kernel reaches ~0.63 of it, the logistic ~0.45.
+What the kernels do to get there:
+- the dot products run two rows per pass over w (w loaded once per two rows) with one
+  FMA per element ("contract": 1.08-1.10x over multiply-then-add);
+- the gradient adds eight rows per pass over g, one chain of FMAs per element, g loaded
+  and stored once per eight rows; the rows come back from L1;
+- accumulation is float64 throughout, in an order fixed by the code (row pairs, eight-row
+  groups, blocks, chunks), never by the thread count.
+Tried and measured no better, so not done: converting each block once into an L1 float64
+buffer (the convert-and-store pass alone took 0.87 of the read loop's time: 64-byte
+stores); four rows per dot pass (0.62 against 0.63); for the logistic, computing a block's
+residuals one block ahead of the previous block's gradient (software pipelining, so the
+exp/log1p dependency chain overlaps gradient FMAs: 0.458 against 0.463) and residual
+blocks of a constant 16 rows padded so the SIMD loop has no scalar remainder (0.450
+against 0.449); blocks of 32 rows were faster at L2 size (0.64 against 0.57 on two
+threads) but slower from DRAM (see _BLOCK).
 """
 
 from __future__ import annotations
@@ -35,10 +41,11 @@ from kernels import vmath
 _CHUNKS = 16
 _CHUNK_MIN_ROWS = 512
 
-# Rows per logistic block: enough for a SIMD loop over the block's exp/log1p, few enough
-# that two blocks' rows (16 KiB at d = 128; the pipeline keeps two in flight) stay in L1
-# between a block's logit pass and its gradient pass. A compile-time constant, so the
-# residual loops have a known trip count and no scalar remainder.
+# Rows per logistic residual block: enough for a SIMD loop over the block's exp/log1p, few
+# enough that the block's rows (8 KiB at d = 128) stay in L1 between the logit pass and the
+# gradient pass. Measured on a quiet 2-core box, two threads (of the read rate, 200k / 1536
+# rows): 16 gave 0.77-0.86 / 0.52-0.55, 24 0.71-0.74 / 0.55, 32 0.60-0.62 / 0.58, 64 0.63 /
+# 0.57-0.60; 16 wins where X streams from memory, which is where the time goes.
 _BLOCK = 16
 
 
@@ -117,89 +124,51 @@ def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
     return loss
 
 
-@njit(cache=True, fastmath=False, nogil=True, error_model="numpy")
-def _logistic_residuals(X: np.ndarray, y: np.ndarray, w: np.ndarray, i: int, m: int,
-                        z: np.ndarray, yb: np.ndarray, r: np.ndarray, rbits: np.ndarray,
-                        lrow: np.ndarray) -> float:
-    """Set r[:m] to the residuals of rows i..i+m (m <= _BLOCK); return their loss sum."""
-    d = X.shape[1]
-    b = float(w[d])
-    for t in range(0, m, 2):
-        # An odd last row is paired with itself, so it is summed as any other row.
-        s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w, d)
-        z[t] = s0 + b
-        if t + 1 < m:
-            z[t + 1] = s1 + b
-    for t in range(m):
-        yb[t] = y[i + t]
-    # Always _BLOCK rows (a constant: SIMD loops with no scalar remainder), the rows past
-    # m padded with z = y = 0 and then ignored. Strict IEEE (and error_model="numpy",
-    # which the inlined vmath code needs to vectorise its divisions), so a row's residual
-    # and loss depend neither on its lane nor on whether the block was full.
-    for t in range(m, _BLOCK):
-        z[t] = 0.0
-        yb[t] = 0.0
-    vmath.logistic_residuals(z, yb, r, rbits, lrow, _BLOCK)
-    loss = 0.0
-    for t in range(m):
-        loss += lrow[t]
-    return loss
-
-
 @njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
-def _grad_rows(g: np.ndarray, X: np.ndarray, i: int, m: int, r: np.ndarray, gb: float) -> float:
-    """Add rows i..i+m of X times r[:m] to g; return gb plus the residuals (row order)."""
-    d = X.shape[1]
-    t = 0
-    while t + 8 <= m:
-        gb += _glm_add8(g, X, i + t, r, t, d)
-        t += 8
-    for u in range(t, m):
-        x = X[i + u]
-        ru = r[u]
-        gb += ru
-        for j in range(d):
-            g[j] += ru * x[j]
-    return gb
-
-
-@njit(cache=True, nogil=True)
 def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
                     g: np.ndarray) -> float:
     """Add rows lo..hi's log-loss gradient to g (d+1,) (zeroed here); return the loss."""
-    # Blocks of _BLOCK rows, software-pipelined: the logits and residuals of block k+1
-    # (_logistic_residuals: logits by _dot2, then exp/log1p in SIMD lanes) are computed
-    # BEFORE the gradient of block k (_grad_rows), into the other of two residual
-    # buffers. The gradient of block k does not depend on them, so the out-of-order core
-    # runs the residuals' long dependency chain under block k's gradient FMAs. Rows are
-    # read from memory in address order (the prefetcher follows one stream) and re-read
-    # for the gradient from L1 (two blocks, 16 KiB at d = 128). The order of every sum
-    # (rows within a block, blocks, the loss) is that of the unpipelined loop: fixed by
-    # the code, not by the vector width nor by the thread count.
+    # Blocks of _BLOCK rows in three passes. (1) The logits, dot products of two adjacent
+    # rows at a time (_dot2), so X is read in address order: reading rows interleaved
+    # makes short streams that the hardware prefetcher does not follow (measured 3x
+    # slower from DRAM). (2) The block's residuals and losses together, a SIMD loop over
+    # rows (exp and log1p from kernels.vmath: libm's would be two scalar calls per row).
+    # (3) The gradient, eight rows per pass over g (_glm_add8), the rows now in L1. X is
+    # read from memory once. The order of every sum is fixed by the code, not by the
+    # vector width nor by the thread count.
     d = X.shape[1]
     g[:] = 0.0
+    b = float(w[d])
     z = np.empty(_BLOCK)
     yb = np.empty(_BLOCK)
-    lb = np.empty(_BLOCK)
-    ra = np.empty(_BLOCK)
     rb = np.empty(_BLOCK)
-    ra_bits = ra.view(np.int64)
-    rb_bits = rb.view(np.int64)
+    rbits = rb.view(np.int64)
+    lb = np.empty(_BLOCK)
     loss = 0.0
     gb = 0.0
-    if lo < hi:
-        loss += _logistic_residuals(X, y, w, lo, min(_BLOCK, hi - lo), z, yb, ra, ra_bits, lb)
     i = lo
     while i < hi:
         m = min(_BLOCK, hi - i)
-        nxt = i + m
-        if nxt < hi:
-            loss += _logistic_residuals(X, y, w, nxt, min(_BLOCK, hi - nxt), z, yb, rb,
-                                        rb_bits, lb)
-        gb = _grad_rows(g, X, i, m, ra, gb)
-        ra, rb = rb, ra
-        ra_bits, rb_bits = rb_bits, ra_bits
-        i = nxt
+        for t in range(0, m, 2):
+            # An odd last row is paired with itself, so it is summed as any other row.
+            s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w, d)
+            z[t] = s0 + b
+            if t + 1 < m:
+                z[t + 1] = s1 + b
+        for t in range(m):
+            yb[t] = y[i + t]
+        loss += vmath.logistic_rows(z, yb, rb, rbits, lb, m)
+        t = 0
+        while t + 8 <= m:
+            gb += _glm_add8(g, X, i + t, rb, t, d)
+            t += 8
+        for u in range(t, m):
+            x = X[i + u]
+            ru = rb[u]
+            gb += ru
+            for j in range(d):
+                g[j] += ru * x[j]
+        i += m
     g[d] = gb
     return loss
 
