@@ -3,10 +3,13 @@
 Baselines measured in the same run on the same arrays: the numpy two-pass gradient as a
 numpy user writes it (float32 X, float64 weights), the same with X cast to float64 once
 beforehand (cast not timed: numpy's best case), a plain numba read of X summed with
-reassociation allowed, so it vectorises (the memory bound the fused kernel can approach),
+reassociation allowed, so it vectorises (the memory bound the fused kernel can approach;
+at L2 size it is compute-bound instead, by the float32 -> float64 conversion and each
+row's reduction: a flat read of the same array measured 1.5x its rate),
 and one core's FMA peak from a numba FMA loop on L1-resident data (float64 and float32).
-Sizes: 200000 x 128 (X from DRAM) and 1536 x 128 (768 KiB, fits in L2). Timings are
-best-of, interleaved between the kernels, so a loaded machine hurts every row alike.
+Sizes: 200000 x 128 (X from DRAM) and 1536 x 128 (768 KiB, fits in L2). Kernels on one
+numba thread. Timings are best-of, interleaved between the kernels, so a loaded machine
+hurts every row alike. ``--gradients-only`` prints just that table (no results file).
 Also: the MLP training step (784-128-10, batch 128, one thread, float64 and float32
 compute) against PyTorch CPU in both dtypes, and one rank with 2 numba threads against
 1 thread (the 2-ranks-x-1-thread side is bench_scaling's).
@@ -14,6 +17,7 @@ compute) against PyTorch CPU in both dtypes, and one rank with 2 numba threads a
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -86,7 +90,7 @@ def fma_peak() -> dict[str, float]:
     return out
 
 
-def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5) -> list[dict]:
+def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5, threads: int = 1) -> list[dict]:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((n, d), dtype=np.float32)
     yb = (rng.random(n) < 0.5).astype(np.float32)
@@ -97,6 +101,11 @@ def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5) -> list[dict]:
     cpu.warmup()
     _read_all(X[:10])
     per = max(1, 200_000 // n * 4)
+    # One numba thread by default, as the read loop and the FMA peak: the ratios are then
+    # per core. (numba defaults to one thread per CPU, so a direct run used to time the
+    # kernels on 2 threads against a 1-thread read; bench/run.py sets NUMBA_NUM_THREADS=1.)
+    threads_before = numba.get_num_threads()
+    numba.set_num_threads(threads)
     fns = {"read": lambda: _read_all(X), "logistic": lambda: cpu.logistic_grad(X, yb, w, g),
            "linear": lambda: cpu.linear_grad(X, yb, w, g), "softmax k=10": lambda: cpu.softmax_grad(X, yk, W, k, G)}
     t = _best_interleaved(fns, rounds, per)
@@ -104,13 +113,14 @@ def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5) -> list[dict]:
             "linear": lambda: reference.linear_loss_grad(X, yb, w),
             "softmax k=10": lambda: reference.softmax_loss_grad(X, yk, W, k)}
     tr = _best_interleaved(refs, 3, 1)
+    numba.set_num_threads(threads_before)
     gb = X.nbytes / 1e9
     rows = []
     for name in refs:
         flops = 4.0 * n * d * k if name.startswith("softmax") else 4.0 * n * d
         rows.append({"kernel": name, "n": n, "fused_GBps": gb / t[name], "numpy_GBps": gb / tr[name],
                      "read_GBps": gb / t["read"], "vs_numpy": tr[name] / t[name], "of_read": t["read"] / t[name],
-                     "GFLOPs": flops / t[name] / 1e9})
+                     "GFLOPs": flops / t[name] / 1e9, "numba_threads": threads})
     return rows
 
 
@@ -178,16 +188,26 @@ def threads(n: int = 200_000, d: int = 128, k: int = 10) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gradients-only", action="store_true",
+                    help="only the FMA peak and the gradient table (no MLP, no threads); writes no results file")
+    ap.add_argument("--threads", type=int, default=1, choices=range(1, numba.config.NUMBA_NUM_THREADS + 1),
+                    metavar="N", help="numba threads for the gradient table (default 1: ratios per core)")
+    args = ap.parse_args(argv)
     peak = fma_peak()
-    rows = gradients(200_000) + gradients(1536, rounds=5)
+    rows = gradients(200_000, threads=args.threads) + gradients(1536, rounds=5, threads=args.threads)
     for r in rows:
         r["of_fma_peak_f64"] = r["GFLOPs"] / peak["float64"]
     print(f"FMA peak, one core (numba FMA loop): float64 {peak['float64']:.1f} GFLOP/s, "
           f"float32 {peak['float32']:.1f} GFLOP/s")
-    print(table("gradient kernels, X float32 n x 128 (GB/s of X; ratios measured in this run)", rows,
+    print(table(f"gradient kernels, X float32 n x 128, {args.threads} numba thread(s) (GB/s of X; ratios"
+                " measured in this run)", rows,
                 [("kernel", "s"), ("n", "d"), ("fused_GBps", ".2f"), ("numpy_GBps", ".2f"), ("read_GBps", ".2f"),
                  ("vs_numpy", ".2f"), ("of_read", ".2f"), ("GFLOPs", ".1f"), ("of_fma_peak_f64", ".2f")]))
+    print(f"load average {os.getloadavg()[0]:.2f}")
+    if args.gradients_only:
+        return
     mlp = mlp_vs_torch()
     print(table("MLP 784-128-10 training step (forward, backward, SGD update), batch 128, one thread;"
                 " vs_torch_float32 > 1: faster than torch float32", mlp,

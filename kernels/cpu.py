@@ -6,6 +6,9 @@ single passes: each row's logit, residual and gradient contribution are computed
 the row is in L1. Numba compiles on first call (or loads its on-disk cache); call
 ``warmup()`` before timing-sensitive work.
 
+The linear and logistic kernels are in ``kernels.cpu_glm`` (what they do to approach the
+read rate is described there); their public, checked entry points are here.
+
 The public functions check shapes and dtypes in O(1) (plus one O(n) label range check
 for class labels, which keeps the kernels from indexing out of bounds) and call the
 raw ``_*`` kernels, which do no checking at all.
@@ -18,7 +21,9 @@ import math
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from kernels import vmath
+# The linear / logistic kernels live in kernels.cpu_glm; the names below are imported here
+# so that ``cpu._glm_grad`` etc. keep working and warmup / the cache check see them.
+from kernels.cpu_glm import _CHUNK_MIN_ROWS, _glm_grad, _glm_grad_threads, _n_chunks
 
 __all__ = [
     "linear_grad",
@@ -45,200 +50,6 @@ def _dot(x: np.ndarray, w: np.ndarray, d: int) -> float:
     for j in range(d):
         s += x[j] * w[j]
     return s
-
-
-@njit(cache=True, fastmath={"reassoc"}, nogil=True)
-def _dot2(x0: np.ndarray, x1: np.ndarray, w: np.ndarray, d: int) -> tuple[float, float]:
-    """Return (x0 . w, x1 . w) over j < d in float64, each reduced as in ``_dot``."""
-    # Two rows per pass: w is loaded once for both, and two rows' cache lines are in
-    # flight at once (1.3x _dot's rate on L2-resident X; both rows are adjacent in X,
-    # one stream to the prefetcher). A row's sum is the same whichever slot it is in.
-    s0 = 0.0
-    s1 = 0.0
-    for j in range(d):
-        wj = w[j]
-        s0 += x0[j] * wj
-        s1 += x1[j] * wj
-    return s0, s1
-
-
-# Row chunks: a FIXED count that depends only on n, never on the thread count. Each chunk
-# sums its rows into its own partial gradient and the partials are added in chunk order,
-# so one thread and many threads give bit-identical results (the threaded drivers only
-# run the same chunks concurrently).
-_CHUNKS = 16
-_CHUNK_MIN_ROWS = 512
-
-
-@njit(cache=True, nogil=True)
-def _n_chunks(n: int) -> int:
-    """Return the number of row chunks for n rows (1..16, independent of threads)."""
-    return max(1, min(_CHUNKS, n // _CHUNK_MIN_ROWS))
-
-
-# Rows per residual block: enough for a SIMD loop over the block's exp/log1p, few enough
-# that the block's rows (8 KiB at d = 128) stay in L1 between the logit pass and the
-# gradient pass. Measured on a quiet 2-core box (of the read rate, 200k / 1536 rows): 16
-# gave 0.77-0.86 / 0.52-0.55, 24 0.71-0.74 / 0.55, 32 0.60-0.62 / 0.58, 64 0.63 / 0.57-0.60;
-# 16 wins where X streams from memory, which is where the time goes.
-_BLOCK = 16
-
-
-@njit(cache=True, fastmath=False, nogil=True)
-def _glm_rows(z: np.ndarray, y: np.ndarray, r: np.ndarray, rbits: np.ndarray, lrow: np.ndarray,
-              m: int, logistic: bool) -> float:
-    """Set r[:m] to the residuals of logits z[:m]; return the rows' loss sum (row order)."""
-    # Strict IEEE and one formula for a block's rows and the chunk's remainder rows alike.
-    if logistic:
-        return vmath.logistic_rows(z, y, r, rbits, lrow, m)
-    for t in range(m):
-        rt = z[t] - y[t]
-        r[t] = rt
-        lrow[t] = 0.5 * rt * rt
-    loss = 0.0
-    for t in range(m):
-        loss += lrow[t]
-    return loss
-
-
-@njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
-def _glm_add8(g: np.ndarray, X: np.ndarray, i: int, r: np.ndarray, o: int, d: int) -> float:
-    """Add rows i..i+8 of X times residuals r[o:o+8] to g[:d]; return the residuals' sum."""
-    # One pass over g for eight rows, a tree of FMAs per element: g is loaded and stored
-    # once per eight rows, and the eight rows come from L1.
-    x0, x1, x2, x3 = X[i], X[i + 1], X[i + 2], X[i + 3]
-    x4, x5, x6, x7 = X[i + 4], X[i + 5], X[i + 6], X[i + 7]
-    r0, r1, r2, r3 = r[o], r[o + 1], r[o + 2], r[o + 3]
-    r4, r5, r6, r7 = r[o + 4], r[o + 5], r[o + 6], r[o + 7]
-    for j in range(d):
-        g[j] += ((r0 * x0[j] + r1 * x1[j]) + (r2 * x2[j] + r3 * x3[j])) + \
-                ((r4 * x4[j] + r5 * x5[j]) + (r6 * x6[j] + r7 * x7[j]))
-    return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-
-
-@njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
-def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
-                  g: np.ndarray) -> float:
-    """Add rows lo..hi's squared-loss gradient to g (d+1,) (zeroed here); return the loss."""
-    # As _glm_chunk, but in blocks of eight rows with the residual (one subtraction)
-    # computed in line: no SIMD residual block is needed, and the smaller block measured
-    # faster (0.72 vs 0.67 of the read rate at L2 size).
-    d = X.shape[1]
-    g[:] = 0.0
-    b = float(w[d])
-    loss = 0.0
-    gb = 0.0
-    r = np.empty(8)
-    i = lo
-    while i + 8 <= hi:
-        for t in range(0, 8, 2):
-            s0, s1 = _dot2(X[i + t], X[i + t + 1], w, d)
-            r0 = (s0 + b) - y[i + t]
-            r1 = (s1 + b) - y[i + t + 1]
-            r[t] = r0
-            r[t + 1] = r1
-            loss += 0.5 * r0 * r0 + 0.5 * r1 * r1
-        gb += _glm_add8(g, X, i, r, 0, d)
-        i += 8
-    for t in range(i, hi):
-        x = X[t]
-        s0, _ = _dot2(x, x, w, d)
-        rt = (s0 + b) - y[t]
-        loss += 0.5 * rt * rt
-        gb += rt
-        for j in range(d):
-            g[j] += rt * x[j]
-    g[d] = gb
-    return loss
-
-
-@njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
-def _glm_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
-               g: np.ndarray, logistic: bool) -> float:
-    """Add rows lo..hi's gradient to g (d+1,) (zeroed here); return their loss sum."""
-    if not logistic:
-        return _linear_chunk(X, y, w, lo, hi, g)
-    # Blocks of _BLOCK rows in three passes. (1) The logits, dot products of two adjacent
-    # rows at a time (_dot2; vectorised over d, w stays in L1), so X is read in address order: reading rows
-    # interleaved makes short streams that the hardware prefetcher does not follow
-    # (measured 3x slower from DRAM). (2) The block's residuals and losses together, a
-    # SIMD loop over rows (for the logistic, exp and log1p from kernels.vmath: libm's
-    # would be two scalar calls per row). (3) The gradient, eight rows per pass over g
-    # (_glm_add8), the rows now in L1. X is read from memory once. The order of every
-    # sum is fixed by the code, not by the vector width nor by the thread count.
-    d = X.shape[1]
-    g[:] = 0.0
-    b = float(w[d])
-    z = np.empty(_BLOCK)
-    yb = np.empty(_BLOCK)
-    rb = np.empty(_BLOCK)
-    rbits = rb.view(np.int64)
-    lb = np.empty(_BLOCK)
-    loss = 0.0
-    gb = 0.0
-    i = lo
-    while i < hi:
-        m = min(_BLOCK, hi - i)
-        for t in range(0, m, 2):
-            # An odd last row is paired with itself, so it is summed as any other row.
-            s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w, d)
-            z[t] = s0 + b
-            if t + 1 < m:
-                z[t + 1] = s1 + b
-        for t in range(m):
-            yb[t] = y[i + t]
-        loss += _glm_rows(z, yb, rb, rbits, lb, m, logistic)
-        t = 0
-        while t + 8 <= m:
-            gb += _glm_add8(g, X, i + t, rb, t, d)
-            t += 8
-        for u in range(t, m):
-            x = X[i + u]
-            ru = rb[u]
-            gb += ru
-            for j in range(d):
-                g[j] += ru * x[j]
-        i += m
-    g[d] = gb
-    return loss
-
-
-@njit(cache=True, fastmath=False, nogil=True)
-def _combine(parts: np.ndarray, losses: np.ndarray, g: np.ndarray) -> float:
-    """Set g to the sum of parts' rows in row order; return losses summed in order."""
-    g[:] = parts[0]
-    loss = losses[0]
-    for c in range(1, parts.shape[0]):
-        p = parts[c]
-        for j in range(g.shape[0]):
-            g[j] += p[j]
-        loss += losses[c]
-    return loss
-
-
-@njit(cache=True, nogil=True)
-def _glm_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: bool) -> float:
-    """Fill g (d+1,) with the summed gradient over fixed row chunks on one thread."""
-    n = X.shape[0]
-    nc = _n_chunks(n)
-    parts = np.empty((nc, g.shape[0]))
-    losses = np.empty(nc)
-    for c in range(nc):
-        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic)
-    return _combine(parts, losses, g)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray,
-                      logistic: bool) -> float:
-    """Same chunks and result as ``_glm_grad``, the chunks spread over numba's threads."""
-    n = X.shape[0]
-    nc = _n_chunks(n)
-    parts = np.empty((nc, g.shape[0]))
-    losses = np.empty(nc)
-    for c in prange(nc):
-        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic)
-    return _combine(parts, losses, g)
 
 
 @njit(cache=True, fastmath=False, nogil=True)

@@ -131,6 +131,19 @@ def test_cpu_matches_reference(kind: str, n: int) -> None:
         assert np.all(g != 0.0)
 
 
+@pytest.mark.parametrize("n", [2, 7, 15, 16, 17, 31, 32, 33, 47])
+@pytest.mark.parametrize("kind", ["linear", "logistic"])
+def test_glm_block_edges_match_reference(kind: str, n: int) -> None:
+    # The logistic kernel works in 16-row blocks (logits in row pairs, gradient in groups
+    # of eight), the linear one in 8-row blocks: sizes on and around those edges (odd
+    # rows paired with themselves, a partial block, two blocks, a remainder).
+    X, y, p = _problem(kind, n, seed=100 + n)
+    loss, g = _cpu_loss_grad(kind, X, y, p)
+    loss_ref, g_ref = _ref_loss_grad(kind, X, y, p)
+    assert_close(loss, loss_ref)
+    assert_close(g, g_ref)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_empty_batch_gives_zero_loss_and_gradient(kind: str) -> None:
     X, y, p = _problem(kind, 0)

@@ -1,0 +1,220 @@
+"""Linear and logistic-regression gradient kernels: fused passes over float32 X, one thread.
+
+The raw kernels behind ``kernels.cpu.linear_grad`` / ``logistic_grad`` (which check the
+arguments and pick the one- or many-thread driver); conventions as in ``kernels.cpu``.
+Also the fixed row chunking that the softmax kernels in ``kernels.cpu`` share.
+
+How they spend their time (Zen 4 core, AVX-512, X 1536 x 128 in L2, one thread): the
+float32 -> float64 conversion (vcvtps2pd) is the scarce resource, not the load. Converting
+alone (with an FMA by a constant) ran at 1.8x the bench's read loop per element; the dot
+product and the gradient update each need x in float64, and a row's gradient needs its
+finished dot product, so each element is converted twice, which caps a fused kernel near
+0.9 of that read loop. The linear kernel reaches ~0.63 of it, the logistic ~0.45.
+What the kernels do to get there:
+- the dot products run two rows per pass over w (w loaded once per two rows) with one
+  FMA per element ("contract": 1.08-1.10x over multiply-then-add);
+- the gradient adds eight rows per pass over g, one chain of FMAs per element, g loaded
+  and stored once per eight rows; the rows come back from L1;
+- accumulation is float64 throughout, in an order fixed by the code (row pairs, eight-row
+  groups, blocks, chunks), never by the thread count.
+Tried and measured no better, so not done: converting each block once into an L1 float64
+buffer (the convert-and-store pass alone took 0.87 of the read loop's time: 64-byte
+stores); four rows per dot pass (0.62 against 0.63); for the logistic, computing a block's
+residuals one block ahead of the previous block's gradient (software pipelining, so the
+exp/log1p dependency chain overlaps gradient FMAs: 0.458 against 0.463) and residual
+blocks of a constant 16 rows padded so the SIMD loop has no scalar remainder (0.450
+against 0.449); blocks of 32 rows were faster at L2 size (0.64 against 0.57 on two
+threads) but slower from DRAM (see _BLOCK).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from kernels import vmath
+
+# Row chunks: a FIXED count that depends only on n, never on the thread count. Each chunk
+# sums its rows into its own partial gradient and the partials are added in chunk order,
+# so one thread and many threads give bit-identical results (the threaded drivers only
+# run the same chunks concurrently).
+_CHUNKS = 16
+_CHUNK_MIN_ROWS = 512
+
+# Rows per logistic residual block: enough for a SIMD loop over the block's exp/log1p, few
+# enough that the block's rows (8 KiB at d = 128) stay in L1 between the logit pass and the
+# gradient pass. Measured on a quiet 2-core box, two threads (of the read rate, 200k / 1536
+# rows): 16 gave 0.77-0.86 / 0.52-0.55, 24 0.71-0.74 / 0.55, 32 0.60-0.62 / 0.58, 64 0.63 /
+# 0.57-0.60; 16 wins where X streams from memory, which is where the time goes.
+_BLOCK = 16
+
+
+@njit(cache=True, nogil=True)
+def _n_chunks(n: int) -> int:
+    """Return the number of row chunks for n rows (1..16, independent of threads)."""
+    return max(1, min(_CHUNKS, n // _CHUNK_MIN_ROWS))
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
+def _dot2(x0: np.ndarray, x1: np.ndarray, w: np.ndarray, d: int) -> tuple[float, float]:
+    """Return (x0 . w, x1 . w) over j < d in float64 (order: LLVM's vector reduction)."""
+    # Two rows per pass: w is loaded once for both, and two rows' cache lines are in
+    # flight at once (both rows are adjacent in X: one stream to the prefetcher). One FMA
+    # per element ("contract"; 1.1x the mul + add's rate at L2 size). Reassociation lets
+    # LLVM vectorise the reduction, so the order follows the node's vector width: results
+    # may differ in the last bits between AVX2 and AVX-512 nodes, never between slots,
+    # calls or thread counts. Sync kind 'exact' does not use these kernels.
+    s0 = 0.0
+    s1 = 0.0
+    for j in range(d):
+        wj = w[j]
+        s0 += x0[j] * wj
+        s1 += x1[j] * wj
+    return s0, s1
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
+def _glm_add8(g: np.ndarray, X: np.ndarray, i: int, r: np.ndarray, o: int, d: int) -> float:
+    """Add rows i..i+8 of X times residuals r[o:o+8] to g[:d]; return the residuals' sum."""
+    # One pass over g for eight rows, a tree of FMAs per element: g is loaded and stored
+    # once per eight rows, and the eight rows come from L1.
+    x0, x1, x2, x3 = X[i], X[i + 1], X[i + 2], X[i + 3]
+    x4, x5, x6, x7 = X[i + 4], X[i + 5], X[i + 6], X[i + 7]
+    r0, r1, r2, r3 = r[o], r[o + 1], r[o + 2], r[o + 3]
+    r4, r5, r6, r7 = r[o + 4], r[o + 5], r[o + 6], r[o + 7]
+    for j in range(d):
+        g[j] += ((r0 * x0[j] + r1 * x1[j]) + (r2 * x2[j] + r3 * x3[j])) + \
+                ((r4 * x4[j] + r5 * x5[j]) + (r6 * x6[j] + r7 * x7[j]))
+    return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
+def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
+                  g: np.ndarray) -> float:
+    """Add rows lo..hi's squared-loss gradient to g (d+1,) (zeroed here); return the loss."""
+    # Blocks of eight rows: the logits two rows per pass (_dot2), the residual (one
+    # subtraction) in line, then the gradient of the eight rows in one pass (_glm_add8)
+    # while they are in L1. X is read from memory once.
+    d = X.shape[1]
+    g[:] = 0.0
+    b = float(w[d])
+    loss = 0.0
+    gb = 0.0
+    r = np.empty(8)
+    i = lo
+    while i + 8 <= hi:
+        for t in range(0, 8, 2):
+            s0, s1 = _dot2(X[i + t], X[i + t + 1], w, d)
+            r0 = (s0 + b) - y[i + t]
+            r1 = (s1 + b) - y[i + t + 1]
+            r[t] = r0
+            r[t + 1] = r1
+            loss += 0.5 * r0 * r0 + 0.5 * r1 * r1
+        gb += _glm_add8(g, X, i, r, 0, d)
+        i += 8
+    for t in range(i, hi):
+        x = X[t]
+        s0, _ = _dot2(x, x, w, d)
+        rt = (s0 + b) - y[t]
+        loss += 0.5 * rt * rt
+        gb += rt
+        for j in range(d):
+            g[j] += rt * x[j]
+    g[d] = gb
+    return loss
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
+def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
+                    g: np.ndarray) -> float:
+    """Add rows lo..hi's log-loss gradient to g (d+1,) (zeroed here); return the loss."""
+    # Blocks of _BLOCK rows in three passes. (1) The logits, dot products of two adjacent
+    # rows at a time (_dot2), so X is read in address order: reading rows interleaved
+    # makes short streams that the hardware prefetcher does not follow (measured 3x
+    # slower from DRAM). (2) The block's residuals and losses together, a SIMD loop over
+    # rows (exp and log1p from kernels.vmath: libm's would be two scalar calls per row).
+    # (3) The gradient, eight rows per pass over g (_glm_add8), the rows now in L1. X is
+    # read from memory once. The order of every sum is fixed by the code, not by the
+    # vector width nor by the thread count.
+    d = X.shape[1]
+    g[:] = 0.0
+    b = float(w[d])
+    z = np.empty(_BLOCK)
+    yb = np.empty(_BLOCK)
+    rb = np.empty(_BLOCK)
+    rbits = rb.view(np.int64)
+    lb = np.empty(_BLOCK)
+    loss = 0.0
+    gb = 0.0
+    i = lo
+    while i < hi:
+        m = min(_BLOCK, hi - i)
+        for t in range(0, m, 2):
+            # An odd last row is paired with itself, so it is summed as any other row.
+            s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w, d)
+            z[t] = s0 + b
+            if t + 1 < m:
+                z[t + 1] = s1 + b
+        for t in range(m):
+            yb[t] = y[i + t]
+        loss += vmath.logistic_rows(z, yb, rb, rbits, lb, m)
+        t = 0
+        while t + 8 <= m:
+            gb += _glm_add8(g, X, i + t, rb, t, d)
+            t += 8
+        for u in range(t, m):
+            x = X[i + u]
+            ru = rb[u]
+            gb += ru
+            for j in range(d):
+                g[j] += ru * x[j]
+        i += m
+    g[d] = gb
+    return loss
+
+
+@njit(cache=True, nogil=True)
+def _glm_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
+               g: np.ndarray, logistic: bool) -> float:
+    """Add rows lo..hi's gradient to g (d+1,) (zeroed here); return their loss sum."""
+    if logistic:
+        return _logistic_chunk(X, y, w, lo, hi, g)
+    return _linear_chunk(X, y, w, lo, hi, g)
+
+
+@njit(cache=True, fastmath=False, nogil=True)
+def _combine(parts: np.ndarray, losses: np.ndarray, g: np.ndarray) -> float:
+    """Set g to the sum of parts' rows in row order; return losses summed in order."""
+    g[:] = parts[0]
+    loss = losses[0]
+    for c in range(1, parts.shape[0]):
+        p = parts[c]
+        for j in range(g.shape[0]):
+            g[j] += p[j]
+        loss += losses[c]
+    return loss
+
+
+@njit(cache=True, nogil=True)
+def _glm_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: bool) -> float:
+    """Fill g (d+1,) with the summed gradient over fixed row chunks on one thread."""
+    n = X.shape[0]
+    nc = _n_chunks(n)
+    parts = np.empty((nc, g.shape[0]))
+    losses = np.empty(nc)
+    for c in range(nc):
+        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+    return _combine(parts, losses, g)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray,
+                      logistic: bool) -> float:
+    """Same chunks and result as ``_glm_grad``, the chunks spread over numba's threads."""
+    n = X.shape[0]
+    nc = _n_chunks(n)
+    parts = np.empty((nc, g.shape[0]))
+    losses = np.empty(nc)
+    for c in prange(nc):
+        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+    return _combine(parts, losses, g)
