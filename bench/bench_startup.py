@@ -100,7 +100,7 @@ def main() -> None:
         rows = [trial(tmp, n) for n in range(trials)]
     med = {k: statistics.median(r[k] for r in rows) for k, _ in COLUMNS if k != "trial"}
     print(table(f"`fleetmpi run` start-up, 1 rank, softmax on CSR 2^18 x 6 ({CODE})",
-                rows + [{"trial": -1, **med}], COLUMNS))
+                [*rows, {"trial": -1, **med}], COLUMNS))
     print("trial -1: medians")
 
 
