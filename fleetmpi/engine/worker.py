@@ -463,8 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m fleetmpi.engine.worker JOB_DIR", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    t_main = time.time()
     skip_blas_probe()   # before the first kernel or data read loads numba's registries
+    t_main = time.time()
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     rank, size, host = comm.Get_rank(), comm.Get_size(), socket.gethostname()
