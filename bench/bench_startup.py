@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import table
+from common import save, table
 
 ROOT = Path(__file__).resolve().parent.parent
 CODE = os.environ.get("BENCH_PYTHONPATH", str(ROOT))
@@ -102,6 +102,7 @@ def main() -> None:
     print(table(f"`fleetmpi run` start-up, 1 rank, softmax on CSR 2^18 x 6 ({CODE})",
                 [*rows, {"trial": -1, **med}], COLUMNS))
     print("trial -1: medians")
+    print(f"saved {save('startup', rows, code=CODE, medians=med)}")
 
 
 if __name__ == "__main__":
