@@ -37,6 +37,7 @@ OPTIONAL = [  # benchmarks of layers that ship separately; run when present
     ("bfgs vs scipy BFGS and lbfgs", [PY, str(HERE / "bench_bfgs.py")]),
     ("gpu kernels and phase", [PY, str(HERE / "bench_gpu.py")]),   # prints "no GPU: skipped" without one
     ("text: man pages vs scikit-learn", [PY, str(HERE / "bench_text.py")]),   # CSR training once sync sparse exists
+    ("start-up to first step, 1 rank", [PY, str(HERE / "bench_startup.py")]),
 ]
 
 

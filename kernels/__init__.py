@@ -1,1 +1,64 @@
 """Compute kernels: numpy references (reference) and numba CPU kernels (cpu)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+def skip_blas_probe() -> bool:
+    """Load numba's array-math registry without its scipy.linalg import; return whether this call did.
+
+    numba loads that registry at a process's first compile or cache load, and the registry
+    probes for BLAS by importing scipy.linalg.cython_blas: all of scipy.linalg, which pulls in
+    numpy.f2py, unittest and more (0.15-0.3 s of a rank's 0.4-0.8 s start-up on a 2-core box).
+    No fleetmpi CPU kernel calls BLAS from numba code; one that does (``np.dot`` in an njit
+    function) still works: typing it runs numba's own probe, and its compiled code imports
+    scipy.linalg.cython_blas at its first call (numba's C helper looks the routines up then).
+    So the probe here only asks whether scipy is installed. Call it before the first kernel
+    loads (the rank entry, precompile and make-data do); a no-op once the registry is loaded.
+    """
+    if "numba.np.arraymath" in sys.modules:
+        return False
+    try:
+        from numba.np import linalg
+    except ImportError:
+        return False
+    probe = linalg.ensure_blas
+
+    def installed() -> None:
+        if importlib.util.find_spec("scipy") is None:
+            raise ImportError("scipy 0.16+ is required for linear algebra")
+
+    linalg.ensure_blas = installed
+    try:
+        import numba.np.arraymath  # noqa: F401  (its import runs the probe)
+    finally:
+        linalg.ensure_blas = probe
+    return True
+
+
+def lazy_njit(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Return a decorator like ``numba.njit(**options)`` that imports numba at the first call.
+
+    For modules that a process may import without running their kernels: the CLI's data
+    checks import fleetmpi.engine.data before it spawns mpiexec, and numba's import (0.15-0.2 s)
+    sat on that path. The first call compiles or loads from numba's cache exactly as njit
+    would (the cache is keyed by the function's file, name and line, the same either way).
+    """
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        compiled: list[Callable[..., Any]] = []
+
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            if not compiled:
+                import numba
+                compiled.append(numba.njit(**options)(fn))
+            return compiled[0](*args)
+
+        return call
+
+    return wrap

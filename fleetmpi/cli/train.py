@@ -176,12 +176,14 @@ def raise_budget(jd: Any, old: Any, overrides: list[str], verb: str) -> Any:
 def _cmd_run(args: argparse.Namespace) -> int:
     from fleetmpi.preflight import check_inputs
     from fleetmpi.spec import check_local_fit
+    created: list[bool] = []
 
     def preflight(spec: Any, _jd: Any) -> None:
         # launch.local loads h5py: only once the spec is read, so a refused spec exits sooner.
         from fleetmpi.launch.local import find_mpiexec
         find_mpiexec(spec)
         check_local_fit(spec, source=str(args.spec))   # before a job dir exists
+        created.append(True)   # open_job checked the data just now and makes the job dir
 
     jd, spec = open_job(Path(args.spec), args.job_dir, args.overrides, "run", preflight)
     state = jd.read_state()
@@ -195,35 +197,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise BadInput(f"{jd.state_path}: phase {phase!r} is not in the spec's fleet.phases "
                            f"({', '.join(spec.fleet.phases)}); the file was edited or belongs to another job")
         from fleetmpi.launch.local import LocalBackend, find_mpiexec
-        check_inputs(spec)   # data may have moved since the job was created
-        find_mpiexec(spec)
-        seen = _register_run(jd, spec)
+        if not created:
+            check_inputs(spec)   # data may have moved since the job was created
+            find_mpiexec(spec)
+        # The ledger row is written once mpiexec runs (0.05-0.1 s of imports and SQLite off the
+        # start-up path); what it records of this moment is taken now.
+        register = _run_registration(jd, spec)
+        seen: list[tuple[Any, int, int] | None] = []
         rc = ExitCode.FAILED
         try:
-            rc = LocalBackend(jd, spec).run()
+            rc = LocalBackend(jd, spec, on_started=lambda: seen.append(register() if register else None)).run()
         finally:
-            if seen is not None:
-                _record_run_end(*seen, rc)
+            if seen and seen[0] is not None:
+                _record_run_end(*seen[0], rc)
     if args.json:
         from fleetmpi.jobs.summary import job_summary
         print(json.dumps(job_summary(jd, rc), indent=1, allow_nan=False))
     return rc
 
 
-def _register_run(jd: Any, spec: Any) -> tuple[Any, int, int] | None:
-    """Record this `fleetmpi run` in the ledger (one world: `status`, `cancel` find it); None if the manager runs it."""
+def _run_registration(jd: Any, spec: Any) -> Callable[[], tuple[Any, int, int] | None] | None:
+    """Return the call that records this `fleetmpi run` in the ledger (one world: `status`, `cancel`
+    find it), or None if the manager runs it. The call returns (ledger, job id, allocation id) or None."""
     import socket
 
-    from fleetmpi.api import register_started
     from fleetmpi.lock import LOCK_FD_ENV
     if os.environ.get(LOCK_FD_ENV):
         return None   # a runner the manager launched: its row and allocation exist already
-    import psutil
     host, pid = socket.gethostname(), os.getpid()
-    info = {"pid": pid, "start_time": psutil.Process(pid).create_time(), "host": host, "group": False,
+    info = {"pid": pid, "start_time": _process_start(pid), "host": host, "group": False,
             "events_from": jd.events.stat().st_size if jd.events.exists() else 0, "job_dir": str(jd.root.resolve())}
-    return register_started(jd, spec, backend="local", backend_id=f"{host}:{pid}", info=info, log=None,
-                            by=f"fleetmpi run (pid {pid})")
+
+    def register() -> tuple[Any, int, int] | None:
+        from fleetmpi.api import register_started
+        return register_started(jd, spec, backend="local", backend_id=f"{host}:{pid}", info=info, log=None,
+                                by=f"fleetmpi run (pid {pid})")
+
+    return register
+
+
+def _process_start(pid: int) -> float:
+    import psutil
+    return float(psutil.Process(pid).create_time())
 
 
 def _record_run_end(ledger: Any, job_id: int, alloc_id: int, rc: int) -> None:
@@ -348,6 +363,8 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
 
 def _make_text(args: argparse.Namespace, rest: list[str]) -> int:
     from fleetmpi.text import make_text_data
+    from kernels import skip_blas_probe
+    skip_blas_probe()   # the hashing kernels are numba's: load them without scipy.linalg
     if len(rest) != 1:
         raise BadInput("--from text: expected one PATH (a folder of class subfolders, a .jsonl or a .csv file), "
                        "e.g. --from text corpus/ --out data/")

@@ -13,15 +13,18 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 from h5py import h5s, h5t
-from numba import njit
 
 from fleetmpi.errors import BadInput, quote
 from fleetmpi.spec import MAX_CLASSES
-from kernels.sparse import CsrBatch
+from kernels import lazy_njit
+
+if TYPE_CHECKING:
+    from kernels.sparse import CsrBatch
 
 # Multiplicative hash of a row index, summed per step into a fingerprint of the batch.
 # Each term is < 2**31, so the sum of up to 2**22 rows stays exact in float64.
@@ -39,7 +42,7 @@ def row_fingerprint(lo: int, hi: int) -> float:
     return float(_fingerprint(np.array([lo], np.int64), np.array([hi], np.int64)))
 
 
-@njit(cache=True, nogil=True)
+@lazy_njit(cache=True, nogil=True)
 def _fingerprint(lo: np.ndarray, hi: np.ndarray) -> np.uint64:
     """Return the sum of hash(i) over the rows of every range [lo[k], hi[k]) (integer, exact)."""
     total = np.uint64(0)
@@ -49,7 +52,7 @@ def _fingerprint(lo: np.ndarray, hi: np.ndarray) -> np.uint64:
     return total
 
 
-@njit(cache=True, nogil=True)
+@lazy_njit(cache=True, nogil=True)
 def _gather(X: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, out_x: np.ndarray,
             out_y: np.ndarray) -> None:
     """Copy rows [lo[k], hi[k]) of X and y, k in order, to the front of out_x / out_y (y -> float32)."""
@@ -397,6 +400,7 @@ class CsrReader:
         if (np.diff(ip) < 0).any() or ip[-1] != ix.size or (ix.size and (ix.min() < 0 or ix.max() >= self.d)):
             raise BadInput(f"{self.path}: CSR rows hold offsets or column ids outside [0, {self.d}); "
                            "the file is damaged or changed while the job ran")
+        from kernels.sparse import CsrBatch  # numba's: the CLI's describe() runs without it
         return CsrBatch(np.ascontiguousarray(ip), np.ascontiguousarray(ix), np.ascontiguousarray(dv), self.d)
 
     def read_contiguous(self, lo: int, hi: int) -> tuple[CsrBatch, np.ndarray]:

@@ -115,8 +115,12 @@ class _Started:
 class LocalBackend:
     """Run a job's phases one after another on this machine."""
 
-    def __init__(self, jd: JobDir, spec: Spec, out: TextIO = sys.stderr) -> None:
+    def __init__(self, jd: JobDir, spec: Spec, out: TextIO = sys.stderr,
+                 on_started: Callable[[], object] | None = None) -> None:
         self.jd, self.spec, self.out = jd, spec, out
+        # Called once the first phase's mpiexec (and its pre-started next phase) runs: the
+        # CLI's bookkeeping then overlaps the ranks' start-up instead of delaying it.
+        self._on_started = on_started
         self._proc: subprocess.Popen[bytes] | None = None
         self._standby: _Started | None = None     # the pre-started next phase, waiting for its word
         self._launch: tuple[list[str], str | None, int] = ([], None, 0)   # mpiexec, progress, running index
@@ -192,6 +196,9 @@ class LocalBackend:
                 targets = goto_targets(self.spec, phase)
                 if len(targets) == 1:   # several: wait for the rule that picks one
                     self._pre_start(targets[0])
+            if self._on_started is not None:
+                started_hook, self._on_started = self._on_started, None
+                started_hook()
             rc = self._follow(started, events_from, tee=progress != "bar")
             log = started.log
             self._report_signals()

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fleetmpi.errors import BadInput
 from fleetmpi.models.base import Model
-from fleetmpi.models.linear import LinearRegression, LogisticRegression
-from fleetmpi.models.mlp import MLP
-from fleetmpi.models.softmax import SoftmaxRegression
 from fleetmpi.spec import ModelSpec
+
+# The model classes load their kernels (numba, 0.15-0.2 s): they are imported where a model
+# is built, so the CLI's checks (task_of, preflight) run before mpiexec starts without them.
+_CLASSES = {"LinearRegression": "linear", "LogisticRegression": "linear", "MLP": "mlp",
+            "SoftmaxRegression": "softmax"}
+
+
+def __getattr__(name: str) -> Any:
+    """Return a model class named from this package (``from fleetmpi.models import MLP``), imported now."""
+    if name in _CLASSES:
+        import importlib
+        return getattr(importlib.import_module(f"fleetmpi.models.{_CLASSES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # The built-in kinds' tasks; ``task_of`` answers for a custom class and the tree kinds too.
 TASKS = {"linear": "regression", "logistic": "binary", "softmax": "multiclass", "mlp": "multiclass",
@@ -45,6 +57,9 @@ def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
     if spec.kind == "custom":
         from fleetmpi.models.custom import build
         return build(spec, d, classes)
+    from fleetmpi.models.linear import LinearRegression, LogisticRegression
+    from fleetmpi.models.mlp import MLP
+    from fleetmpi.models.softmax import SoftmaxRegression
     if spec.kind == "linear":
         return LinearRegression(d, spec.l2)
     if spec.kind == "ar":
