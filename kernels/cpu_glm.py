@@ -56,7 +56,8 @@ def _n_chunks(n: int) -> int:
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
-def _dot2(x0: np.ndarray, x1: np.ndarray, w: np.ndarray, d: int, zero: float) -> tuple[float, float]:
+def _dot2(x0: np.ndarray, x1: np.ndarray, w: np.ndarray, d: int,
+          zero: float | np.float32) -> tuple[float | np.float32, float | np.float32]:
     """Return (x0 . w, x1 . w) over j < d in zero's type (order: LLVM's vector reduction)."""
     # Two rows per pass: w is loaded once for both, and two rows' cache lines are in
     # flight at once (both rows are adjacent in X: one stream to the prefetcher). One FMA
@@ -226,10 +227,22 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
 # ``model.compute: float32``: X is never converted to float64. w is cast to float32 once per
 # call; each row's logit is a float32 FMA chain (_dot2 with a float32 zero), widened to
 # float64 for the residual, sigmoid and loss (as in the float64 kernels); the gradient of a
-# block of _BLOCK rows is summed in float32 (_glm_add8 on float32 arrays) and added into
+# block of _BLOCK32 rows is summed in float32 (_glm_add8 on float32 arrays) and added into
 # the float64 gradient once per block. Loss and the bias's gradient sum float64 residuals.
-# Rounding: float32 products summed over d (logits) or <= 16 rows (gradient blocks), so
+# Rounding: float32 products summed over d (logits) or <= 32 rows (gradient blocks), so
 # ~1e-6 relative per entry; the order is fixed by the code, as in the float64 kernels.
+# Where the time goes (one thread, 1536 x 128 in L2): the logit pass alone ran at 0.85 of
+# the bench's flat float32 read, the gradient pass alone at 0.62-0.65 (one FMA per element
+# and g loaded and stored per eight rows; an FMA chain or 16 rows per pass: the same), so
+# two passes over each row cap the kernel near 0.37 of that read; it reaches ~0.3.
+# Tried: one merged loop (the next eight rows' logits and these eight rows' gradient per
+# pass over j): 0.34 against 0.27 at L2 size but 0.22 against 0.56 from DRAM, so not done.
+
+# Rows per float32 block: 32, not _BLOCK's 16: the residual loop (kernels.vmath) runs as
+# SIMD from 32 rows, and the float32 block sum is added into g half as often. Measured one
+# thread, of the flat float32 read, 16 / 32 rows: L2 size linear 0.31-0.32 / 0.33-0.34,
+# logistic 0.23 / 0.26-0.27; from DRAM within the noise of each other.
+_BLOCK32 = 32
 
 
 @njit(cache=True, nogil=True)
@@ -239,18 +252,18 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
     d = X.shape[1]
     g[:] = 0.0
     g32 = np.empty(d, dtype=np.float32)
-    z = np.empty(_BLOCK)
-    yb = np.empty(_BLOCK)
-    rb = np.empty(_BLOCK)
+    z = np.empty(_BLOCK32)
+    yb = np.empty(_BLOCK32)
+    rb = np.empty(_BLOCK32)
     rbits = rb.view(np.int64)
-    lb = np.empty(_BLOCK)
-    r32 = np.empty(_BLOCK, dtype=np.float32)
+    lb = np.empty(_BLOCK32)
+    r32 = np.empty(_BLOCK32, dtype=np.float32)
     zero = np.float32(0.0)
     loss = 0.0
     gb = 0.0
     i = lo
     while i < hi:
-        m = min(_BLOCK, hi - i)
+        m = min(_BLOCK32, hi - i)
         for t in range(0, m, 2):
             # An odd last row is paired with itself (as in _logistic_chunk).
             s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w32, d, zero)
@@ -295,7 +308,7 @@ def _glm32_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logi
     parts = np.empty((nc, g.shape[0]))
     losses = np.empty(nc)
     for c in range(nc):
-        losses[c] = _glm32_chunk(X, y, w32, w[d], n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic)
     return _combine(parts, losses, g)
 
 
@@ -309,5 +322,5 @@ def _glm32_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarr
     parts = np.empty((nc, g.shape[0]))
     losses = np.empty(nc)
     for c in prange(nc):
-        losses[c] = _glm32_chunk(X, y, w32, w[d], n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic)
     return _combine(parts, losses, g)
