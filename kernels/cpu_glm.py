@@ -229,7 +229,7 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
 # float64 for the residual, sigmoid and loss (as in the float64 kernels); the gradient of a
 # block of _BLOCK32 rows is summed in float32 (_glm_add8 on float32 arrays) and added into
 # the float64 gradient once per block. Loss and the bias's gradient sum float64 residuals.
-# Rounding: float32 products summed over d (logits) or <= 32 rows (gradient blocks), so
+# Rounding: float32 products summed over d (logits) or <= 16 rows (gradient blocks), so
 # ~1e-6 relative per entry; the order is fixed by the code, as in the float64 kernels.
 # Where the time goes (one thread, 1536 x 128 in L2): the logit pass alone ran at 0.85 of
 # the bench's flat float32 read, the gradient pass alone at 0.62-0.65 (one FMA per element
@@ -238,11 +238,12 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
 # Tried: one merged loop (the next eight rows' logits and these eight rows' gradient per
 # pass over j): 0.34 against 0.27 at L2 size but 0.22 against 0.56 from DRAM, so not done.
 
-# Rows per float32 block: 32, not _BLOCK's 16: the residual loop (kernels.vmath) runs as
-# SIMD from 32 rows, and the float32 block sum is added into g half as often. Measured one
-# thread, of the flat float32 read, 16 / 32 rows: L2 size linear 0.31-0.32 / 0.33-0.34,
-# logistic 0.23 / 0.26-0.27; from DRAM within the noise of each other.
-_BLOCK32 = 32
+# Rows per float32 block: 16, as _BLOCK. bench_kernels, one thread, three runs each, the
+# float32 kernel's time against the float64 kernel's in the same run (>1: faster), 16 / 32
+# rows: L2 size logistic 1.17-1.30 / 1.35-1.53, linear 1.18-1.37 / 1.22-1.42; from DRAM
+# logistic 1.07-1.18 / 0.78-0.85, linear 1.04-1.13 / 0.78-0.92. 32 rows (where vmath's
+# residual loop runs as SIMD) lose to float64 from DRAM, so 16.
+_BLOCK32 = 16
 
 
 @njit(cache=True, nogil=True)

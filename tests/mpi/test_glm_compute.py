@@ -29,7 +29,7 @@ def test_float32_compute_trains_alike_at_1_2_3_ranks(tmp_path: Path, datasets: d
         params[name] = model_params(tmp_path / name)
     ref = params["r1"]
     assert np.linalg.norm(ref) > 0.1
-    # Ranks split a batch into other 32-row float32 blocks and the gradient sums are
+    # Ranks split a batch into other 16-row float32 blocks and the gradient sums are
     # reduced in float64: the runs agree to float32 rounding, not bit for bit.
     for name in ("r2", "r3", "f64"):
         rel = np.linalg.norm(params[name] - ref) / np.linalg.norm(ref)

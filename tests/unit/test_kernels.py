@@ -435,7 +435,7 @@ _GLM_GRAD = {"linear": cpu.linear_grad, "logistic": cpu.logistic_grad}
 @pytest.mark.parametrize("n", [2, 7, 15, 16, 17, 31, 32, 33, 47])
 @pytest.mark.parametrize("kind", ["linear", "logistic"])
 def test_glm_float32_compute_matches_reference_at_block_edges(kind: str, n: int, d: int) -> None:
-    # float32 logits over d terms and 32-row float32 gradient blocks (row pairs, groups of
+    # float32 logits over d terms and 16-row float32 gradient blocks (row pairs, groups of
     # eight, a remainder); sizes on and around those edges, relative to the gradient's scale.
     rng = np.random.default_rng(200 + n + d)
     X = rng.standard_normal((n, d)).astype(np.float32)
