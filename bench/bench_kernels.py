@@ -3,11 +3,13 @@
 Baselines measured in the same run on the same arrays: the numpy two-pass gradient as a
 numpy user writes it (float32 X, float64 weights), the same with X cast to float64 once
 beforehand (cast not timed: numpy's best case), a plain numba read of X summed with
-reassociation allowed, so it vectorises (the memory bound the fused kernel can approach;
-at L2 size it is compute-bound instead, by the float32 -> float64 conversion and each
-row's reduction: a flat read of the same array measured 1.5x its rate),
+reassociation allowed, so it vectorises, into a float64 accumulator (read64: at L2 size
+it is bound by the float32 -> float64 conversion and each row's reduction) and as one
+flat float32 stream into float32 accumulators (read32: no conversion); the read limit
+(of_read) is the faster of the two,
 and one core's FMA peak from a numba FMA loop on L1-resident data (float64 and float32).
-Sizes: 200000 x 128 (X from DRAM) and 1536 x 128 (768 KiB, fits in L2). Kernels on one
+Linear and logistic run in both compute precisions ("f32" rows: ``compute="float32"``,
+kernels.cpu_glm). Sizes: 200000 x 128 (X from DRAM) and 1536 x 128 (768 KiB, fits in L2). Kernels on one
 numba thread. Timings are best-of, interleaved between the kernels, so a loaded machine
 hurts every row alike. ``--gradients-only`` prints just that table (no results file).
 Also: the MLP training step (784-128-10, batch 128, one thread, float64 and float32
@@ -41,6 +43,18 @@ def _read_all(X: np.ndarray) -> float:
         for j in range(X.shape[1]):
             s += X[i, j]
     return s
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _read_all32(X: np.ndarray) -> float:
+    """Sum X as one flat float32 stream: no conversion, no per-row reduction."""
+    # float32 accumulators, reassociated (fastmath), so LLVM keeps several vectors of
+    # partial sums in flight: the plain read rate of the array.
+    x = X.reshape(-1)
+    s = np.float32(0.0)
+    for j in range(x.shape[0]):
+        s += x[j]
+    return float(s)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -100,14 +114,19 @@ def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5, threads: int =
     g, G = np.empty(d + 1), np.empty((d + 1) * k)
     cpu.warmup()
     _read_all(X[:10])
+    _read_all32(X[:10])
     per = max(1, 200_000 // n * 4)
     # One numba thread by default, as the read loop and the FMA peak: the ratios are then
     # per core. (numba defaults to one thread per CPU, so a direct run used to time the
     # kernels on 2 threads against a 1-thread read; bench/run.py sets NUMBA_NUM_THREADS=1.)
     threads_before = numba.get_num_threads()
     numba.set_num_threads(threads)
-    fns = {"read": lambda: _read_all(X), "logistic": lambda: cpu.logistic_grad(X, yb, w, g),
-           "linear": lambda: cpu.linear_grad(X, yb, w, g), "softmax k=10": lambda: cpu.softmax_grad(X, yk, W, k, G)}
+    fns = {"read": lambda: _read_all(X), "read f32": lambda: _read_all32(X),
+           "logistic": lambda: cpu.logistic_grad(X, yb, w, g),
+           "logistic f32": lambda: cpu.logistic_grad(X, yb, w, g, "float32"),
+           "linear": lambda: cpu.linear_grad(X, yb, w, g),
+           "linear f32": lambda: cpu.linear_grad(X, yb, w, g, "float32"),
+           "softmax k=10": lambda: cpu.softmax_grad(X, yk, W, k, G)}
     t = _best_interleaved(fns, rounds, per)
     refs = {"logistic": lambda: reference.logistic_loss_grad_twopass(X, yb, w),
             "linear": lambda: reference.linear_loss_grad(X, yb, w),
@@ -115,11 +134,19 @@ def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5, threads: int =
     tr = _best_interleaved(refs, 3, 1)
     numba.set_num_threads(threads_before)
     gb = X.nbytes / 1e9
+    # The read limit is the faster of the two read loops (the float64-accumulating one
+    # converts every element; the flat float32 one does not): ratios are against it.
+    t_read = min(t["read"], t["read f32"])
     rows = []
-    for name in refs:
+    for name in fns:
+        if name.startswith("read"):
+            continue
+        base = name.removesuffix(" f32")
         flops = 4.0 * n * d * k if name.startswith("softmax") else 4.0 * n * d
-        rows.append({"kernel": name, "n": n, "fused_GBps": gb / t[name], "numpy_GBps": gb / tr[name],
-                     "read_GBps": gb / t["read"], "vs_numpy": tr[name] / t[name], "of_read": t["read"] / t[name],
+        rows.append({"kernel": name, "compute": "float32" if name.endswith("f32") else "float64", "n": n,
+                     "fused_GBps": gb / t[name], "numpy_GBps": gb / tr[base],
+                     "read64_GBps": gb / t["read"], "read32_GBps": gb / t["read f32"],
+                     "vs_numpy": tr[base] / t[name], "of_read": t_read / t[name],
                      "GFLOPs": flops / t[name] / 1e9, "numba_threads": threads})
     return rows
 
@@ -203,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
           f"float32 {peak['float32']:.1f} GFLOP/s")
     print(table(f"gradient kernels, X float32 n x 128, {args.threads} numba thread(s) (GB/s of X; ratios"
                 " measured in this run)", rows,
-                [("kernel", "s"), ("n", "d"), ("fused_GBps", ".2f"), ("numpy_GBps", ".2f"), ("read_GBps", ".2f"),
+                [("kernel", "s"), ("compute", "s"), ("n", "d"), ("fused_GBps", ".2f"), ("numpy_GBps", ".2f"),
+                 ("read64_GBps", ".2f"), ("read32_GBps", ".2f"),
                  ("vs_numpy", ".2f"), ("of_read", ".2f"), ("GFLOPs", ".1f"), ("of_fma_peak_f64", ".2f")]))
     print(f"load average {os.getloadavg()[0]:.2f}")
     if args.gradients_only:

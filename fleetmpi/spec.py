@@ -125,8 +125,9 @@ class ModelSpec:
                              None)                # ar: the autoregression's order p
     trend: Literal["const", "none"] = "const"     # ar: an intercept, or none
     hidden: tuple[int, ...] = ()
-    # mlp: the precision of its matrix products. float32 runs them in single-precision BLAS
-    # (parameters, loss and gradient sums stay float64), like PyTorch's default dtype.
+    # mlp, linear, logistic: the precision of their products. float32 runs them in single
+    # precision (mlp: BLAS, like PyTorch's default dtype; linear/logistic: kernels.cpu_glm);
+    # parameters, loss and gradient sums stay float64.
     compute: Literal["float64", "float32"] = "float64"
     classes: int | None = check(lambda v: None if 2 <= v <= MAX_CLASSES else
                                 f"expected 2..{MAX_CLASSES} classes, got {v}", None)
@@ -212,8 +213,8 @@ class ModelSpec:
                 return "hidden", f"hidden layer sizes must be >= 1, got {list(self.hidden)}"
         elif self.hidden:
             return "hidden", f"only kind mlp takes hidden layers; kind is {self.kind!r}"
-        elif self.compute != "float64":
-            return "compute", f"only kind mlp takes compute: float32; kind is {self.kind!r}"
+        elif self.compute != "float64" and self.kind not in ("linear", "logistic"):
+            return "compute", f"only kinds mlp, linear and logistic take compute: float32; kind is {self.kind!r}"
         if self.classes is not None and self.kind in ("linear", "logistic"):
             return "classes", f"kind {self.kind!r} takes no classes (logistic is binary: labels 0/1)"
         return None

@@ -286,7 +286,7 @@ def _check_sparse_sync(spec: Spec) -> tuple[str, str] | None:
 
 
 def _check_compute(spec: Spec) -> tuple[str, str] | None:
-    """Return (key, problem) where an mlp computes in float32 under exact sync (its row factors are float64)."""
+    """Return (key, problem) where a model computes in float32 under exact sync (its row factors are float64)."""
     if spec.model.compute == "float32" and spec.sync.kind == "exact":
         return "model.compute", ("sync exact sums float64 per-row factors to stay bitwise across rank counts; "
                                  "use compute: float64 with it, or sync dense or threshold with float32")

@@ -23,7 +23,14 @@ from numba import get_num_threads, njit, prange
 
 # The linear / logistic kernels live in kernels.cpu_glm; the names below are imported here
 # so that ``cpu._glm_grad`` etc. keep working and warmup / the cache check see them.
-from kernels.cpu_glm import _CHUNK_MIN_ROWS, _glm_grad, _glm_grad_threads, _n_chunks
+from kernels.cpu_glm import (
+    _CHUNK_MIN_ROWS,
+    _glm32_grad,
+    _glm32_grad_threads,
+    _glm_grad,
+    _glm_grad_threads,
+    _n_chunks,
+)
 
 __all__ = [
     "linear_grad",
@@ -323,31 +330,41 @@ def _check_labels(y: np.ndarray, k: int) -> None:
 
 # --------------------------------------------------------------------------- public
 
-def _glm(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: bool) -> float:
+GLM_COMPUTE = ("float64", "float32")
+
+
+def _glm(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: bool,
+         compute: str) -> float:
     """Run the linear/logistic gradient, threaded when numba has more than one thread."""
-    if get_num_threads() > 1 and X.shape[0] >= 2 * _CHUNK_MIN_ROWS:
-        return float(_glm_grad_threads(X, y, w, g, logistic))
-    return float(_glm_grad(X, y, w, g, logistic))
+    _, d = _check_rows(X, y)
+    _check_array(w, "w", np.float64, (d + 1,))
+    _check_out(g, "g_out", (d + 1,))
+    if compute not in GLM_COMPUTE:
+        raise ValueError(f"compute must be one of {', '.join(GLM_COMPUTE)}, got {compute!r}")
+    threaded = get_num_threads() > 1 and X.shape[0] >= 2 * _CHUNK_MIN_ROWS
+    if compute == "float32":
+        return float((_glm32_grad_threads if threaded else _glm32_grad)(X, y, w, g, logistic))
+    return float((_glm_grad_threads if threaded else _glm_grad)(X, y, w, g, logistic))
 
 
 def linear_grad(
-    X: np.ndarray, y: np.ndarray, w: np.ndarray, g_out: np.ndarray
+    X: np.ndarray, y: np.ndarray, w: np.ndarray, g_out: np.ndarray, compute: str = "float64"
 ) -> float:
-    """Fill g_out (d+1,) with the summed 0.5*(x.w+b-y)^2 gradient; return loss sum."""
-    _, d = _check_rows(X, y)
-    _check_array(w, "w", np.float64, (d + 1,))
-    _check_out(g_out, "g_out", (d + 1,))
-    return _glm(X, y, w, g_out, False)
+    """Fill g_out (d+1,) with the summed 0.5*(x.w+b-y)^2 gradient; return loss sum.
+
+    ``compute="float32"``: products in float32 (kernels.cpu_glm), sums float64.
+    """
+    return _glm(X, y, w, g_out, False, compute)
 
 
 def logistic_grad(
-    X: np.ndarray, y: np.ndarray, w: np.ndarray, g_out: np.ndarray
+    X: np.ndarray, y: np.ndarray, w: np.ndarray, g_out: np.ndarray, compute: str = "float64"
 ) -> float:
-    """Fill g_out (d+1,) with the summed log-loss gradient (0/1 y); return loss sum."""
-    _, d = _check_rows(X, y)
-    _check_array(w, "w", np.float64, (d + 1,))
-    _check_out(g_out, "g_out", (d + 1,))
-    return _glm(X, y, w, g_out, True)
+    """Fill g_out (d+1,) with the summed log-loss gradient (0/1 y); return loss sum.
+
+    ``compute="float32"``: products in float32 (kernels.cpu_glm), sums float64.
+    """
+    return _glm(X, y, w, g_out, True, compute)
 
 
 def softmax_grad(
@@ -403,6 +420,8 @@ def warmup() -> None:
     for logistic in (False, True):
         _glm_grad(X, y01, w, np.empty(d + 1), logistic)
         _glm_grad_threads(X, y01, w, np.empty(d + 1), logistic)
+        _glm32_grad(X, y01, w, np.empty(d + 1), logistic)
+        _glm32_grad_threads(X, y01, w, np.empty(d + 1), logistic)
     _softmax_grad(X, ycls, W, k, np.empty((d + 1) * k))
     _softmax_grad_threads(X, ycls, W, k, np.empty((d + 1) * k))
     _softmax_xent_inplace(rng.standard_normal((n, k)), ycls)

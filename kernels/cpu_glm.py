@@ -56,16 +56,19 @@ def _n_chunks(n: int) -> int:
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
-def _dot2(x0: np.ndarray, x1: np.ndarray, w: np.ndarray, d: int) -> tuple[float, float]:
-    """Return (x0 . w, x1 . w) over j < d in float64 (order: LLVM's vector reduction)."""
+def _dot2(x0: np.ndarray, x1: np.ndarray, w: np.ndarray, d: int,
+          zero: float | np.float32) -> tuple[float | np.float32, float | np.float32]:
+    """Return (x0 . w, x1 . w) over j < d in zero's type (order: LLVM's vector reduction)."""
     # Two rows per pass: w is loaded once for both, and two rows' cache lines are in
     # flight at once (both rows are adjacent in X: one stream to the prefetcher). One FMA
     # per element ("contract"; 1.1x the mul + add's rate at L2 size). Reassociation lets
     # LLVM vectorise the reduction, so the order follows the node's vector width: results
     # may differ in the last bits between AVX2 and AVX-512 nodes, never between slots,
     # calls or thread counts. Sync kind 'exact' does not use these kernels.
-    s0 = 0.0
-    s1 = 0.0
+    # zero is 0.0 (float64 sums of float32 x times float64 w) or np.float32(0) with a
+    # float32 w (the float32 kernels: float32 FMAs, x never converted).
+    s0 = zero
+    s1 = zero
     for j in range(d):
         wj = w[j]
         s0 += x0[j] * wj
@@ -104,7 +107,7 @@ def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
     i = lo
     while i + 8 <= hi:
         for t in range(0, 8, 2):
-            s0, s1 = _dot2(X[i + t], X[i + t + 1], w, d)
+            s0, s1 = _dot2(X[i + t], X[i + t + 1], w, d, 0.0)
             r0 = (s0 + b) - y[i + t]
             r1 = (s1 + b) - y[i + t + 1]
             r[t] = r0
@@ -114,7 +117,7 @@ def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
         i += 8
     for t in range(i, hi):
         x = X[t]
-        s0, _ = _dot2(x, x, w, d)
+        s0, _ = _dot2(x, x, w, d, 0.0)
         rt = (s0 + b) - y[t]
         loss += 0.5 * rt * rt
         gb += rt
@@ -151,7 +154,7 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
         m = min(_BLOCK, hi - i)
         for t in range(0, m, 2):
             # An odd last row is paired with itself, so it is summed as any other row.
-            s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w, d)
+            s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w, d, 0.0)
             z[t] = s0 + b
             if t + 1 < m:
                 z[t + 1] = s1 + b
@@ -217,4 +220,108 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
     losses = np.empty(nc)
     for c in prange(nc):
         losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+    return _combine(parts, losses, g)
+
+
+# --------------------------------------------------------------------------- float32 compute
+# ``model.compute: float32``: X is never converted to float64. w is cast to float32 once per
+# call; each row's logit is a float32 FMA chain (_dot2 with a float32 zero), widened to
+# float64 for the residual, sigmoid and loss (as in the float64 kernels); the gradient of a
+# block of _BLOCK32 rows is summed in float32 (_glm_add8 on float32 arrays) and added into
+# the float64 gradient once per block. Loss and the bias's gradient sum float64 residuals.
+# Rounding: float32 products summed over d (logits) or <= 16 rows (gradient blocks), so
+# ~1e-6 relative per entry; the order is fixed by the code, as in the float64 kernels.
+# Where the time goes (one thread, 1536 x 128 in L2): the logit pass alone ran at 0.85 of
+# the bench's flat float32 read, the gradient pass alone at 0.62-0.65 (one FMA per element
+# and g loaded and stored per eight rows; an FMA chain or 16 rows per pass: the same), so
+# two passes over each row cap the kernel near 0.37 of that read; it reaches ~0.3.
+# Tried: one merged loop (the next eight rows' logits and these eight rows' gradient per
+# pass over j): 0.34 against 0.27 at L2 size but 0.22 against 0.56 from DRAM, so not done.
+
+# Rows per float32 block: 16, as _BLOCK. bench_kernels, one thread, three runs each, the
+# float32 kernel's time against the float64 kernel's in the same run (>1: faster), 16 / 32
+# rows: L2 size logistic 1.17-1.30 / 1.35-1.53, linear 1.18-1.37 / 1.22-1.42; from DRAM
+# logistic 1.07-1.18 / 0.78-0.85, linear 1.04-1.13 / 0.78-0.92. 32 rows (where vmath's
+# residual loop runs as SIMD) lose to float64 from DRAM, so 16.
+_BLOCK32 = 16
+
+
+@njit(cache=True, nogil=True)
+def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: int, hi: int,
+                 g: np.ndarray, logistic: bool) -> float:
+    """Add rows lo..hi's gradient to g (d+1,) (zeroed here), products in float32; return the loss."""
+    d = X.shape[1]
+    g[:] = 0.0
+    g32 = np.empty(d, dtype=np.float32)
+    z = np.empty(_BLOCK32)
+    yb = np.empty(_BLOCK32)
+    rb = np.empty(_BLOCK32)
+    rbits = rb.view(np.int64)
+    lb = np.empty(_BLOCK32)
+    r32 = np.empty(_BLOCK32, dtype=np.float32)
+    zero = np.float32(0.0)
+    loss = 0.0
+    gb = 0.0
+    i = lo
+    while i < hi:
+        m = min(_BLOCK32, hi - i)
+        for t in range(0, m, 2):
+            # An odd last row is paired with itself (as in _logistic_chunk).
+            s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w32, d, zero)
+            z[t] = float(s0) + b
+            if t + 1 < m:
+                z[t + 1] = float(s1) + b
+        for t in range(m):
+            yb[t] = y[i + t]
+        if logistic:
+            loss += vmath.logistic_rows(z, yb, rb, rbits, lb, m)
+        else:
+            for t in range(m):
+                rt = z[t] - yb[t]
+                rb[t] = rt
+                loss += 0.5 * rt * rt
+        for t in range(m):
+            gb += rb[t]
+            r32[t] = np.float32(rb[t])
+        g32[:] = zero
+        t = 0
+        while t + 8 <= m:
+            _glm_add8(g32, X, i + t, r32, t, d)   # its float32 residual sum is not used
+            t += 8
+        for u in range(t, m):
+            x = X[i + u]
+            ru = r32[u]
+            for j in range(d):
+                g32[j] += ru * x[j]
+        for j in range(d):
+            g[j] += float(g32[j])
+        i += m
+    g[d] = gb
+    return loss
+
+
+@njit(cache=True, nogil=True)
+def _glm32_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: bool) -> float:
+    """``_glm_grad`` with float32 products (``_glm32_chunk``): same chunks, one thread."""
+    n, d = X.shape
+    w32 = w[:d].astype(np.float32)
+    nc = _n_chunks(n)
+    parts = np.empty((nc, g.shape[0]))
+    losses = np.empty(nc)
+    for c in range(nc):
+        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+    return _combine(parts, losses, g)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _glm32_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray,
+                        logistic: bool) -> float:
+    """Same chunks and result as ``_glm32_grad``, the chunks spread over numba's threads."""
+    n, d = X.shape
+    w32 = w[:d].astype(np.float32)
+    nc = _n_chunks(n)
+    parts = np.empty((nc, g.shape[0]))
+    losses = np.empty(nc)
+    for c in prange(nc):
+        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic)
     return _combine(parts, losses, g)

@@ -61,12 +61,12 @@ def build_model(spec: ModelSpec, d: int, classes: int | None) -> Model:
     from fleetmpi.models.mlp import MLP
     from fleetmpi.models.softmax import SoftmaxRegression
     if spec.kind == "linear":
-        return LinearRegression(d, spec.l2)
+        return LinearRegression(d, spec.l2, spec.compute)
     if spec.kind == "ar":
         from fleetmpi.models.ar import AutoRegression
         return AutoRegression(int(spec.lags or d), spec.trend, spec.l2)
     if spec.kind == "logistic":
-        return LogisticRegression(d, spec.l2)
+        return LogisticRegression(d, spec.l2, spec.compute)
     if spec.kind == "mlp" and spec.task == "regression":
         return MLP((d, *spec.hidden, 1), spec.l2, "regression", spec.compute)
     k = spec.classes or classes

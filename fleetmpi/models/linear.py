@@ -2,6 +2,9 @@
 
 X is a dense float32 array or CSR rows (``kernels.sparse.CsrBatch``): then the kernels
 cost ~ nnz and the gradient is nonzero only at the rows' columns and the bias.
+``compute="float32"`` (spec ``model.compute``) runs the dense kernels' products in float32
+(``kernels.cpu_glm``; parameters, residuals, loss and gradient stay float64); CSR rows and
+predictions compute in float64 either way.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from kernels import cpu, exact, sparse
 
 
 class _Linear(Model):
-    def __init__(self, d: int, l2: float) -> None:
+    def __init__(self, d: int, l2: float, compute: str = "float64") -> None:
         super().__init__(l2)
+        if compute not in cpu.GLM_COMPUTE:
+            raise ValueError(f"{self.kind} compute must be one of {', '.join(cpu.GLM_COMPUTE)}, got {compute!r}")
         self.d = d
+        self.compute = compute
 
     @property
     def n_params(self) -> int:
@@ -41,7 +47,7 @@ class LinearRegression(_Linear):
     def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
         if isinstance(X, sparse.CsrBatch):
             return sparse.linear_grad(X, y, params, g_out)
-        return float(cpu.linear_grad(X, y, params, g_out))
+        return float(cpu.linear_grad(X, y, params, g_out, self.compute))
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
         if isinstance(X, sparse.CsrBatch):
@@ -63,7 +69,7 @@ class LogisticRegression(_Linear):
         self.check_labels(y, 2)
         if isinstance(X, sparse.CsrBatch):
             return sparse.logistic_grad(X, y, params, g_out)
-        return float(cpu.logistic_grad(X, y, params, g_out))
+        return float(cpu.logistic_grad(X, y, params, g_out, self.compute))
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
         self.check_labels(y, 2)

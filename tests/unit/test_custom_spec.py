@@ -90,7 +90,7 @@ def test_mlp_compute_float32_is_checked_built_and_keeps_checkpoints_compatible(t
     assert "compute" not in yaml.safe_load(specmod.dump(s64))["model"]        # old hashes stay as they were
     assert s32.spec_hash() != s64.spec_hash()                                 # another run, another hash
     assert s32.model.identity() == s64.model.identity()                       # same parameters: resumable
-    with pytest.raises(BadInput, match="only kind mlp takes compute"):
+    with pytest.raises(BadInput, match="only kinds mlp, linear and logistic take compute"):
         _load(tmp_path, {"kind": "softmax", "compute": "float32"}, "c.yaml", "dense")
     with pytest.raises(BadInput, match=r"model\.compute: sync exact"):
         _load(tmp_path, {**mlp, "compute": "float32"}, "d.yaml", "exact")

@@ -33,6 +33,8 @@ for threads in (1, 2):
     g, G = np.empty(d + 1), np.empty((d + 1) * k)
     row = [cpu.linear_grad(X, yb, w, g), g.copy(), cpu.logistic_grad(X, yb, w, g), g.copy(),
            cpu.softmax_grad(X, yk, W, k, G), G.copy()]
+    for compute in ("float64", "float32"):   # float32 compute (kernels.cpu_glm): same chunks
+        row += [cpu.linear_grad(X, yb, w, g, compute), g.copy(), cpu.logistic_grad(X, yb, w, g, compute), g.copy()]
     out.append(np.concatenate([np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in row]))
 np.save(sys.argv[2], np.stack(out))
 """
@@ -47,6 +49,10 @@ def test_one_and_two_threads_are_bitwise_equal(tmp_path: Path, n: int) -> None:
     one, two = np.load(out)
     assert np.all(np.isfinite(one)) and np.all(one != 0.0)
     assert one.tobytes() == two.tobytes()
+    # The float32 rows differ from the float64 ones (another kernel ran), within float32 rounding.
+    f64, f32 = np.split(one[-4 * (37 + 1) - 4:], 2)   # per compute: 2 x (loss, d + 1 gradient)
+    assert not np.array_equal(f64, f32)
+    np.testing.assert_allclose(f32, f64, rtol=1e-4, atol=1e-4 * np.abs(f64).max())
 
 
 @pytest.mark.parametrize("n", [16 * 512 + 13, 3 * 512 + 7, 8 * 3 + 5])
