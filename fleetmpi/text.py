@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,7 @@ class Source:
     path: Path
     text_field: str = "text"
     label_field: str | None = "label"
+    _listing: list[tuple[str, str, int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def layout(self) -> str:
@@ -144,13 +145,37 @@ class Source:
     def size_bytes(self) -> int:
         """Return the bytes the source holds (for the progress bar)."""
         if self.layout == "folder":
-            return sum(p.stat().st_size for p in self._files())
+            return sum(size for _, _, size in self._files())
         return self.path.stat().st_size
 
-    def _files(self) -> list[Path]:
-        classes = sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        return [f for c in classes for f in sorted(c.rglob("*")) if f.is_file()
-                and not any(part.startswith(".") for part in f.relative_to(c).parts)]
+    def _files(self) -> list[tuple[str, str, int]]:
+        """Return (path, class, bytes) of a folder's documents: classes by name, files by relative path.
+
+        The order of ``sorted(Path(c).rglob("*"))``: paths compare part by part. Hidden
+        classes, folders and files are left out; symlinked folders are not entered (as
+        rglob), symlinked files count. Listed once per source with os.scandir: pathlib's
+        per-file objects cost ~0.1 s on 2,400 files, a tenth of a small corpus's make-data.
+        """
+        if self._listing is None:
+            root = str(self.path)
+            classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and e.is_dir())
+            out: list[tuple[str, str, int]] = []
+            for c in classes:
+                found: list[tuple[tuple[str, ...], str, int]] = []
+                stack: list[tuple[str, tuple[str, ...]]] = [(os.path.join(root, c), ())]
+                while stack:
+                    folder, parts = stack.pop()
+                    for e in os.scandir(folder):
+                        if e.name.startswith("."):
+                            continue
+                        if e.is_dir(follow_symlinks=False):
+                            stack.append((e.path, (*parts, e.name)))
+                        elif e.is_file():
+                            found.append(((*parts, e.name), e.path, e.stat().st_size))
+                found.sort()
+                out += [(path, c, size) for _, path, size in found]
+            self._listing = out
+        return self._listing
 
     def docs(self) -> Iterator[tuple[Doc, int]]:
         """Yield (document, bytes read so far) in the source's order."""
@@ -168,11 +193,12 @@ class Source:
             raise BadInput(f"{self.path}: no documents; expected one subfolder per class holding one document "
                            "per file (scikit-learn load_files layout)")
         done = 0
-        for f in files:
-            raw = f.read_bytes()
+        for path, label, _ in files:
+            with open(path, "rb") as fh:
+                raw = fh.read()
             done += len(raw)
             text, bad = _decode(raw)
-            yield Doc(text, f.relative_to(self.path).parts[0], str(f), bad), done
+            yield Doc(text, label, path, bad), done
 
     def _jsonl(self) -> Iterator[tuple[Doc, int]]:
         done = 0
