@@ -26,6 +26,8 @@ from numba import njit
 
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 _TOKEN_RE = re.compile(TOKEN_PATTERN)
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_WORD = re.compile(r"\w")
 
 
 @njit(cache=True, nogil=True)
@@ -222,9 +224,18 @@ def ngrams(doc: str, ngram_range: tuple[int, int]) -> list[str]:
 
 
 def kernel_bytes(doc: str) -> bytes:
-    """Return what the kernel reads for ``doc``: the text itself when ASCII, else its tokens joined by spaces."""
+    """Return what the kernel reads for ``doc``: the text itself when ASCII, else its tokens joined by spaces.
+
+    A document whose only non-ASCII characters separate words (typographic quotes and
+    dashes, no-break spaces: no word character, nor lower-cased to one) has the tokens of
+    its ASCII text with those characters as spaces; that goes to the kernel as is, at C
+    speed, where Python's tokenising took ~0.1 s for the 900 such man pages of the bench.
+    """
     if doc.isascii():
         return doc.encode("ascii")
+    odd = set(_NON_ASCII.findall(doc))
+    if not any(_WORD.search(c) or _WORD.search(c.lower()) for c in odd):
+        return _NON_ASCII.sub(" ", doc).encode("ascii")
     return " ".join(tokens(doc)).encode("utf-8")
 
 

@@ -73,7 +73,8 @@ ASCII = [chr(c) for c in range(128)]
 # land in ASCII (dotted I, Kelvin sign, sharp s), word characters outside letters (digits of
 # other scripts, superscripts, combining marks), non-BMP, the replacement character.
 TRICKY = ["\u0130", "\u0131", "\u212a", "\u00df", "\u1e9e", "\uff11", "\u0663", "\u00b2", "\u00e9", "e\u0301",
-          "\U0001f600", "\ufffd", "\u00a0", "\u2028", "\u01c5", "\u03a3", "\u03c2"]
+          "\U0001f600", "\ufffd", "\u00a0", "\u2028", "\u01c5", "\u03a3", "\u03c2", "\u2019", "\u2014",
+          "\u24b6", "\u0301"]
 
 
 def ascii_docs(rng: np.random.Generator, n: int) -> list[str]:
