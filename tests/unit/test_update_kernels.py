@@ -119,3 +119,18 @@ def test_adagrad_refuses_momentum(tmp_path: Path) -> None:
         specmod.from_raw(raw, "spec.yaml", tmp_path)
     assert specmod.from_raw({**raw, "optimizer": {"kind": "adagrad", "lr": 0.5}}, "spec.yaml",
                             tmp_path).optimizer.kind == "adagrad"
+
+
+def test_optimizer_state_that_never_moved_is_left_out_and_loads_as_fresh(rng: np.random.Generator) -> None:
+    from fleetmpi.optim import LBFGS
+    from fleetmpi.spec import LbfgsSpec
+    sgd, lb = SGD(OptimizerSpec(momentum=0.9), 10), LBFGS(LbfgsSpec(), 10)
+    assert sgd.state() == {} and lb.state() == {}
+    update.sgd_dense(rng.standard_normal(10), rng.standard_normal(10), 4, 0.0, np.ones(10), sgd.velocity, 0.9, 0.1)
+    lb.f = 1.5
+    assert set(sgd.state()) == {"sgd_velocity"} and set(lb.state()) == {"lbfgs_S", "lbfgs_Y", "lbfgs_g", "lbfgs_f"}
+    fresh = SGD(OptimizerSpec(momentum=0.9), 10)
+    fresh.load_state({})
+    assert not fresh.velocity.any()
+    fresh.load_state(sgd.state())
+    assert np.array_equal(fresh.velocity, sgd.velocity)
