@@ -150,12 +150,18 @@ def sparse_available() -> bool:
 # bytes each sync kind sends.
 RUNS = (("dense", 1), ("dense", 2), ("sparse", 2), ("threshold", 2))
 # Batch 32: a step's pages touch ~1/12 of the 2^18 columns, so sparse sync sends ~12x fewer
-# bytes than dense; rows are l2-normalised, so the gradients are small and a large lr
-# converges in a few epochs. make-data shuffles the rows, so the default block_rows mixes
+# bytes than dense. AdaGrad (per-feature steps, the usual choice for hashed n-grams) reaches
+# LogisticRegression's accuracy in ~35-40 steps (0.6 epoch) where SGD with momentum 0.9 at
+# lr 8 took 290 and plain SGD 330 (lr 120, an oscillating path); measured with lr 0.25-1.0,
+# batch 16-64 (every batch size needs ~1100 rows). Without L2 the update is exactly sparse:
+# each step touches only its batch's features (kernels.update), so model l2 is 0 (the
+# accuracy bar is the same). make-data shuffles the rows, so the default block_rows mixes
 # sections. keep_best off: the run stops at the first evaluation past the target, whose
 # parameters are the model; writing best.h5 at every improvement would only add disk time.
-OPTIMIZER = {"kind": "sgd", "lr": 8.0, "momentum": 0.9, "batch": 32}
-EVAL_EVERY = 10
+# An evaluation of the validation pages costs about two steps: every 5 steps.
+OPTIMIZER = {"kind": "adagrad", "lr": 0.35, "batch": 32}
+MODEL = {"kind": "softmax", "l2": 0.0}
+EVAL_EVERY = 5
 
 
 def make_data(root: Path, data: Path) -> float:
@@ -177,7 +183,7 @@ def fleet(root: Path, tmp: Path, target_acc: float) -> list[dict[str, Any]]:
         sync: dict[str, Any] = {"kind": kind, **({"tau": 0.5, "adaptive": True} if kind == "threshold" else {})}
         spec = {"name": f"text-{kind}", "seed": 0,
                 "data": {"train": str(data / "train.h5"), "valid": str(data / "valid.h5")},
-                "model": {"kind": "softmax", "l2": 1e-6}, "optimizer": OPTIMIZER,
+                "model": MODEL, "optimizer": OPTIMIZER,
                 "sync": sync, "goal": {"valid_accuracy_above": max(target_acc - 1e-9, 0.0), "max_epochs": 20},
                 "checkpoint": {"every_steps": 10 ** 9, "keep_best": False},
                 "monitor": {"log_every_steps": 1, "eval_every_steps": EVAL_EVERY, "progress": "none"},
@@ -239,7 +245,8 @@ def main() -> None:
                     [("system", "s"), ("startup_s", ".2f"), ("read_s", ".2f"), ("hash_s", ".2f"), ("fit_s", ".2f"),
                      ("predict_s", ".2f"), ("make_data_s", ".2f"), ("train_s", ".2f"), ("rest_s", ".2f"),
                      ("steps", "d")]))
-        settings = {"hash_bits": HASH_BITS, "ngrams": "1,2", "optimizer": OPTIMIZER, "eval_every_steps": EVAL_EVERY,
+        settings = {"hash_bits": HASH_BITS, "ngrams": "1,2", "model": MODEL, "optimizer": OPTIMIZER,
+                    "eval_every_steps": EVAL_EVERY,
                     "keep_best": False, "block_rows": "default (32)", "runs": [f"{k} x{r}" for k, r in RUNS],
                     "threads": {k: ENV[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")},
                     "load_avg_1m_at_end": os.getloadavg()[0]}

@@ -307,14 +307,21 @@ class BfgsSpec:
 @dataclass(frozen=True)
 class OptimizerSpec:
     # boost: set for tree kinds, which take no optimizer section; closed_form: one pass of
-    # exact sufficient statistics and a Cholesky solve (kind ar).
-    kind: Literal["sgd", "lbfgs", "bfgs", "closed_form", "boost"] = "sgd"
+    # exact sufficient statistics and a Cholesky solve (kind ar). adagrad: per-parameter steps
+    # lr / sqrt(sum of squared gradients), minibatches as sgd (fleetmpi.optim.adagrad).
+    kind: Literal["sgd", "adagrad", "lbfgs", "bfgs", "closed_form", "boost"] = "sgd"
     lr: float = check(positive, 0.1)
     momentum: float = check(in_range(0.0, 0.999), 0.0)
     batch: int = check(positive, 256)
     schedule: ScheduleSpec = ScheduleSpec()
     lbfgs: LbfgsSpec = LbfgsSpec()
     bfgs: BfgsSpec = BfgsSpec()
+
+    def validate(self) -> tuple[str, str] | None:
+        if self.kind == "adagrad" and self.momentum:
+            return "momentum", ("optimizer kind adagrad takes no momentum (its steps adapt per parameter); "
+                                "drop momentum or use kind sgd")
+        return None
 
 
 @dataclass(frozen=True)

@@ -20,18 +20,17 @@ Rows are in a seeded random order (``--seed``): each document draws a key unifor
 likely, the order does not depend on the chunk size or on the layout, and a folder source
 (listed class by class) comes out mixed. See ``_CsrWriter`` for the memory bound.
 
-Sources: a folder with one subfolder per class and one document per file (scikit-learn's
-``load_files`` layout), or a JSONL / CSV file with a text field and a label field.
+Sources (``fleetmpi.textsource``, re-exported here): a folder with one subfolder per class
+and one document per file (scikit-learn's ``load_files`` layout), or a JSONL / CSV file
+with a text field and a label field.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,12 +40,13 @@ import numpy as np
 
 from fleetmpi.errors import BadInput
 from fleetmpi.texthash import TOKEN_PATTERN, hash_texts, murmurhash3_32, ngrams
+from fleetmpi.textsource import TEXT_SUFFIXES, Doc, Source, read_texts
 
-__all__ = ["Hashing", "analyze", "hash_docs", "make_text_data", "murmurhash3_32", "read_texts", "text_meta"]
+__all__ = ["TEXT_SUFFIXES", "Doc", "Hashing", "Source", "analyze", "hash_docs", "make_text_data", "murmurhash3_32",
+           "read_texts", "text_meta"]
 HASH_BITS_MIN, HASH_BITS_MAX = 10, 26
 CHUNK_DOCS = 4096                 # documents hashed and appended per step: bounds memory
 MAX_NGRAM = 5
-TEXT_SUFFIXES = (".jsonl", ".csv")
 
 
 @dataclass(frozen=True)
@@ -106,155 +106,6 @@ def analyze(doc: str, hashing: Hashing) -> list[str]:
 def hash_docs(docs: list[str], hashing: Hashing) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return CSR (indptr int64, indices int32, data float32) of ``docs`` hashed into hashing.n_features columns."""
     return hash_texts(docs, hashing.n_features, hashing.ngram_range)
-
-
-# ---------------------------------------------------------------- text sources
-
-@dataclass
-class Doc:
-    """One document: its text, label (None where the source has none), and where it came from."""
-
-    text: str
-    label: str | None
-    where: str
-    replaced: bool
-
-
-@dataclass
-class Source:
-    """A text source: the layout of ``path`` and the fields JSONL / CSV rows use."""
-
-    path: Path
-    text_field: str = "text"
-    label_field: str | None = "label"
-
-    @property
-    def layout(self) -> str:
-        if self.path.is_dir():
-            return "folder"
-        suffix = self.path.suffix.lower()
-        if suffix in TEXT_SUFFIXES and self.path.is_file():
-            return suffix[1:]
-        if not self.path.exists():
-            raise BadInput(f"{self.path}: no such file or folder; expected a folder of class subfolders, "
-                           "a .jsonl or a .csv file")
-        raise BadInput(f"{self.path}: expected a folder of class subfolders (one document per file), "
-                       f"a .jsonl or a .csv file; got a {suffix or 'suffixless'} file")
-
-    def size_bytes(self) -> int:
-        """Return the bytes the source holds (for the progress bar)."""
-        if self.layout == "folder":
-            return sum(p.stat().st_size for p in self._files())
-        return self.path.stat().st_size
-
-    def _files(self) -> list[Path]:
-        classes = sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
-        return [f for c in classes for f in sorted(c.rglob("*")) if f.is_file()
-                and not any(part.startswith(".") for part in f.relative_to(c).parts)]
-
-    def docs(self) -> Iterator[tuple[Doc, int]]:
-        """Yield (document, bytes read so far) in the source's order."""
-        layout = self.layout
-        if layout == "folder":
-            yield from self._folder()
-        elif layout == "jsonl":
-            yield from self._jsonl()
-        else:
-            yield from self._csv()
-
-    def _folder(self) -> Iterator[tuple[Doc, int]]:
-        files = self._files()
-        if not files:
-            raise BadInput(f"{self.path}: no documents; expected one subfolder per class holding one document "
-                           "per file (scikit-learn load_files layout)")
-        done = 0
-        for f in files:
-            raw = f.read_bytes()
-            done += len(raw)
-            text, bad = _decode(raw)
-            yield Doc(text, f.relative_to(self.path).parts[0], str(f), bad), done
-
-    def _jsonl(self) -> Iterator[tuple[Doc, int]]:
-        done = 0
-        with open(self.path, "rb") as fh:
-            for lineno, raw in enumerate(fh, 1):
-                done += len(raw)
-                line, bad = _decode(raw)
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BadInput(f"{self.path}:{lineno}: not a JSON object ({e.msg}); expected one object per "
-                                   f"line with fields {self.text_field!r}"
-                                   f"{' and ' + repr(self.label_field) if self.label_field else ''}") from None
-                if not isinstance(rec, dict):
-                    raise BadInput(f"{self.path}:{lineno}: a JSON {type(rec).__name__}, expected an object with "
-                                   f"field {self.text_field!r}")
-                yield Doc(self._field(rec, self.text_field, lineno, "--text-field"),
-                          None if self.label_field is None else
-                          self._field(rec, self.label_field, lineno, "--label-field"),
-                          f"{self.path}:{lineno}", bad), done
-
-    def _csv(self) -> Iterator[tuple[Doc, int]]:
-        with open(self.path, "rb") as fb:
-            lines = _DecodedLines(fb)
-            reader = csv.DictReader(lines)
-            cols = reader.fieldnames or []
-            for name, flag in ((self.text_field, "--text-field"), (self.label_field, "--label-field")):
-                if name is not None and name not in cols:
-                    raise BadInput(f"{self.path}: no column {name!r} ({flag}); the header has "
-                                   f"{', '.join(map(repr, cols)) or 'no columns'}")
-            while True:
-                try:
-                    rec = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as e:
-                    raise BadInput(f"{self.path}:{reader.line_num}: not valid CSV ({e})") from None
-                lineno = reader.line_num
-                bad, lines.replaced = lines.replaced, False
-                yield Doc(self._field(rec, self.text_field, lineno, "--text-field"),
-                          None if self.label_field is None else
-                          self._field(rec, self.label_field, lineno, "--label-field"),
-                          f"{self.path}:{lineno}", bad), lines.done
-
-    def _field(self, rec: dict[str, Any], name: str, lineno: int, flag: str) -> str:
-        value = rec.get(name)
-        if value is None or (flag == "--label-field" and value == ""):
-            have = ", ".join(repr(k) for k in rec if k is not None)
-            raise BadInput(f"{self.path}:{lineno}: no {name!r} field ({flag}); the record has {have or 'no fields'}")
-        if isinstance(value, (dict, list)):
-            raise BadInput(f"{self.path}:{lineno}: field {name!r} is a JSON {type(value).__name__}; expected a "
-                           "string or number")
-        return str(value)
-
-
-class _DecodedLines:
-    """Iterate a binary file's lines as str, replacing undecodable bytes and noting it."""
-
-    def __init__(self, fb: Any) -> None:
-        self.fb, self.done, self.replaced = fb, 0, False
-
-    def __iter__(self) -> _DecodedLines:
-        return self
-
-    def __next__(self) -> str:
-        raw = self.fb.readline()
-        if not raw:
-            raise StopIteration
-        self.done += len(raw)
-        text, bad = _decode(raw)
-        self.replaced |= bad
-        return text
-
-
-def _decode(raw: bytes) -> tuple[str, bool]:
-    """Return (``raw`` as UTF-8 with U+FFFD for undecodable bytes, whether any was replaced)."""
-    try:
-        return raw.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", errors="replace"), True
 
 
 # ---------------------------------------------------------------- writing CSR files
@@ -584,13 +435,6 @@ def _warnings(tw: _CsrWriter, vw: _CsrWriter | None, tstats: SplitStats, vstats:
         elif tcount[c] == 0:
             out.append(f"class {names[c]!r} has no training document ({total} in valid); the model cannot predict it")
     return out
-
-
-def read_texts(path: Path, text_field: str = "text") -> Iterator[Doc]:
-    """Yield the documents of ``path`` (folder, JSONL or CSV) without requiring labels."""
-    src = Source(Path(path), text_field, None)
-    for doc, _ in src.docs():
-        yield doc
 
 
 def text_meta(train_path: Path) -> dict[str, Any]:

@@ -34,6 +34,7 @@ __all__ = [
     "logistic_predict_proba",
     "logistic_rows",
     "mark_columns",
+    "softmax_eval",
     "softmax_grad",
     "softmax_predict_proba",
     "softmax_rows",
@@ -104,9 +105,10 @@ def _row_dot(ip: np.ndarray, ix: np.ndarray, dv: np.ndarray, i: int, w: np.ndarr
 
 @njit(cache=True, fastmath=False, nogil=True)
 def _linear_grad(ip: np.ndarray, ix: np.ndarray, dv: np.ndarray, y: np.ndarray, w: np.ndarray,
-                 d: int, logistic: bool, g: np.ndarray) -> float:
-    """Fill g (d+1,) with the squared-error (or log-loss) gradient sum; return the loss sum."""
-    g[:] = 0.0
+                 d: int, logistic: bool, g: np.ndarray, zero: bool) -> float:
+    """Fill g (d+1,) with the squared-error (or log-loss) gradient sum (zeroing it first if ``zero``); return the loss sum."""
+    if zero:
+        g[:] = 0.0
     loss = 0.0
     gb = 0.0
     for i in range(ip.size - 1):
@@ -163,10 +165,11 @@ def _logits(ip: np.ndarray, ix: np.ndarray, dv: np.ndarray, W: np.ndarray, d: in
 
 @njit(cache=True, fastmath=False, nogil=True)
 def _softmax_grad(ip: np.ndarray, ix: np.ndarray, dv: np.ndarray, y: np.ndarray, W: np.ndarray,
-                  d: int, G: np.ndarray) -> float:
-    """Fill G (d+1, k) with the softmax cross-entropy gradient sum; return the loss sum."""
+                  d: int, G: np.ndarray, zero: bool) -> float:
+    """Fill G (d+1, k) with the softmax cross-entropy gradient sum (zeroing it first if ``zero``); return the loss sum."""
     k = W.shape[1]
-    G[:, :] = 0.0
+    if zero:
+        G[:, :] = 0.0
     z = np.empty(k)
     loss = 0.0
     for i in range(ip.size - 1):
@@ -204,6 +207,48 @@ def _softmax_proba(ip: np.ndarray, ix: np.ndarray, dv: np.ndarray, W: np.ndarray
             s += z[c]
         for c in range(k):
             z[c] /= s
+
+
+@njit(cache=True, fastmath=False, nogil=True)
+def _softmax_eval(ip: np.ndarray, ix: np.ndarray, dv: np.ndarray, y: np.ndarray, W: np.ndarray,
+                  d: int) -> tuple[float, int]:
+    """Return (cross-entropy sum, rows whose most probable class is the label): one forward pass.
+
+    The loss adds what ``_softmax_grad`` adds and the class is numpy's argmax of what
+    ``_softmax_proba`` gives (first of equal maxima; a NaN wins), so both match bit for bit.
+    """
+    k = W.shape[1]
+    zi = np.empty(k)
+    p = np.empty(k)
+    loss = 0.0
+    correct = 0
+    for i in range(ip.size - 1):
+        for c in range(k):          # the logits as _logits sums them
+            zi[c] = W[d, c]
+        for q in range(ip[i], ip[i + 1]):
+            a = np.float64(dv[q])
+            wj = W[ix[q]]
+            for c in range(k):
+                zi[c] += a * wj[c]
+        m = zi[0]
+        for c in range(1, k):
+            m = max(m, zi[c])
+        s = 0.0
+        for c in range(k):
+            p[c] = math.exp(zi[c] - m)
+            s += p[c]
+        best = 0
+        for c in range(k):
+            p[c] /= s
+            if p[best] != p[best]:
+                continue
+            if p[c] != p[c] or p[c] > p[best]:
+                best = c
+        label = int(y[i])
+        loss += cpu._softmax_residual(zi, label)
+        if best == label:
+            correct += 1
+    return loss, correct
 
 
 @njit(cache=True, fastmath=False, nogil=True)
@@ -275,28 +320,42 @@ def _check(X: CsrBatch, y: np.ndarray | None, w: np.ndarray, size: int, name: st
     cpu._check_array(w, name, np.float64, (size,))
 
 
-def linear_grad(X: CsrBatch, y: np.ndarray, w: np.ndarray, g_out: np.ndarray) -> float:
+# ``zeroed``: g_out is already all zero (a caller that cleared the rows the last batch wrote,
+# ``fleetmpi.sync.base.CsrGrad``); the kernels add into it instead of clearing it all.
+
+
+def linear_grad(X: CsrBatch, y: np.ndarray, w: np.ndarray, g_out: np.ndarray, zeroed: bool = False) -> float:
     """Fill g_out ((d+1,) float64) with the squared-error gradient sum over CSR rows; return the loss sum."""
     _check(X, y, w, X.d + 1, "w")
     cpu._check_out(g_out, "g_out", (X.d + 1,))
-    return float(_linear_grad(X.indptr, X.indices, X.data, y, w, X.d, False, g_out))
+    return float(_linear_grad(X.indptr, X.indices, X.data, y, w, X.d, False, g_out, not zeroed))
 
 
-def logistic_grad(X: CsrBatch, y: np.ndarray, w: np.ndarray, g_out: np.ndarray) -> float:
+def logistic_grad(X: CsrBatch, y: np.ndarray, w: np.ndarray, g_out: np.ndarray, zeroed: bool = False) -> float:
     """Fill g_out ((d+1,) float64) with the log-loss gradient sum over CSR rows; return the loss sum."""
     _check(X, y, w, X.d + 1, "w")
     cpu._check_out(g_out, "g_out", (X.d + 1,))
-    return float(_linear_grad(X.indptr, X.indices, X.data, y, w, X.d, True, g_out))
+    return float(_linear_grad(X.indptr, X.indices, X.data, y, w, X.d, True, g_out, not zeroed))
 
 
-def softmax_grad(X: CsrBatch, y: np.ndarray, W_flat: np.ndarray, k: int, g_out: np.ndarray) -> float:
+def softmax_grad(X: CsrBatch, y: np.ndarray, W_flat: np.ndarray, k: int, g_out: np.ndarray,
+                 zeroed: bool = False) -> float:
     """Fill g_out (((d+1)*k,) float64) with the cross-entropy gradient sum over CSR rows; return the loss sum."""
     k = cpu._check_k(k)
     _check(X, y, W_flat, (X.d + 1) * k, "W_flat")
     cpu._check_out(g_out, "g_out", ((X.d + 1) * k,))
     cpu._check_labels(y, k)
     W = W_flat.reshape(X.d + 1, k)
-    return float(_softmax_grad(X.indptr, X.indices, X.data, y, W, X.d, g_out.reshape(X.d + 1, k)))
+    return float(_softmax_grad(X.indptr, X.indices, X.data, y, W, X.d, g_out.reshape(X.d + 1, k), not zeroed))
+
+
+def softmax_eval(X: CsrBatch, y: np.ndarray, W_flat: np.ndarray, k: int) -> tuple[float, float]:
+    """Return (cross-entropy sum, count of rows predicted right) over CSR rows, without a gradient buffer."""
+    k = cpu._check_k(k)
+    _check(X, y, W_flat, (X.d + 1) * k, "W_flat")
+    cpu._check_labels(y, k)
+    loss, correct = _softmax_eval(X.indptr, X.indices, X.data, y, W_flat.reshape(X.d + 1, k), X.d)
+    return float(loss), float(correct)
 
 
 def linear_predict(X: CsrBatch, w: np.ndarray) -> np.ndarray:
@@ -377,6 +436,7 @@ def warmup() -> None:
     linear_grad(X, y, w, g)
     logistic_grad(X, y, w, g)
     softmax_grad(X, y, np.arange(6, dtype=np.float64), 2, np.empty(6))
+    softmax_eval(X, y, np.arange(6, dtype=np.float64), 2)
     _, f = softmax_rows(X, y, np.arange(6, dtype=np.float64), 2)
     csr_row_bound(*f[0])
     csr_fixed_accumulate(*f[0], 2.0, np.zeros(6, np.int64))

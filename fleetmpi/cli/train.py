@@ -75,7 +75,7 @@ def add_parsers(sub: Any) -> dict[str, Handler]:
     m.add_argument("--noise", type=float, default=0.5, help="label noise scale (synthetic)")
     m.add_argument("--valid-fraction", type=float, default=None,
                    help="rows drawn at random (seeded) into valid.h5; default 0.2, 0 without --valid")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="seed of the validation split, the row shuffle (text) and synthetic data")
     m.add_argument("--out", required=True, help="output folder: writes train.h5 and valid.h5")
     m.add_argument("--text-field", default="text", help="--from text JSONL/CSV: the field holding the document")
     m.add_argument("--label-field", default="label", help="--from text JSONL/CSV: the field holding the class")

@@ -1,10 +1,11 @@
-"""Gradient techniques on a flat float64 parameter vector: SGD, L-BFGS and full BFGS.
+"""Gradient techniques on a flat float64 parameter vector: SGD, AdaGrad, L-BFGS and full BFGS.
 
 They share one ``FlatState`` per run (model, parameters, weight mask, sync, the
 optimizers' state), so a rule that switches between them hands over the parameters,
 and a checkpoint holds the same arrays whichever of them runs: ``params``,
-``sgd_velocity``, ``lbfgs_S/Y/g/f``, the sync's (``sync_residual``, ``sync_tau``), and
-``bfgs_H/g/f`` once BFGS ran (its d x d matrix is made only for a run that uses it).
+``sgd_velocity``, ``lbfgs_S/Y/g/f``, the sync's (``sync_residual``, ``sync_tau``),
+``bfgs_H/g/f`` once BFGS ran (its d x d matrix is made only for a run that uses it) and
+``adagrad_acc`` once AdaGrad ran (host only: a GPU phase refuses it).
 
 ``FlatState`` computes on the host; ``fleetmpi.engine.gpu.GpuFlatState`` overrides its
 device hooks (``sgd_gradient``, ``sgd_apply``, ``global_grad``, ``to_host``,
@@ -26,7 +27,8 @@ from fleetmpi.sync.base import Extra, Extras
 
 if TYPE_CHECKING:
     from fleetmpi.engine.trainer import Trainer
-    from fleetmpi.optim import BFGS, LBFGS
+    from fleetmpi.optim import BFGS, LBFGS, SGD
+    from fleetmpi.optim import Adagrad as AdagradState
 
 # (this rank's X, y, fingerprint of its rows, global row count) of L-BFGS's objective
 Rows = tuple[np.ndarray, np.ndarray, float, int]
@@ -52,6 +54,7 @@ class FlatState:
         self.lbfgs = LBFGS(sp.optimizer.lbfgs, p)
         self.lbfgs_data: Rows | None = None
         self.bfgs: BFGS | None = None     # made by bfgs_state(): d x d floats only where BFGS runs
+        self.adagrad: AdagradState | None = None   # made by adagrad_state() where AdaGrad runs
         self.last_loss = float("nan")     # SGD's last reported training loss per row
         self.params = self.model.init(np.random.default_rng([sp.seed, 0x1417]), sp.model.init_scale)
 
@@ -72,7 +75,8 @@ class FlatState:
         if run.rank != 0:
             return {}
         bfgs = self.bfgs.state() if self.bfgs is not None else {}
-        return {"params": self.params, **self.sgd.state(), **self.lbfgs.state(), **bfgs, **extra}
+        ada = self.adagrad.state() if self.adagrad is not None else {}
+        return {"params": self.params, **self.sgd.state(), **self.lbfgs.state(), **bfgs, **ada, **extra}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Load params, optimizers and this rank's share of the sync's state (every rank)."""
@@ -85,6 +89,8 @@ class FlatState:
         self.lbfgs.load_state(arrays)
         if "bfgs_H" in arrays:
             self.bfgs_state().load_state(arrays, str(self.run.resumed_from))
+        if "adagrad_acc" in arrays:
+            self.adagrad_state().load_state(arrays)
         self.sync.load_state(arrays)
         self.from_host()
 
@@ -97,6 +103,13 @@ class FlatState:
             except ValueError as e:
                 raise BadInput(f"{self.run.resumed_from or self.run.jd.spec}: optimizer bfgs: {e}") from None
         return self.bfgs
+
+    def adagrad_state(self) -> AdagradState:
+        """Return AdaGrad's state (an accumulator per parameter), made on first use."""
+        if self.adagrad is None:
+            from fleetmpi.optim import Adagrad as AdagradState
+            self.adagrad = AdagradState(self.run.spec.optimizer, self.n_params)
+        return self.adagrad
 
     # -- device hooks (host versions) -------------------------------------------------------
     def to_host(self) -> None:
@@ -114,10 +127,15 @@ class FlatState:
 
     def sgd_apply(self, g: Any, lr: float) -> None:
         """Take one SGD step at learning rate ``lr`` from global gradient sum ``g`` (every rank alike)."""
-        grad = g / self.run.spec.optimizer.batch
-        if self.model.l2:
-            grad += self.model.l2 * self.mask * self.params
-        self.sgd.apply(self.params, grad, lr)
+        self.apply_sum(self.sgd, g, lr)
+
+    def apply_sum(self, opt: SGD | AdagradState, g: np.ndarray, lr: float) -> None:
+        """Take one step of ``opt`` (host) at learning rate ``lr`` from global gradient sum ``g``."""
+        # One pass, no temporaries (bitwise the numpy sequence g / B + l2 * mask * params, then
+        # SGD.apply); on the rows a CSR batch touched only, where that is exact (SGD.apply_sum).
+        touched = self.sync.touched
+        k = self.n_params // (self.run.d + 1) if touched is not None else 0
+        opt.apply_sum(self.params, g, self.run.spec.optimizer.batch, self.model.l2, self.mask, lr, touched, k)
 
     def global_grad(self, w: np.ndarray, data: Rows) -> Reduced:
         """Return (host gradient sum over all ranks, extras, compute s, comm s) at ``w``; collective."""
@@ -184,13 +202,18 @@ class Sgd(GradientTechnique):
 
     name = "sgd"
 
+    def update(self, g: Any) -> float:
+        """Apply this technique's update from global gradient sum ``g``; return the learning rate."""
+        lr = self.flat.sgd.lr(self.run.step)
+        self.flat.sgd_apply(g, lr)
+        return lr
+
     def step(self) -> StepRecord:
         run, flat = self.run, self.flat
         B = run.spec.optimizer.batch
         flat.sync.defer_extras = True   # the record may take the loss a few steps late (sync.base)
         g, ex, compute_s, comm_s = flat.sgd_gradient()
-        lr = flat.sgd.lr(run.step)
-        flat.sgd_apply(g, lr)
+        lr = self.update(g)
         e = Extras.of(ex)
         # Loss per row over the steps the extras cover (this one, or a threshold sync's window);
         # a step they skip repeats the last reported loss.
@@ -202,6 +225,25 @@ class Sgd(GradientTechnique):
         run.cursor += B
         run.samples_seen += B
         return rec
+
+
+class Adagrad(Sgd):
+    """One minibatch AdaGrad step (fleetmpi.optim.adagrad) on the global batch; CPU phases only."""
+
+    name = "adagrad"
+
+    def __init__(self, run: Trainer) -> None:
+        super().__init__(run)
+        if run.device != "cpu":
+            raise BadInput(f"{run.resumed_from or run.jd.spec}: optimizer.kind adagrad runs on CPU phases only; "
+                           "this phase has GPUs: use kind sgd there, or a phase without gpus_per_node")
+        self.flat.adagrad_state()
+
+    def update(self, g: Any) -> float:
+        opt = self.flat.adagrad_state()
+        lr = opt.lr(self.run.step)
+        self.flat.apply_sum(opt, g, lr)
+        return lr
 
 
 class LineSearchTechnique(GradientTechnique):

@@ -109,6 +109,7 @@ class Technique(ABC):
 # dependency of one technique costs nothing to the others.
 TECHNIQUES: dict[str, str] = {
     "sgd": "fleetmpi.engine.gradient:Sgd",
+    "adagrad": "fleetmpi.engine.gradient:Adagrad",
     "lbfgs": "fleetmpi.engine.gradient:Lbfgs",
     "gp": "fleetmpi.engine.gp:Gp",
     "boost": "fleetmpi.engine.trees:Boost",

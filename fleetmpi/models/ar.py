@@ -25,8 +25,9 @@ class AutoRegression(LinearRegression):
         super().__init__(lags, l2)
         self.lags, self.trend = lags, trend
 
-    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
-        loss = super().loss_grad_sum(X, y, params, g_out)
+    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray,
+                      zeroed: bool = False) -> float:
+        loss = super().loss_grad_sum(X, y, params, g_out, zeroed)
         if self.trend == "none":
             g_out[self.d] = 0.0    # no intercept: its parameter stays at the 0 init
         return loss

@@ -44,9 +44,11 @@ class _Linear(Model):
 class LinearRegression(_Linear):
     kind, task = "linear", "regression"
 
-    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
+    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray,
+                      zeroed: bool = False) -> float:
+        # zeroed (CSR rows only): g_out is all zero already (fleetmpi.sync.base.CsrGrad cleared it)
         if isinstance(X, sparse.CsrBatch):
-            return sparse.linear_grad(X, y, params, g_out)
+            return sparse.linear_grad(X, y, params, g_out, zeroed)
         return float(cpu.linear_grad(X, y, params, g_out, self.compute))
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
@@ -65,10 +67,11 @@ class LinearRegression(_Linear):
 class LogisticRegression(_Linear):
     kind, task = "logistic", "binary"
 
-    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
+    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray,
+                      zeroed: bool = False) -> float:
         self.check_labels(y, 2)
         if isinstance(X, sparse.CsrBatch):
-            return sparse.logistic_grad(X, y, params, g_out)
+            return sparse.logistic_grad(X, y, params, g_out, zeroed)
         return float(cpu.logistic_grad(X, y, params, g_out, self.compute))
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:

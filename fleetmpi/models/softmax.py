@@ -29,10 +29,12 @@ class SoftmaxRegression(Model):
         m[self.d] = 0.0
         return m.ravel()
 
-    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray) -> float:
+    def loss_grad_sum(self, X: np.ndarray, y: np.ndarray, params: np.ndarray, g_out: np.ndarray,
+                      zeroed: bool = False) -> float:
+        # zeroed (CSR rows only): g_out is all zero already (fleetmpi.sync.base.CsrGrad cleared it)
         self.check_labels(y, self.k)
         if isinstance(X, sparse.CsrBatch):
-            return sparse.softmax_grad(X, y, params, self.k, g_out)
+            return sparse.softmax_grad(X, y, params, self.k, g_out, zeroed)
         return float(cpu.softmax_grad(X, y, params, self.k, g_out))
 
     def row_factors(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, exact.Factors]:
@@ -40,6 +42,14 @@ class SoftmaxRegression(Model):
         if isinstance(X, sparse.CsrBatch):
             return sparse.softmax_rows(X, y, params, self.k)
         return exact.softmax_rows(X, y, params, self.k)
+
+    def eval_sums(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, float]:
+        if isinstance(X, sparse.CsrBatch):
+            # One forward pass (the base class's runs a gradient into a parameter-sized buffer
+            # and a prediction); the same loss and predicted classes, bit for bit.
+            self.check_labels(y, self.k)
+            return sparse.softmax_eval(X, y, params, self.k)
+        return super().eval_sums(X, y, params)
 
     def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
         if isinstance(X, sparse.CsrBatch):

@@ -149,7 +149,13 @@ class LBFGS(QuasiNewton):
         self.S, self.Y = self.S[:0], self.Y[:0]
 
     def state(self) -> dict[str, np.ndarray]:
-        """Return history, gradient and objective under their checkpoint names (f NaN: none yet)."""
+        """Return history, gradient and objective under their checkpoint names (f NaN: none yet).
+
+        {} while there is neither history nor an objective (L-BFGS never ran): that is the
+        fresh state ``load_state`` keeps, and g (8 bytes per parameter) means nothing then.
+        """
+        if self.f is None and not self.S.shape[0]:
+            return {}
         f = np.array([np.nan if self.f is None else self.f])
         return {"lbfgs_S": self.S, "lbfgs_Y": self.Y, "lbfgs_g": self.g, "lbfgs_f": f}
 

@@ -52,9 +52,28 @@ class SGD:
         else:
             params -= lr * grad
 
+    def apply_sum(self, params: np.ndarray, g: np.ndarray, batch: int, l2: float, mask: np.ndarray, lr: float,
+                  rows: np.ndarray | None = None, k: int = 0) -> None:
+        """Update ``params`` from gradient sum ``g`` over ``batch`` rows plus ``l2 * mask * params``; one pass.
+
+        Bitwise what ``apply(params, g / batch + l2 * mask * params, lr)`` gives. ``rows``: the
+        rows of a (d + 1, k) table outside which ``g`` is +0.0 (a CSR batch's touched
+        features, ``Sync.touched``); where the update is exactly sparse (no momentum, no L2)
+        only they and the bias row are updated, with the same result.
+        """
+        from kernels import update
+        if rows is not None and not self.spec.momentum and not l2:
+            update.sgd_rows(params, g, rows, k, batch, lr)
+        else:
+            update.sgd_dense(params, g, batch, l2, mask, self.velocity, self.spec.momentum, lr)
+
     def state(self) -> dict[str, np.ndarray]:
-        """Return the velocity under its checkpoint name."""
-        return {"sgd_velocity": self.velocity}
+        """Return the velocity under its checkpoint name; {} while it is all zero (never stepped with momentum).
+
+        A zero velocity is what ``load_state`` keeps where a checkpoint has none, so leaving it
+        out changes no resume and spares writing and hashing 8 bytes per parameter.
+        """
+        return {"sgd_velocity": self.velocity} if self.velocity.any() else {}
 
     def load_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Take the velocity from a checkpoint's arrays where it fits the model (every rank)."""

@@ -11,7 +11,7 @@ import pytest
 from conftest import cli, write_spec
 
 from fleetmpi.errors import BadInput
-from fleetmpi.text import Hashing, analyze, hash_docs, make_text_data, murmurhash3_32
+from fleetmpi.text import Hashing, Source, analyze, hash_docs, make_text_data, murmurhash3_32
 
 ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") + \
     list("ÄÖÜäöüßéèçñøåжщыπλ中文字日本😀🚀") + list("  .,;:!?-'\"()\t\n")
@@ -73,7 +73,8 @@ ASCII = [chr(c) for c in range(128)]
 # land in ASCII (dotted I, Kelvin sign, sharp s), word characters outside letters (digits of
 # other scripts, superscripts, combining marks), non-BMP, the replacement character.
 TRICKY = ["\u0130", "\u0131", "\u212a", "\u00df", "\u1e9e", "\uff11", "\u0663", "\u00b2", "\u00e9", "e\u0301",
-          "\U0001f600", "\ufffd", "\u00a0", "\u2028", "\u01c5", "\u03a3", "\u03c2"]
+          "\U0001f600", "\ufffd", "\u00a0", "\u2028", "\u01c5", "\u03a3", "\u03c2", "\u2019", "\u2014",
+          "\u24b6", "\u0301"]
 
 
 def ascii_docs(rng: np.random.Generator, n: int) -> list[str]:
@@ -311,3 +312,20 @@ def test_model_keeps_hashing_and_predict_reads_raw_text(tmp_path: Path) -> None:
     proc = cli("predict", str(tmp_path / "job" / "model.h5"), str(tmp_path / "nope.csv"), "--out",
                str(tmp_path / "q.h5"))
     assert proc.returncode == 2 and "no such file or folder" in proc.stderr
+
+
+def test_folder_listing_is_rglobs_order_without_hidden_entries(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    for rel in ("b/2.txt", "b/10.txt", "b/sub/a.txt", "b/Sub/z.txt", "b/.hidden.txt", "b/.git/x.txt",
+                "a/x.txt", ".skip/y.txt", "c/deep/er/f.txt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(rel)
+    (root / "a" / "link.txt").symlink_to(root / "b" / "2.txt")      # a symlinked file counts
+    (root / "a" / "linkdir").symlink_to(root / "c" / "deep")          # a symlinked folder is not entered
+    want = []
+    for c in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        want += [(str(f), c.name, f.stat().st_size) for f in sorted(c.rglob("*"))
+                 if f.is_file() and not any(part.startswith(".") for part in f.relative_to(c).parts)]
+    got = Source(root)._files()
+    assert got == want
+    assert [g[1] for g in got] == ["a", "a", "b", "b", "b", "b", "c"]
