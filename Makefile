@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP     := $(VENV)/.fleetmpi-installed
 DEV_STAMP := $(VENV)/.fleetmpi-dev-installed
 # numba keys its cache by source file and mtime: recompile when a kernel source changes.
-KERNEL_SRC := $(wildcard kernels/*.py) fleetmpi/engine/data.py
+KERNEL_SRC := $(wildcard kernels/*.py) fleetmpi/engine/data.py fleetmpi/texthash.py
 PRECOMPILED := kernels/__pycache__/.fleetmpi-precompiled
 PYTEST_ARGS ?=
 

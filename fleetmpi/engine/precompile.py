@@ -46,6 +46,12 @@ def _data_kernels() -> None:
                 reader.close()
 
 
+def _text_kernels() -> None:
+    """Hash two tiny documents: make-data's tokenising and MurmurHash3 kernels compile here."""
+    from fleetmpi.texthash import hash_texts
+    hash_texts(["warm up the hashing", "caf\u00e9 na\u00efve"], 2 ** 10, (1, 2))
+
+
 def _bytecode() -> None:
     """Write __pycache__ bytecode for the fleetmpi and kernels packages (py_compile writes it
     whatever PYTHONDONTWRITEBYTECODE says; a source edited later is recompiled as usual)."""
@@ -58,9 +64,10 @@ def _bytecode() -> None:
 
 def steps() -> list[tuple[str, Callable[[], None]]]:
     """Return (name, warm-up) for each kernel module training loads, in load order, then the bytecode."""
-    from kernels import compress, cpu, exact, trees
-    return [("kernels.cpu", cpu.warmup), ("kernels.exact", exact.warmup), ("kernels.compress", compress.warmup),
-            ("kernels.trees", trees.warmup), ("fleetmpi.engine.data", _data_kernels), ("bytecode", _bytecode)]
+    from kernels import compress, cpu, exact, sparse, trees, update
+    return [("kernels.cpu", cpu.warmup), ("kernels.update", update.warmup), ("kernels.sparse", sparse.warmup),
+            ("kernels.exact", exact.warmup), ("kernels.compress", compress.warmup), ("kernels.trees", trees.warmup),
+            ("fleetmpi.engine.data", _data_kernels), ("fleetmpi.texthash", _text_kernels), ("bytecode", _bytecode)]
 
 
 def main(argv: list[str] | None = None) -> int:
