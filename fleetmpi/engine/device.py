@@ -84,7 +84,8 @@ def gpu_missing() -> str | None:
 GPU_MODEL_KINDS = ("linear", "logistic", "softmax", "mlp")
 
 
-def gpu_model_refusal(model_kind: str, sync_kind: str, setting: str = "gpu") -> str | None:
+def gpu_model_refusal(model_kind: str, sync_kind: str, setting: str = "gpu", optimizer_kind: str = "sgd"
+                      ) -> str | None:
     """Return why this model cannot train on a GPU here, or None if it can.
 
     The advice to change the phase's device is given only to ``setting`` gpu: under auto
@@ -94,6 +95,8 @@ def gpu_model_refusal(model_kind: str, sync_kind: str, setting: str = "gpu") -> 
     if model_kind not in GPU_MODEL_KINDS:
         # A user's Model, trees, GPs and closed-form fits compute with numpy/numba on the host.
         return f"model kind {model_kind} computes on the CPU only (no GPU kernels){fix}"
+    if optimizer_kind == "adagrad":
+        return f"optimizer kind adagrad keeps its per-coordinate sums on the host only{fix}"
     if sync_kind == "sparse":
         return (f"sync kind sparse gathers touched features on the host only{fix}"
                 + (", or sync dense" if fix else "; sync dense would run on the GPU"))
@@ -122,11 +125,12 @@ def local_rank(comm: Any) -> tuple[int, int]:
         node.Free()
 
 
-def choose(comm: Any, phase: str, setting: str, model_kind: str, sync_kind: str) -> Device:
+def choose(comm: Any, phase: str, setting: str, model_kind: str, sync_kind: str, optimizer_kind: str = "sgd"
+           ) -> Device:
     """Resolve the phase's device setting on every rank alike (collective); BadInput if gpu cannot be had."""
     if setting == "cpu":
         return Device("cpu", setting)
-    refusal = gpu_model_refusal(model_kind, sync_kind, setting)
+    refusal = gpu_model_refusal(model_kind, sync_kind, setting, optimizer_kind)
     missing_why = gpu_missing() if refusal is None else None
     # Decide from every rank's view, so that all ranks take the same branch below.
     views = comm.allgather((missing_why, refusal))

@@ -79,7 +79,7 @@ def open_trainer(comm: Any, jd: JobDir, standby: Standby | None = None,
     from fleetmpi.engine import device
     # The GPU MLP kernels are softmax ones: a regression MLP is named apart, so it is refused there.
     kind = "mlp (task regression)" if sp.model.kind == "mlp" and sp.model.task == "regression" else sp.model.kind
-    dev = device.choose(comm, phase, setting, kind, sp.sync.kind)
+    dev = device.choose(comm, phase, setting, kind, sp.sync.kind, sp.optimizer.kind)
     if dev.kind == "gpu":
         from fleetmpi.engine.gpu import GpuTrainer
         return GpuTrainer(comm, jd, sp, state, dev)

@@ -38,7 +38,7 @@ import fleetmpi
 from fleetmpi.engine import checkpoint
 from fleetmpi.engine.standby import STANDBY_ENV, handover_path, write_handover
 from fleetmpi.engine.watchdog import DRIVER_ENV, driver_token
-from fleetmpi.errors import BadInput, ExitCode, disk_full
+from fleetmpi.errors import BadInput, ExitCode, disk_full, one_line
 from fleetmpi.jobdir import JobDir
 from fleetmpi.lock import LOCK_FD_ENV, JobLock
 from fleetmpi.spec import Spec, check_local_fit
@@ -198,7 +198,10 @@ class LocalBackend:
                     self._pre_start(targets[0])
             if self._on_started is not None:
                 started_hook, self._on_started = self._on_started, None
-                started_hook()
+                try:
+                    started_hook()
+                except Exception as e:   # mpiexec runs now: a failing record must not orphan its ranks
+                    print(f"fleetmpi: warning: after mpiexec started: {one_line(e)}", file=sys.stderr)
             rc = self._follow(started, events_from, tee=progress != "bar")
             log = started.log
             self._report_signals()

@@ -114,7 +114,8 @@ class SparseSync(Sync):
             bits = np.packbits(mine)
             both = np.empty_like(bits)
             self.comm.Allreduce([bits, MPI.BYTE], [both, MPI.BYTE], op=MPI.BOR)
-            union = np.flatnonzero(np.unpackbits(both, count=d))
+            # int32 like the ids exchange's union: the row-update kernels are precompiled for int32 rows
+            union = np.flatnonzero(np.unpackbits(both, count=d)).astype(np.int32)
             payload += bits.nbytes
             wire += 2.0 * (P - 1) / P * bits.nbytes
             self.exchange = "bitmap"

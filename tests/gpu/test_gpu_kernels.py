@@ -94,6 +94,15 @@ def test_mlp_refusal_names_the_fix() -> None:
         assert "cupy" in why and "device: cpu or auto" in why
 
 
+def test_adagrad_is_refused_before_the_gpu_is_taken() -> None:
+    # Its per-coordinate sums live on the host: auto falls back to the CPU, gpu says why.
+    assert "adagrad" in device.gpu_model_refusal("softmax", "dense", "gpu", "adagrad")
+    assert "device: cpu or auto" in device.gpu_model_refusal("softmax", "dense", "gpu", "adagrad")
+    auto = device.gpu_model_refusal("linear", "dense", "auto", "adagrad")
+    assert "adagrad" in auto and "device:" not in auto
+    assert device.gpu_model_refusal("softmax", "dense", "gpu", "sgd") is None
+
+
 def test_device_lines_for_the_log() -> None:
     from fleetmpi.engine.gpu import _nvml_notes
     d = device.Device("gpu", "auto", 1, "NVIDIA H100", False, False, "local rank 1")
