@@ -175,6 +175,19 @@ def run_rescaled_and_solo(tmp_path: Path, data: Path, fleet: dict[str, Any], **c
     return jobs[0], jobs[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep every Slurm test on one pytest-xdist worker (`make test` runs `-n 2 --dist loadgroup`).
+
+    They share the minicluster's four nodes, wait for it to be idle and count its running jobs
+    and squeue calls: a second worker's Slurm jobs would change those counts. The group runs
+    first, so the longest stretch of waiting on Slurm overlaps the other worker's CPU-bound tests.
+    """
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)   # stable: order kept within each part
+
+
 @pytest.fixture(scope="session")
 def campaign() -> Iterator[Campaign]:
     """Return the fault campaign (tests/faults/campaign.py); print its table when the session ends."""
