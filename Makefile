@@ -10,6 +10,11 @@ DEV_STAMP := $(VENV)/.fleetmpi-dev-installed
 KERNEL_SRC := $(wildcard kernels/*.py) fleetmpi/engine/data.py fleetmpi/texthash.py
 PRECOMPILED := kernels/__pycache__/.fleetmpi-precompiled
 PYTEST_ARGS ?=
+# make test runs on two pytest-xdist workers: half the suite's wall time is spent waiting (Slurm,
+# polling, subprocess start-up). loadgroup keeps the Slurm tests on one worker (tests/conftest.py).
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: install install-dev demo test test-fast faults bench gpu-check lint cluster-up cluster-down clean
 
@@ -37,10 +42,10 @@ demo: install
 	bash examples/quickstart.sh
 
 test: install-dev
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
 
 test-fast: install-dev
-	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 faults: install-dev   # the fault campaign with full trial counts; table in bench/results/faults.json
 	FLEETMPI_FAULTS=full $(PY) -m pytest tests/faults -m faults -s $(PYTEST_ARGS)

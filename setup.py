@@ -40,9 +40,10 @@ setup(
         "parquet": ["pyarrow>=14"],
         # pandas reads the reference tables of the own-data tests; pyarrow their Parquet files;
         # statsmodels is the AutoReg reference of the time-series tests; tensorboard and mlflow-skinny
-        # read the trackers' files back (tests/mpi/test_trackers.py).
-        "dev": ["pytest>=8", "pytest-timeout", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8", "pandas>=2.1",
-                "pyarrow>=14", "statsmodels", "tensorboard>=2.14", "mlflow-skinny>=2.9"],
+        # read the trackers' files back (tests/mpi/test_trackers.py); pytest-xdist runs `make test`
+        # on two workers (much of the suite waits on subprocesses and Slurm, not on a core).
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.8", "ruff", "mypy", "scikit-learn", "matplotlib>=3.8",
+                "pandas>=2.1", "pyarrow>=14", "statsmodels", "tensorboard>=2.14", "mlflow-skinny>=2.9"],
     },
     entry_points={"console_scripts": ["fleetmpi=fleetmpi.cli:main"]},
 )
