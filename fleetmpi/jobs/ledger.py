@@ -38,7 +38,17 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from fleetmpi.errors import BadInput, one_line
 from fleetmpi.jobdir import fsync_dir, make_dirs, open_new
-from fleetmpi.jobs.rows import DB_MODE, JSON_COLUMNS, AllocRow, JobRow, NoteRow, connect, decode_row, migrate
+from fleetmpi.jobs.rows import (
+    DB_MODE,
+    JSON_COLUMNS,
+    AllocRow,
+    JobRow,
+    NoteRow,
+    check_layout,
+    connect,
+    decode_row,
+    migrate,
+)
 
 NEW, LAUNCHED, RUNNING, RESCALING = "NEW", "LAUNCHED", "RUNNING", "RESCALING"
 COMPLETED, FAILED, CANCELLED = "COMPLETED", "FAILED", "CANCELLED"
@@ -155,6 +165,7 @@ class Ledger:
         self.conn = connect(self.path)
         try:
             migrate(self.conn)
+            check_layout(self.conn)
         except BaseException:
             self.conn.close()
             raise

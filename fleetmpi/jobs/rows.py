@@ -88,6 +88,36 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     return found
 
 
+def _layout(conn: sqlite3.Connection) -> list[tuple[str, ...]]:
+    """Return the schema records (type, name, table, SQL) in a fixed order."""
+    return sorted(tuple(str(v) for v in r) for r in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+
+
+@functools.cache
+def _expected_layout() -> list[tuple[str, ...]]:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        migrate(conn)
+        return _layout(conn)
+    finally:
+        conn.close()
+
+
+def check_layout(conn: sqlite3.Connection) -> None:
+    """Raise sqlite3.DatabaseError unless the schema records are the ones the migrations write.
+
+    quick_check verifies pages, not the schema's text: a flipped byte in a CREATE statement
+    (a column renamed, a type changed) passes it and would surface only at the first query
+    that touches that column, possibly after the manager has launched jobs from the ledger.
+    Migrations only append (ALTER TABLE ADD COLUMN rewrites the stored CREATE text the same
+    way on an old ledger as on a new one), so a current ledger's records equal a fresh one's.
+    """
+    found, want = _layout(conn), _expected_layout()
+    if found != want:
+        odd = sorted({r[1] for r in set(found) ^ set(want)})
+        raise sqlite3.DatabaseError(f"schema: {', '.join(odd)} not as fleetmpi wrote it (a damaged schema record)")
+
+
 SQLITE_HEADER = b"SQLite format 3\x00"
 DB_MODE = 0o600  # the ledger holds every user's job names, paths and notify targets
 

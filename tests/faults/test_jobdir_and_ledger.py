@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from conftest import cli, write_spec
 
 from fleetmpi import spec as specmod
 from fleetmpi.jobdir import JobDir
+from fleetmpi.lock import JobLock, read_holder
 
 pytestmark = pytest.mark.faults
 
@@ -166,6 +168,24 @@ def test_damaged_ledger_exits_2_with_one_line(ledger_home: tuple[Path, Path, dic
     assert sorted(p.name for p in (home / "jobs").iterdir()) == jobs_before, "a job dir was made on a damaged ledger"
 
 
+def _stop_launched(home: Path) -> None:
+    """Stop the runs a `manager --once` launched and wait for their job dirs' locks to be free.
+
+    The next trial writes back the pristine ledger, in which those jobs are NEW again: a
+    run still going would make that trial's launch fail on its lock (a correct warning line,
+    but not the one line the damage check looks for) and outlive the test.
+    """
+    for root in sorted((home / "jobs").iterdir()):
+        jd = JobDir(root)
+        holder = read_holder(jd)
+        if holder and holder.get("pid"):
+            try:
+                os.kill(int(holder["pid"]), signal.SIGTERM)   # a run checkpoints and exits on TERM
+            except ProcessLookupError:
+                pass
+        JobLock(jd, "test cleanup", wait_s=60).acquire().release()
+
+
 def test_byte_flipped_ledger_never_gives_a_traceback(ledger_home: tuple[Path, Path, dict[str, str]],
                                                      campaign: Campaign) -> None:
     home, _spec, env = ledger_home
@@ -179,6 +199,7 @@ def test_byte_flipped_ledger_never_gives_a_traceback(ledger_home: tuple[Path, Pa
         procs = [cli("status", "--json", env=env), cli("manager", "--once", env=env)]
         ok = all(p.returncode == 0 or _one_line_error(p, str(db), "ledger rebuild") for p in procs)
         campaign.record("ledger.db byte flipped", ok)
+        _stop_launched(home)
         for p in procs:
             assert p.returncode == 0 or _one_line_error(p, str(db), "ledger rebuild"), (p.returncode, p.stderr)
 

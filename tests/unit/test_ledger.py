@@ -267,6 +267,22 @@ def test_row_of_the_wrong_type_is_damage(tmp_path: Path) -> None:
         ledger.get(job)
 
 
+def test_flipped_byte_in_the_schema_text_is_damage_at_open(tmp_path: Path) -> None:
+    # A renamed column passes quick_check (pages are intact) and would fail only at the first
+    # query that names it: the manager could launch jobs before finding the damage.
+    ledger = Ledger()
+    add(ledger, tmp_path)
+    ledger.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    ledger.close()
+    raw = ledger.path.read_bytes()
+    assert raw.count(b"target TEXT") == 1
+    ledger.path.write_bytes(raw.replace(b"target TEXT", b"targex TEXT"))
+    with pytest.raises(LedgerDamaged, match=r"schema: notifications not as fleetmpi wrote it.*ledger rebuild"):
+        Ledger()
+    ledger.path.write_bytes(raw)
+    assert len(Ledger().jobs()) == 1
+
+
 def test_empty_file_is_a_new_ledger_only_without_job_dirs(_home: Path) -> None:
     _home.mkdir()
     (_home / "ledger.db").write_bytes(b"")
