@@ -228,6 +228,8 @@ def predict_csr_file(model_path: Path, data_path: Path, out: Path) -> dict[str, 
                 arrays = {"proba": proba, "pred": proba.argmax(axis=1).astype(np.int64)}
     finally:
         reader.close()
+    if out.suffix.lower() == ".csv":
+        return _csv_out(out, model, meta, arrays["pred"] if model.task == "regression" else arrays["proba"])
     attrs: dict[str, Any] = {"model": str(model_path), "data": str(data_path), "model_meta": meta}
     if "class_names" in meta:
         attrs["class_names"] = [str(c) for c in meta["class_names"]]
@@ -282,9 +284,12 @@ def predict_text_file(model_path: Path, data_path: Path, out: Path, text_field: 
     if proba.shape[1] != len(names):
         raise CheckpointError(f"{model_path}: model gives {proba.shape[1]} classes but meta class_names has "
                               f"{len(names)}; the file is inconsistent")
-    write_h5_atomic(out, {"proba": proba, "pred": proba.argmax(axis=1).astype(np.int64)},
-                    {"model": str(model_path), "data": str(data_path), "class_names": names, "model_meta": meta,
-                     "empty_documents": empty, "replaced_utf8": replaced}, kind="predictions")
+    if out.suffix.lower() == ".csv":   # class and p_<class> columns, as for tables
+        _csv_out(out, model, meta, proba[:, 1] if model.task == "binary" else proba)
+    else:
+        write_h5_atomic(out, {"proba": proba, "pred": proba.argmax(axis=1).astype(np.int64)},
+                        {"model": str(model_path), "data": str(data_path), "class_names": names, "model_meta": meta,
+                         "empty_documents": empty, "replaced_utf8": replaced}, kind="predictions")
     return {"out": str(out), "rows": int(proba.shape[0]), "task": model.task, "class_names": names,
             "empty_documents": empty, "replaced_utf8": replaced}
 
@@ -362,8 +367,10 @@ def check_out(out: Path, *inputs: Path) -> None:
 
 
 def class_names(model: Model | TreeModel, meta: dict[str, Any]) -> list[str]:
-    """Return the class names of a classifier: make-data's, else the class ids as text."""
+    """Return the class names of a classifier: make-data's (a table's record, or text's label names), else the ids."""
     from fleetmpi.preprocess import Record
+    if meta.get("class_names"):
+        return [str(c) for c in meta["class_names"]]
     rec = Record.from_meta(meta.get("preprocess"))
     if rec is not None and rec.classes:
         return list(rec.classes)

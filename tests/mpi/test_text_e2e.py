@@ -161,3 +161,17 @@ def test_predict_on_raw_text_and_on_csr_writes_class_names(tmp_path: Path, text_
     Zv = Xv @ W[:D] + W[D]
     np.testing.assert_array_equal(varrays["pred"], Zv.argmax(axis=1))
     assert np.mean(varrays["pred"] == s["y"]) > 0.9
+    # --out .csv: class names and one probability column per class, for raw text and CSR alike
+    for data, ref in ((src, P), (text_data / "valid.h5", None)):
+        out = tmp_path / f"{Path(data).stem}.csv"
+        proc = cli("predict", str(job / "model.h5"), str(data), "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        lines = out.read_text().splitlines()
+        assert lines[0] == "class," + ",".join(f"p_{c}" for c in CLASSES)
+        rows = [ln.split(",") for ln in lines[1:]]
+        probs = np.array([[float(v) for v in r[1:]] for r in rows])
+        assert [r[0] for r in rows] == [CLASSES[i] for i in probs.argmax(axis=1)]
+        if ref is not None:
+            np.testing.assert_allclose(probs, ref, rtol=1e-8)
+        else:
+            assert [r[0] for r in rows] == [CLASSES[i] for i in varrays["pred"]]
