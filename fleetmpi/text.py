@@ -353,9 +353,11 @@ def make_text_data(path: Path, out: Path, text_field: str = "text", label_field:
     src.layout  # noqa: B018 -- refuse an unknown layout before any file is created
     if vsrc is not None:
         vsrc.layout  # noqa: B018
+    made = [d for d in (out, *out.parents) if not d.exists()]   # removed again on a refusal
     out.mkdir(parents=True, exist_ok=True)
     tmp = {name: out / f".{name}.tmp.{os.getpid()}" for name in ("train.h5", "valid.h5")}
     writers: list[_CsrWriter] = []
+    done = False
     try:
         size = src.size_bytes()
         vsize = vsrc.size_bytes() if vsrc is not None else size
@@ -402,6 +404,7 @@ def make_text_data(path: Path, out: Path, text_field: str = "text", label_field:
                 os.replace(tmp[name], out / name)
         if vw is None:
             (out / "valid.h5").unlink(missing_ok=True)   # a stale split from an earlier run would not match
+        done = True
         return summary
     except BaseException:
         for w in writers:
@@ -410,6 +413,12 @@ def make_text_data(path: Path, out: Path, text_field: str = "text", label_field:
     finally:
         for p in tmp.values():
             p.unlink(missing_ok=True)
+        if not done:
+            for d in made:   # innermost first; a folder something else wrote into stays
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 def _warnings(tw: _CsrWriter, vw: _CsrWriter | None, tstats: SplitStats, vstats: SplitStats,

@@ -242,8 +242,12 @@ def test_bad_input_counts_and_warnings(tmp_path: Path) -> None:
         (tmp_path / "empty" / "cls").mkdir(parents=True)
         make_text_data(tmp_path / "empty", tmp_path / "o2")
     with pytest.raises(BadInput, match="at least 2"):
-        make_text_data(write_folder(tmp_path / "one", ["only one class"], ["cls"]), tmp_path / "o3")
-    assert not (tmp_path / "o2" / "train.h5").exists()
+        make_text_data(write_folder(tmp_path / "one", ["only one class"], ["cls"]), tmp_path / "o3" / "deep")
+    # a refusal leaves no folder it made, however deep; one that was there stays
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+    with pytest.raises(BadInput, match="no documents"):
+        make_text_data(tmp_path / "empty", tmp_path / "o")
+    assert (tmp_path / "o" / "train.h5").exists()
 
 
 def test_cli_refusals_exit_2_with_one_line_and_leave_old_files(tmp_path: Path) -> None:
