@@ -26,6 +26,20 @@ AUTO_MAX_CLASSES = 32
 MAX_LEVELS = 1000
 
 
+def first_non_number(cells: np.ndarray) -> int | None:
+    """Return the index of the first cell of a text column that is not a number (numbers read as text skipped)."""
+    first = None
+    for i, t in enumerate(cells):
+        if t is None:
+            continue
+        try:
+            float(t)
+        except (TypeError, ValueError):
+            return i
+        first = i if first is None else first
+    return first
+
+
 @dataclass
 class Record:
     """Everything predict needs to turn a table into the model's X and to name its classes."""
@@ -80,7 +94,8 @@ class Record:
                 parts.append(onehot)
                 continue
             if v.dtype == object:
-                bad = next(i for i, t in enumerate(v) if t is not None)
+                bad = first_non_number(v)
+                bad = 0 if bad is None else bad
                 raise BadInput(f"{where}: column {c!r} is not numeric (data row {chunk.start + bad + 1} holds "
                                f"{str(v[bad])[:40]!r}); give numbers, or one-hot encode it with --categorical {c}")
             nan = np.isnan(v)
@@ -188,7 +203,7 @@ class Scan:
                                    "one-hot encoding it would be too wide")
             elif v.dtype == object:
                 if c not in self.first_text:
-                    i = next((i for i, t in enumerate(v) if t is not None), None)
+                    i = first_non_number(v)
                     if i is not None:
                         self.first_text[c] = (chunk.start + i + 1, str(v[i])[:40])
                         self.text.add(c)

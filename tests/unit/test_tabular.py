@@ -174,6 +174,7 @@ def _bad(tmp_path: Path, *args: str) -> str:
     ("a,b,y\n", [], ["t.csv", "no data rows"]),                                             # header only
     ("a,b,z\n1,2,x\n3,4,y\n", [], ["--label y", "no such column", "a, b, z"]),               # no label column
     ("a,b,y\n1,red,x\n3,blue,y\n", [], ["t.csv", "'b'", "not numeric", "--categorical b"]),  # text feature
+    ("a,b,y\n1,2,x\n3,oops,y\n", [], ["t.csv", "data row 2 of 'b' holds 'oops'"]),    # the cell that is text
     ("a,b,y\n1,2,x\n3,,y\n5,nan,y\n", [], ["t.csv", "missing value", "data row 2", "'b'", "--fill mean"]),
     ("a,b,y\n1,2,x\n3,4,y\n", ["--task", "regression"], ["t.csv", "'y'", "text", "regression"]),
 ])
