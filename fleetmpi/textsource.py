@@ -70,20 +70,22 @@ class Source:
         """
         if self._listing is None:
             root = str(self.path)
-            classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and e.is_dir())
+            with os.scandir(root) as entries:
+                classes = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())
             out: list[tuple[str, str, int]] = []
             for c in classes:
                 found: list[tuple[tuple[str, ...], str, int]] = []
                 stack: list[tuple[str, tuple[str, ...]]] = [(os.path.join(root, c), ())]
                 while stack:
                     folder, parts = stack.pop()
-                    for e in os.scandir(folder):
-                        if e.name.startswith("."):
-                            continue
-                        if e.is_dir(follow_symlinks=False):
-                            stack.append((e.path, (*parts, e.name)))
-                        elif e.is_file():
-                            found.append(((*parts, e.name), e.path, e.stat().st_size))
+                    with os.scandir(folder) as entries:   # closed however the loop ends
+                        for e in entries:
+                            if e.name.startswith("."):
+                                continue
+                            if e.is_dir(follow_symlinks=False):
+                                stack.append((e.path, (*parts, e.name)))
+                            elif e.is_file():
+                                found.append(((*parts, e.name), e.path, e.stat().st_size))
                 found.sort()
                 out += [(path, c, size) for _, path, size in found]
             self._listing = out

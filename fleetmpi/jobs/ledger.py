@@ -100,7 +100,8 @@ def home(create: bool = True) -> Path:
 def job_dir_ids(jobs_dir: Path) -> list[int]:
     """Return the ids of the job dirs ``<id>-<name>`` in ``jobs_dir``, sorted."""
     try:
-        names = [e.name for e in os.scandir(jobs_dir) if e.is_dir()]
+        with os.scandir(jobs_dir) as entries:
+            names = [e.name for e in entries if e.is_dir()]
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(int(m.group(1)) for m in map(_DIR_ID.match, names) if m)
