@@ -49,6 +49,10 @@ def test_kill9_during_a_checkpoint_write(tmp_path: Path, datasets: dict[str, Pat
     while time.time() < deadline and driver.poll() is None and not (
             (job / "events.jsonl").exists() and any(e["event"] == "first_step" for e in events(job))):
         time.sleep(0.02)
+    # At least one whole checkpoint first: the one the kill must leave intact (under load a kill
+    # in the first write would leave nothing earlier to check).
+    while time.time() < deadline and driver.poll() is None and not any((job / "ckpt").glob("step-*.h5")):
+        time.sleep(0.005)
     time.sleep(rng.uniform(0.0, 0.3))
     temp = None
     while temp is None and time.time() < deadline and driver.poll() is None:
