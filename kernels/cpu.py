@@ -99,7 +99,7 @@ def _prefetch_rows(X: np.ndarray, lo: int, hi: int) -> None:
     hi = min(hi, X.shape[0])
     row = X.shape[1] * X.itemsize
     for off in range(lo * row, hi * row, 64):
-        prefetch(X, off)
+        prefetch(X, off)   # type: ignore[arg-type]  # mypy reads the intrinsic's typing function
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
