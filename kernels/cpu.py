@@ -94,6 +94,16 @@ _exp_neg = njit(fastmath={"contract"}, nogil=True, error_model="numpy",
 
 
 @njit(cache=True, nogil=True)
+def _rows8(X: np.ndarray, i: int, R: np.ndarray) -> None:
+    """Copy X's rows i..i+8 (float32) into R (8, d) as float64."""
+    for r in range(_SM_ROWS):
+        x = X[i + r]
+        rr = R[r]
+        for j in range(x.shape[0]):
+            rr[j] = x[j]
+
+
+@njit(cache=True, nogil=True)
 def _prefetch_rows(X: np.ndarray, lo: int, hi: int) -> None:
     """Ask for the cache lines of X's rows lo..hi (clipped to X's rows) ahead of their use."""
     hi = min(hi, X.shape[0])
@@ -285,11 +295,7 @@ def _softmax_chunk(X: np.ndarray, y: np.ndarray, W: np.ndarray, WT: np.ndarray, 
     loss = 0.0
     i = lo
     while i + _SM_ROWS <= hi:
-        for r in range(_SM_ROWS):
-            x = X[i + r]
-            rr = R[r]
-            for j in range(d):
-                rr[j] = x[j]
+        _rows8(X, i, R)
         nxt = i + _SM_ROWS   # the next block: one row prefetched per pass over d
         pf_end = min(hi, nxt + _SM_ROWS)
         pf = _softmax_logits8(R, WT, W, Z, X, nxt, pf_end)
@@ -414,29 +420,51 @@ def _logistic_predict_proba(X: np.ndarray, w: np.ndarray, out: np.ndarray) -> No
         out[i] = q if z >= 0.0 else e * q
 
 
-@njit(cache=True, fastmath=False, nogil=True)
+@njit(cache=True, nogil=True)
 def _softmax_predict_proba(
     X: np.ndarray, W_flat: np.ndarray, k: int, out: np.ndarray
 ) -> None:
     """Fill out (n, k) with the softmax-regression class probabilities."""
+    # The gradient's eight-row blocks (tiles, SIMD softmax, prefetch), without the gradient
+    # pass; the last n % 8 rows one at a time.
     n, d = X.shape
     W = W_flat.reshape((d + 1, k))
-    for i in range(n):
-        z = out[i]
+    WT = np.ascontiguousarray(W[:d].T)
+    R = np.empty((_SM_ROWS, d))
+    Z = np.empty((k, _SM_ROWS))
+    D = np.empty(k * _SM_ROWS)
+    E = np.empty(k * _SM_ROWS)
+    Ebits = E.view(np.int64)
+    m = np.empty(_SM_ROWS)
+    s = np.empty(_SM_ROWS)
+    i = 0
+    while i + _SM_ROWS <= n:
+        _rows8(X, i, R)
+        pf_end = min(n, i + 2 * _SM_ROWS)
+        pf = _softmax_logits8(R, WT, W, Z, X, i + _SM_ROWS, pf_end)
+        _prefetch_rows(X, pf, pf_end)
+        _softmax8(Z, D, E, Ebits, m, s)
+        for r in range(_SM_ROWS):
+            o = out[i + r]
+            for c in range(k):
+                o[c] = Z[c, r]
+        i += _SM_ROWS
+    for t in range(i, n):
+        z = out[t]
         for c in range(k):
             z[c] = W[d, c]
         for j in range(d):
-            xj = np.float64(X[i, j])
+            xj = np.float64(X[t, j])
             for c in range(k):
                 z[c] += xj * W[j, c]
-        m = z[0]
+        mx = z[0]
         for c in range(1, k):
-            m = max(m, z[c])
-        s = 0.0
+            mx = max(mx, z[c])
+        sm = 0.0
         for c in range(k):
-            z[c] = math.exp(z[c] - m)
-            s += z[c]
-        inv = 1.0 / s
+            z[c] = math.exp(z[c] - mx)
+            sm += z[c]
+        inv = 1.0 / sm
         for c in range(k):
             z[c] *= inv
 
