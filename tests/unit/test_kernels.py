@@ -243,6 +243,26 @@ def test_softmax_is_finite_for_huge_logits() -> None:
     assert_close(g, g_ref)
 
 
+
+@pytest.mark.parametrize("k", [1, 2, 3, 10, 11])
+@pytest.mark.parametrize(("n", "d"), [(8 * 5 + 3, 37), (16, 128), (7, 5)])
+def test_softmax_blocks_match_reference(k: int, n: int, d: int) -> None:
+    # The softmax kernels work in eight-row blocks with tiles of two classes: odd k (a class
+    # left alone), k = 1, d off the vector width, whole blocks only, and rows after the last
+    # block (which go one at a time), for the gradient and for the probabilities.
+    rng = np.random.default_rng(100 * k + n)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    y = rng.integers(0, k, n).astype(np.float32)
+    W = 0.5 * rng.standard_normal((d + 1) * k)
+    g = np.full((d + 1) * k, np.nan)
+    loss = cpu.softmax_grad(X, y, W, k, g)
+    loss_ref, g_ref = ref.softmax_loss_grad(X, y, W, k)
+    assert_close(loss, loss_ref)
+    assert_close(g, g_ref)
+    P = np.full((n, k), np.nan)
+    cpu.softmax_predict_proba(X, W, k, P)
+    assert_close(P, ref.softmax_predict_proba(X, W, k))
+
 # -------------------------------------------------------------------- predictions
 
 
