@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 _env = dict(os.environ)
-import bench_kernels as bk
+bk = importlib.import_module("bench_kernels")
 
 # The bench pins BLAS threads in os.environ on import; keep this process's as it was.
 os.environ.clear()
