@@ -145,7 +145,6 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
     z = np.empty(_BLOCK)
     yb = np.empty(_BLOCK)
     rb = np.empty(_BLOCK)
-    rbits = rb.view(np.int64)
     lb = np.empty(_BLOCK)
     loss = 0.0
     gb = 0.0
@@ -160,7 +159,7 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
                 z[t + 1] = s1 + b
         for t in range(m):
             yb[t] = y[i + t]
-        loss += vmath.logistic_rows(z, yb, rb, rbits, lb, m)
+        loss += vmath.logistic_rows(z, yb, rb, lb, m)
         t = 0
         while t + 8 <= m:
             gb += _glm_add8(g, X, i + t, rb, t, d)
@@ -256,7 +255,6 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
     z = np.empty(_BLOCK32)
     yb = np.empty(_BLOCK32)
     rb = np.empty(_BLOCK32)
-    rbits = rb.view(np.int64)
     lb = np.empty(_BLOCK32)
     r32 = np.empty(_BLOCK32, dtype=np.float32)
     zero = np.float32(0.0)
@@ -274,7 +272,7 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
         for t in range(m):
             yb[t] = y[i + t]
         if logistic:
-            loss += vmath.logistic_rows(z, yb, rb, rbits, lb, m)
+            loss += vmath.logistic_rows(z, yb, rb, lb, m)
         else:
             for t in range(m):
                 rt = z[t] - yb[t]

@@ -346,14 +346,14 @@ def test_vmath_exp_and_log1p_are_within_two_ulps_of_libm() -> None:
     x = np.concatenate([rng.uniform(-40.0, 40.0, 50_000), rng.uniform(-708.0, 708.0, 50_000),
                         rng.uniform(-1e-8, 1e-8, 1000), [0.0, -0.0, 1e-300, 707.9, -707.9]])
     e = np.full_like(x, np.nan)
-    vmath.exp_minus_abs(x, e, e.view(np.int64), x.size)
+    vmath.exp_minus_abs(x, e, x.size)
     want = np.exp(-np.abs(x))
     ulp = np.spacing(want)
     assert np.max(np.abs(e - want) / ulp) <= 2.0
     # Beyond |x| = 708 exp would be subnormal: the kernel returns 0 (documented).
     big = np.array([708.5, -709.0, 745.2, 800.0, -1e300])
     out = np.full_like(big, np.nan)
-    vmath.exp_minus_abs(big, out, out.view(np.int64), big.size)
+    vmath.exp_minus_abs(big, out, big.size)
     np.testing.assert_array_equal(out, np.zeros_like(big))
 
     u = np.concatenate([rng.random(50_000), rng.uniform(0.0, 1e-12, 1000), [0.0, 1.0, 1e-300]])
