@@ -25,6 +25,31 @@ exp/log1p dependency chain overlaps gradient FMAs: 0.458 against 0.463) and resi
 blocks of a constant 16 rows padded so the SIMD loop has no scalar remainder (0.450
 against 0.449); blocks of 32 rows were faster at L2 size (0.64 against 0.57 on two
 threads) but slower from DRAM (see _BLOCK).
+
+Where they stand against the roofline (bench/bench_kernels.py's of_bound: the kernel's
+rate over min(read limit, FMA peak of the compute dtype / 1 FLOP per byte of X)): at L2
+size the bound is the FMA peak (float64 ~51 GB/s of X, float32 ~96), from DRAM the read
+(~31 GB/s). The logistic's residual block (kernels.vmath) is latency-bound: alone, 16
+rows took 7.3-8.0 ns a row against 4.0-4.6 for 32 or 64 rows (the vector loop is the
+same; only fewer 8-row vectors run side by side). vmath now evaluates its polynomials
+mostly by Estrin's scheme (16 rows: 6.2 ns a row; kernels 1.06-1.08x at L2 size, float64
+and float32, load 1.3-2.5, interleaved against the old kernel in one process; gradients
+within 5e-14 relative of the old ones) and in one loop (a further 1.00-1.05x).
+Tried in this round and measured no better (one thread, interleaved against the kernel
+before, 200k x 128 unless said):
+- software prefetch (kernels.prefetch) of the rows 16-64 ahead (1-4 blocks), issued
+  before each eight-row gradient pass, which demands no new lines: into L1 0.55-0.94x,
+  into L2 0.77-1.0x (load 1.7-3); X is read in address order and the hardware
+  prefetcher already follows it (the same prefetch gave 1.5x on a read of eight
+  interleaved rows). Blocks of 32 rows with prefetch: 0.54-0.67x from DRAM;
+- the float32 kernel's merged pass (the next eight rows' logits with these eight rows'
+  gradient, as described below) with prefetch: 0.83-0.90x (linear) and 0.54x (logistic)
+  at L2 size, 0.34-0.38x from DRAM;
+- for vmath's residual: loops of a constant 8 or 16 rows instead of m (0.35x and 1.0x
+  in isolation: LLVM already runs the m-loop as 8-row vectors); Estrin's scheme for all
+  of exp's terms (as fast, but 2 ulps against libm instead of 1);
+- float32: flushing the float32 block gradient into g every 32 rows instead of 16:
+  1.05x at L2 size, rounding over twice the rows; not taken.
 """
 
 from __future__ import annotations
