@@ -34,7 +34,8 @@ rows took 7.3-8.0 ns a row against 4.0-4.6 for 32 or 64 rows (the vector loop is
 same; only fewer 8-row vectors run side by side). vmath now evaluates its polynomials
 mostly by Estrin's scheme (16 rows: 6.2 ns a row; kernels 1.06-1.08x at L2 size, float64
 and float32, load 1.3-2.5, interleaved against the old kernel in one process; gradients
-within 5e-14 relative of the old ones) and in one loop (a further 1.00-1.05x).
+within 5e-14 relative of the old ones) and in one loop (a further 1.00-1.05x). Where X
+fits in L2 the blocks are 32 rows, so four of the residual's vectors overlap (_BLOCK).
 Tried in this round and measured no better (one thread, interleaved against the kernel
 before, 200k x 128 unless said):
 - software prefetch (kernels.prefetch) of the rows 16-64 ahead (1-4 blocks), issued
