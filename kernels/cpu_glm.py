@@ -49,8 +49,8 @@ before, 200k x 128 unless said):
 - for vmath's residual: loops of a constant 8 or 16 rows instead of m (0.35x and 1.0x
   in isolation: LLVM already runs the m-loop as 8-row vectors); Estrin's scheme for all
   of exp's terms (as fast, but 2 ulps against libm instead of 1);
-- float32: flushing the float32 block gradient into g every 32 rows instead of 16:
-  1.05x at L2 size, rounding over twice the rows; not taken.
+- float32: flushing the float32 block gradient into g every 32 rows within 16-row
+  blocks: 1.05x at L2 size; not taken on its own (the L2-size 32-row blocks do it).
 """
 
 from __future__ import annotations
