@@ -8,6 +8,12 @@ it is bound by the float32 -> float64 conversion and each row's reduction) and a
 flat float32 stream into float32 accumulators (read32: no conversion); the read limit
 (of_read) is the faster of the two,
 and one core's FMA peak from a numba FMA loop on L1-resident data (float64 and float32).
+The roofline (of_bound): a kernel cannot beat min(read limit, FMA peak of its compute
+dtype / its FLOPs per byte of X) (``attainable_GBps``). Linear and logistic do 2 FMAs
+(4 FLOPs) per float32 element (logit dot, gradient update): 1 FLOP per byte; softmax
+4k. At L2 size the flat read runs near 97 GB/s, so 0.85 of it would need ~97 GFLOP/s:
+above one core's float64 FMA peak (~53), near its float32 peak (~96). of_read alone
+would then ask the impossible of a float64 kernel; of_bound is what is left to win.
 Linear and logistic run in both compute precisions ("f32" rows: ``compute="float32"``,
 kernels.cpu_glm). Sizes: 200000 x 128 (X from DRAM) and 1536 x 128 (768 KiB, fits in L2). Kernels on one
 numba thread. Timings are best-of, interleaved between the kernels, so a loaded machine
@@ -104,7 +110,21 @@ def fma_peak() -> dict[str, float]:
     return out
 
 
-def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5, threads: int = 1) -> list[dict]:
+def flops_per_byte(kernel: str, k: int = 10) -> float:
+    """Return the kernel's FLOPs per byte of float32 X (FMA = 2 FLOPs)."""
+    # Linear / logistic: one FMA for the logit dot and one for the gradient update per
+    # element, 4 bytes each. Softmax: both per class.
+    per_element = 4.0 * k if kernel.startswith("softmax") else 4.0
+    return per_element / 4.0
+
+
+def attainable_GBps(read_GBps: float, peak_gflops: float, fpb: float) -> float:
+    """Return the roofline bound in GB/s of X: min(read limit, FMA peak / FLOPs per byte)."""
+    return min(read_GBps, peak_gflops / fpb)
+
+
+def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5, threads: int = 1,
+              peak: dict[str, float] | None = None) -> list[dict]:
     rng = np.random.default_rng(0)
     X = rng.standard_normal((n, d), dtype=np.float32)
     yb = (rng.random(n) < 0.5).astype(np.float32)
@@ -142,12 +162,16 @@ def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5, threads: int =
         if name.startswith("read"):
             continue
         base = name.removesuffix(" f32")
-        flops = 4.0 * n * d * k if name.startswith("softmax") else 4.0 * n * d
-        rows.append({"kernel": name, "compute": "float32" if name.endswith("f32") else "float64", "n": n,
+        fpb = flops_per_byte(name, k)
+        flops = fpb * X.nbytes
+        compute = "float32" if name.endswith("f32") else "float64"
+        bound = attainable_GBps(gb / t_read, peak[compute], fpb) if peak else None
+        rows.append({"kernel": name, "compute": compute, "n": n,
                      "fused_GBps": gb / t[name], "numpy_GBps": gb / tr[base],
                      "read64_GBps": gb / t["read"], "read32_GBps": gb / t["read f32"],
                      "vs_numpy": tr[base] / t[name], "of_read": t_read / t[name],
-                     "GFLOPs": flops / t[name] / 1e9, "numba_threads": threads})
+                     "GFLOPs": flops / t[name] / 1e9, "numba_threads": threads,
+                     "bound_GBps": bound, "of_bound": (gb / t[name] / bound) if bound else None})
     return rows
 
 
@@ -223,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                     metavar="N", help="numba threads for the gradient table (default 1: ratios per core)")
     args = ap.parse_args(argv)
     peak = fma_peak()
-    rows = gradients(200_000, threads=args.threads) + gradients(1536, rounds=5, threads=args.threads)
+    rows = (gradients(200_000, threads=args.threads, peak=peak)
+            + gradients(1536, rounds=5, threads=args.threads, peak=peak))
     for r in rows:
         r["of_fma_peak_f64"] = r["GFLOPs"] / peak["float64"]
     print(f"FMA peak, one core (numba FMA loop): float64 {peak['float64']:.1f} GFLOP/s, "
@@ -232,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
                 " measured in this run)", rows,
                 [("kernel", "s"), ("compute", "s"), ("n", "d"), ("fused_GBps", ".2f"), ("numpy_GBps", ".2f"),
                  ("read64_GBps", ".2f"), ("read32_GBps", ".2f"),
-                 ("vs_numpy", ".2f"), ("of_read", ".2f"), ("GFLOPs", ".1f"), ("of_fma_peak_f64", ".2f")]))
+                 ("vs_numpy", ".2f"), ("of_read", ".2f"), ("GFLOPs", ".1f"), ("of_fma_peak_f64", ".2f"),
+                 ("bound_GBps", ".2f"), ("of_bound", ".2f")]))
     print(f"load average {os.getloadavg()[0]:.2f}")
     if args.gradients_only:
         return

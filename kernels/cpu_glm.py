@@ -25,6 +25,32 @@ exp/log1p dependency chain overlaps gradient FMAs: 0.458 against 0.463) and resi
 blocks of a constant 16 rows padded so the SIMD loop has no scalar remainder (0.450
 against 0.449); blocks of 32 rows were faster at L2 size (0.64 against 0.57 on two
 threads) but slower from DRAM (see _BLOCK).
+
+Where they stand against the roofline (bench/bench_kernels.py's of_bound: the kernel's
+rate over min(read limit, FMA peak of the compute dtype / 1 FLOP per byte of X)): at L2
+size the bound is the FMA peak (float64 ~51 GB/s of X, float32 ~96), from DRAM the read
+(~31 GB/s). The logistic's residual block (kernels.vmath) is latency-bound: alone, 16
+rows took 7.3-8.0 ns a row against 4.0-4.6 for 32 or 64 rows (the vector loop is the
+same; only fewer 8-row vectors run side by side). vmath now evaluates its polynomials
+mostly by Estrin's scheme (16 rows: 6.2 ns a row; kernels 1.06-1.08x at L2 size, float64
+and float32, load 1.3-2.5, interleaved against the old kernel in one process; gradients
+within 5e-14 relative of the old ones) and in one loop (a further 1.00-1.05x). Where X
+fits in L2 the blocks are 32 rows, so four of the residual's vectors overlap (_BLOCK).
+Tried in this round and measured no better (one thread, interleaved against the kernel
+before, 200k x 128 unless said):
+- software prefetch (kernels.prefetch) of the rows 16-64 ahead (1-4 blocks), issued
+  before each eight-row gradient pass, which demands no new lines: into L1 0.55-0.94x,
+  into L2 0.77-1.0x (load 1.7-3); X is read in address order and the hardware
+  prefetcher already follows it (the same prefetch gave 1.5x on a read of eight
+  interleaved rows). Blocks of 32 rows with prefetch: 0.54-0.67x from DRAM;
+- the float32 kernel's merged pass (the next eight rows' logits with these eight rows'
+  gradient, as described below) with prefetch: 0.83-0.90x (linear) and 0.54x (logistic)
+  at L2 size, 0.34-0.38x from DRAM;
+- for vmath's residual: loops of a constant 8 or 16 rows instead of m (0.35x and 1.0x
+  in isolation: LLVM already runs the m-loop as 8-row vectors); Estrin's scheme for all
+  of exp's terms (as fast, but 2 ulps against libm instead of 1);
+- float32: flushing the float32 block gradient into g every 32 rows within 16-row
+  blocks: 1.05x at L2 size; not taken on its own (the L2-size 32-row blocks do it).
 """
 
 from __future__ import annotations
@@ -45,8 +71,21 @@ _CHUNK_MIN_ROWS = 512
 # enough that the block's rows (8 KiB at d = 128) stay in L1 between the logit pass and the
 # gradient pass. Measured on a quiet 2-core box, two threads (of the read rate, 200k / 1536
 # rows): 16 gave 0.77-0.86 / 0.52-0.55, 24 0.71-0.74 / 0.55, 32 0.60-0.62 / 0.58, 64 0.63 /
-# 0.57-0.60; 16 wins where X streams from memory, which is where the time goes.
+# 0.57-0.60; 16 wins where X streams from memory. Where all of X fits in one core's L2
+# (Zen 4: 1 MiB) 32 rows win: the residual block is latency-bound (kernels.vmath), and 32
+# rows run four of its 8-row vectors side by side, not two. Against 16 everywhere (one
+# thread, interleaved, 1536 x 128, load 2.3): logistic 1.03x, float32 logistic 1.11x,
+# float32 linear 1.06x (a float32 block's gradient is added into g once per 32 rows).
+# The choice depends on X's size only, never on the thread count.
 _BLOCK = 16
+_BLOCK_CACHED = 32
+_CACHED_BYTES = 1 << 20
+
+
+@njit(cache=True, nogil=True)
+def _block_rows(X: np.ndarray) -> int:
+    """Return the rows per block for X: _BLOCK_CACHED if X fits in L2, else _BLOCK."""
+    return _BLOCK_CACHED if X.shape[0] * X.shape[1] * 4 <= _CACHED_BYTES else _BLOCK
 
 
 @njit(cache=True, nogil=True)
@@ -129,7 +168,7 @@ def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
 
 @njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
 def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
-                    g: np.ndarray) -> float:
+                    g: np.ndarray, blk: int) -> float:
     """Add rows lo..hi's log-loss gradient to g (d+1,) (zeroed here); return the loss."""
     # Blocks of _BLOCK rows in three passes. (1) The logits, dot products of two adjacent
     # rows at a time (_dot2), so X is read in address order: reading rows interleaved
@@ -142,16 +181,15 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
     d = X.shape[1]
     g[:] = 0.0
     b = float(w[d])
-    z = np.empty(_BLOCK)
-    yb = np.empty(_BLOCK)
-    rb = np.empty(_BLOCK)
-    rbits = rb.view(np.int64)
-    lb = np.empty(_BLOCK)
+    z = np.empty(blk)
+    yb = np.empty(blk)
+    rb = np.empty(blk)
+    lb = np.empty(blk)
     loss = 0.0
     gb = 0.0
     i = lo
     while i < hi:
-        m = min(_BLOCK, hi - i)
+        m = min(blk, hi - i)
         for t in range(0, m, 2):
             # An odd last row is paired with itself, so it is summed as any other row.
             s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w, d, 0.0)
@@ -160,7 +198,7 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
                 z[t + 1] = s1 + b
         for t in range(m):
             yb[t] = y[i + t]
-        loss += vmath.logistic_rows(z, yb, rb, rbits, lb, m)
+        loss += vmath.logistic_rows(z, yb, rb, lb, m)
         t = 0
         while t + 8 <= m:
             gb += _glm_add8(g, X, i + t, rb, t, d)
@@ -178,10 +216,10 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
 
 @njit(cache=True, nogil=True)
 def _glm_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
-               g: np.ndarray, logistic: bool) -> float:
+               g: np.ndarray, logistic: bool, blk: int) -> float:
     """Add rows lo..hi's gradient to g (d+1,) (zeroed here); return their loss sum."""
     if logistic:
-        return _logistic_chunk(X, y, w, lo, hi, g)
+        return _logistic_chunk(X, y, w, lo, hi, g, blk)
     return _linear_chunk(X, y, w, lo, hi, g)
 
 
@@ -203,10 +241,11 @@ def _glm_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logist
     """Fill g (d+1,) with the summed gradient over fixed row chunks on one thread."""
     n = X.shape[0]
     nc = _n_chunks(n)
+    blk = _block_rows(X)
     parts = np.empty((nc, g.shape[0]))
     losses = np.empty(nc)
     for c in range(nc):
-        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic, blk)
     return _combine(parts, losses, g)
 
 
@@ -216,10 +255,11 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
     """Same chunks and result as ``_glm_grad``, the chunks spread over numba's threads."""
     n = X.shape[0]
     nc = _n_chunks(n)
+    blk = _block_rows(X)
     parts = np.empty((nc, g.shape[0]))
     losses = np.empty(nc)
     for c in prange(nc):
-        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic, blk)
     return _combine(parts, losses, g)
 
 
@@ -227,9 +267,9 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
 # ``model.compute: float32``: X is never converted to float64. w is cast to float32 once per
 # call; each row's logit is a float32 FMA chain (_dot2 with a float32 zero), widened to
 # float64 for the residual, sigmoid and loss (as in the float64 kernels); the gradient of a
-# block of _BLOCK32 rows is summed in float32 (_glm_add8 on float32 arrays) and added into
+# block of _block_rows(X) rows (16 or 32) is summed in float32 (_glm_add8 on float32 arrays) and added into
 # the float64 gradient once per block. Loss and the bias's gradient sum float64 residuals.
-# Rounding: float32 products summed over d (logits) or <= 16 rows (gradient blocks), so
+# Rounding: float32 products summed over d (logits) or <= 32 rows (gradient blocks), so
 # ~1e-6 relative per entry; the order is fixed by the code, as in the float64 kernels.
 # Where the time goes (one thread, 1536 x 128 in L2): the logit pass alone ran at 0.85 of
 # the bench's flat float32 read, the gradient pass alone at 0.62-0.65 (one FMA per element
@@ -238,33 +278,31 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
 # Tried: one merged loop (the next eight rows' logits and these eight rows' gradient per
 # pass over j): 0.34 against 0.27 at L2 size but 0.22 against 0.56 from DRAM, so not done.
 
-# Rows per float32 block: 16, as _BLOCK. bench_kernels, one thread, three runs each, the
+# Rows per float32 block: as the float64 kernels (_block_rows). bench_kernels, one thread, three runs each, the
 # float32 kernel's time against the float64 kernel's in the same run (>1: faster), 16 / 32
 # rows: L2 size logistic 1.17-1.30 / 1.35-1.53, linear 1.18-1.37 / 1.22-1.42; from DRAM
 # logistic 1.07-1.18 / 0.78-0.85, linear 1.04-1.13 / 0.78-0.92. 32 rows (where vmath's
-# residual loop runs as SIMD) lose to float64 from DRAM, so 16.
-_BLOCK32 = 16
+# residual loop runs as SIMD) lose to float64 from DRAM, so 16 there.
 
 
 @njit(cache=True, nogil=True)
 def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: int, hi: int,
-                 g: np.ndarray, logistic: bool) -> float:
+                 g: np.ndarray, logistic: bool, blk: int) -> float:
     """Add rows lo..hi's gradient to g (d+1,) (zeroed here), products in float32; return the loss."""
     d = X.shape[1]
     g[:] = 0.0
     g32 = np.empty(d, dtype=np.float32)
-    z = np.empty(_BLOCK32)
-    yb = np.empty(_BLOCK32)
-    rb = np.empty(_BLOCK32)
-    rbits = rb.view(np.int64)
-    lb = np.empty(_BLOCK32)
-    r32 = np.empty(_BLOCK32, dtype=np.float32)
+    z = np.empty(blk)
+    yb = np.empty(blk)
+    rb = np.empty(blk)
+    lb = np.empty(blk)
+    r32 = np.empty(blk, dtype=np.float32)
     zero = np.float32(0.0)
     loss = 0.0
     gb = 0.0
     i = lo
     while i < hi:
-        m = min(_BLOCK32, hi - i)
+        m = min(blk, hi - i)
         for t in range(0, m, 2):
             # An odd last row is paired with itself (as in _logistic_chunk).
             s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w32, d, zero)
@@ -274,7 +312,7 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
         for t in range(m):
             yb[t] = y[i + t]
         if logistic:
-            loss += vmath.logistic_rows(z, yb, rb, rbits, lb, m)
+            loss += vmath.logistic_rows(z, yb, rb, lb, m)
         else:
             for t in range(m):
                 rt = z[t] - yb[t]
@@ -306,10 +344,11 @@ def _glm32_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logi
     n, d = X.shape
     w32 = w[:d].astype(np.float32)
     nc = _n_chunks(n)
+    blk = _block_rows(X)
     parts = np.empty((nc, g.shape[0]))
     losses = np.empty(nc)
     for c in range(nc):
-        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic, blk)
     return _combine(parts, losses, g)
 
 
@@ -320,8 +359,9 @@ def _glm32_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarr
     n, d = X.shape
     w32 = w[:d].astype(np.float32)
     nc = _n_chunks(n)
+    blk = _block_rows(X)
     parts = np.empty((nc, g.shape[0]))
     losses = np.empty(nc)
     for c in prange(nc):
-        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic)
+        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic, blk)
     return _combine(parts, losses, g)

@@ -1,8 +1,15 @@
-"""A software prefetch for numba kernels: ``prefetch(arr, byte_offset)`` emits llvm.prefetch.
+"""Software prefetch for numba kernels: LLVM's ``llvm.prefetch`` as a numba intrinsic.
 
-Kernels that read rows the hardware prefetcher cannot foresee (the tree kernels' row
-orders), or read sequentially but in bursts with long compute in between (the softmax
-gradient's eight-row blocks), ask for the lines they will need next while they compute.
+``prefetch(a, i)`` / ``prefetch_l2(a, i)`` ask the core to bring the cache line holding
+``a.flat[i]`` (``a`` C-contiguous, ``i`` a flat element index) into L1 / L2 for reading.
+They change no value and cannot fault (a prefetch is a hint), but callers should keep
+``i`` in range all the same.
+
+Measured (Zen 4, one thread, X 200000 x 128 float32 from DRAM): reading eight rows
+interleaved (one short stream per row, which the hardware prefetcher follows badly) ran
+at 13.4 GB/s, 14.7-16.6 with ``prefetch`` 16-128 rows ahead and 19.8-20.3 with
+``prefetch_l2`` (the flat read: 30.9). The GLM kernels read X in address order and
+were not helped (kernels/cpu_glm.py's header), so nothing uses these yet.
 """
 
 from __future__ import annotations
@@ -12,24 +19,32 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["prefetch"]
+
+def _make(locality: int):  # type: ignore[no-untyped-def]
+    """Return a numba intrinsic prefetching for reading with LLVM locality 0..3."""
+
+    @intrinsic
+    def _prefetch(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+        if not isinstance(arr, types.Array) or not isinstance(idx, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            i = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = cgutils.gep(builder, ary.data, i)
+            i8p = ir.IntType(8).as_pointer()
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+            # rw = 0 (read), the locality, cache type = 1 (data).
+            builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(locality), i32(1)])
+            return context.get_dummy_value()
+
+        return types.none(arr, idx), codegen
+
+    return _prefetch
 
 
-@intrinsic
-def prefetch(typingctx: object, arr: types.Array, offset: types.Integer) -> tuple[object, object] | None:
-    """Ask the CPU to load the cache line at byte offset of arr's data (a hint: never faults, no result)."""
-    if not isinstance(arr, types.Array) or not isinstance(offset, types.Integer):
-        return None
-
-    def codegen(context: object, builder: ir.IRBuilder, signature: object, args: tuple[object, ...]) -> object:
-        ary = context.make_array(signature.args[0])(context, builder, args[0])  # type: ignore[attr-defined]
-        base = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
-        off = context.cast(builder, args[1], signature.args[1], types.intp)  # type: ignore[attr-defined]
-        ptr = builder.gep(base, [off])
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep, data
-        return context.get_dummy_value()  # type: ignore[attr-defined]
-
-    return types.void(arr, offset), codegen
+# x86: locality 3 -> prefetcht0 (into L1), 2 -> prefetcht1 (into L2).
+prefetch = _make(3)
+prefetch_l2 = _make(2)

@@ -19,10 +19,12 @@ Every kernel is plain numba, fastmath off: results depend on the inputs only.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from kernels.exact import fixed_scale
-from kernels.prefetch import prefetch as _prefetch
 from kernels.tree_rows import (
     MAX_BINS,
     bin_rows,
@@ -66,6 +68,26 @@ __all__ = [
 SIMD_CUTS = 32          # a feature's split scan vectorises its gains from this many cuts on
 LEVEL_ROWS = 6          # a level array's rows: node id, order start, count, gq sum, hq sum, hist row
 PREFETCH_ROWS = 16      # rows ahead whose codes and g/h are requested while this row is summed
+
+
+@intrinsic
+def _prefetch(typingctx: object, arr: types.Array, offset: types.Integer) -> tuple[object, object] | None:
+    """Ask the CPU to load the cache line at byte offset of arr's data (a hint: never faults, no result)."""
+    if not isinstance(arr, types.Array) or not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context: object, builder: ir.IRBuilder, signature: object, args: tuple[object, ...]) -> object:
+        ary = context.make_array(signature.args[0])(context, builder, args[0])  # type: ignore[attr-defined]
+        base = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
+        off = context.cast(builder, args[1], signature.args[1], types.intp)  # type: ignore[attr-defined]
+        ptr = builder.gep(base, [off])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep, data
+        return context.get_dummy_value()  # type: ignore[attr-defined]
+
+    return types.void(arr, offset), codegen
 
 
 # --------------------------------------------------------------------------- histograms

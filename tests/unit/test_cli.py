@@ -129,3 +129,17 @@ def test_a_refused_spec_exits_before_numpy_and_h5py_load(tmp_path: Path) -> None
     proc = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
     assert "bogus: unknown key" in proc.stderr
+
+
+def test_python_dash_m_fleetmpi_is_the_fleetmpi_command(tmp_path: Path) -> None:
+    # Workflow engines and `srun python -m ...` lines call the package, not the console script.
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: t\nbogus: 1\n")
+    ver = subprocess.run([sys.executable, "-m", "fleetmpi", "--version"], capture_output=True, text=True, timeout=60)
+    assert ver.returncode == 0 and ver.stdout.startswith("fleetmpi "), (ver.stdout, ver.stderr)
+    proc = subprocess.run([sys.executable, "-m", "fleetmpi", "run", str(bad)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "bogus: unknown key" in proc.stderr, (proc.returncode, proc.stderr)
