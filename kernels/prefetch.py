@@ -9,7 +9,8 @@ Measured (Zen 4, one thread, X 200000 x 128 float32 from DRAM): reading eight ro
 interleaved (one short stream per row, which the hardware prefetcher follows badly) ran
 at 13.4 GB/s, 14.7-16.6 with ``prefetch`` 16-128 rows ahead and 19.8-20.3 with
 ``prefetch_l2`` (the flat read: 30.9). The GLM kernels read X in address order and
-were not helped (kernels/cpu_glm.py's header), so nothing uses these yet.
+were not helped (kernels/cpu_glm.py's header). Used by the softmax kernels (the next
+row block, one row a pass over d) and the tree kernels (rows a node scatters).
 """
 
 from __future__ import annotations

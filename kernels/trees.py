@@ -19,12 +19,10 @@ Every kernel is plain numba, fastmath off: results depend on the inputs only.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
 from kernels.exact import fixed_scale
+from kernels.prefetch import prefetch
 from kernels.tree_rows import (
     MAX_BINS,
     bin_rows,
@@ -68,26 +66,6 @@ __all__ = [
 SIMD_CUTS = 32          # a feature's split scan vectorises its gains from this many cuts on
 LEVEL_ROWS = 6          # a level array's rows: node id, order start, count, gq sum, hq sum, hist row
 PREFETCH_ROWS = 16      # rows ahead whose codes and g/h are requested while this row is summed
-
-
-@intrinsic
-def _prefetch(typingctx: object, arr: types.Array, offset: types.Integer) -> tuple[object, object] | None:
-    """Ask the CPU to load the cache line at byte offset of arr's data (a hint: never faults, no result)."""
-    if not isinstance(arr, types.Array) or not isinstance(offset, types.Integer):
-        return None
-
-    def codegen(context: object, builder: ir.IRBuilder, signature: object, args: tuple[object, ...]) -> object:
-        ary = context.make_array(signature.args[0])(context, builder, args[0])  # type: ignore[attr-defined]
-        base = builder.bitcast(ary.data, ir.IntType(8).as_pointer())
-        off = context.cast(builder, args[1], signature.args[1], types.intp)  # type: ignore[attr-defined]
-        ptr = builder.gep(base, [off])
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])  # read, keep, data
-        return context.get_dummy_value()  # type: ignore[attr-defined]
-
-    return types.void(arr, offset), codegen
 
 
 # --------------------------------------------------------------------------- histograms
@@ -379,9 +357,9 @@ def _grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.nd
             for p in range(s, end):
                 if p + PREFETCH_ROWS < end:
                     ia = np.int64(order[p + PREFETCH_ROWS])
-                    _prefetch(codes, ia * d)
-                    _prefetch(codes, ia * d + d - 1)
-                    _prefetch(gh, ia * 16)
+                    prefetch(codes, ia * d)            # codes: uint8, one byte an element
+                    prefetch(codes, ia * d + d - 1)
+                    prefetch(gh, ia * 2)               # gh: (n, 2) int64, the row's quantized g and h
                 i = order[p]
                 row = codes[i]
                 side = 0 if row[f] <= t else 1
@@ -396,7 +374,7 @@ def _grow_level(codes: np.ndarray, gh: np.ndarray, order: np.ndarray, tmp: np.nd
         else:
             for p in range(s, end):
                 if p + PREFETCH_ROWS < end:
-                    _prefetch(codes, np.int64(order[p + PREFETCH_ROWS]) * d + f)
+                    prefetch(codes, np.int64(order[p + PREFETCH_ROWS]) * d + f)
                 i = order[p]
                 if codes[i, f] <= t:
                     order[s + nl] = i
