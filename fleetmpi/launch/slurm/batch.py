@@ -2,7 +2,8 @@
 
 ``python -m fleetmpi.launch.slurm.batch begin|continue JOB_DIR`` (called by the script from
 :mod:`.script`): ``begin`` records the allocation; ``continue`` reads the phase's exit code
-and submits the next phase (rescale, exit 3) or the same phase again (stopped by a signal,
+and submits the next phase (rescale, exit 3; rank 0 usually submitted it already, once the
+rescale's checkpoint was committed: :func:`submit_ahead`) or the same phase again (stopped by a signal,
 exit 4: near the time limit or preempted, each with its own cap), or ends the chain; where
 Slurm already ended the job as lost (NODE_FAIL...) it does neither and leaves the retry to
 the manager.
@@ -11,6 +12,7 @@ the manager.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
 import sys
@@ -27,7 +29,7 @@ from fleetmpi.launch.slurm import chain as chain_mod
 from fleetmpi.launch.slurm.backend import SlurmBackend, describe_phase
 from fleetmpi.launch.slurm.chain import record, runs, sync_state
 from fleetmpi.launch.slurm.cmd import LOST_STATES, SlurmCommandError, run_slurm, squeue_states
-from fleetmpi.launch.slurm.submit import SubmissionError, requeue
+from fleetmpi.launch.slurm.submit import SubmissionError, cancel, requeue
 from fleetmpi.lock import JobDirBusy, JobLock
 from fleetmpi.spec import Spec
 
@@ -162,6 +164,8 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     # keeps running this script until KillWait is over: ask Slurm before believing rc.
     lost = None if rc in (ExitCode.OK, ExitCode.TARGET_MISSED) and goal_reached else _lost_state(job_id)
     verdict = classify_exit(rc, stop_signal, goal_reached, lost)
+    if verdict.action is not Action.RESCALE:
+        _withdraw_ahead(jd, job_id, restart, f"phase {phase} ended with exit code {rc}, not in a rescale")
     if verdict.action is Action.LOST:
         return _lost(jd, job_id, restart, phase, rc, stop_signal, str(lost))
     stop = None
@@ -172,6 +176,50 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     record(jd, "exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
     jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
     return _act(jd, spec, phase, job_id, restart, rc, verdict.action, stop)
+
+
+def submit_ahead(jd: JobDir, spec: Spec, target: str) -> str | None:
+    """Submit phase ``target`` from inside the phase that rescales to it (rank 0, checkpoint committed).
+
+    Slurm places a job only at its scheduling passes (about one a second on the minicluster,
+    sched_interval and bf_interval); submitted while the ranks still exit, the job is queued
+    when the old one ends, and where the old job leaves room (a wider phase on partly free
+    nodes) it starts during that exit. Its `begin` waits for the job dir's lock, which this
+    allocation's batch shell holds until the continuation is done, so the two never write at
+    once; the continuation withdraws it if the phase ends otherwise. Returns the job id, or
+    None where this is no running batch job of a chain (``fleetmpi run`` in an allocation)
+    or Slurm refused: the continuation then submits as before.
+    """
+    job_id, restart = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    chain, _ = runs(jd)
+    if not job_id or not chain or (chain[-1]["job_id"], chain[-1]["restart"]) != (job_id, restart) \
+            or "started" not in chain[-1]:
+        return None
+    try:
+        return SlurmBackend(jd, spec, out=io.StringIO()).submit(target, by="rescale")
+    except (SubmissionError, SlurmCommandError) as e:
+        _withdraw_ahead(jd, job_id, restart, f"submitting it ahead failed: {e}")
+        return None
+
+
+def _ahead(jd: JobDir, job_id: str, restart: int) -> list[dict[str, Any]]:
+    """Return the runs submitted after run (``job_id``, ``restart``) of the chain: those rank 0 submitted ahead."""
+    chain, _ = runs(jd)
+    mine = [i for i, r in enumerate(chain) if (r["job_id"], r["restart"]) == (job_id, restart)]
+    return chain[mine[-1] + 1:] if mine else []
+
+
+def _withdraw_ahead(jd: JobDir, job_id: str, restart: int, why: str) -> None:
+    """Cancel the jobs submitted ahead of this run's end and take them out of the chain (they never began)."""
+    for r in _ahead(jd, job_id, restart):
+        try:
+            cancel(r["job_id"])
+            outcome = "cancelled"
+        except SlurmCommandError as e:
+            # It cannot write the job dir all the same: its `begin` finds it is no run of the chain.
+            outcome = f"scancel failed: {e}"
+        record(jd, "withdraw", job_id=r["job_id"], restart=r["restart"], phase=r["phase"], reason=why)
+        jd.event("slurm_withdrawn", job_id=r["job_id"], phase=r["phase"], reason=why, outcome=outcome)
 
 
 def _rank_error(jd: JobDir) -> str | None:
@@ -204,6 +252,8 @@ def _act(jd: JobDir, spec: Spec, phase: str, job_id: str, restart: int, rc: int,
         target = state.get("phase")
         if target == phase or target not in spec.fleet.phases:
             return _end(jd, ExitCode.FAILED, "FAILED", f"phase {phase} asked for a rescale but named no new phase")
+        if any(r["phase"] == target for r in _ahead(jd, job_id, restart)):
+            return ExitCode.OK   # rank 0 submitted it once the checkpoint was committed (submit_ahead)
         try:
             backend.submit(str(target), by="rescale")
         except SubmissionError as e:
@@ -296,6 +346,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleetmpi: error: {e}", file=sys.stderr, flush=True)
         return ExitCode.BAD_INPUT
     try:
+        job_id = os.environ.get("SLURM_JOB_ID", "")
+        if job_id and not any(r["job_id"] == job_id for r in runs(jd)[0]):
+            # Withdrawn (submitted ahead for a rescale that did not happen) but not cancelled in
+            # time: no run of the chain, so it writes nothing and ends.
+            print(f"fleetmpi: error: Slurm job {job_id} is no run of {chain_mod.chain_path(jd)} (withdrawn or "
+                  "never recorded); it writes nothing and ends", file=sys.stderr, flush=True)
+            return ExitCode.BAD_INPUT
         if args.cmd == "begin":
             return begin(jd, args.phase, time.time())
         when = float(args.signal_time) if args.signal_time else None
