@@ -14,7 +14,8 @@ Each splits the rescale, rule fired -> the next phase's first step, into: checkp
 (-> rescale event), job exit (-> the batch script's `continue` recorded the exit: ranks, srun
 and Python start), submit, scheduling (-> the next batch shell started on its node), begin
 (-> its `begin` step holds the lock), srun start-up (-> rank 0's process exists), imports,
-open (data and checkpoint), kernels, record and first step. Where rank 0 submitted the next
+open (data and checkpoint), kernels, record and first step; rank0_cpu_s: rank 0's CPU seconds
+from its process start to its kernels loaded (what oversubscribed ranks pay in sum). Where rank 0 submitted the next
 job ahead (``ahead``: once the checkpoint was committed, while the ranks exit), submit is
 checkpoint -> submitted (off the critical path) and scheduling counts from the old job's
 exit record (negative where the new shell started before it); begin then includes waiting
@@ -94,7 +95,7 @@ def measure(job: Path) -> list[dict]:
             process = m.get("process", m["imported"])
             row.update(srun_s=process - sstart["t"], imports_s=m["imported"] - process,
                        open_s=m["trainer_open"] - m["mpi_ready"], kernels_s=m["kernels_ready"] - m["trainer_open"],
-                       record_s=start["t"] - m["kernels_ready"])
+                       record_s=start["t"] - m["kernels_ready"], rank0_cpu_s=start.get("startup_cpu_s"))
         else:
             row.update(startup_s=start["t"] - sstart["t"])
         row["first_step_s"] = step["t"] - start["t"]
@@ -150,7 +151,7 @@ SLURM_COLUMNS = [("trial", "d"), ("workload", "s"), ("rescale", "s"), ("to_ranks
                  ("latency_s", ".2f"), ("checkpoint_s", ".2f"),
                  ("job_exit_s", ".2f"), ("submit_s", ".2f"), ("scheduling_s", ".2f"), ("begin_s", ".2f"),
                  ("srun_s", ".2f"), ("imports_s", ".2f"), ("open_s", ".2f"), ("kernels_s", ".2f"),
-                 ("record_s", ".2f"), ("first_step_s", ".2f"), ("load_1min", ".1f")]
+                 ("record_s", ".2f"), ("first_step_s", ".2f"), ("rank0_cpu_s", ".2f"), ("load_1min", ".1f")]
 
 
 if __name__ == "__main__":

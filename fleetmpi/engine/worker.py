@@ -98,6 +98,7 @@ class Phase:
         self.hit: list[str] = []    # the targets met (rank 0)
         self.disk_error: str | None = None  # rank 0: the line of a write the disk refused, told at the next decision
         self.marks: dict[str, float] = {}   # start-up timestamps (s since the epoch) for phase_start
+        self.cpu_ready = 0.0                # process CPU seconds when the kernels were loaded (rank 0 records it)
 
     def run(self) -> int:
         """Start the phase on every rank, then train until a decision ends it; return the exit code."""
@@ -135,6 +136,9 @@ class Phase:
                 print("fleetmpi: compiling kernels (first run only)", file=sys.stderr, flush=True)
             t.warm_kernels()
         self.marks["kernels_ready"] = time.time()
+        # This rank's CPU seconds from its process start to here: with more ranks than cores,
+        # start-up takes the sum of the ranks' CPU time, not the slowest one's wall time.
+        self.cpu_ready = time.process_time()
         hosts = self.comm.gather(socket.gethostname(), root=0)
         if self.rank != 0:
             return None
@@ -159,7 +163,7 @@ class Phase:
             jd.event("resume", checkpoint=t.resumed_from, step=t.step, phase=t.phase_name)
         jd.event("phase_start", phase=t.phase_name, ranks=self.size, hosts=sorted(set(hosts)),
                  step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape(), device=t.device,
-                 startup=_startup_marks(self.marks), compiled_kernels=cold)
+                 startup=_startup_marks(self.marks), startup_cpu_s=round(self.cpu_ready, 3), compiled_kernels=cold)
         mon.say(f"fleetmpi: phase {t.phase_name} on {self.size} rank(s) "
                 f"({', '.join(sorted(set(hosts)))}), step {t.step}, optimizer {t.optimizer}"
                 + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else "")
