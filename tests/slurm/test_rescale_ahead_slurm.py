@@ -126,3 +126,23 @@ def test_the_continuation_of_a_rescale_does_not_submit_the_job_submitted_ahead_a
         ("101", "small", ExitCode.RESCALE), ("102", "wide", None)]
     assert end is None
     assert yaml.safe_load(jd.spec.read_text())["scheduler"]["backend"] == "slurm"
+
+
+def test_a_continuation_that_crashes_withdraws_the_job_submitted_ahead_before_ending_the_chain(
+        tmp_path: Path, datasets: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    jd = _chain_with_job_ahead(tmp_path, datasets)
+    cancelled: list[str] = []
+    monkeypatch.setattr(batch, "cancel", cancelled.append)
+
+    def crash(*_a: Any, **_k: Any) -> int:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(batch, "after", crash)
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.delenv("FLEETMPI_LOCK_FD", raising=False)
+    assert batch.main(["continue", str(jd.root), "--phase", "small", "--exit-code", "3"]) == ExitCode.FAILED
+    assert cancelled == ["102"]
+    chain, end = runs(jd)
+    assert [r["job_id"] for r in chain] == ["101"]
+    assert end is not None and end["status"] == "FAILED" and "injected" in end["reason"]

@@ -313,6 +313,14 @@ def _lost(jd: JobDir, job_id: str, restart: int, phase: str, rc: int, stop_signa
     return ExitCode.FAILED
 
 
+def _end_unexpectedly(jd: JobDir, code: int, reason: str) -> int:
+    """End the chain FAILED from a continuation that could not act, withdrawing a job submitted ahead first."""
+    job_id, restart = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if job_id:
+        _withdraw_ahead(jd, job_id, restart, f"the continuation of Slurm job {job_id} failed: {reason}")
+    return _end(jd, code, "FAILED", reason)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the batch script's steps: ``begin`` and ``continue``."""
     p = argparse.ArgumentParser(prog="python -m fleetmpi.launch.slurm.batch")
@@ -360,13 +368,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as e:
         print(f"fleetmpi: error: {e}", file=sys.stderr, flush=True)
         if args.cmd == "continue":
-            return _end(jd, ExitCode.BAD_INPUT, "FAILED", str(e))
+            return _end_unexpectedly(jd, ExitCode.BAD_INPUT, str(e))
         return ExitCode.BAD_INPUT
     except Exception as e:
         traceback.print_exc()
         if args.cmd == "continue":
             try:
-                return _end(jd, ExitCode.FAILED, "FAILED", f"continuation crashed: {type(e).__name__}: {e}")
+                return _end_unexpectedly(jd, ExitCode.FAILED, f"continuation crashed: {type(e).__name__}: {e}")
             except Exception:
                 pass
         return ExitCode.FAILED
