@@ -20,6 +20,7 @@ from slurm_fixtures import slurm_cluster  # noqa: F401  (a fixture)
 from fleetmpi.errors import ExitCode
 from fleetmpi.jobdir import JobDir
 from fleetmpi.launch.slurm import batch
+from fleetmpi.launch.slurm.backend import SlurmBackend
 from fleetmpi.launch.slurm.chain import chain_path, env_path, record, runs
 from fleetmpi.spec import dump, load
 
@@ -116,7 +117,7 @@ def test_the_continuation_of_a_rescale_does_not_submit_the_job_submitted_ahead_a
     def no_sbatch(*_a: Any, **_k: Any) -> str:
         raise AssertionError("the continuation submitted the phase a second time")
 
-    monkeypatch.setattr(batch.SlurmBackend, "submit", no_sbatch)
+    monkeypatch.setattr(SlurmBackend, "submit", no_sbatch)
     monkeypatch.setenv("SLURM_JOB_ID", "101")
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     assert batch.after(jd, "small", ExitCode.RESCALE) == ExitCode.OK

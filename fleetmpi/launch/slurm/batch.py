@@ -21,17 +21,20 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetmpi.errors import BadInput, ExitCode
 from fleetmpi.jobdir import JobDir
 from fleetmpi.launch.slurm import chain as chain_mod
-from fleetmpi.launch.slurm.backend import SlurmBackend, describe_phase
 from fleetmpi.launch.slurm.chain import record, runs, sync_state
 from fleetmpi.launch.slurm.cmd import LOST_STATES, SlurmCommandError, run_slurm, squeue_states
 from fleetmpi.launch.slurm.submit import SubmissionError, cancel, requeue
 from fleetmpi.lock import JobDirBusy, JobLock
-from fleetmpi.spec import Spec
+
+if TYPE_CHECKING:
+    # backend and spec load yaml and the sbatch renderer: `begin`, on every phase's
+    # critical path, needs neither, so only `continue` (and rank 0's submit_ahead) import them.
+    from fleetmpi.spec import Spec
 
 # Slack on top of the signal grace when telling a time-limit stop from a preemption:
 # Slurm checks for due signals about once a minute at worst.
@@ -195,6 +198,7 @@ def submit_ahead(jd: JobDir, spec: Spec, target: str) -> str | None:
     if not job_id or not chain or (chain[-1]["job_id"], chain[-1]["restart"]) != (job_id, restart) \
             or "started" not in chain[-1]:
         return None
+    from fleetmpi.launch.slurm.backend import SlurmBackend
     try:
         return SlurmBackend(jd, spec, out=io.StringIO()).submit(target, by="rescale")
     except (SubmissionError, SlurmCommandError) as e:
@@ -236,6 +240,7 @@ def _rank_error(jd: JobDir) -> str | None:
 def _act(jd: JobDir, spec: Spec, phase: str, job_id: str, restart: int, rc: int, action: Action,
          stop: str | None) -> int:
     """Record the chain's end or submit what comes next, as ``action`` says; return the script's code."""
+    from fleetmpi.launch.slurm.backend import SlurmBackend, describe_phase
     state = jd.read_state()
     backend = SlurmBackend(jd, spec)
     if action is Action.COMPLETE:
