@@ -147,3 +147,32 @@ def test_a_continuation_that_crashes_withdraws_the_job_submitted_ahead_before_en
     chain, end = runs(jd)
     assert [r["job_id"] for r in chain] == ["101"]
     assert end is not None and end["status"] == "FAILED" and "injected" in end["reason"]
+
+
+def test_the_job_submitted_ahead_gets_the_batch_environment_without_the_ranks_step_variables(
+        tmp_path: Path, datasets: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    jd = _chain_with_job_ahead(tmp_path, datasets)
+    record(jd, "withdraw", job_id="102", restart=0, phase="wide", reason="test: none submitted yet")
+    seen: list[dict[str, str]] = []
+
+    def fake_submit(_self: Any, phase: str, by: str, env: dict[str, str] | None = None) -> str:
+        assert (phase, by) == ("wide", "rescale") and env is not None
+        seen.append(env)
+        return "103"
+
+    monkeypatch.setattr(SlurmBackend, "submit", fake_submit)
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    # What srun --mpi=pmi2 gave rank 0 of job 101 on the minicluster, beside the batch shell's.
+    step = {"PMI_FD": "7", "PMI_RANK": "0", "PMI_SIZE": "2", "SLURM_STEP_ID": "0", "SLURM_STEPID": "0",
+            "SLURM_STEP_NUM_TASKS": "2", "SLURM_SRUN_COMM_PORT": "4242", "SLURM_MPI_TYPE": "pmi2"}
+    shell = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "1", "MY_SETTING": "kept"}
+    for k, v in {**step, **shell}.items():
+        monkeypatch.setenv(k, v)
+    assert batch.submit_ahead(jd, load(jd.spec), "wide") == "103"
+    (env,) = seen
+    assert not set(step) & set(env)
+    assert {k: env[k] for k in shell} == shell and env["SLURM_JOB_ID"] == "101"
+    # Not the chain's running job (no `start` of it): nothing is submitted ahead.
+    monkeypatch.setenv("SLURM_JOB_ID", "999")
+    assert batch.submit_ahead(jd, load(jd.spec), "wide") is None and len(seen) == 1

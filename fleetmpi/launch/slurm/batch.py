@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 # Slack on top of the signal grace when telling a time-limit stop from a preemption:
 # Slurm checks for due signals about once a minute at worst.
 _TIMEOUT_SLACK_S = 60.0
+# What srun (or mpiexec's hydra) sets for a step and its tasks beyond the batch shell's environment.
+_TASK_VARS = ("PMI_", "PMI2_", "PMIX_", "SLURM_STEP", "SLURM_SRUN_COMM_", "SLURM_LAUNCH_NODE_IPADDR",
+              "SLURM_DISTRIBUTION", "SLURM_MPI_TYPE", "SLURM_UMASK", "SLURM_JOB_CPUS_PER_NODE_PACK_GROUP",
+              "SRUN_DEBUG", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "HYDI_", "HYDRA_")
 # How long `begin` waits for the job dir's lock: the allocation before it may still be in
 # its `continue` step (which submitted this one) when this one starts.
 LOCK_WAIT_S = 120.0
@@ -199,8 +203,11 @@ def submit_ahead(jd: JobDir, spec: Spec, target: str) -> str | None:
             or "started" not in chain[-1]:
         return None
     from fleetmpi.launch.slurm.backend import SlurmBackend
+    # sbatch hands its environment to the job: not this rank's step and task variables (srun's
+    # SLURM_STEP_*, PMI_* of the old step...), which the next batch shell and its srun must not see.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_TASK_VARS)}
     try:
-        return SlurmBackend(jd, spec, out=io.StringIO()).submit(target, by="rescale")
+        return SlurmBackend(jd, spec, out=io.StringIO()).submit(target, by="rescale", env=env)
     except (SubmissionError, SlurmCommandError) as e:
         _withdraw_ahead(jd, job_id, restart, f"submitting it ahead failed: {e}")
         return None
