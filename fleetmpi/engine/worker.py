@@ -98,6 +98,7 @@ class Phase:
         self.hit: list[str] = []    # the targets met (rank 0)
         self.disk_error: str | None = None  # rank 0: the line of a write the disk refused, told at the next decision
         self.marks: dict[str, float] = {}   # start-up timestamps (s since the epoch) for phase_start
+        self.cpu_ready = 0.0                # process CPU seconds when the kernels were loaded (rank 0 records it)
 
     def run(self) -> int:
         """Start the phase on every rank, then train until a decision ends it; return the exit code."""
@@ -135,6 +136,9 @@ class Phase:
                 print("fleetmpi: compiling kernels (first run only)", file=sys.stderr, flush=True)
             t.warm_kernels()
         self.marks["kernels_ready"] = time.time()
+        # This rank's CPU seconds from its process start to here: with more ranks than cores,
+        # start-up takes the sum of the ranks' CPU time, not the slowest one's wall time.
+        self.cpu_ready = time.process_time()
         hosts = self.comm.gather(socket.gethostname(), root=0)
         if self.rank != 0:
             return None
@@ -159,7 +163,7 @@ class Phase:
             jd.event("resume", checkpoint=t.resumed_from, step=t.step, phase=t.phase_name)
         jd.event("phase_start", phase=t.phase_name, ranks=self.size, hosts=sorted(set(hosts)),
                  step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape(), device=t.device,
-                 startup=_startup_marks(self.marks), compiled_kernels=cold)
+                 startup=_startup_marks(self.marks), startup_cpu_s=round(self.cpu_ready, 3), compiled_kernels=cold)
         mon.say(f"fleetmpi: phase {t.phase_name} on {self.size} rank(s) "
                 f"({', '.join(sorted(set(hosts)))}), step {t.step}, optimizer {t.optimizer}"
                 + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else "")
@@ -347,6 +351,8 @@ class Phase:
             if t.pending is not None:
                 self.jd.approval.unlink(missing_ok=True)
             self.jd.update_state(phase=target, status="RESCALING", pending_approval=None)
+        if sp.scheduler.backend == "slurm" and os.environ.get("SLURM_JOB_ID"):
+            _submit_ahead(self.jd, sp, target)
         what = f"{t.phase_name} x{self.size} -> {target} x{to.ranks} at step {t.step}"
         mon.end(f"fleetmpi: rescale {what}", rescale=what)
 
@@ -536,6 +542,21 @@ def _all_failed(comm: Any) -> bool:
             return True
         time.sleep(0.005)
     return False
+
+
+def _submit_ahead(jd: JobDir, sp: Any, target: str) -> None:
+    """Submit the next phase's Slurm job while this phase's ranks still exit (rank 0, after the checkpoint).
+
+    Off the rescale's critical path: Slurm's scheduling pass and the new batch shell's start
+    overlap the ranks' exit and the continuation (fleetmpi.launch.slurm.batch.submit_ahead).
+    A failure here costs nothing but that: the continuation submits the phase as before.
+    """
+    try:
+        from fleetmpi.launch.slurm.batch import submit_ahead
+        submit_ahead(jd, sp, target)
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            jd.event("slurm_submit_ahead_failed", phase=target, error=f"{type(e).__name__}: {e}")
 
 
 def _record_error(jd: JobDir | None, msg: str) -> None:

@@ -13,7 +13,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -106,8 +106,11 @@ class SlurmBackend:
                     raise BadInput(f"{e}; change fleet.phases.{name} to a shape the cluster has "
                                    "(see `sinfo -o '%P %D %c %G'`)") from None
 
-    def submit(self, phase: str, by: str) -> str:
-        """Submit ``phase`` (once per intent, held until recorded); return the Slurm job id."""
+    def submit(self, phase: str, by: str, env: Mapping[str, str] | None = None) -> str:
+        """Submit ``phase`` (once per intent, held until recorded); return the Slurm job id.
+
+        ``env``: the environment sbatch passes on to the job (default this process's).
+        """
         jd, sch = self.jd, self.spec.scheduler
         state = jd.read_state()
         uid = state.get("slurm_uid")
@@ -132,7 +135,7 @@ class SlurmBackend:
             record(jd, "intent", index=index, key=key, phase=phase)
         job_id, adopted = submit_held(script, cwd=jd.root, key=key, job_name=self.spec.name, shape=shape_words,
                                       attempts=sch.submit_attempts, backoff_s=sch.submit_backoff_s,
-                                      on_retry=on_retry, sleep=self.sleep, look_first=tried_before)
+                                      on_retry=on_retry, sleep=self.sleep, look_first=tried_before, env=env)
         shape = self.spec.phase(phase).shape()
         record(jd, "submit", index=index, job_id=job_id, restart=0, phase=phase, shape=shape, key=key, by=by,
                adopted=adopted, script=script.name)

@@ -2,7 +2,8 @@
 
 ``python -m fleetmpi.launch.slurm.batch begin|continue JOB_DIR`` (called by the script from
 :mod:`.script`): ``begin`` records the allocation; ``continue`` reads the phase's exit code
-and submits the next phase (rescale, exit 3) or the same phase again (stopped by a signal,
+and submits the next phase (rescale, exit 3; rank 0 usually submitted it already, once the
+rescale's checkpoint was committed: :func:`submit_ahead`) or the same phase again (stopped by a signal,
 exit 4: near the time limit or preempted, each with its own cap), or ends the chain; where
 Slurm already ended the job as lost (NODE_FAIL...) it does neither and leaves the retry to
 the manager.
@@ -11,6 +12,7 @@ the manager.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import signal
 import sys
@@ -19,21 +21,28 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fleetmpi.errors import BadInput, ExitCode
 from fleetmpi.jobdir import JobDir
 from fleetmpi.launch.slurm import chain as chain_mod
-from fleetmpi.launch.slurm.backend import SlurmBackend, describe_phase
 from fleetmpi.launch.slurm.chain import record, runs, sync_state
 from fleetmpi.launch.slurm.cmd import LOST_STATES, SlurmCommandError, run_slurm, squeue_states
-from fleetmpi.launch.slurm.submit import SubmissionError, requeue
+from fleetmpi.launch.slurm.submit import SubmissionError, cancel, requeue
 from fleetmpi.lock import JobDirBusy, JobLock
-from fleetmpi.spec import Spec
+
+if TYPE_CHECKING:
+    # backend and spec load yaml and the sbatch renderer: `begin`, on every phase's
+    # critical path, needs neither, so only `continue` (and rank 0's submit_ahead) import them.
+    from fleetmpi.spec import Spec
 
 # Slack on top of the signal grace when telling a time-limit stop from a preemption:
 # Slurm checks for due signals about once a minute at worst.
 _TIMEOUT_SLACK_S = 60.0
+# What srun (or mpiexec's hydra) sets for a step and its tasks beyond the batch shell's environment.
+_TASK_VARS = ("PMI_", "PMI2_", "PMIX_", "SLURM_STEP", "SLURM_SRUN_COMM_", "SLURM_LAUNCH_NODE_IPADDR",
+              "SLURM_DISTRIBUTION", "SLURM_MPI_TYPE", "SLURM_UMASK", "SLURM_JOB_CPUS_PER_NODE_PACK_GROUP",
+              "SRUN_DEBUG", "MPI_LOCALRANKID", "MPI_LOCALNRANKS", "HYDI_", "HYDRA_")
 # How long `begin` waits for the job dir's lock: the allocation before it may still be in
 # its `continue` step (which submitted this one) when this one starts.
 LOCK_WAIT_S = 120.0
@@ -162,6 +171,8 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     # keeps running this script until KillWait is over: ask Slurm before believing rc.
     lost = None if rc in (ExitCode.OK, ExitCode.TARGET_MISSED) and goal_reached else _lost_state(job_id)
     verdict = classify_exit(rc, stop_signal, goal_reached, lost)
+    if verdict.action is not Action.RESCALE:
+        _withdraw_ahead(jd, job_id, restart, f"phase {phase} ended with exit code {rc}, not in a rescale")
     if verdict.action is Action.LOST:
         return _lost(jd, job_id, restart, phase, rc, stop_signal, str(lost))
     stop = None
@@ -172,6 +183,54 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
     record(jd, "exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
     jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
     return _act(jd, spec, phase, job_id, restart, rc, verdict.action, stop)
+
+
+def submit_ahead(jd: JobDir, spec: Spec, target: str) -> str | None:
+    """Submit phase ``target`` from inside the phase that rescales to it (rank 0, checkpoint committed).
+
+    Slurm places a job only at its scheduling passes (about one a second on the minicluster,
+    sched_interval and bf_interval); submitted while the ranks still exit, the job is queued
+    when the old one ends, and where the old job leaves room (a wider phase on partly free
+    nodes) it starts during that exit. Its `begin` waits for the job dir's lock, which this
+    allocation's batch shell holds until the continuation is done, so the two never write at
+    once; the continuation withdraws it if the phase ends otherwise. Returns the job id, or
+    None where this is no running batch job of a chain (``fleetmpi run`` in an allocation)
+    or Slurm refused: the continuation then submits as before.
+    """
+    job_id, restart = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    chain, _ = runs(jd)
+    if not job_id or not chain or (chain[-1]["job_id"], chain[-1]["restart"]) != (job_id, restart) \
+            or "started" not in chain[-1]:
+        return None
+    from fleetmpi.launch.slurm.backend import SlurmBackend
+    # sbatch hands its environment to the job: not this rank's step and task variables (srun's
+    # SLURM_STEP_*, PMI_* of the old step...), which the next batch shell and its srun must not see.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_TASK_VARS)}
+    try:
+        return SlurmBackend(jd, spec, out=io.StringIO()).submit(target, by="rescale", env=env)
+    except (SubmissionError, SlurmCommandError) as e:
+        _withdraw_ahead(jd, job_id, restart, f"submitting it ahead failed: {e}")
+        return None
+
+
+def _ahead(jd: JobDir, job_id: str, restart: int) -> list[dict[str, Any]]:
+    """Return the runs submitted after run (``job_id``, ``restart``) of the chain: those rank 0 submitted ahead."""
+    chain, _ = runs(jd)
+    mine = [i for i, r in enumerate(chain) if (r["job_id"], r["restart"]) == (job_id, restart)]
+    return chain[mine[-1] + 1:] if mine else []
+
+
+def _withdraw_ahead(jd: JobDir, job_id: str, restart: int, why: str) -> None:
+    """Cancel the jobs submitted ahead of this run's end and take them out of the chain (they never began)."""
+    for r in _ahead(jd, job_id, restart):
+        try:
+            cancel(r["job_id"])
+            outcome = "cancelled"
+        except SlurmCommandError as e:
+            # It cannot write the job dir all the same: its `begin` finds it is no run of the chain.
+            outcome = f"scancel failed: {e}"
+        record(jd, "withdraw", job_id=r["job_id"], restart=r["restart"], phase=r["phase"], reason=why)
+        jd.event("slurm_withdrawn", job_id=r["job_id"], phase=r["phase"], reason=why, outcome=outcome)
 
 
 def _rank_error(jd: JobDir) -> str | None:
@@ -188,6 +247,7 @@ def _rank_error(jd: JobDir) -> str | None:
 def _act(jd: JobDir, spec: Spec, phase: str, job_id: str, restart: int, rc: int, action: Action,
          stop: str | None) -> int:
     """Record the chain's end or submit what comes next, as ``action`` says; return the script's code."""
+    from fleetmpi.launch.slurm.backend import SlurmBackend, describe_phase
     state = jd.read_state()
     backend = SlurmBackend(jd, spec)
     if action is Action.COMPLETE:
@@ -204,6 +264,8 @@ def _act(jd: JobDir, spec: Spec, phase: str, job_id: str, restart: int, rc: int,
         target = state.get("phase")
         if target == phase or target not in spec.fleet.phases:
             return _end(jd, ExitCode.FAILED, "FAILED", f"phase {phase} asked for a rescale but named no new phase")
+        if any(r["phase"] == target for r in _ahead(jd, job_id, restart)):
+            return ExitCode.OK   # rank 0 submitted it once the checkpoint was committed (submit_ahead)
         try:
             backend.submit(str(target), by="rescale")
         except SubmissionError as e:
@@ -263,6 +325,14 @@ def _lost(jd: JobDir, job_id: str, restart: int, phase: str, rc: int, stop_signa
     return ExitCode.FAILED
 
 
+def _end_unexpectedly(jd: JobDir, code: int, reason: str) -> int:
+    """End the chain FAILED from a continuation that could not act, withdrawing a job submitted ahead first."""
+    job_id, restart = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if job_id:
+        _withdraw_ahead(jd, job_id, restart, f"the continuation of Slurm job {job_id} failed: {reason}")
+    return _end(jd, code, "FAILED", reason)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the batch script's steps: ``begin`` and ``continue``."""
     p = argparse.ArgumentParser(prog="python -m fleetmpi.launch.slurm.batch")
@@ -296,6 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleetmpi: error: {e}", file=sys.stderr, flush=True)
         return ExitCode.BAD_INPUT
     try:
+        job_id = os.environ.get("SLURM_JOB_ID", "")
+        if job_id and not any(r["job_id"] == job_id for r in runs(jd)[0]):
+            # Withdrawn (submitted ahead for a rescale that did not happen) but not cancelled in
+            # time: no run of the chain, so it writes nothing and ends.
+            print(f"fleetmpi: error: Slurm job {job_id} is no run of {chain_mod.chain_path(jd)} (withdrawn or "
+                  "never recorded); it writes nothing and ends", file=sys.stderr, flush=True)
+            return ExitCode.BAD_INPUT
         if args.cmd == "begin":
             return begin(jd, args.phase, time.time())
         when = float(args.signal_time) if args.signal_time else None
@@ -303,13 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as e:
         print(f"fleetmpi: error: {e}", file=sys.stderr, flush=True)
         if args.cmd == "continue":
-            return _end(jd, ExitCode.BAD_INPUT, "FAILED", str(e))
+            return _end_unexpectedly(jd, ExitCode.BAD_INPUT, str(e))
         return ExitCode.BAD_INPUT
     except Exception as e:
         traceback.print_exc()
         if args.cmd == "continue":
             try:
-                return _end(jd, ExitCode.FAILED, "FAILED", f"continuation crashed: {type(e).__name__}: {e}")
+                return _end_unexpectedly(jd, ExitCode.FAILED, f"continuation crashed: {type(e).__name__}: {e}")
             except Exception:
                 pass
         return ExitCode.FAILED

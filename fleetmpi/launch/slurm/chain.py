@@ -7,7 +7,9 @@ writers never tear each other's lines); ``state.json`` mirrors it (``backend_ids
 ``slurm/JOBID.RESTART.env.json`` (the allocation it got).
 
 Records: ``submit`` (a new Slurm job), ``requeue`` (the same job again), ``start`` (a batch
-script began), ``exit`` (its phase ended), ``end`` (the chain stopped, with the final code).
+script began), ``exit`` (its phase ended), ``end`` (the chain stopped, with the final code),
+``withdraw`` (a job submitted ahead by a phase's rank 0 was cancelled before it began, as the
+phase did not end in that rescale: it is no run of the chain).
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ def runs(jd: JobDir) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
                 run["exit_code"] = rec.get("exit_code")
                 run["signal"] = rec.get("signal") or None
                 run["stop"] = rec.get("stop")
+        elif kind == "withdraw":
+            gone = by_key.pop((jid, restart), None)
+            if gone is not None:
+                out.remove(gone)
         elif kind == "end":
             end = rec
     return out, end

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import pwd
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from fleetmpi.errors import BadInput, ExitCode, FleetError
@@ -82,11 +82,13 @@ def _retrying(what: str, fn: Callable[[], str], attempts: int, backoff_s: float,
 
 def submit_held(script: Path, *, cwd: Path, key: str, job_name: str, shape: str, attempts: int,
                 backoff_s: float, on_retry: OnRetry | None = None,
-                sleep: Callable[[float], None] = time.sleep, look_first: bool = True) -> tuple[str, bool]:
+                sleep: Callable[[float], None] = time.sleep, look_first: bool = True,
+                env: Mapping[str, str] | None = None) -> tuple[str, bool]:
     """Submit ``script`` held, once per ``key``; return (job id, whether an existing job was adopted).
 
     ``look_first=False`` skips the squeue lookup before the first try, for a key that no
-    process has tried to submit before (the caller recorded its intent first).
+    process has tried to submit before (the caller recorded its intent first). ``env``:
+    sbatch's environment, which the job inherits (default this process's).
     """
     adopted = [False]
     tries = [0]
@@ -100,7 +102,7 @@ def submit_held(script: Path, *, cwd: Path, key: str, job_name: str, shape: str,
         if found:
             adopted[0] = True
             return found
-        out = run_slurm(["sbatch", "--parsable", "--hold", str(script.resolve())], cwd=cwd)
+        out = run_slurm(["sbatch", "--parsable", "--hold", str(script.resolve())], cwd=cwd, env=env)
         job_id = out.strip().split(";")[0]
         if not job_id.isdigit():
             raise SubmissionError(f"sbatch --parsable answered {out.strip()!r}; expected a job id")
