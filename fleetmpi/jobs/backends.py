@@ -368,13 +368,15 @@ class SlurmJobs:
         return out
 
     def cancel(self, allocation: AllocRow) -> None:
-        from fleetmpi.launch.slurm.chain import runs
+        from fleetmpi.launch.slurm.chain import live_job_ids, runs
         from fleetmpi.launch.slurm.submit import cancel
         jd = JobDir(allocation.info["job_dir"])
         chain, end = runs(jd)
         if chain and end is None:
-            jd.event("cancel_requested", job_id=chain[-1]["job_id"], by="fleetmpi cancel")
-            cancel(str(chain[-1]["job_id"]))
+            # Two live jobs in a rescale's last moments (the next phase submitted ahead): both.
+            for job_id in live_job_ids(chain) or [str(chain[-1]["job_id"])]:
+                jd.event("cancel_requested", job_id=job_id, by="fleetmpi cancel")
+                cancel(job_id)
 
 
 def exit_mtime(jd: JobDir, job_id: str, restart: int) -> float:

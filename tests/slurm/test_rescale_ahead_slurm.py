@@ -176,3 +176,27 @@ def test_the_job_submitted_ahead_gets_the_batch_environment_without_the_ranks_st
     # Not the chain's running job (no `start` of it): nothing is submitted ahead.
     monkeypatch.setenv("SLURM_JOB_ID", "999")
     assert batch.submit_ahead(jd, load(jd.spec), "wide") is None and len(seen) == 1
+
+
+def test_cancel_in_a_rescales_last_moments_cancels_the_old_job_and_the_one_submitted_ahead(
+        tmp_path: Path, datasets: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between rank 0's submission ahead and the old continuation's exit record the chain has two
+    # live jobs; cancelling only the newest left the old one to continue the chain.
+    import fleetmpi.launch.slurm.submit as submit_mod
+    from fleetmpi.jobs.backends import SlurmJobs
+    from fleetmpi.jobs.rows import AllocRow
+    from fleetmpi.launch.slurm.chain import live_job_ids
+
+    jd = _chain_with_job_ahead(tmp_path, datasets)
+    assert live_job_ids(runs(jd)[0]) == ["101", "102"]
+    cancelled: list[str] = []
+    monkeypatch.setattr(submit_mod, "cancel", cancelled.append)
+    alloc = AllocRow(id=1, job_id=1, attempt=1, backend="slurm", backend_id="101", host=None, phase="small",
+                     shape="1x1", state="RUNNING", exit_code=None, log=None, info={"job_dir": str(jd.root)},
+                     started=0.0, ended=None, reason=None)
+    SlurmJobs().cancel(alloc)
+    assert cancelled == ["101", "102"]
+    assert [e["job_id"] for e in events(jd.root) if e["event"] == "cancel_requested"] == ["101", "102"]
+    # Once the old job's continuation recorded its exit, only the job submitted ahead is live.
+    record(jd, "exit", job_id="101", restart=0, phase="small", exit_code=3)
+    assert live_job_ids(runs(jd)[0]) == ["102"]

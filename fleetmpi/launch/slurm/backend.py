@@ -21,7 +21,7 @@ import fleetmpi
 from fleetmpi.errors import BadInput, ExitCode
 from fleetmpi.jobdir import JobDir, atomic_write_bytes, make_dirs
 from fleetmpi.launch.slurm import chain as chain_mod
-from fleetmpi.launch.slurm.chain import record, runs, sync_state
+from fleetmpi.launch.slurm.chain import live_job_ids, record, runs, sync_state
 from fleetmpi.launch.slurm.cmd import (
     ACTIVE_STATES,
     IdleNodes,
@@ -195,11 +195,13 @@ class SlurmBackend:
                     return ExitCode.STOPPED
                 return int(end["exit_code"])
             if got and cancelled is None and chain:
-                cancelled = str(chain[-1]["job_id"])
+                ids = live_job_ids(chain) or [str(chain[-1]["job_id"])]
+                cancelled = " ".join(ids)   # one id, or two: "Slurm job 101 102", "scancel 101 102"
                 name = signal.Signals(got[0]).name
-                jd.event("cancel_requested", job_id=cancelled, by=f"fleetmpi submit --wait ({name})")
                 try:
-                    cancel(cancelled)
+                    for job_id in ids:   # two where rank 0 submitted a rescale's next phase ahead
+                        jd.event("cancel_requested", job_id=job_id, by=f"fleetmpi submit --wait ({name})")
+                        cancel(job_id)
                 except SlurmCommandError as e:
                     self._say(f"fleetmpi: got {name} but could not cancel Slurm job {cancelled}: {e}; "
                               f"it goes on (`scancel {cancelled}` stops it)")

@@ -99,6 +99,7 @@ def runs(jd: JobDir) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
                 run["started"] = rec["t"]
             else:
                 run["exit_code"] = rec.get("exit_code")
+                run["exited"] = rec["t"]
                 run["signal"] = rec.get("signal") or None
                 run["stop"] = rec.get("stop")
         elif kind == "withdraw":
@@ -108,6 +109,20 @@ def runs(jd: JobDir) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         elif kind == "end":
             end = rec
     return out, end
+
+
+def live_job_ids(chain: list[dict[str, Any]]) -> list[str]:
+    """Return the Slurm job ids of the chain's runs whose phase has not ended, oldest first.
+
+    Usually one; two in a Slurm rescale's last moments, when rank 0 has submitted the next
+    phase ahead (``batch.submit_ahead``) while its own job still exits: cancelling only the
+    newest would leave the old one to continue the chain.
+    """
+    ids: list[str] = []
+    for r in chain:
+        if "exited" not in r and r["job_id"] not in ids:
+            ids.append(r["job_id"])
+    return ids
 
 
 def submissions(jd: JobDir) -> int:
