@@ -14,6 +14,7 @@ from conftest import write_spec
 from fleetmpi import spec as specmod
 from fleetmpi.jobdir import JobDir
 from fleetmpi.launch.slurm import batch
+from fleetmpi.launch.slurm.chain import record
 from fleetmpi.lock import LOCK_FD_ENV, JobDirBusy, JobLock
 
 
@@ -23,7 +24,10 @@ def job(tmp_path: Path, datasets: dict[str, Path], monkeypatch: pytest.MonkeyPat
     sp = specmod.load(path)
     jd = JobDir(tmp_path / "job")
     jd.create(specmod.dump(sp), sp.fleet.start, "slurm")
-    (jd.root / "slurm").mkdir()   # made by the submission that queued this allocation
+    (jd.root / "slurm").mkdir()   # made by the submission that queued this allocation,
+    # which also recorded the job in the chain before releasing it (a job no run of the
+    # chain, as one withdrawn after a submission ahead, writes nothing)
+    record(jd, "submit", index=0, job_id="4242", restart=0, phase=sp.fleet.start, shape="1x1", key="k.0", by="submit")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setattr(batch, "LOCK_WAIT_S", 0.3)
     return jd
@@ -60,6 +64,7 @@ def test_begin_writes_nothing_to_a_job_dir_someone_else_holds(job: JobDir, monke
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     fd = _shell_fd(job)
     events = job.events.read_bytes()
+    slurm_dir = {p.name: p.read_bytes() for p in (job.root / "slurm").iterdir()}   # the chain's submit record
     try:
         with JobLock(job, "fleetmpi run"):
             assert _step(monkeypatch, fd, "begin", str(job.root), "--phase", "one") == 2
@@ -67,6 +72,6 @@ def test_begin_writes_nothing_to_a_job_dir_someone_else_holds(job: JobDir, monke
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 2 and all("in use by pid" in line and "fleetmpi run" in line for line in err), err
         assert job.events.read_bytes() == events
-        assert list((job.root / "slurm").iterdir()) == []
+        assert {p.name: p.read_bytes() for p in (job.root / "slurm").iterdir()} == slurm_dir
     finally:
         os.close(fd)
