@@ -30,7 +30,7 @@ from fleetmpi.engine.technique import TECHNIQUES, StepRecord
 from fleetmpi.engine.trainer import Trainer
 from fleetmpi.errors import BadInput, DiskFull, ExitCode, TrainingFailed, disk_full
 from fleetmpi.jobdir import JobDir
-from kernels import skip_blas_probe
+from kernels import lean_numba_start
 
 
 class Decision(IntEnum):
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m fleetmpi.engine.worker JOB_DIR", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    skip_blas_probe()   # before the first kernel or data read loads numba's registries
+    lean_numba_start()   # before the first kernel or data read loads numba's registries
     t_main = time.time()
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
