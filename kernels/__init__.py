@@ -89,6 +89,21 @@ def lean_numba_start() -> None:
     skip_blas_probe()
 
 
+def num_threads() -> int:
+    """Return ``numba.get_num_threads()``, without starting numba's thread pool where it can only be 1.
+
+    The first get_num_threads() launches the threading layer (loads its library, takes a
+    multiprocessing lock, starts the pool): 25-30 ms of CPU a rank, for nothing where
+    NUMBA_NUM_THREADS is 1 (threads_per_rank 1, the default): set_num_threads accepts no more
+    than that, so the answer is 1 and the threaded kernels are never called.
+    """
+    from numba import config
+    if config.NUMBA_NUM_THREADS == 1:
+        return 1
+    from numba import get_num_threads
+    return int(get_num_threads())
+
+
 def lazy_njit(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Return a decorator like ``numba.njit(**options)`` that imports numba at the first call.
 

@@ -1,4 +1,5 @@
-"""kernels.lean_numba_start / skip_cffi_support: numba's registry loads without cffi, and numba still works."""
+"""kernels.lean_numba_start, skip_cffi_support, num_threads: a rank's numba set-up without cffi or a
+thread pool it cannot use, and numba still works."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ assert np.allclose(P, reference.softmax_predict_proba(X, W, 4), rtol=1e-9, atol=
 g = np.empty_like(W)
 loss = cpu.softmax_grad(X, y, W, 4, g)
 assert np.isclose(loss, -np.log(P[np.arange(37), y.astype(int)]).sum(), rtol=1e-9)
+from numba.np.ufunc import parallel
+assert not parallel._is_initialized         # NUMBA_NUM_THREADS=1: numba's thread pool was not started
 
 @njit
 def fresh(a):                               # compiled here: typing and lowering still work
@@ -75,7 +78,7 @@ print(sys.modules["numba.core.typing.cffi_utils"].SUPPORTED, "cffi" in sys.modul
 
 def _run(code: str) -> str:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "NUMBA_NUM_THREADS": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip()
 
