@@ -43,6 +43,67 @@ def skip_blas_probe() -> bool:
     return True
 
 
+def skip_cffi_support() -> bool:
+    """Load numba's cffi typing module with cffi reading as absent; return whether this call did.
+
+    numba's typing registry imports numba.core.typing.cffi_utils at a process's first compile or
+    cache load, and that module imports cffi and builds a ``cffi.FFI()``: cffi's C parser, pycparser
+    and its lexer's regular expressions, 15-20 ms of a rank's CPU (4 ranks on 2 cores wait for the
+    sum). No fleetmpi kernel takes a cffi function or FFI object, and numba copes without cffi:
+    the module catches the ImportError and sets ``SUPPORTED = False``, which turns off only
+    the typing of cffi objects in this process (cffi itself still imports for anyone else).
+    Anything else leaves numba alone: cffi already imported (nothing to save), the module
+    already loaded, or a numba whose module does not end up so (it is then imported as usual).
+    """
+    name = "numba.core.typing.cffi_utils"
+    if name in sys.modules or "cffi" in sys.modules:
+        return False
+    try:
+        # The module's own imports load first, so that only its cffi import sees cffi absent.
+        import numba.core.typing.templates
+        import numba.np.numpy_support  # noqa: F401
+    except ImportError:
+        return False
+    sys.modules["cffi"] = None   # type: ignore[assignment]  # None there: "import cffi" raises ImportError
+    try:
+        import numba.core.typing.cffi_utils as cffi_utils
+    except ImportError:
+        cffi_utils = None
+    finally:
+        del sys.modules["cffi"]
+    if cffi_utils is not None and getattr(cffi_utils, "SUPPORTED", None) is False \
+            and getattr(cffi_utils, "ffi", 0) is None:
+        return True
+    # Not the numba this was written for: forget that load and import the module with cffi.
+    sys.modules.pop(name, None)
+    importlib.import_module(name)
+    return False
+
+
+def lean_numba_start() -> None:
+    """Skip numba's one-off imports that no fleetmpi CPU kernel needs (cffi, scipy.linalg).
+
+    Call it before the first kernel loads: the rank entry, precompile and make-data do.
+    """
+    skip_cffi_support()
+    skip_blas_probe()
+
+
+def num_threads() -> int:
+    """Return ``numba.get_num_threads()``, without starting numba's thread pool where it can only be 1.
+
+    The first get_num_threads() launches the threading layer (loads its library, takes a
+    multiprocessing lock, starts the pool): 25-30 ms of CPU a rank, for nothing where
+    NUMBA_NUM_THREADS is 1 (threads_per_rank 1, the default): set_num_threads accepts no more
+    than that, so the answer is 1 and the threaded kernels are never called.
+    """
+    from numba import config
+    if config.NUMBA_NUM_THREADS == 1:
+        return 1
+    from numba import get_num_threads
+    return int(get_num_threads())
+
+
 def lazy_njit(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Return a decorator like ``numba.njit(**options)`` that imports numba at the first call.
 

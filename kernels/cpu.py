@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import get_num_threads, njit
+from numba import njit
+
+from kernels import num_threads
 
 # The linear / logistic kernels live in kernels.cpu_glm, the softmax ones in
 # kernels.cpu_softmax; the names below are imported here so that ``cpu._glm_grad``,
@@ -177,7 +179,7 @@ def _glm(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: b
     _check_out(g, "g_out", (d + 1,))
     if compute not in GLM_COMPUTE:
         raise ValueError(f"compute must be one of {', '.join(GLM_COMPUTE)}, got {compute!r}")
-    threaded = get_num_threads() > 1 and X.shape[0] >= 2 * _CHUNK_MIN_ROWS
+    threaded = num_threads() > 1 and X.shape[0] >= 2 * _CHUNK_MIN_ROWS
     if compute == "float32":
         return float((_glm32_grad_threads if threaded else _glm32_grad)(X, y, w, g, logistic))
     return float((_glm_grad_threads if threaded else _glm_grad)(X, y, w, g, logistic))
@@ -212,7 +214,7 @@ def softmax_grad(
     _check_array(W_flat, "W_flat", np.float64, ((d + 1) * k,))
     _check_out(g_out, "g_out", ((d + 1) * k,))
     _check_labels(y, k)
-    if get_num_threads() > 1 and X.shape[0] >= 2 * _CHUNK_MIN_ROWS:
+    if num_threads() > 1 and X.shape[0] >= 2 * _CHUNK_MIN_ROWS:
         return float(_softmax_grad_threads(X, y, W_flat, k, g_out))
     return float(_softmax_grad(X, y, W_flat, k, g_out))
 

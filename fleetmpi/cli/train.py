@@ -363,8 +363,8 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
 
 def _make_text(args: argparse.Namespace, rest: list[str]) -> int:
     from fleetmpi.text import make_text_data
-    from kernels import skip_blas_probe
-    skip_blas_probe()   # the hashing kernels are numba's: load them without scipy.linalg
+    from kernels import lean_numba_start
+    lean_numba_start()   # the hashing kernels are numba's: load them without scipy.linalg or cffi
     if len(rest) != 1:
         raise BadInput("--from text: expected one PATH (a folder of class subfolders, a .jsonl or a .csv file), "
                        "e.g. --from text corpus/ --out data/")

@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     """Compile (or load) every CPU kernel and print the seconds each module took; return 0."""
     quiet = "--quiet" in (sys.argv[1:] if argv is None else argv)
     t_all = time.perf_counter()
-    from kernels import skip_blas_probe
-    skip_blas_probe()   # as a rank does, so this process loads what a rank loads
+    from kernels import lean_numba_start
+    lean_numba_start()   # as a rank does, so this process loads what a rank loads
     for name, warm in steps():
         t0 = time.perf_counter()
         warm()

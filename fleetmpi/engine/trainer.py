@@ -6,6 +6,7 @@ it in the same order. Rank 0 alone writes files (checkpoints, the model).
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -56,6 +57,7 @@ class Trainer:
         self.kernels_warmed = False
         if ready is not None:
             self.kernels_warmed = self.warm_kernels()
+            gc_after_startup()   # before a wait that may last a whole phase
             state = ready()
             if state.get("phase") != self.phase_name:   # the launcher says go only to the phase it named
                 raise BadInput(f"{jd.state_path}: the job moved to phase {state.get('phase')!r}, "
@@ -288,6 +290,18 @@ class Trainer:
                 return best_step
         self.write_model(metrics)
         return self.step
+
+
+def gc_after_startup() -> None:
+    """Turn the cyclic garbage collector back on where the rank entry turned it off for start-up.
+
+    ``gc.freeze()`` first: the objects of the start-up (modules, numba's registries) live as long
+    as the process, and frozen they are not traversed by the collections of the training loop
+    either. Where the collector is on (the worker imported, not run as the rank entry), nothing.
+    """
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _on_root(comm: Any, fn: Any) -> Any:

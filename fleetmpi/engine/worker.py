@@ -10,6 +10,15 @@ the whole world with rank/size@host. A step is the technique's
 
 from __future__ import annotations
 
+import gc
+
+if __name__ == "__main__":
+    # A rank's start-up makes some 110k long-lived objects (numpy, numba, llvmlite, h5py), and the
+    # cyclic collector went over them again and again while they were made: 50-60 ms of a rank's
+    # 0.55-0.6 CPU-s, which 4 ranks on 2 cores wait for in sum. Off until the kernels are loaded
+    # (fleetmpi.engine.trainer.gc_after_startup); the few cycles made meanwhile (~1300 objects) stay.
+    gc.disable()
+
 import contextlib
 import os
 import signal
@@ -27,10 +36,10 @@ from fleetmpi.engine.checkpoint import newest_valid_path
 from fleetmpi.engine.standby import STANDBY_ENV, Cancelled, Standby, await_go
 from fleetmpi.engine.standby import from_env as standby_from_env
 from fleetmpi.engine.technique import TECHNIQUES, StepRecord
-from fleetmpi.engine.trainer import Trainer
+from fleetmpi.engine.trainer import Trainer, gc_after_startup
 from fleetmpi.errors import BadInput, DiskFull, ExitCode, TrainingFailed, disk_full
 from fleetmpi.jobdir import JobDir
-from kernels import skip_blas_probe
+from kernels import lean_numba_start
 
 
 class Decision(IntEnum):
@@ -135,6 +144,7 @@ class Phase:
                 # upgrade) compiles here: say so instead of pausing silently for seconds.
                 print("fleetmpi: compiling kernels (first run only)", file=sys.stderr, flush=True)
             t.warm_kernels()
+        gc_after_startup()
         self.marks["kernels_ready"] = time.time()
         # This rank's CPU seconds from its process start to here: with more ranks than cores,
         # start-up takes the sum of the ranks' CPU time, not the slowest one's wall time.
@@ -469,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m fleetmpi.engine.worker JOB_DIR", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    skip_blas_probe()   # before the first kernel or data read loads numba's registries
+    lean_numba_start()   # before the first kernel or data read loads numba's registries
     t_main = time.time()
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
