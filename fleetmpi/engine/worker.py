@@ -362,7 +362,10 @@ class Phase:
                 self.jd.approval.unlink(missing_ok=True)
             self.jd.update_state(phase=target, status="RESCALING", pending_approval=None)
         if sp.scheduler.backend == "slurm" and os.environ.get("SLURM_JOB_ID"):
-            _submit_ahead(self.jd, sp, target)
+            # Off the critical path: Slurm's scheduling pass and the next batch shell's start
+            # overlap this phase's exit; a failure only loses that head start.
+            from fleetmpi.launch.slurm.batch import submit_ahead
+            submit_ahead(self.jd, sp, target)
         what = f"{t.phase_name} x{self.size} -> {target} x{to.ranks} at step {t.step}"
         mon.end(f"fleetmpi: rescale {what}", rescale=what)
 
@@ -552,21 +555,6 @@ def _all_failed(comm: Any) -> bool:
             return True
         time.sleep(0.005)
     return False
-
-
-def _submit_ahead(jd: JobDir, sp: Any, target: str) -> None:
-    """Submit the next phase's Slurm job while this phase's ranks still exit (rank 0, after the checkpoint).
-
-    Off the rescale's critical path: Slurm's scheduling pass and the new batch shell's start
-    overlap the ranks' exit and the continuation (fleetmpi.launch.slurm.batch.submit_ahead).
-    A failure here costs nothing but that: the continuation submits the phase as before.
-    """
-    try:
-        from fleetmpi.launch.slurm.batch import submit_ahead
-        submit_ahead(jd, sp, target)
-    except Exception as e:
-        with contextlib.suppress(OSError):
-            jd.event("slurm_submit_ahead_failed", phase=target, error=f"{type(e).__name__}: {e}")
 
 
 def _record_error(jd: JobDir | None, msg: str) -> None:

@@ -12,6 +12,7 @@ the manager.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import signal
@@ -186,6 +187,20 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
 
 
 def submit_ahead(jd: JobDir, spec: Spec, target: str) -> str | None:
+    """Submit phase ``target`` ahead (``_submit_ahead``); return its job id, or None.
+
+    Never raises: rank 0 calls it after the rescale's checkpoint, and a failure costs only
+    the head start (recorded as ``slurm_submit_ahead_failed``; the continuation submits).
+    """
+    try:
+        return _submit_ahead(jd, spec, target)
+    except Exception as e:
+        with contextlib.suppress(OSError):
+            jd.event("slurm_submit_ahead_failed", phase=target, error=f"{type(e).__name__}: {e}")
+        return None
+
+
+def _submit_ahead(jd: JobDir, spec: Spec, target: str) -> str | None:
     """Submit phase ``target`` from inside the phase that rescales to it (rank 0, checkpoint committed).
 
     Slurm places a job only at its scheduling passes (about one a second on the minicluster,
