@@ -200,3 +200,16 @@ def test_cancel_in_a_rescales_last_moments_cancels_the_old_job_and_the_one_submi
     # Once the old job's continuation recorded its exit, only the job submitted ahead is live.
     record(jd, "exit", job_id="101", restart=0, phase="small", exit_code=3)
     assert live_job_ids(runs(jd)[0]) == ["102"]
+
+
+def test_a_failing_submission_ahead_is_recorded_and_never_raises_into_the_rank(
+        tmp_path: Path, datasets: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    jd = _chain_with_job_ahead(tmp_path, datasets)
+
+    def broken(*_a: Any, **_k: Any) -> str:
+        raise RuntimeError("injected: sbatch vanished")
+
+    monkeypatch.setattr(batch, "_submit_ahead", broken)
+    assert batch.submit_ahead(jd, load(jd.spec), "wide") is None
+    (failed,) = [e for e in events(jd.root) if e["event"] == "slurm_submit_ahead_failed"]
+    assert failed["phase"] == "wide" and "injected: sbatch vanished" in failed["error"]
