@@ -34,15 +34,14 @@ rows took 7.3-8.0 ns a row against 4.0-4.6 for 32 or 64 rows (the vector loop is
 same; only fewer 8-row vectors run side by side). vmath now evaluates its polynomials
 mostly by Estrin's scheme (16 rows: 6.2 ns a row; kernels 1.06-1.08x at L2 size, float64
 and float32, load 1.3-2.5, interleaved against the old kernel in one process; gradients
-within 5e-14 relative of the old ones) and in one loop (a further 1.00-1.05x). Where X
-fits in L2 the blocks are 32 rows, so four of the residual's vectors overlap (_BLOCK).
-Tried in this round and measured no better (one thread, interleaved against the kernel
-before, 200k x 128 unless said):
-- software prefetch (kernels.prefetch) of the rows 16-64 ahead (1-4 blocks), issued
-  before each eight-row gradient pass, which demands no new lines: into L1 0.55-0.94x,
-  into L2 0.77-1.0x (load 1.7-3); X is read in address order and the hardware
-  prefetcher already follows it (the same prefetch gave 1.5x on a read of eight
-  interleaved rows). Blocks of 32 rows with prefetch: 0.54-0.67x from DRAM;
+within 5e-14 relative of the old ones) and in one loop (a further 1.00-1.05x). The
+blocks are 32 rows, so four of the residual's vectors overlap (_BLOCK).
+From DRAM the kernels prefetch rows ahead into L2 at the rate they read them, spread over
+every pass (_PF_ROWS): 1.2-1.45x. Why that works and what did not is at _PF_ROWS.
+Tried earlier and measured no better (one thread, interleaved against the kernel before,
+200k x 128 unless said):
+- software prefetch of one row per eight-row gradient pass (fewer rows than the kernel
+  reads, so it fell behind the demand stream), into L1 0.55-0.94x, into L2 0.77-1.0x;
 - the float32 kernel's merged pass (the next eight rows' logits with these eight rows'
   gradient, as described below) with prefetch: 0.83-0.90x (linear) and 0.54x (logistic)
   at L2 size, 0.34-0.38x from DRAM;
@@ -59,6 +58,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import vmath
+from kernels.prefetch import prefetch_l2
 
 # Row chunks: a FIXED count that depends only on n, never on the thread count. Each chunk
 # sums its rows into its own partial gradient and the partials are added in chunk order,
@@ -67,25 +67,56 @@ from kernels import vmath
 _CHUNKS = 16
 _CHUNK_MIN_ROWS = 512
 
-# Rows per logistic residual block: enough for a SIMD loop over the block's exp/log1p, few
-# enough that the block's rows (8 KiB at d = 128) stay in L1 between the logit pass and the
-# gradient pass. Measured on a quiet 2-core box, two threads (of the read rate, 200k / 1536
-# rows): 16 gave 0.77-0.86 / 0.52-0.55, 24 0.71-0.74 / 0.55, 32 0.60-0.62 / 0.58, 64 0.63 /
-# 0.57-0.60; 16 wins where X streams from memory. Where all of X fits in one core's L2
-# (Zen 4: 1 MiB) 32 rows win: the residual block is latency-bound (kernels.vmath), and 32
-# rows run four of its 8-row vectors side by side, not two. Against 16 everywhere (one
-# thread, interleaved, 1536 x 128, load 2.3): logistic 1.03x, float32 logistic 1.11x,
-# float32 linear 1.06x (a float32 block's gradient is added into g once per 32 rows).
-# The choice depends on X's size only, never on the thread count.
-_BLOCK = 16
-_BLOCK_CACHED = 32
+# Rows per residual / gradient block: enough for a SIMD loop over the block's exp/log1p,
+# few enough that the block's rows (16 KiB at d = 128) stay in L1 between the logit pass
+# and the gradient pass. The residual block is latency-bound (kernels.vmath) and 32 rows
+# run four of its 8-row vectors side by side, not two. Against 16 (one thread, 1536 x 128,
+# interleaved, load 2.3): logistic 1.03x, float32 logistic 1.11x, float32 linear 1.06x (a
+# float32 block's gradient is added into g once per 32 rows). From DRAM 16 rows won while
+# the hardware prefetcher alone fed the kernels; with the kernels' own prefetch (below) 32
+# rows win there too (200k x 128, one thread, of the read rate, 16 / 32 rows: float32
+# linear 0.87-0.88 / 0.88-0.90, float32 logistic 0.69-0.70 / 0.72-0.73, float64 logistic
+# 0.60 / 0.63).
+_BLOCK = 32
+
+# Software prefetch where X does not fit in one core's L2 (Zen 4: 1 MiB). Each pass over d
+# (two rows' logits, or eight rows' gradient) first asks L2 for rows _PF_ROWS ahead of the
+# demand stream: one row per logit pass and four per gradient pass, which is a block's
+# rows per block, spread over the block's arithmetic. Without it the memory sat idle while
+# a block computed: the hardware prefetcher runs ahead only of demand misses, and the
+# gradient and residual passes make none (their rows are in L1), so a block's fetch and
+# its arithmetic took turns. Measured (200k x 128 float32, one thread, best of 7 runs
+# interleaved with the kernels before, of the flat float32 read in the same run): float32
+# linear 0.59-0.70 -> 0.87-0.90, float32 logistic 0.51-0.59 -> 0.72-0.74, float64 linear
+# 0.65 -> 0.77, float64 logistic 0.55 -> 0.63. Prefetching into L1 instead (prefetcht0)
+# made it worse (0.42-0.44: the L1's miss buffers fill), as did all of a block's rows
+# asked for during its logit pass alone (0.57) or in bursts before each pass (0.62-0.65),
+# and earlier, rows asked for one per gradient pass only, fewer than the kernel reads (no
+# better). 32 and 64 rows ahead measured the same; where X fits in L2 the prefetch costs
+# 3-7% and is not issued. The distance and the switch depend on X's size only.
+_PF_ROWS = 64
 _CACHED_BYTES = 1 << 20
 
 
 @njit(cache=True, nogil=True)
-def _block_rows(X: np.ndarray) -> int:
-    """Return the rows per block for X: _BLOCK_CACHED if X fits in L2, else _BLOCK."""
-    return _BLOCK_CACHED if X.shape[0] * X.shape[1] * 4 <= _CACHED_BYTES else _BLOCK
+def _prefetches(X: np.ndarray) -> bool:
+    """Return True where X does not fit in one core's L2, so the kernels prefetch its rows."""
+    return X.shape[0] * X.shape[1] * X.itemsize > _CACHED_BYTES
+
+
+@njit(cache=True, nogil=True)
+def _prefetch_rows(X: np.ndarray, lo: int, hi: int) -> None:
+    """Ask L2 for the cache lines of X's rows lo..hi (clipped to X's rows)."""
+    d = X.shape[1]
+    step = max(1, 64 // X.itemsize)   # elements per 64-byte cache line
+    for t in range(lo * d, min(hi, X.shape[0]) * d, step):
+        prefetch_l2(X, t)
+
+
+@njit(cache=True, nogil=True)
+def _first_prefetch(X: np.ndarray, lo: int, pf: bool) -> int:
+    """Return the first row to prefetch for a chunk from lo: X's end (none) if not pf."""
+    return lo + _PF_ROWS if pf else X.shape[0]
 
 
 @njit(cache=True, nogil=True)
@@ -132,26 +163,32 @@ def _glm_add8(g: np.ndarray, X: np.ndarray, i: int, r: np.ndarray, o: int, d: in
 
 @njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
 def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
-                  g: np.ndarray) -> float:
+                  g: np.ndarray, pf: bool) -> float:
     """Add rows lo..hi's squared-loss gradient to g (d+1,) (zeroed here); return the loss."""
     # Blocks of eight rows: the logits two rows per pass (_dot2), the residual (one
     # subtraction) in line, then the gradient of the eight rows in one pass (_glm_add8)
-    # while they are in L1. X is read from memory once.
+    # while they are in L1. X is read from memory once; with pf, rows ahead are prefetched
+    # (one per logit pass, four per gradient pass: _PF_ROWS).
     d = X.shape[1]
     g[:] = 0.0
     b = float(w[d])
     loss = 0.0
     gb = 0.0
     r = np.empty(8)
+    nxt = _first_prefetch(X, lo, pf)
     i = lo
     while i + 8 <= hi:
         for t in range(0, 8, 2):
+            _prefetch_rows(X, nxt, nxt + 1)
+            nxt += 1
             s0, s1 = _dot2(X[i + t], X[i + t + 1], w, d, 0.0)
             r0 = (s0 + b) - y[i + t]
             r1 = (s1 + b) - y[i + t + 1]
             r[t] = r0
             r[t + 1] = r1
             loss += 0.5 * r0 * r0 + 0.5 * r1 * r1
+        _prefetch_rows(X, nxt, nxt + 4)
+        nxt += 4
         gb += _glm_add8(g, X, i, r, 0, d)
         i += 8
     for t in range(i, hi):
@@ -168,7 +205,7 @@ def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
 
 @njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
 def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
-                    g: np.ndarray, blk: int) -> float:
+                    g: np.ndarray, blk: int, pf: bool) -> float:
     """Add rows lo..hi's log-loss gradient to g (d+1,) (zeroed here); return the loss."""
     # Blocks of _BLOCK rows in three passes. (1) The logits, dot products of two adjacent
     # rows at a time (_dot2), so X is read in address order: reading rows interleaved
@@ -176,8 +213,9 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
     # slower from DRAM). (2) The block's residuals and losses together, a SIMD loop over
     # rows (exp and log1p from kernels.vmath: libm's would be two scalar calls per row).
     # (3) The gradient, eight rows per pass over g (_glm_add8), the rows now in L1. X is
-    # read from memory once. The order of every sum is fixed by the code, not by the
-    # vector width nor by the thread count.
+    # read from memory once; with pf, rows ahead are prefetched as in _linear_chunk. The
+    # order of every sum is fixed by the code, not by the vector width nor by the thread
+    # count.
     d = X.shape[1]
     g[:] = 0.0
     b = float(w[d])
@@ -187,10 +225,13 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
     lb = np.empty(blk)
     loss = 0.0
     gb = 0.0
+    nxt = _first_prefetch(X, lo, pf)
     i = lo
     while i < hi:
         m = min(blk, hi - i)
         for t in range(0, m, 2):
+            _prefetch_rows(X, nxt, nxt + 1)
+            nxt += 1
             # An odd last row is paired with itself, so it is summed as any other row.
             s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w, d, 0.0)
             z[t] = s0 + b
@@ -201,6 +242,8 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
         loss += vmath.logistic_rows(z, yb, rb, lb, m)
         t = 0
         while t + 8 <= m:
+            _prefetch_rows(X, nxt, nxt + 4)
+            nxt += 4
             gb += _glm_add8(g, X, i + t, rb, t, d)
             t += 8
         for u in range(t, m):
@@ -216,11 +259,11 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
 
 @njit(cache=True, nogil=True)
 def _glm_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
-               g: np.ndarray, logistic: bool, blk: int) -> float:
+               g: np.ndarray, logistic: bool, blk: int, pf: bool) -> float:
     """Add rows lo..hi's gradient to g (d+1,) (zeroed here); return their loss sum."""
     if logistic:
-        return _logistic_chunk(X, y, w, lo, hi, g, blk)
-    return _linear_chunk(X, y, w, lo, hi, g)
+        return _logistic_chunk(X, y, w, lo, hi, g, blk, pf)
+    return _linear_chunk(X, y, w, lo, hi, g, pf)
 
 
 @njit(cache=True, fastmath=False, nogil=True)
@@ -241,11 +284,11 @@ def _glm_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logist
     """Fill g (d+1,) with the summed gradient over fixed row chunks on one thread."""
     n = X.shape[0]
     nc = _n_chunks(n)
-    blk = _block_rows(X)
+    pf = _prefetches(X)
     parts = np.empty((nc, g.shape[0]))
     losses = np.empty(nc)
     for c in range(nc):
-        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic, blk)
+        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic, _BLOCK, pf)
     return _combine(parts, losses, g)
 
 
@@ -255,11 +298,11 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
     """Same chunks and result as ``_glm_grad``, the chunks spread over numba's threads."""
     n = X.shape[0]
     nc = _n_chunks(n)
-    blk = _block_rows(X)
+    pf = _prefetches(X)
     parts = np.empty((nc, g.shape[0]))
     losses = np.empty(nc)
     for c in prange(nc):
-        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic, blk)
+        losses[c] = _glm_chunk(X, y, w, n * c // nc, n * (c + 1) // nc, parts[c], logistic, _BLOCK, pf)
     return _combine(parts, losses, g)
 
 
@@ -267,7 +310,7 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
 # ``model.compute: float32``: X is never converted to float64. w is cast to float32 once per
 # call; each row's logit is a float32 FMA chain (_dot2 with a float32 zero), widened to
 # float64 for the residual, sigmoid and loss (as in the float64 kernels); the gradient of a
-# block of _block_rows(X) rows (16 or 32) is summed in float32 (_glm_add8 on float32 arrays) and added into
+# block of _BLOCK rows is summed in float32 (_glm_add8 on float32 arrays) and added into
 # the float64 gradient once per block. Loss and the bias's gradient sum float64 residuals.
 # Rounding: float32 products summed over d (logits) or <= 32 rows (gradient blocks), so
 # ~1e-6 relative per entry; the order is fixed by the code, as in the float64 kernels.
@@ -278,16 +321,16 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
 # Tried: one merged loop (the next eight rows' logits and these eight rows' gradient per
 # pass over j): 0.34 against 0.27 at L2 size but 0.22 against 0.56 from DRAM, so not done.
 
-# Rows per float32 block: as the float64 kernels (_block_rows). bench_kernels, one thread, three runs each, the
-# float32 kernel's time against the float64 kernel's in the same run (>1: faster), 16 / 32
-# rows: L2 size logistic 1.17-1.30 / 1.35-1.53, linear 1.18-1.37 / 1.22-1.42; from DRAM
-# logistic 1.07-1.18 / 0.78-0.85, linear 1.04-1.13 / 0.78-0.92. 32 rows (where vmath's
-# residual loop runs as SIMD) lose to float64 from DRAM, so 16 there.
+# Rows per float32 block: _BLOCK, as the float64 kernels. bench_kernels, one thread, three
+# runs each, the float32 kernel's time against the float64 kernel's in the same run (>1:
+# faster), 16 / 32 rows, before the kernels prefetched: L2 size logistic 1.17-1.30 /
+# 1.35-1.53, linear 1.18-1.37 / 1.22-1.42; from DRAM logistic 1.07-1.18 / 0.78-0.85, linear
+# 1.04-1.13 / 0.78-0.92. With the prefetch, 32 rows win from DRAM too (at _BLOCK).
 
 
 @njit(cache=True, nogil=True)
 def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: int, hi: int,
-                 g: np.ndarray, logistic: bool, blk: int) -> float:
+                 g: np.ndarray, logistic: bool, blk: int, pf: bool) -> float:
     """Add rows lo..hi's gradient to g (d+1,) (zeroed here), products in float32; return the loss."""
     d = X.shape[1]
     g[:] = 0.0
@@ -300,10 +343,13 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
     zero = np.float32(0.0)
     loss = 0.0
     gb = 0.0
+    nxt = _first_prefetch(X, lo, pf)   # prefetch as in _logistic_chunk
     i = lo
     while i < hi:
         m = min(blk, hi - i)
         for t in range(0, m, 2):
+            _prefetch_rows(X, nxt, nxt + 1)
+            nxt += 1
             # An odd last row is paired with itself (as in _logistic_chunk).
             s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w32, d, zero)
             z[t] = float(s0) + b
@@ -324,6 +370,8 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
         g32[:] = zero
         t = 0
         while t + 8 <= m:
+            _prefetch_rows(X, nxt, nxt + 4)
+            nxt += 4
             _glm_add8(g32, X, i + t, r32, t, d)   # its float32 residual sum is not used
             t += 8
         for u in range(t, m):
@@ -344,11 +392,11 @@ def _glm32_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logi
     n, d = X.shape
     w32 = w[:d].astype(np.float32)
     nc = _n_chunks(n)
-    blk = _block_rows(X)
+    pf = _prefetches(X)
     parts = np.empty((nc, g.shape[0]))
     losses = np.empty(nc)
     for c in range(nc):
-        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic, blk)
+        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic, _BLOCK, pf)
     return _combine(parts, losses, g)
 
 
@@ -359,9 +407,9 @@ def _glm32_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarr
     n, d = X.shape
     w32 = w[:d].astype(np.float32)
     nc = _n_chunks(n)
-    blk = _block_rows(X)
+    pf = _prefetches(X)
     parts = np.empty((nc, g.shape[0]))
     losses = np.empty(nc)
     for c in prange(nc):
-        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic, blk)
+        losses[c] = _glm32_chunk(X, y, w32, float(w[d]), n * c // nc, n * (c + 1) // nc, parts[c], logistic, _BLOCK, pf)
     return _combine(parts, losses, g)

@@ -493,38 +493,50 @@ def test_glm_float32_compute_really_rounds_in_float32(kind: str) -> None:
     assert np.max(np.abs(g32 - g_ref)) > 100 * np.max(np.abs(g64 - g_ref))
 
 
+@pytest.mark.parametrize("pf", [False, True])
 @pytest.mark.parametrize("blk", [16, 32])
 @pytest.mark.parametrize("n", [7, 15, 16, 17, 31, 32, 33, 47, 64, 65])
 @pytest.mark.parametrize("kind", ["linear", "logistic"])
-def test_glm_chunks_match_reference_for_either_block(kind: str, n: int, blk: int) -> None:
-    # The block size follows X's size (32 rows where X fits in L2, else 16), so the small
-    # X of the other tests only see 32: drive both sizes through the raw chunk kernels,
-    # float64 and float32 compute, on and around the block edges.
+def test_glm_chunks_match_reference_for_either_block(kind: str, n: int, blk: int, pf: bool) -> None:
+    # Drive the raw chunk kernels through other block sizes than _BLOCK, with and without
+    # the prefetch (which the small X of the other tests never turn on), float64 and
+    # float32 compute, on and around the block edges.
     X, y, p = _problem(kind, n, seed=300 + n)
     loss_ref, g_ref = _ref_loss_grad(kind, X, y, p)
     logistic = kind == "logistic"
     g = np.full_like(p, np.nan)
-    assert_close(cpu_glm._glm_chunk(X, y, p, 0, n, g, logistic, blk), loss_ref)
+    assert_close(cpu_glm._glm_chunk(X, y, p, 0, n, g, logistic, blk, pf), loss_ref)
     assert_close(g, g_ref)
     g32 = np.full_like(p, np.nan)
-    loss32 = cpu_glm._glm32_chunk(X, y, p[:D].astype(np.float32), float(p[D]), 0, n, g32, logistic, blk)
+    loss32 = cpu_glm._glm32_chunk(X, y, p[:D].astype(np.float32), float(p[D]), 0, n, g32, logistic, blk, pf)
     assert_close(loss32, loss_ref, rtol=F32_RTOL)
     np.testing.assert_allclose(g32, g_ref, rtol=F32_RTOL, atol=F32_RTOL * float(np.max(np.abs(g_ref))))
 
 
-@pytest.mark.parametrize(("n", "blk"), [(2048, 32), (2049, 16)])
+@pytest.mark.parametrize(("n", "pf"), [(2048, False), (2049, True)])
 @pytest.mark.parametrize("kind", ["linear", "logistic"])
-def test_glm_block_follows_the_size_of_x(kind: str, n: int, blk: int) -> None:
-    # 2048 x 128 float32 is 1 MiB (fits one Zen 4 core's L2): 32-row blocks; a row more: 16.
+def test_glm_prefetch_follows_the_size_of_x_and_changes_no_bit(kind: str, n: int, pf: bool) -> None:
+    # 2048 x 128 float32 is 1 MiB (fits one Zen 4 core's L2): no prefetch; a row more: the
+    # kernels prefetch rows ahead, up to and past the last row (clipped). A prefetch is a
+    # hint, so the gradient and loss are the same bits either way, in both precisions.
     rng = np.random.default_rng(17)
     X = rng.standard_normal((n, 128)).astype(np.float32)
-    assert cpu_glm._block_rows(X) == blk
+    assert cpu_glm._prefetches(X) == pf
     y = (rng.standard_normal(n) if kind == "linear" else rng.random(n) < 0.5).astype(np.float32)
     p = 0.1 * rng.standard_normal(129)
     loss_ref, g_ref = _ref_loss_grad(kind, X, y, p)
     g = np.empty_like(p)
-    assert_close(_GLM_GRAD[kind](X, y, p, g), loss_ref)
+    loss = _GLM_GRAD[kind](X, y, p, g)
+    assert_close(loss, loss_ref)
     assert_close(g, g_ref)
+    logistic = kind == "logistic"
+    for chunk in (cpu_glm._glm_chunk, cpu_glm._glm32_chunk):
+        args = (X, y, p) if chunk is cpu_glm._glm_chunk else (X, y, p[:128].astype(np.float32), float(p[128]))
+        g_on, g_off = np.empty_like(p), np.empty_like(p)
+        l_on = chunk(*args, 0, n, g_on, logistic, cpu_glm._BLOCK, True)
+        l_off = chunk(*args, 0, n, g_off, logistic, cpu_glm._BLOCK, False)
+        assert l_on == l_off
+        assert np.array_equal(g_on, g_off)
 
 
 def test_glm_rejects_unknown_compute() -> None:
