@@ -58,7 +58,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import vmath
-from kernels.prefetch import prefetch_l2
+from kernels.prefetch import prefetch_rows
 
 # Row chunks: a FIXED count that depends only on n, never on the thread count. Each chunk
 # sums its rows into its own partial gradient and the partials are added in chunk order,
@@ -102,15 +102,6 @@ _CACHED_BYTES = 1 << 20
 def _prefetches(X: np.ndarray) -> bool:
     """Return True where X does not fit in one core's L2, so the kernels prefetch its rows."""
     return X.shape[0] * X.shape[1] * X.itemsize > _CACHED_BYTES
-
-
-@njit(cache=True, nogil=True)
-def _prefetch_rows(X: np.ndarray, lo: int, hi: int) -> None:
-    """Ask L2 for the cache lines of X's rows lo..hi (clipped to X's rows)."""
-    d = X.shape[1]
-    step = max(1, 64 // X.itemsize)   # elements per 64-byte cache line
-    for t in range(lo * d, min(hi, X.shape[0]) * d, step):
-        prefetch_l2(X, t)
 
 
 @njit(cache=True, nogil=True)
@@ -179,7 +170,7 @@ def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
     i = lo
     while i + 8 <= hi:
         for t in range(0, 8, 2):
-            _prefetch_rows(X, nxt, nxt + 1)
+            prefetch_rows(X, nxt, nxt + 1, True)
             nxt += 1
             s0, s1 = _dot2(X[i + t], X[i + t + 1], w, d, 0.0)
             r0 = (s0 + b) - y[i + t]
@@ -187,7 +178,7 @@ def _linear_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: int,
             r[t] = r0
             r[t + 1] = r1
             loss += 0.5 * r0 * r0 + 0.5 * r1 * r1
-        _prefetch_rows(X, nxt, nxt + 4)
+        prefetch_rows(X, nxt, nxt + 4, True)
         nxt += 4
         gb += _glm_add8(g, X, i, r, 0, d)
         i += 8
@@ -230,7 +221,7 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
     while i < hi:
         m = min(blk, hi - i)
         for t in range(0, m, 2):
-            _prefetch_rows(X, nxt, nxt + 1)
+            prefetch_rows(X, nxt, nxt + 1, True)
             nxt += 1
             # An odd last row is paired with itself, so it is summed as any other row.
             s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w, d, 0.0)
@@ -242,7 +233,7 @@ def _logistic_chunk(X: np.ndarray, y: np.ndarray, w: np.ndarray, lo: int, hi: in
         loss += vmath.logistic_rows(z, yb, rb, lb, m)
         t = 0
         while t + 8 <= m:
-            _prefetch_rows(X, nxt, nxt + 4)
+            prefetch_rows(X, nxt, nxt + 4, True)
             nxt += 4
             gb += _glm_add8(g, X, i + t, rb, t, d)
             t += 8
@@ -348,7 +339,7 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
     while i < hi:
         m = min(blk, hi - i)
         for t in range(0, m, 2):
-            _prefetch_rows(X, nxt, nxt + 1)
+            prefetch_rows(X, nxt, nxt + 1, True)
             nxt += 1
             # An odd last row is paired with itself (as in _logistic_chunk).
             s0, s1 = _dot2(X[i + t], X[i + min(t + 1, m - 1)], w32, d, zero)
@@ -373,7 +364,7 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
         g32[:] = zero
         t = 0
         while t + 8 <= m:
-            _prefetch_rows(X, nxt, nxt + 4)
+            prefetch_rows(X, nxt, nxt + 4, True)
             nxt += 4
             _glm_add8(g32, X, i + t, r32, t, d)   # its float32 residual sum is not used
             t += 8

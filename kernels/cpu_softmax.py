@@ -14,7 +14,7 @@ from numba import njit, prange
 
 from kernels import vmath
 from kernels.cpu_glm import _n_chunks
-from kernels.prefetch import prefetch
+from kernels.prefetch import prefetch_rows
 
 
 @njit(cache=True, fastmath=False, nogil=True)
@@ -60,15 +60,6 @@ def _rows8(X: np.ndarray, i: int, R: np.ndarray) -> None:
             rr[j] = x[j]
 
 
-@njit(cache=True, nogil=True)
-def _prefetch_rows(X: np.ndarray, lo: int, hi: int) -> None:
-    """Ask for the cache lines of X's rows lo..hi (clipped to X's rows) ahead of their use."""
-    d = X.shape[1]
-    step = max(1, 64 // X.itemsize)   # elements per 64-byte cache line
-    for t in range(lo * d, min(hi, X.shape[0]) * d, step):
-        prefetch(X, t)
-
-
 @njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
 def _softmax_logits8(R: np.ndarray, WT: np.ndarray, W: np.ndarray, Z: np.ndarray, X: np.ndarray,
                      pf: int, pf_end: int) -> int:
@@ -87,7 +78,7 @@ def _softmax_logits8(R: np.ndarray, WT: np.ndarray, W: np.ndarray, Z: np.ndarray
     c = 0
     while c + 2 <= k:
         if pf < pf_end:
-            _prefetch_rows(X, pf, pf + 1)
+            prefetch_rows(X, pf, pf + 1)
             pf += 1
         wa = WT[c]
         wb = WT[c + 1]
@@ -202,7 +193,7 @@ def _softmax_grad8(R: np.ndarray, Z: np.ndarray, part: np.ndarray, X: np.ndarray
     c = 0
     while c + 2 <= k:
         if pf < pf_end:
-            _prefetch_rows(X, pf, pf + 1)
+            prefetch_rows(X, pf, pf + 1)
             pf += 1
         za, zb = Z[c], Z[c + 1]
         p0, p1, p2, p3, p4, p5, p6, p7 = za[0], za[1], za[2], za[3], za[4], za[5], za[6], za[7]
@@ -281,7 +272,7 @@ def _softmax_chunk(X: np.ndarray, y: np.ndarray, W: np.ndarray, WT: np.ndarray, 
             Z[label, r] -= 1.0
         loss += math.log(prod)
         pf = _softmax_grad8(R, Z, part, X, pf, pf_end)
-        _prefetch_rows(X, pf, pf_end)   # rows that k < 8 classes (fewer passes) left
+        prefetch_rows(X, pf, pf_end)   # rows that k < 8 classes (fewer passes) left
         i += _SM_ROWS
     z = np.empty(k)
     xr = R[0]
@@ -377,7 +368,7 @@ def _softmax_predict_proba(
         _rows8(X, i, R)
         pf_end = min(n, i + 2 * _SM_ROWS)
         pf = _softmax_logits8(R, WT, W, Z, X, i + _SM_ROWS, pf_end)
-        _prefetch_rows(X, pf, pf_end)
+        prefetch_rows(X, pf, pf_end)
         _softmax8(Z, D, E, m, s)
         for r in range(_SM_ROWS):
             o = out[i + r]
