@@ -29,8 +29,6 @@ from kernels import num_threads
 # ``cpu._softmax_residual`` (kernels.sparse) etc. keep working and warmup sees them.
 from kernels.cpu_glm import (
     _CHUNK_MIN_ROWS,
-    _glm32_grad,
-    _glm32_grad_threads,
     _glm_grad,
     _glm_grad_threads,
 )
@@ -180,9 +178,7 @@ def _glm(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logistic: b
     if compute not in GLM_COMPUTE:
         raise ValueError(f"compute must be one of {', '.join(GLM_COMPUTE)}, got {compute!r}")
     threaded = num_threads() > 1 and X.shape[0] >= 2 * _CHUNK_MIN_ROWS
-    if compute == "float32":
-        return float((_glm32_grad_threads if threaded else _glm32_grad)(X, y, w, g, logistic))
-    return float((_glm_grad_threads if threaded else _glm_grad)(X, y, w, g, logistic))
+    return float((_glm_grad_threads if threaded else _glm_grad)(X, y, w, g, logistic, compute == "float32"))
 
 
 def linear_grad(
@@ -256,10 +252,9 @@ def warmup() -> None:
     w = rng.standard_normal(d + 1)
     W = rng.standard_normal((d + 1) * k)
     for logistic in (False, True):
-        _glm_grad(X, y01, w, np.empty(d + 1), logistic)
-        _glm_grad_threads(X, y01, w, np.empty(d + 1), logistic)
-        _glm32_grad(X, y01, w, np.empty(d + 1), logistic)
-        _glm32_grad_threads(X, y01, w, np.empty(d + 1), logistic)
+        for f32 in (False, True):
+            _glm_grad(X, y01, w, np.empty(d + 1), logistic, f32)
+            _glm_grad_threads(X, y01, w, np.empty(d + 1), logistic, f32)
     _softmax_grad(X, ycls, W, k, np.empty((d + 1) * k))
     _softmax_grad_threads(X, ycls, W, k, np.empty((d + 1) * k))
     _softmax_xent_inplace(rng.standard_normal((n, k)), ycls)

@@ -1,0 +1,56 @@
+"""kernels.simd: the explicit-SIMD loops against float64 references, on and off the vector edges."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels import simd
+
+# d around the vector (16) and tile (128) widths: a scalar tail only, one vector, a
+# vector and a tail, one tile, a tile and a vector and a tail, two tiles and a tail.
+DIMS = [5, 16, 20, 128, 150, 257]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("m", [0, 1, 7, 8, 33])
+def test_add_rows_matches_reference(d: int, m: int, dtype: type) -> None:
+    rng = np.random.default_rng(100 * d + m)
+    X = rng.standard_normal((m + 12, d)).astype(np.float32)
+    r = rng.standard_normal(m + 12).astype(dtype)
+    g0 = rng.standard_normal(d + 1).astype(dtype)
+    g = g0.copy()
+    simd.add_rows(g, X, 3, r, 2, m)
+    ref = g0[:d].astype(np.float64) + X[3:3 + m].astype(np.float64).T @ r[2:2 + m].astype(np.float64)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(g[:d], ref, rtol=tol, atol=tol * float(np.max(np.abs(ref))))
+    assert g[d] == g0[d]   # past d: untouched
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", DIMS)
+def test_add_rows_in_pieces_gives_the_same_bits(d: int, dtype: type) -> None:
+    # Rows are added in order, one FMA each, so 8 rows a call (the kernels' DRAM path)
+    # and one call for all rows (their L2 path) give identical g.
+    rng = np.random.default_rng(d)
+    X = rng.standard_normal((40, d)).astype(np.float32)
+    r = rng.standard_normal(40).astype(dtype)
+    whole = np.zeros(d, dtype)
+    simd.add_rows(whole, X, 0, r, 0, 37)
+    pieces = np.zeros(d, dtype)
+    for t in range(0, 37, 8):
+        simd.add_rows(pieces, X, t, r, t, min(8, 37 - t))
+    assert np.array_equal(whole, pieces)
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_dot_rows8_matches_reference(d: int) -> None:
+    rng = np.random.default_rng(7 + d)
+    X = rng.standard_normal((12, d)).astype(np.float32)
+    w = rng.standard_normal(d).astype(np.float32)
+    out = np.full(12, -7.0, np.float32)
+    simd.dot_rows8(X, 2, w, out, 3)
+    ref = X[2:10].astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(out[3:11], ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+    assert out[0] == -7.0 and out[11] == -7.0   # only out[3:11] written
