@@ -19,8 +19,10 @@ Float64 compute converts each element of X twice (vcvtps2pd: once for its logit,
 for its gradient), which is what its kernels spend their time on: converting alone (with
 an FMA by a constant) ran at 1.8x the bench's read loop per element. Float32 compute
 (``model.compute: float32``) never converts X: w is cast to float32 once a call, logits
-and the block gradient are float32 FMAs, the residual, sigmoid and loss float64, and the
-block gradient is added into the float64 g once a block (~1e-6 relative per entry).
+and the block gradient are float32 FMAs, the linear residual float64, the logistic's
+sigmoid, residual and row losses float32 (``vmath.logistic_rows32``: 1.8x the float64
+residual block's rate), and the block gradient is added into the float64 g once a block;
+the loss and the bias's gradient sum in float64 (~1e-6 relative per entry in all).
 
 Measured (bench/bench_kernels.py, one thread, d = 128, GB/s of X; "of the read": over the
 bench's flat read loop in the same run, 29-35 GB/s from DRAM, ~100 in L2), before the
@@ -215,11 +217,8 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
     g[:] = 0.0
     g32 = np.empty(d, dtype=np.float32)
     z32 = np.empty(blk, dtype=np.float32)
-    z = np.empty(blk)
-    yb = np.empty(blk)
-    rb = np.empty(blk)
-    lb = np.empty(blk)
     r32 = np.empty(blk, dtype=np.float32)
+    l32 = np.empty(blk, dtype=np.float32)
     loss = 0.0
     gb = 0.0
     nxt = _first_prefetch(X, lo, pf)
@@ -232,14 +231,12 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
                 simd.dot_rows8(X, i + t, w32, z32, t)
                 t += 8
         nxt = _logits2(X, i, t, m, w32, z32, np.float32(0.0), nxt)
-        if logistic:
+        if logistic:   # residual and loss in float32 too (vmath.logistic_rows32)
             for t in range(m):
-                z[t] = float(z32[t]) + b
-                yb[t] = y[i + t]
-            loss += vmath.logistic_rows(z, yb, rb, lb, m)
+                z32[t] = float(z32[t]) + b
+            loss += vmath.logistic_rows32(z32, y[i:i + m], r32, l32, m)
             for t in range(m):
-                gb += rb[t]
-                r32[t] = rb[t]
+                gb += float(r32[t])
         else:
             for t in range(m):
                 rt = (float(z32[t]) + b) - y[i + t]

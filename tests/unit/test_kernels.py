@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from numba import njit
 
 from kernels import cpu, cpu_glm, cpu_mlp, vmath
 from kernels import reference as ref
@@ -384,6 +385,50 @@ def test_vmath_exp_and_log1p_are_within_two_ulps_of_libm() -> None:
 
 def _log1p_unit(v: float) -> float:
     return float(vmath.log1p_unit(v))
+
+
+@njit(cache=False)
+def _exp_log1p32(x: np.ndarray, e: np.ndarray, u: np.ndarray, lg: np.ndarray) -> None:
+    for i in range(x.size):
+        e[i] = vmath.exp_neg_abs32(x[i])
+    for i in range(u.size):
+        lg[i] = vmath.log1p_unit32(u[i])
+
+
+def test_vmath_float32_exp_and_log1p_are_within_two_float32_ulps() -> None:
+    rng = np.random.default_rng(14)
+    x = np.concatenate([rng.uniform(-20.0, 20.0, 50_000), rng.uniform(-87.0, 87.0, 50_000),
+                        rng.uniform(-1e-6, 1e-6, 1000), [0.0, -0.0, 86.9, -86.9]]).astype(np.float32)
+    u = np.concatenate([rng.random(50_000), rng.uniform(0.0, 1e-6, 1000), [0.0, 1.0]]).astype(np.float32)
+    e, lg = np.full_like(x, np.nan), np.full_like(u, np.nan)
+    _exp_log1p32(x, e, u, lg)
+    want = np.exp(-np.abs(x.astype(np.float64)))
+    assert np.max(np.abs(e - want) / np.spacing(want.astype(np.float32))) <= 2.0
+    want = np.log1p(u.astype(np.float64))
+    assert np.max(np.abs(lg - want) / np.spacing(np.maximum(want, 1e-37).astype(np.float32))) <= 2.0
+    big = np.array([87.5, -90.0, 200.0], np.float32)   # exp subnormal in float32: 0 (documented)
+    out = np.full_like(big, np.nan)
+    _exp_log1p32(big, out, u[:0], lg[:0])
+    np.testing.assert_array_equal(out, np.zeros_like(big))
+
+
+def test_vmath_float32_logistic_rows_keep_relative_accuracy_where_float32_would_cancel() -> None:
+    # Residuals near 0 (confident rows, |z| up to 85: past 87 exp(-|z|) is flushed to 0,
+    # documented) and losses next to large z: each within a few float32 ulps of a float64
+    # reference written without cancellation.
+    rng = np.random.default_rng(15)
+    n = 4099
+    zr = np.clip(rng.standard_normal(n - 6) * 20, -85.0, 85.0)
+    z = np.concatenate([zr, [0.0, 30.0, -30.0, 80.0, -80.0, 1e-8]]).astype(np.float32)
+    y = (rng.random(n) < 0.5).astype(np.float32)
+    r, lrow = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    loss = vmath.logistic_rows32(z, y, r, lrow, n)
+    zz, one = z.astype(np.float64), y == 1
+    r_ref = np.where(one, -1.0 / (1.0 + np.exp(zz)), 1.0 / (1.0 + np.exp(-zz)))
+    l_ref = np.where(one, np.logaddexp(0.0, -zz), np.logaddexp(0.0, zz))
+    assert np.max(np.abs(r - r_ref) / np.abs(r_ref)) < 5e-7
+    assert np.max(np.abs(lrow - l_ref) / l_ref) < 5e-7
+    assert_close(loss, float(np.sum(lrow, dtype=np.float64)), rtol=1e-12)
 
 
 @pytest.mark.parametrize("scale", [3.0, 60.0, 2000.0])
