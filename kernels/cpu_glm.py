@@ -24,19 +24,28 @@ sigmoid, residual and row losses float32 (``vmath.logistic_rows32``: 1.8x the fl
 residual block's rate), and the block gradient is added into the float64 g once a block;
 the loss and the bias's gradient sum in float64 (~1e-6 relative per entry in all).
 
-Measured (bench/bench_kernels.py, one thread, d = 128, GB/s of X; "of the read": over the
-bench's flat read loop in the same run, 29-35 GB/s from DRAM, ~100 in L2), before the
-explicit SIMD passes -> after: float32 linear 200k rows 24.5-26 -> 27-28 (0.87-0.89 of
-the read), 1536 rows 29-34 -> 43; float32 logistic 200k 20.5-21 -> 22 (0.69-0.70), 1536
-23-26 -> 32; float64 linear and logistic gain 0-9%. The prefetch before that: float32
-linear 200k 0.59-0.70 -> 0.79-0.87 of the read, float64 logistic 0.49 -> 0.57.
+Measured (python bench/bench_kernels.py --threads 1 --gradients-only, three runs each,
+interleaved with the kernels of commit 5757d17 on a quiet 2-core Zen 4 box; GB/s of X,
+"of the read" over the bench's read loop in the same run, 28-29 GB/s from DRAM):
+- 200k x 128: float32 linear 12-19 -> 25.4-25.9 (0.42-0.67 -> 0.88-0.90 of the read),
+  float32 logistic 10-16 -> 23-24 (0.35-0.57 -> 0.82-0.84), float64 linear 16.5-20 ->
+  20.5-21 (-> 0.71-0.75), float64 logistic 15.4-16.2 -> 17.4-17.8 (-> 0.60-0.62);
+- 1536 x 128 (in L2): float32 linear 26-30 -> 30-37, float32 logistic 22-24 -> 28-34,
+  float64 unchanged (18-22): it is bound by the conversions above.
+What each step gave: the prefetch (from DRAM 1.2-1.45x), ``add_rows`` (1.6x on the
+gradient pass), ``dot_rows8`` (1.4x on the logits in L2), the float32 residual (1.25x on
+the float32 logistic).
 Tried and measured no better, so not done:
 - ``dot_rows8`` from DRAM, where the old two-row pass with the prefetch ran faster (20-24
   against 26-28 GB/s; rows read eight at a time or one after the other, with or without a
   prefetch spread over its rows); ``add_rows`` over a whole block from DRAM (one prefetch
   burst a block: 0.6x);
-- a merged pass (the next rows' logits with these rows' gradient): slower in L2 and from
-  DRAM; four or eight rows per ``_dot2`` pass; prefetching into L1 as well as L2;
+- a merged pass (the next rows' logits with these rows' gradient), in numba and in
+  vector IR: as fast in L2, 0.6x from DRAM; a one-row logit pass (alone it streams from
+  DRAM at the read rate, between the gradient passes at 13-17 GB/s); four or eight rows
+  per ``_dot2`` pass; prefetching into L1 as well as L2; 32 to 256 rows ahead (the same).
+  From DRAM the data decide, not the instruction counts: the hardware prefetcher follows
+  ``_dot2``'s two interleaved rows and the software prefetch fills the gaps;
 - for the logistic: computing a block's residuals one block ahead of the previous
   block's gradient (software pipelining: 0.458 against 0.463); constant 8- or 16-row
   residual loops; FMA contraction in vmath's polynomials (1.12x on the residual alone,
