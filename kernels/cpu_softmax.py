@@ -12,7 +12,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from kernels import vmath
+from kernels import simd, vmath
 from kernels.cpu_glm import _n_chunks
 from kernels.prefetch import prefetch_rows
 
@@ -140,40 +140,24 @@ def _softmax_logits8(R: np.ndarray, WT: np.ndarray, W: np.ndarray, Z: np.ndarray
 
 
 @njit(cache=True, fastmath={"contract"}, nogil=True, error_model="numpy")
-def _softmax8(Z: np.ndarray, D: np.ndarray, E: np.ndarray, m: np.ndarray, s: np.ndarray) -> None:
+def _softmax8(Z: np.ndarray, D: np.ndarray, E: np.ndarray, s: np.ndarray) -> None:
     """Replace logits Z (k, 8) of eight rows by their softmax; leave D = z - max, s = sums.
 
-    D, E (k * 8), m and s (8) are scratch. Same steps as
-    ``_softmax_residual`` (max, exp, sum in class order, times the inverse), with the exp
-    from kernels.vmath in SIMD over all k * 8 values at once, where one row at a time made
-    k libm calls: 72 ns a row at k = 10 (a third of the old kernel), now ~26.
+    D, E (k * 8) are scratch. Same steps as ``_softmax_residual`` (max, exp, sum in
+    class order, times the inverse), with the exp from kernels.vmath in SIMD over all
+    k * 8 values at once, where one row at a time made k libm calls: 72 ns a row at
+    k = 10 (a third of the old kernel), now ~22.
     """
-    # The eight-lane loops stay scalar: LLVM unrolls them fully and numba runs no SLP
-    # vectoriser. Tried, with the gradient at n = 1536, k = 10 (of FMA peak, same run):
-    # the lanes as tuple statements (loads before stores: still scalar, no gain); flat
-    # k * 8 loops with distance-8 recurrences for the max and the sums (the loop
-    # vectoriser takes them: 0.57 against 0.63); the row count read from Z's shape so the
-    # loops vectorise with runtime checks (0.57 against 0.60).
-    k = Z.shape[0]
-    for r in range(_SM_ROWS):
-        m[r] = Z[0, r]
-    for c in range(1, k):
-        for r in range(_SM_ROWS):
-            m[r] = max(m[r], Z[c, r])
-    for c in range(k):
-        for r in range(_SM_ROWS):
-            D[c * _SM_ROWS + r] = Z[c, r] - m[r]
-    _exp_neg(D, E, k * _SM_ROWS)   # exp(D), D <= 0
-    for r in range(_SM_ROWS):
-        s[r] = E[r]
-    for c in range(1, k):
-        for r in range(_SM_ROWS):
-            s[r] += E[c * _SM_ROWS + r]
-    for r in range(_SM_ROWS):
-        m[r] = 1.0 / s[r]
-    for c in range(k):
-        for r in range(_SM_ROWS):
-            Z[c, r] = E[c * _SM_ROWS + r] * m[r]
+    # The max, shift, sum and scale run as 8-lane vectors (kernels.simd; one class a
+    # step, so the order of each row's sum is the class order, as in the scalar loops
+    # they replace, bit for bit). numba left those loops scalar (no SLP vectoriser):
+    # 27 against 22 ns a row for the whole block at k = 10. Tried before, with the
+    # gradient at n = 1536, k = 10 (of FMA peak, same run): the lanes as tuple statements
+    # (still scalar), flat k * 8 loops with distance-8 recurrences (the loop vectoriser
+    # takes them: 0.57 against 0.63), the row count read from Z's shape (0.57 against 0.60).
+    simd.softmax8_shift(Z, D)
+    _exp_neg(D, E, Z.shape[0] * _SM_ROWS)   # exp(D), D <= 0
+    simd.softmax8_scale(E, Z, s)
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"}, nogil=True)
@@ -251,7 +235,6 @@ def _softmax_chunk(X: np.ndarray, y: np.ndarray, W: np.ndarray, WT: np.ndarray, 
     Z = np.empty((k, _SM_ROWS))
     D = np.empty(k * _SM_ROWS)
     E = np.empty(k * _SM_ROWS)
-    m = np.empty(_SM_ROWS)
     s = np.empty(_SM_ROWS)
     loss = 0.0
     i = lo
@@ -260,7 +243,7 @@ def _softmax_chunk(X: np.ndarray, y: np.ndarray, W: np.ndarray, WT: np.ndarray, 
         nxt = i + _SM_ROWS   # the next block: one row prefetched per pass over d
         pf_end = min(hi, nxt + _SM_ROWS)
         pf = _softmax_logits8(R, WT, W, Z, X, nxt, pf_end)
-        _softmax8(Z, D, E, m, s)
+        _softmax8(Z, D, E, s)
         # Loss: log(s) - (z_label - max) a row; the eight logs as one log of the product
         # (1 <= s <= k, so no overflow below k ~ 1e38; ~1e-15 relative): one libm call a
         # block instead of eight, +1.5% (0.607 against 0.596 of FMA peak at 200k rows).
@@ -361,7 +344,6 @@ def _softmax_predict_proba(
     Z = np.empty((k, _SM_ROWS))
     D = np.empty(k * _SM_ROWS)
     E = np.empty(k * _SM_ROWS)
-    m = np.empty(_SM_ROWS)
     s = np.empty(_SM_ROWS)
     i = 0
     while i + _SM_ROWS <= n:
@@ -369,7 +351,7 @@ def _softmax_predict_proba(
         pf_end = min(n, i + 2 * _SM_ROWS)
         pf = _softmax_logits8(R, WT, W, Z, X, i + _SM_ROWS, pf_end)
         prefetch_rows(X, pf, pf_end)
-        _softmax8(Z, D, E, m, s)
+        _softmax8(Z, D, E, s)
         for r in range(_SM_ROWS):
             o = out[i + r]
             for c in range(k):

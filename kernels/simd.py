@@ -205,3 +205,72 @@ def dot_rows8(X: np.ndarray, i: int, w: np.ndarray, out: np.ndarray, oo: int) ->
             for j in range(nv * LANES, d):
                 s += x[j] * w[j]
             out[oo + q] = s
+
+
+def _lanes8(context, builder, arr_ty, arr_val):  # type: ignore[no-untyped-def]
+    """Return (data pointer, <8 x double> pointer type) of a float64 array argument."""
+    a = context.make_array(arr_ty)(context, builder, arr_val)
+    return a.data, ir.VectorType(ir.DoubleType(), 8).as_pointer()
+
+
+@intrinsic
+def softmax8_shift(typingctx, Z, D):  # type: ignore[no-untyped-def]
+    """D[c*8:(c+1)*8] = Z[c] - max over classes of Z[:, lane], for Z (k, 8) float64.
+
+    The max keeps the earlier class on ties and NaN (a later one wins only if greater),
+    as ``max(m, z)`` in the scalar loop it replaces.
+    """
+    if not (isinstance(Z, types.Array) and Z.ndim == 2 and Z.dtype == types.float64
+            and isinstance(D, types.Array) and D.dtype == types.float64):
+        return None
+    sig = types.none(Z, D)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        zp, vp = _lanes8(context, builder, sig.args[0], args[0])
+        dp, _ = _lanes8(context, builder, sig.args[1], args[1])
+        intp = context.get_value_type(types.intp)
+        k = cgutils.unpack_tuple(builder, context.make_array(sig.args[0])(context, builder, args[0]).shape, 2)[0]
+        mx = cgutils.alloca_once(builder, vp.pointee)
+        builder.store(_load(builder, zp, intp(0), vp), mx)
+        with cgutils.for_range(builder, builder.sub(k, intp(1))) as cl:
+            zc = _load(builder, zp, builder.mul(builder.add(cl.index, intp(1)), intp(8)), vp)
+            m = builder.load(mx)
+            builder.store(builder.select(builder.fcmp_ordered(">", zc, m), zc, m), mx)
+        m = builder.load(mx)
+        with cgutils.for_range(builder, k) as cl:
+            off = builder.mul(cl.index, intp(8))
+            _store(builder, builder.fsub(_load(builder, zp, off, vp), m), dp, off)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def softmax8_scale(typingctx, E, Z, s):  # type: ignore[no-untyped-def]
+    """s[:8] = sum over classes of E (class order); Z[c] = E[c*8:(c+1)*8] * (1 / s)."""
+    if not (isinstance(E, types.Array) and E.dtype == types.float64 and isinstance(Z, types.Array)
+            and Z.ndim == 2 and Z.dtype == types.float64 and isinstance(s, types.Array)
+            and s.dtype == types.float64):
+        return None
+    sig = types.none(E, Z, s)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        ep, vp = _lanes8(context, builder, sig.args[0], args[0])
+        zp, _ = _lanes8(context, builder, sig.args[1], args[1])
+        sp, _ = _lanes8(context, builder, sig.args[2], args[2])
+        intp = context.get_value_type(types.intp)
+        k = cgutils.unpack_tuple(builder, context.make_array(sig.args[1])(context, builder, args[1]).shape, 2)[0]
+        acc = cgutils.alloca_once(builder, vp.pointee)
+        builder.store(_load(builder, ep, intp(0), vp), acc)
+        with cgutils.for_range(builder, builder.sub(k, intp(1))) as cl:
+            ec = _load(builder, ep, builder.mul(builder.add(cl.index, intp(1)), intp(8)), vp)
+            builder.store(builder.fadd(builder.load(acc), ec), acc)
+        sv = builder.load(acc)
+        _store(builder, sv, sp, intp(0))
+        inv = builder.fdiv(ir.Constant(vp.pointee, [1.0] * 8), sv)
+        with cgutils.for_range(builder, k) as cl:
+            off = builder.mul(cl.index, intp(8))
+            _store(builder, builder.fmul(_load(builder, ep, off, vp), inv), zp, off)
+        return context.get_dummy_value()
+
+    return sig, codegen
