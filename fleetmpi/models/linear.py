@@ -2,9 +2,10 @@
 
 X is a dense float32 array or CSR rows (``kernels.sparse.CsrBatch``): then the kernels
 cost ~ nnz and the gradient is nonzero only at the rows' columns and the bias.
-``compute="float32"`` (spec ``model.compute``) runs the dense kernels' products in float32
-(``kernels.cpu_glm``; parameters, residuals, loss and gradient stay float64); CSR rows and
-predictions compute in float64 either way.
+``compute="float32"`` (spec ``model.compute``) runs the dense kernels' products, and the
+logistic's sigmoid and row losses, in float32 (``kernels.cpu_glm``; parameters and the
+sums of loss and gradient stay float64); CSR rows and predictions compute in float64
+either way.
 """
 
 from __future__ import annotations
