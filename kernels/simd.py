@@ -213,6 +213,17 @@ def _lanes8(context, builder, arr_ty, arr_val):  # type: ignore[no-untyped-def]
     return a.data, ir.VectorType(ir.DoubleType(), 8).as_pointer()
 
 
+def _fold_classes(builder, ptr, k, vp, combine):  # type: ignore[no-untyped-def]
+    """Return class 0's 8-lane vector of ptr (k, 8) folded with classes 1..k-1 in order."""
+    intp = ir.IntType(64)
+    acc = cgutils.alloca_once(builder, vp.pointee)
+    builder.store(_load(builder, ptr, intp(0), vp), acc)
+    with cgutils.for_range(builder, builder.sub(k, intp(1))) as cl:
+        v = _load(builder, ptr, builder.mul(builder.add(cl.index, intp(1)), intp(8)), vp)
+        builder.store(combine(builder.load(acc), v), acc)
+    return builder.load(acc)
+
+
 @intrinsic
 def softmax8_shift(typingctx, Z, D):  # type: ignore[no-untyped-def]
     """D[c*8:(c+1)*8] = Z[c] - max over classes of Z[:, lane], for Z (k, 8) float64.
@@ -230,13 +241,8 @@ def softmax8_shift(typingctx, Z, D):  # type: ignore[no-untyped-def]
         dp, _ = _lanes8(context, builder, sig.args[1], args[1])
         intp = context.get_value_type(types.intp)
         k = cgutils.unpack_tuple(builder, context.make_array(sig.args[0])(context, builder, args[0]).shape, 2)[0]
-        mx = cgutils.alloca_once(builder, vp.pointee)
-        builder.store(_load(builder, zp, intp(0), vp), mx)
-        with cgutils.for_range(builder, builder.sub(k, intp(1))) as cl:
-            zc = _load(builder, zp, builder.mul(builder.add(cl.index, intp(1)), intp(8)), vp)
-            m = builder.load(mx)
-            builder.store(builder.select(builder.fcmp_ordered(">", zc, m), zc, m), mx)
-        m = builder.load(mx)
+        m = _fold_classes(builder, zp, k, vp,
+                          lambda a, z: builder.select(builder.fcmp_ordered(">", z, a), z, a))
         with cgutils.for_range(builder, k) as cl:
             off = builder.mul(cl.index, intp(8))
             _store(builder, builder.fsub(_load(builder, zp, off, vp), m), dp, off)
@@ -260,12 +266,7 @@ def softmax8_scale(typingctx, E, Z, s):  # type: ignore[no-untyped-def]
         sp, _ = _lanes8(context, builder, sig.args[2], args[2])
         intp = context.get_value_type(types.intp)
         k = cgutils.unpack_tuple(builder, context.make_array(sig.args[1])(context, builder, args[1]).shape, 2)[0]
-        acc = cgutils.alloca_once(builder, vp.pointee)
-        builder.store(_load(builder, ep, intp(0), vp), acc)
-        with cgutils.for_range(builder, builder.sub(k, intp(1))) as cl:
-            ec = _load(builder, ep, builder.mul(builder.add(cl.index, intp(1)), intp(8)), vp)
-            builder.store(builder.fadd(builder.load(acc), ec), acc)
-        sv = builder.load(acc)
+        sv = _fold_classes(builder, ep, k, vp, builder.fadd)
         _store(builder, sv, sp, intp(0))
         inv = builder.fdiv(ir.Constant(vp.pointee, [1.0] * 8), sv)
         with cgutils.for_range(builder, k) as cl:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numba import njit
 
 from kernels import simd
 
@@ -54,3 +55,30 @@ def test_dot_rows8_matches_reference(d: int) -> None:
     ref = X[2:10].astype(np.float64) @ w.astype(np.float64)
     np.testing.assert_allclose(out[3:11], ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
     assert out[0] == -7.0 and out[11] == -7.0   # only out[3:11] written
+
+
+@njit(cache=False)
+def _shift_scale(Z: np.ndarray, D: np.ndarray, E: np.ndarray, s: np.ndarray) -> None:
+    simd.softmax8_shift(Z, D)
+    simd.softmax8_scale(E, Z, s)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 10, 11])
+def test_softmax8_shift_and_scale_give_the_scalar_loops_bits(k: int) -> None:
+    # D = z - (max over classes), s = sum over classes in class order, z = e * (1 / s):
+    # each lane as a scalar loop over classes computes it, bit for bit.
+    rng = np.random.default_rng(k)
+    Z = 4.0 * rng.standard_normal((k, 8))
+    E = rng.random(k * 8) + 1e-3
+    D, s = np.full(k * 8, np.nan), np.full(8, np.nan)
+    Z_in = Z.copy()
+    _shift_scale(Z, D, E, s)
+    m = Z_in[0].copy()
+    for c in range(1, k):
+        m = np.where(Z_in[c] > m, Z_in[c], m)
+    assert np.array_equal(D, (Z_in - m).ravel())
+    want_s = E[:8].copy()
+    for c in range(1, k):
+        want_s = want_s + E[c * 8:(c + 1) * 8]
+    assert np.array_equal(s, want_s)
+    assert np.array_equal(Z, E.reshape(k, 8) * (1.0 / want_s))
