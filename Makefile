@@ -6,7 +6,8 @@ PY     := $(VENV)/bin/python
 # references the tests compare with, and the gpu-compile extra (463 MB of nvidia-* compiler wheels).
 STAMP     := $(VENV)/.fleetmpi-installed
 DEV_STAMP := $(VENV)/.fleetmpi-dev-installed
-# numba keys its cache by source file and mtime: recompile when a kernel source changes.
+# numba keys its cache by source file and mtime, not by the files a kernel calls into:
+# when any kernel source changes, precompile --fresh drops the cache and compiles it all.
 KERNEL_SRC := $(wildcard kernels/*.py) fleetmpi/engine/data.py fleetmpi/texthash.py
 PRECOMPILED := kernels/__pycache__/.fleetmpi-precompiled
 PYTEST_ARGS ?=
@@ -35,7 +36,7 @@ $(DEV_STAMP): setup.py $(STAMP)
 # Compile the CPU kernels into numba's on-disk cache now, so that the first run starts
 # within ~1 s of a warm one instead of compiling on every rank (bench/bench_rescale.py).
 $(PRECOMPILED): $(STAMP) $(KERNEL_SRC)
-	$(PY) -m fleetmpi.engine.precompile
+	$(PY) -m fleetmpi.engine.precompile --fresh
 	mkdir -p $(dir $(PRECOMPILED)) && touch $(PRECOMPILED)
 
 demo: install

@@ -32,6 +32,13 @@ TILE = 8     # vectors per tile: 128 columns held in registers
 _I32 = ir.IntType(32)
 
 
+def _c_array(a, dtypes, ndim=1) -> bool:  # type: ignore[no-untyped-def]
+    """Return True for a numba C-contiguous array type of ndim and one of dtypes: the
+    intrinsics compute element offsets as row * d + column, so strided views are refused
+    at typing (numba then reports no matching signature)."""
+    return isinstance(a, types.Array) and a.layout == "C" and a.ndim == ndim and a.dtype in dtypes
+
+
 def _load(builder, ptr, idx, vp):  # type: ignore[no-untyped-def]
     """Return the vector at ptr[idx] (element index; 4-byte aligned only)."""
     v = builder.load(builder.bitcast(cgutils.gep(builder, ptr, idx), vp))
@@ -61,9 +68,8 @@ def _make_add_tiles(tile: int):  # type: ignore[no-untyped-def]
         # g[c : c + tile*LANES] += r[o + t] * X[i + t, same columns] for t < m in order, for
         # each tile c = c0, c0 + tile*LANES, ... (ntiles of them). X float32; g and r of one
         # float type (float64: x widened exactly before its FMA).
-        if not (isinstance(g, types.Array) and isinstance(X, types.Array) and X.ndim == 2
-                and X.dtype == types.float32 and g.dtype in (types.float32, types.float64)
-                and isinstance(r, types.Array) and r.dtype == g.dtype):
+        if not (_c_array(g, (types.float32, types.float64)) and _c_array(X, (types.float32,), 2)
+                and _c_array(r, (g.dtype,))):
             return None
         sig = types.none(g, X, i, r, o, m, c0, ntiles)
 
@@ -133,9 +139,8 @@ def _dot_tiles8(typingctx, X, i, w, nvec, out, oo):  # type: ignore[no-untyped-d
     # out[oo + q] = X[i + q, :nvec*LANES] . w[:nvec*LANES] for q < 8, float32. Row by row
     # within tiles of TILE vectors (the tile of w held in registers), so each row is read
     # in address order; the vectors past the last whole tile go column by column.
-    if not (isinstance(X, types.Array) and X.ndim == 2 and X.dtype == types.float32
-            and isinstance(w, types.Array) and w.dtype == types.float32
-            and isinstance(out, types.Array) and out.dtype == types.float32):
+    if not (_c_array(X, (types.float32,), 2) and _c_array(w, (types.float32,))
+            and _c_array(out, (types.float32,))):
         return None
     sig = types.none(X, i, w, nvec, out, oo)
 
@@ -231,8 +236,7 @@ def softmax8_shift(typingctx, Z, D):  # type: ignore[no-untyped-def]
     The max keeps the earlier class on ties and NaN (a later one wins only if greater),
     as ``max(m, z)`` in the scalar loop it replaces.
     """
-    if not (isinstance(Z, types.Array) and Z.ndim == 2 and Z.dtype == types.float64
-            and isinstance(D, types.Array) and D.dtype == types.float64):
+    if not (_c_array(Z, (types.float64,), 2) and _c_array(D, (types.float64,))):
         return None
     sig = types.none(Z, D)
 
@@ -254,9 +258,8 @@ def softmax8_shift(typingctx, Z, D):  # type: ignore[no-untyped-def]
 @intrinsic
 def softmax8_scale(typingctx, E, Z, s):  # type: ignore[no-untyped-def]
     """s[:8] = sum over classes of E (class order); Z[c] = E[c*8:(c+1)*8] * (1 / s)."""
-    if not (isinstance(E, types.Array) and E.dtype == types.float64 and isinstance(Z, types.Array)
-            and Z.ndim == 2 and Z.dtype == types.float64 and isinstance(s, types.Array)
-            and s.dtype == types.float64):
+    if not (_c_array(E, (types.float64,)) and _c_array(Z, (types.float64,), 2)
+            and _c_array(s, (types.float64,))):
         return None
     sig = types.none(E, Z, s)
 

@@ -8,6 +8,12 @@ GPU kernels are not touched: they compile per device at run time. It also writes
 bytecode of fleetmpi and kernels: where PYTHONDONTWRITEBYTECODE is set (containers often set
 it) no import writes it, and every rank and driver compiled some 45 modules from source at each
 start (0.1-0.35 s per process, 2-core box).
+
+``--fresh`` (the Makefile passes it; the install step reruns when any kernel source changed)
+first removes the packages' numba cache files. numba checks a cached function only against
+its own source file, not the files of the kernels it calls or inlines (a ``kernels.simd``
+intrinsic in ``kernels.cpu_glm``, ``kernels.vmath`` in the softmax): after an update that
+changed only those, it would load the old machine code.
 """
 
 from __future__ import annotations
@@ -62,6 +68,19 @@ def _bytecode() -> None:
         compileall.compile_dir(str(root / pkg), quiet=1)
 
 
+def clear_numba_cache(root: Path) -> int:
+    """Remove numba's cache files (index .nbi, code .nbc) under root's fleetmpi and kernels
+    packages; return how many. Other files in __pycache__ (bytecode) stay."""
+    n = 0
+    for pkg in ("fleetmpi", "kernels"):
+        for cache in (root / pkg).rglob("__pycache__"):
+            for f in cache.iterdir():
+                if f.suffix in (".nbi", ".nbc"):
+                    f.unlink(missing_ok=True)
+                    n += 1
+    return n
+
+
 def steps() -> list[tuple[str, Callable[[], None]]]:
     """Return (name, warm-up) for each kernel module training loads, in load order, then the bytecode."""
     from kernels import compress, cpu, exact, sparse, trees, update
@@ -72,8 +91,13 @@ def steps() -> list[tuple[str, Callable[[], None]]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Compile (or load) every CPU kernel and print the seconds each module took; return 0."""
-    quiet = "--quiet" in (sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    quiet = "--quiet" in args
     t_all = time.perf_counter()
+    if "--fresh" in args:
+        n = clear_numba_cache(Path(__file__).resolve().parents[2])
+        if not quiet:
+            print(f"precompile: removed {n} numba cache files (a kernel source changed)", flush=True)
     from kernels import lean_numba_start
     lean_numba_start()   # as a rank does, so this process loads what a rank loads
     for name, warm in steps():
