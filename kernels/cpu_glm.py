@@ -288,7 +288,7 @@ def _glm_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray, logist
               f32: bool) -> float:
     """Fill g (d+1,) with the summed gradient over fixed row chunks on one thread."""
     n, d = X.shape
-    w32 = w[:d].astype(np.float32)
+    w32 = w[:d].astype(np.float32) if f32 else np.empty(0, np.float32)
     nc = _n_chunks(n)
     pf = _prefetches(X)
     parts = np.empty((nc, g.shape[0]))
@@ -303,7 +303,7 @@ def _glm_grad_threads(X: np.ndarray, y: np.ndarray, w: np.ndarray, g: np.ndarray
                       logistic: bool, f32: bool) -> float:
     """Same chunks and result as ``_glm_grad``, the chunks spread over numba's threads."""
     n, d = X.shape
-    w32 = w[:d].astype(np.float32)
+    w32 = w[:d].astype(np.float32) if f32 else np.empty(0, np.float32)
     nc = _n_chunks(n)
     pf = _prefetches(X)
     parts = np.empty((nc, g.shape[0]))

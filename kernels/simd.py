@@ -14,8 +14,13 @@ Here the accumulators are IR values that LLVM keeps in registers:
   (1.4x).
 The order of every sum is fixed by the code: lane j of a vector holds the same columns
 on any machine (LLVM splits a 16-lane vector into two on AVX2, lane for lane), and each
-FMA is ``llvm.fma`` (one rounding, also where the core has no FMA unit). So the results
-do not depend on the vector width, unlike the vectoriser's reductions.
+vector FMA is ``llvm.fma`` (one rounding). So the results do not depend on the vector
+width, unlike the vectoriser's reductions: AVX2 and AVX-512 builds gave the same bits.
+The scalar loops for the columns past the last whole vector are FMAs by contraction,
+which needs an FMA unit (every AVX2 and AVX-512 core has one); on an older core they
+round twice there.
+The intrinsics check no bounds and assume no overlap: callers keep the rows, offsets and
+outputs in range, and g / out apart from X / w (the GLM and softmax kernels do).
 """
 
 from __future__ import annotations
@@ -120,7 +125,8 @@ def add_rows(g: np.ndarray, X: np.ndarray, i: int, r: np.ndarray, o: int, m: int
     """g[:d] += r[o + t] * X[i + t] for t < m, in row order, one FMA per element.
 
     X float32 (n, d) C-contiguous; g (>= d) and r of one float type. The columns past the
-    last whole vector run as a scalar loop in the same row order.
+    last whole vector run as a scalar loop in the same row order. Unchecked: rows
+    i..i+m of X and r[o:o+m] must exist, and g must not overlap X.
     """
     d = X.shape[1]
     nv = d // LANES
@@ -198,7 +204,8 @@ def _dot_tiles8(typingctx, X, i, w, nvec, out, oo):  # type: ignore[no-untyped-d
 def dot_rows8(X: np.ndarray, i: int, w: np.ndarray, out: np.ndarray, oo: int) -> None:
     """out[oo + q] = X[i + q] . w[:d] for q < 8, float32 (X float32 (n, d), w and out float32).
 
-    The columns past the last whole vector are added after, in column order.
+    The columns past the last whole vector are added after, in column order. Unchecked:
+    rows i..i+8 of X and out[oo:oo+8] must exist.
     """
     d = X.shape[1]
     nv = d // LANES
@@ -231,7 +238,7 @@ def _fold_classes(builder, ptr, k, vp, combine):  # type: ignore[no-untyped-def]
 
 @intrinsic
 def softmax8_shift(typingctx, Z, D):  # type: ignore[no-untyped-def]
-    """D[c*8:(c+1)*8] = Z[c] - max over classes of Z[:, lane], for Z (k, 8) float64.
+    """D[c*8:(c+1)*8] = Z[c] - max over classes of Z[:, lane], for Z (k, 8) float64, k >= 1.
 
     The max keeps the earlier class on ties and NaN (a later one wins only if greater),
     as ``max(m, z)`` in the scalar loop it replaces.
@@ -257,7 +264,10 @@ def softmax8_shift(typingctx, Z, D):  # type: ignore[no-untyped-def]
 
 @intrinsic
 def softmax8_scale(typingctx, E, Z, s):  # type: ignore[no-untyped-def]
-    """s[:8] = sum over classes of E (class order); Z[c] = E[c*8:(c+1)*8] * (1 / s)."""
+    """s[:8] = sum over classes of E (class order); Z[c] = E[c*8:(c+1)*8] * (1 / s).
+
+    Z (k, 8) with k >= 1, E at least 8 k long, s at least 8.
+    """
     if not (_c_array(E, (types.float64,)) and _c_array(Z, (types.float64,), 2)
             and _c_array(s, (types.float64,))):
         return None

@@ -42,8 +42,9 @@ _INV = tuple(1.0 / j if j else 0.0 for j in range(34))
 
 
 # float32 constants: ln 2 split so that k * _LN2_HI32 is exact for |k| < 2**8 (its low
-# 12 bits are zero); 1.5 * 2**23 rounds a float32 to an integer; below -87 exp(x) is
-# subnormal in float32 (returned as 0: there log1p(e) < 2e-38 and the sigmoid is 0 or 1).
+# 12 bits are zero); 1.5 * 2**23 rounds a float32 to an integer; exp(x) for x < -87 is
+# returned as 0 (float32 turns subnormal below about -87.34; there log1p(e) < 2e-38 and
+# the sigmoid is 0 or 1 to float32 precision).
 _LN2_HI32 = np.float32(0.693145751953125)
 _LN2_LO32 = np.float32(1.428606765330187e-06)
 _INV_LN2_32 = np.float32(_INV_LN2)

@@ -68,16 +68,40 @@ def _bytecode() -> None:
         compileall.compile_dir(str(root / pkg), quiet=1)
 
 
-def clear_numba_cache(root: Path) -> int:
-    """Remove numba's cache files (index .nbi, code .nbc) under root's fleetmpi and kernels
-    packages; return how many. Other files in __pycache__ (bytecode) stay."""
-    n = 0
+def _numba_cache_dirs(root: Path) -> list[Path]:
+    """Return every folder numba may cache root's fleetmpi and kernels modules in: each
+    source folder's __pycache__, and (asked of numba's own locators, which name a folder
+    by the source folder's path hash) its folder under NUMBA_CACHE_DIR where that is set
+    and in the user-wide cache numba falls back to when __pycache__ is not writable."""
+    from numba.core import caching
+    out = []
     for pkg in ("fleetmpi", "kernels"):
-        for cache in (root / pkg).rglob("__pycache__"):
-            for f in cache.iterdir():
-                if f.suffix in (".nbi", ".nbc"):
-                    f.unlink(missing_ok=True)
-                    n += 1
+        for src in sorted({f.parent for f in (root / pkg).rglob("*.py")}):
+            out.append(src / "__pycache__")
+            probe = str(src / "__init__.py")
+            locators: list[type] = [caching.UserWideCacheLocator]
+            if getattr(caching.config, "CACHE_DIR", None):
+                locators.append(caching.UserProvidedCacheLocator)
+            for loc in locators:
+                out.append(Path(loc(_numba_cache_dirs, probe).get_cache_path()))
+    return out
+
+
+def clear_numba_cache(root: Path) -> int:
+    """Remove numba's cache files (index .nbi, code .nbc) of root's fleetmpi and kernels
+    modules wherever numba keeps them (``_numba_cache_dirs``); return how many. Other
+    files stay (bytecode). A file that cannot be removed (a read-only install) is left
+    with a warning: the compile that follows still runs."""
+    n = 0
+    for d in _numba_cache_dirs(root):
+        if not d.is_dir():
+            continue
+        for f in d.glob("*.nb[ic]"):
+            try:
+                f.unlink()
+                n += 1
+            except OSError as e:
+                print(f"precompile: could not remove {f}: {e.strerror}", file=sys.stderr, flush=True)
     return n
 
 

@@ -40,7 +40,7 @@ np.save(sys.argv[2], np.stack(out))
 """
 
 
-@pytest.mark.parametrize("n", [5003, 1100, 8000])   # 8000 x 37: over 1 MiB, 16-row blocks
+@pytest.mark.parametrize("n", [5003, 1100, 8000])   # 8000 x 37: over 1 MiB, so the kernels prefetch
 def test_one_and_two_threads_are_bitwise_equal(tmp_path: Path, n: int) -> None:
     out = tmp_path / "g.npy"
     root = str(Path(__file__).resolve().parents[2])

@@ -592,6 +592,24 @@ def test_glm_prefetch_follows_the_size_of_x(kind: str, n: int, pf: bool) -> None
         np.testing.assert_allclose(g32, g_ref, rtol=F32_RTOL, atol=F32_RTOL * float(np.max(np.abs(g_ref))))
 
 
+@pytest.mark.parametrize(("n", "d"), [(2700, 100), (1100, 257), (16500, 17)])
+@pytest.mark.parametrize("kind", ["linear", "logistic"])
+def test_glm_with_prefetch_matches_reference_for_other_widths(kind: str, n: int, d: int) -> None:
+    # X just over 1 MiB (the kernels prefetch) with d off the 16- and 128-column vector
+    # tiles: the scalar column tails, both precisions, against the float64 reference.
+    rng = np.random.default_rng(n + d)
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    assert cpu_glm._prefetches(X)
+    y = (rng.standard_normal(n) if kind == "linear" else rng.random(n) < 0.5).astype(np.float32)
+    p = rng.standard_normal(d + 1) / np.sqrt(d)
+    loss_ref, g_ref = (ref.linear_loss_grad if kind == "linear" else ref.logistic_loss_grad)(X, y, p)
+    for compute, rtol in (("float64", 1e-9), ("float32", F32_RTOL)):
+        g = np.full_like(p, np.nan)
+        loss = (cpu.linear_grad if kind == "linear" else cpu.logistic_grad)(X, y, p, g, compute)
+        assert_close(loss, loss_ref, rtol=rtol)
+        np.testing.assert_allclose(g, g_ref, rtol=rtol, atol=rtol * float(np.max(np.abs(g_ref))))
+
+
 def test_glm_rejects_unknown_compute() -> None:
     X, y, p = _problem("logistic", 10)
     for bad in ("float16", "f32", None):

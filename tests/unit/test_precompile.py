@@ -34,24 +34,34 @@ def test_the_install_step_writes_bytecode_that_imports_use() -> None:
     assert f"code object from '{pyc}'" in out.stderr
 
 
-def test_fresh_install_step_removes_only_numba_cache_files(tmp_path: object) -> None:
+def test_fresh_install_step_removes_only_numba_cache_files(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
     # numba checks a cached function against its own file only: the install step reruns on
-    # any kernel change and must drop every cached kernel, keeping bytecode and sources.
+    # any kernel change and must drop every cached kernel, in the packages' __pycache__ and
+    # where NUMBA_CACHE_DIR puts them (numba's own locator names that folder), keeping
+    # bytecode, sources and other packages' caches.
     from pathlib import Path
 
+    from numba.core import caching
+
     from fleetmpi.engine.precompile import clear_numba_cache
-    root = Path(str(tmp_path))
+    root = Path(str(tmp_path)) / "repo"
+    user = Path(str(tmp_path)) / "numba-cache"
+    monkeypatch.setattr(caching.config, "CACHE_DIR", str(user))
+    for rel in ("kernels", "fleetmpi/engine", "other"):
+        (root / rel).mkdir(parents=True)
+        (root / rel / "mod.py").write_text("# source\n")
     made = []
-    for rel in ("kernels/__pycache__", "fleetmpi/engine/__pycache__", "other/__pycache__"):
-        d = root / rel
-        d.mkdir(parents=True)
-        for name in ("cpu_glm._glm_grad-1.py311.nbi", "cpu_glm._glm_grad-1.py311.1.nbc", "cpu_glm.cpython-311.pyc"):
+    dirs = [root / rel / "__pycache__" for rel in ("kernels", "fleetmpi/engine", "other")]
+    dirs += [Path(caching.UserProvidedCacheLocator.get_suitable_cache_subpath(str(root / rel / "mod.py")))
+             for rel in ("kernels", "other")]
+    for d in dirs:
+        d = d if d.is_absolute() else user / d
+        d.mkdir(parents=True, exist_ok=True)
+        for name in ("mod.f-1.py311.nbi", "mod.f-1.py311.1.nbc", "mod.cpython-311.pyc"):
             (d / name).write_bytes(b"x")
             made.append(d / name)
-    (root / "kernels" / "cpu_glm.py").write_text("# source\n")
-    assert clear_numba_cache(root) == 4
-    left = {p.relative_to(root).as_posix() for p in made if p.exists()}
-    assert left == {"kernels/__pycache__/cpu_glm.cpython-311.pyc", "fleetmpi/engine/__pycache__/cpu_glm.cpython-311.pyc",
-                    "other/__pycache__/cpu_glm._glm_grad-1.py311.nbi", "other/__pycache__/cpu_glm._glm_grad-1.py311.1.nbc",
-                    "other/__pycache__/cpu_glm.cpython-311.pyc"}
-    assert (root / "kernels" / "cpu_glm.py").exists()
+    assert clear_numba_cache(root) == 6
+    gone = {p for p in made if not p.exists()}
+    assert gone == {p for p in made if p.suffix in (".nbi", ".nbc") and "other" not in p.parts
+                    and not p.parent.name.startswith("other_")}
+    assert (root / "kernels" / "mod.py").exists()
