@@ -59,28 +59,25 @@ _TWO32 = np.float32(2.0)
 _ZERO32 = np.float32(0.0)
 
 
-@intrinsic
-def _as_float32(typingctx, v):  # type: ignore[no-untyped-def]
-    """Return the float32 whose bits are the int32 v (a register move, no memory)."""
-    if not isinstance(v, types.Integer):
-        return None
+def _bits_as(float_t, int_t, ir_t):  # type: ignore[no-untyped-def]
+    """Return an intrinsic giving the float_t whose bits are an integer (cast to int_t)."""
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(context.cast(builder, args[0], sig.args[0], types.int32), ir.FloatType())
+    @intrinsic
+    def as_float(typingctx, v):  # type: ignore[no-untyped-def]
+        # A register move, no memory: how exp builds 2**k from k's exponent bits.
+        if not isinstance(v, types.Integer):
+            return None
 
-    return types.float32(v), codegen
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            return builder.bitcast(context.cast(builder, args[0], sig.args[0], int_t), ir_t)
+
+        return float_t(v), codegen
+
+    return as_float
 
 
-@intrinsic
-def _as_float64(typingctx, v):  # type: ignore[no-untyped-def]
-    """Return the float64 whose bits are the int64 v (a register move, no memory)."""
-    if not isinstance(v, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        return builder.bitcast(context.cast(builder, args[0], sig.args[0], types.int64), ir.DoubleType())
-
-    return types.float64(v), codegen
+_as_float64 = _bits_as(types.float64, types.int64, ir.DoubleType())
+_as_float32 = _bits_as(types.float32, types.int32, ir.FloatType())
 
 
 @njit(cache=True, fastmath=False, nogil=True, error_model="numpy", inline="always")
