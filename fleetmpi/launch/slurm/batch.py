@@ -229,10 +229,23 @@ def _submit_ahead(jd: JobDir, spec: Spec, target: str) -> str | None:
 
 
 def _ahead(jd: JobDir, job_id: str, restart: int) -> list[dict[str, Any]]:
-    """Return the runs submitted after run (``job_id``, ``restart``) of the chain: those rank 0 submitted ahead."""
+    """Return the runs this run's rank 0 submitted ahead (``submit_ahead``): those right after
+    it in the chain that a rescale submitted.
+
+    Not any later run: when a node fails, Slurm ends the job NODE_FAIL while its batch script
+    may still be running to here, and the manager may meanwhile have submitted the retry
+    (by "manager"); withdrawing that cost the job an attempt (seen in the node-failure test).
+    """
     chain, _ = runs(jd)
     mine = [i for i, r in enumerate(chain) if (r["job_id"], r["restart"]) == (job_id, restart)]
-    return chain[mine[-1] + 1:] if mine else []
+    if not mine:
+        return []
+    out = []
+    for r in chain[mine[-1] + 1:]:
+        if r["by"] != "rescale":
+            break
+        out.append(r)
+    return out
 
 
 def _withdraw_ahead(jd: JobDir, job_id: str, restart: int, why: str) -> None:
