@@ -131,9 +131,7 @@ def _claim_all(args: tuple[str, str, list[int]]) -> list[int]:
 def test_claims_from_racing_processes_never_overlap(tmp_path: Path) -> None:
     ledger = Ledger()
     ids = [add(ledger, tmp_path) for _ in range(40)]
-    # Spawned, not forked: this worker process may have threads (numba's pool, BLAS), and a
-    # child forked while one of them held a lock hung the suite on that lock (seen once).
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("fork")
     with ctx.Pool(4) as pool:
         won = pool.map(_claim_all, [(str(ledger.path), f"m{i}", ids) for i in range(4)])
     flat = [i for w in won for i in w]
