@@ -56,9 +56,12 @@ bench: install-dev
 	$(PY) -c "import lightgbm, xgboost" 2>/dev/null || $(PY) -m pip install -q lightgbm==4.7.0 xgboost==3.2.0   # tree baselines
 	$(PY) bench/run.py
 
-gpu-check:   # on a machine with a GPU: every GPU test and bench/bench_gpu.py with the python on PATH, which
-             # needs numba-cuda and the gpu-compile extra (pip install -e '.[gpu,gpu-compile]'; see the script)
-	bash bench/gpu_check.sh
+# On a machine with a GPU: every GPU test and bench/bench_gpu.py with GPU_PY (default the python3 on
+# PATH), which needs numba-cuda and the gpu-compile extra (pip install -e '.[gpu,gpu-compile]'; see the
+# script). Not .venv's python: the GPU machine's own environment brings CUDA, cupy and torch.
+GPU_PY ?= python3
+gpu-check:
+	PY=$(GPU_PY) bash bench/gpu_check.sh
 
 lint: install-dev
 	$(VENV)/bin/ruff check fleetmpi kernels tests bench

@@ -20,7 +20,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "data"
 # Thread settings of bench/run.py, so a bench run by hand measures what `make bench` does.
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+       "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
        "NUMBA_NUM_THREADS": "1", "FLEETMPI_PROGRESS": "none"}
 
 
@@ -63,12 +64,17 @@ def spec(name: str, model: dict[str, Any], optimizer: dict[str, Any], goal: dict
             "fleet": {"start": "p", "phases": {"p": {"ranks_per_node": ranks}}}}
 
 
-def throughput_spec(data: Path, batch: int, epochs: float, device: str = "cpu") -> dict[str, Any]:
-    """Return a 1-rank logistic spec for throughput: no evaluation or checkpoint before the end."""
+def throughput_spec(data: Path, batch: int, epochs: float, device: str = "cpu",
+                    model: dict[str, Any] | None = None, max_steps: int | None = None) -> dict[str, Any]:
+    """Return a 1-rank spec for throughput (logistic unless ``model``): no evaluation or checkpoint before the end.
+
+    ``max_steps``, when given, ends the run there instead of after ``epochs``.
+    """
+    goal = {"max_steps": max_steps} if max_steps else {"max_epochs": epochs}
     return {"name": "bench", "data": {"train": str(data / "train.h5"), "valid": str(data / "valid.h5")},
-            "model": {"kind": "logistic", "l2": 1e-5},
-            "optimizer": {"kind": "sgd", "lr": 0.5, "momentum": 0.9, "batch": batch},
-            "goal": {"max_epochs": epochs}, "checkpoint": {"every_steps": 10 ** 9},
+            "model": model or {"kind": "logistic", "l2": 1e-5},
+            "optimizer": {"kind": "sgd", "lr": 0.05 if model else 0.5, "momentum": 0.9, "batch": batch},
+            "goal": goal, "checkpoint": {"every_steps": 10 ** 9},
             "monitor": {"log_every_steps": 20, "eval_every_steps": 10 ** 9, "progress": "none"},
             "fleet": {"start": "one", "phases": {"one": {"ranks_per_node": 1, "device": device}}}}
 

@@ -8,7 +8,9 @@
 # (cupy and nvidia-ml-py when present are used). The GPU phase tests and benchmark run
 # `fleetmpi run`, so they need an mpiexec: the one beside python, $FLEETMPI_MPIEXEC, or
 # the first on PATH. Each step's output goes to OUT_DIR/<step>.txt; the exit status is 1
-# if any step failed.
+# if any step failed. GPU_CHECK_STEP_S bounds each step (seconds; default 1800), so a hung
+# step cannot eat a borrowed machine's time; GPU_CHECK_PYTEST_ARGS are added to the tests'
+# pytest command line (say "-n 8").
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -22,7 +24,7 @@ step() {
     local name=$1
     shift
     echo "=== $name: $*"
-    "$@" 2>&1 | tee "$out/$name.txt"
+    timeout "${GPU_CHECK_STEP_S:-1800}" "$@" 2>&1 | tee "$out/$name.txt"
     local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc"
     [ "$rc" = 0 ] || status=1
@@ -30,9 +32,13 @@ step() {
 
 step device sh -c "nvidia-smi -L; $PY -c 'import numba, numba.cuda as c; print(\"numba\", numba.__version__); c.detect()'"
 step compile "$PY" -m kernels.gpu_compile
+# The CPU phases of the cpu -> gpu -> cpu tests and the benchmark's CPU phase use the CPU
+# kernels: compiled once here rather than by every test worker at once.
+step precompile "$PY" -m fleetmpi.engine.precompile
 # Every GPU test: the kernel suite on the real device (tests/gpu/sim skips only without a
 # GPU), the real-GPU kernel and phase tests (marked gpu), the simulator runs as in CI.
-step tests "$PY" -m pytest -q -rs -p no:cacheprovider tests/gpu/sim tests/gpu/test_gpu_kernels.py \
+# shellcheck disable=SC2086  # GPU_CHECK_PYTEST_ARGS is a list of pytest options (say "-n 8")
+step tests "$PY" -m pytest -q -rs -p no:cacheprovider ${GPU_CHECK_PYTEST_ARGS:-} tests/gpu/sim tests/gpu/test_gpu_kernels.py \
     tests/gpu/test_gpu_compile.py tests/gpu/test_gpu_e2e.py
 step bench "$PY" bench/bench_gpu.py
 cp bench/results/gpu.json "$out/" 2>/dev/null || true

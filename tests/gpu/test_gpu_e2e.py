@@ -120,27 +120,53 @@ def test_exact_cpu_gpu_cpu_is_bitwise_cpu_only(tmp_path: Path, small: dict[str, 
     assert np.abs(want).max() > 0.5
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("sync", ["dense", "exact"])
-def test_real_gpu_phase_matches_cpu_only(tmp_path: Path, small: dict[str, Path], cpu_only: dict, sync: str) -> None:
-    # The same cpu -> gpu -> cpu jobs on a real GPU: NVVM-compiled kernels, real streams,
-    # pinned memory and copies. Dense within 1e-5 of the CPU-only run, exact bit for bit.
+def _skip_without_a_real_gpu(cupy: bool = False) -> None:
     from fleetmpi.engine import device
     why = "needs a real GPU: NUMBA_ENABLE_CUDASIM=1 runs numba's CUDA simulator" if device.simulated() \
         else device.gpu_missing()
+    if not why and cupy:
+        why = device.gpu_model_refusal("mlp", "dense")
     if why:
         pytest.skip(why)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("sync", ["dense", "exact"])
+def test_real_gpu_phase_matches_cpu_only(tmp_path: Path, small: dict[str, Path], cpu_only: dict, sync: str,
+                                         ranks: int) -> None:
+    # The same cpu -> gpu -> cpu jobs on a real GPU: NVVM-compiled kernels, real streams,
+    # pinned memory and copies; at 2 ranks both share the one GPU (local rank % visible).
+    # Dense within 1e-5 of the 1-rank CPU-only run, exact bit for bit.
+    _skip_without_a_real_gpu()
     model, data, rules = (SOFTMAX, small["multiclass"], (LBFGS_IN_GPU,)) if sync == "dense" else \
         (LOGISTIC, small["binary"], ())
-    spec = _spec(tmp_path / "s.yaml", data, model, {"kind": sync}, 1, ("cpu", "gpu", "cpu"), rules)
+    spec = _spec(tmp_path / "s.yaml", data, model, {"kind": sync}, ranks, ("cpu", "gpu", "cpu"), rules)
     job, log = _run(tmp_path, "job", spec, {"NUMBA_ENABLE_CUDASIM": "0"})
     assert _devices(job) == [("a", "cpu", 0), ("g", "gpu", 6), ("c", "cpu", 12)]
     assert "CUDA simulator" not in log
+    assert "pinned host staging" in log or "CUDA-aware MPI: device buffers" in log
     p, want = _params(job), cpu_only[sync]
     if sync == "exact":
         assert np.array_equal(p, want), f"max |diff| {np.abs(p - want).max():.3g}"
     else:
         np.testing.assert_allclose(p, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_real_gpu_mlp_on_cupy_matches_cpu_only(tmp_path: Path, small: dict[str, Path]) -> None:
+    # The MLP's GPU phase: cupy's BLAS on views of the phase's device arrays, the numba
+    # SGD update. Float64 on both sides; only the BLAS's summation order differs.
+    _skip_without_a_real_gpu(cupy=True)
+    model = {"kind": "mlp", "hidden": [16], "l2": 1e-4}
+    params = {}
+    for name, devices, env in (("gpu", ("cpu", "gpu", "cpu"), {"NUMBA_ENABLE_CUDASIM": "0"}),
+                               ("cpu", ("cpu",) * 3, None)):
+        spec = _spec(tmp_path / f"{name}.yaml", small["multiclass"], model, {"kind": "dense"}, 1, devices)
+        params[name] = _params(_run(tmp_path, name, spec, env)[0])
+    assert _devices(tmp_path / "gpu") == [("a", "cpu", 0), ("g", "gpu", 6), ("c", "cpu", 12)]
+    np.testing.assert_allclose(params["gpu"], params["cpu"], rtol=0, atol=1e-8)
+    assert np.abs(params["cpu"]).max() > 0.1
 
 
 def test_threshold_on_device_buffers_matches_cpu_and_keeps_residuals(tmp_path: Path, small: dict[str, Path]) -> None:
