@@ -55,8 +55,9 @@ def signatures() -> dict[str, tuple[Any, tuple[Any, ...]]]:
     from numba import float32, float64, int32, int64, uint8, uint32
 
     from kernels import gpu as g
+    from kernels import gpu_trees as gt
 
-    f64, f32, i32 = float64[::1], float32[::1], int32[::1]
+    f64, f32, i32, i64 = float64[::1], float32[::1], int32[::1], int64[::1]
     X, part = float32[:, ::1], float64[:, ::1]
     table: dict[str, tuple[Any, tuple[Any, ...]]] = {
         "_glm_partials": (g._glm_partials, (X, f32, f64, int64, int64, part)),
@@ -70,6 +71,11 @@ def signatures() -> dict[str, tuple[Any, tuple[Any, ...]]]:
     }
     for k in SOFTMAX_CLASSES:
         table[f"softmax[k={k}]"] = (g._softmax_kernel(k), (X, f32, f64, int64, part, part))
+    # kernels.gpu_trees: codes uint8 (n, d), gh int64 (n, 2), order int32, the rest int64.
+    codes, gh = uint8[:, ::1], int64[:, ::1]
+    table["_zero"] = (gt._zero, (i64, i32))
+    table["_hist_shared"] = (gt._hist_shared, (codes, gh, i32, int64, i64, i64, i64, i64, i64, i32))
+    table["_hist_global"] = (gt._hist_global, (codes, gh, i32, int64, i64, i64, i64, i64, i32))
     return table
 
 
