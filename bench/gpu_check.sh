@@ -41,5 +41,6 @@ step precompile "$PY" -m fleetmpi.engine.precompile
 step tests "$PY" -m pytest -q -rs -p no:cacheprovider ${GPU_CHECK_PYTEST_ARGS:-} tests/gpu/sim tests/gpu/test_gpu_kernels.py \
     tests/gpu/test_gpu_compile.py tests/gpu/test_gpu_e2e.py
 step bench "$PY" bench/bench_gpu.py
-cp bench/results/gpu.json "$out/" 2>/dev/null || true
+step bench_trees "$PY" bench/bench_gpu_trees.py
+cp bench/results/gpu.json bench/results/gpu_trees.json "$out/" 2>/dev/null || true
 exit $status

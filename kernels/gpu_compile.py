@@ -80,9 +80,10 @@ def signatures() -> dict[str, tuple[Any, tuple[Any, ...]]]:
 
 
 def module_kernels() -> set[str]:
-    """Return the names of the module-level numba.cuda kernels in ``kernels.gpu``."""
+    """Return the names of the module-level numba.cuda kernels of kernels.gpu and kernels.gpu_trees."""
     from kernels import gpu as g
-    return {name for name, obj in vars(g).items()
+    from kernels import gpu_trees as gt
+    return {name for module in (g, gt) for name, obj in vars(module).items()
             if type(obj).__name__ == "CUDADispatcher" and not obj.targetoptions.get("device")}
 
 
