@@ -18,7 +18,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 MPIEXEC = str(Path(PY).parent / "mpiexec")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+       "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
        "NUMBA_NUM_THREADS": "1", "FLEETMPI_PROGRESS": "none"}
 
 BENCHES: list[tuple[str, list[str]]] = [
@@ -36,6 +37,7 @@ OPTIONAL = [  # benchmarks of layers that ship separately; run when present
     ("gp vs scikit-learn GP", [PY, str(HERE / "bench_gp.py")]),
     ("bfgs vs scipy BFGS and lbfgs", [PY, str(HERE / "bench_bfgs.py")]),
     ("gpu kernels and phase", [PY, str(HERE / "bench_gpu.py")]),   # prints "no GPU: skipped" without one
+    ("gpu tree histograms", [PY, str(HERE / "bench_gpu_trees.py")]),   # likewise
     ("text: man pages vs scikit-learn", [PY, str(HERE / "bench_text.py")]),   # CSR training once sync sparse exists
     ("start-up to first step, 1 rank", [PY, str(HERE / "bench_startup.py")]),
 ]
