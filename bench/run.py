@@ -43,26 +43,27 @@ OPTIONAL = [  # benchmarks of layers that ship separately; run when present
 ]
 
 
-def plot(out: Path) -> None:
-    """Draw the results that exist into one PNG."""
+def plot(out: Path, results: Path = HERE / "results") -> None:
+    """Draw the results that exist in ``results`` into one PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = {p.stem: json.loads(p.read_text()) for p in (HERE / "results").glob("*.json")}
+    res = {p.stem: json.loads(p.read_text()) for p in results.glob("*.json")}
     fig, axes = plt.subplots(4, 2, figsize=(12, 16))
     if "kernels" in res:
         rows = res["kernels"]["rows"]
         ax = axes[0, 0]
-        names = [r["kernel"] for r in rows]
+        names = [f"{r['kernel']}\n{r['n']}" for r in rows]
         xs = range(len(rows))
-        for i, (key, label) in enumerate((("fused_GBps", "fused numba"), ("numpy_GBps", "numpy two-pass"),
-                                          ("numpy_f64_GBps", "numpy float64"))):
-            ax.bar([x + 0.27 * (i - 1) for x in xs], [r[key] or 0 for r in rows], width=0.27, label=label)
-        ax.set_xticks(list(xs), names)
+        bars = (([r["fused_GBps"] for r in rows], "fused numba"), ([r["numpy_GBps"] for r in rows], "numpy two-pass"),
+                ([max(r["read32_GBps"], r["read64_GBps"]) for r in rows], "read loop"))
+        for i, (vals, label) in enumerate(bars):
+            ax.bar([x + 0.27 * (i - 1) for x in xs], vals, width=0.27, label=label)
+        ax.set_xticks(list(xs), names, fontsize=7, rotation=90)
         ax.set_ylabel("GB/s of X")
-        ax.set_title("gradient kernels")
-        ax.legend()
+        ax.set_title("gradient kernels, one thread (bench_kernels)")
+        ax.legend(fontsize=8)
     sync = [v for k, v in res.items() if k.startswith("sync_dense")]
     if sync:
         ax = axes[0, 1]
@@ -75,18 +76,18 @@ def plot(out: Path) -> None:
         ax.set_title("sync overhead")
         ax.legend()
     if "rescale_latency" in res:
+        # Local rows (limit 0.8 s) and the minicluster's Slurm rows (limit 1.5 s), rule -> first step.
         rows = res["rescale_latency"]["rows"]
         ax = axes[1, 0]
-        labels = [f"{r['rescale']} #{r['trial']}" for r in rows]
-        bottom = [0.0] * len(rows)
-        for key in ("exit_s", "startup_s", "first_step_s"):
-            vals = [r[key] for r in rows]
-            ax.barh(labels, vals, left=bottom, label=key)
-            bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.axvline(3.0, ls="--", c="gray")
-        ax.set_xlabel("seconds, rule fired -> first step")
-        ax.set_title("local rescale latency")
-        ax.legend()
+        labels = [f"{r['workload']} {r.get('prestart') or ''} {r['rescale']} #{r['trial']}" for r in rows]
+        slurm = ["slurm" in r["workload"] for r in rows]
+        ax.barh(labels, [r["latency_s"] for r in rows], color=["tab:purple" if s else "tab:blue" for s in slurm])
+        ax.axvline(0.8, ls="--", c="tab:blue", label="local limit 0.8 s")
+        ax.axvline(1.5, ls="--", c="tab:purple", label="Slurm limit 1.5 s")
+        ax.tick_params(axis="y", labelsize=6)
+        ax.set_xlabel("seconds, rule fired -> first step of the next phase")
+        ax.set_title("rescale latency")
+        ax.legend(fontsize=8)
     if "throughput_1rank" in res:
         rows = res["throughput_1rank"]["rows"]
         ax = axes[1, 1]
