@@ -61,10 +61,14 @@ def device_info() -> dict[str, Any]:
     except (OSError, IndexError, ValueError, subprocess.TimeoutExpired) as e:
         info["nvidia_smi"] = f"failed: {e}"
     from numba import cuda
-    try:
-        info["cuda_runtime"] = ".".join(map(str, cuda.runtime.get_version()))
-    except Exception as e:     # numba-cuda without a runtime binding: say so, do not fail the bench
-        info["cuda_runtime"] = f"unknown ({type(e).__name__})"
+    # numba-cuda's cuda.runtime.get_version() reports NVRTC's version, not a runtime's: ask
+    # the driver API and NVVM themselves (what builds and loads the kernels).
+    for key, get in (("driver_api", lambda: cuda.cudadrv.driver.driver.get_version()),
+                     ("ptx_isa_emitted", ptx_isa)):
+        try:
+            info[key] = ".".join(map(str, get()))
+        except Exception as e:     # an older numba-cuda or binding: say so, do not fail the bench
+            info[key] = f"unknown ({type(e).__name__})"
     import numba
     info["numba"] = numba.__version__
     for mod in ("numba_cuda", "cupy", "torch"):
@@ -73,6 +77,18 @@ def device_info() -> dict[str, Any]:
         except Exception:
             info[mod] = None
     return info
+
+
+def ptx_isa() -> tuple[int, ...]:
+    """Return the PTX ISA version NVVM writes here: the driver's JIT must accept it (or nvJitLink link it)."""
+    from numba import cuda, float64
+
+    def one(a: Any) -> None:
+        a[0] = 1.0
+
+    ptx, _ = cuda.compile_ptx(one, (float64[::1],), cc=(9, 0))
+    m = re.search(r"^\.version\s+(\d+)\.(\d+)", ptx, re.M)
+    return (int(m.group(1)), int(m.group(2))) if m else ()
 
 
 def _time_ms(fn, stream) -> float:
