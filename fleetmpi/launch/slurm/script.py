@@ -26,6 +26,13 @@ _GRES_ONE = r"[A-Za-z][A-Za-z0-9_]*(:[A-Za-z0-9_.-]+)?(:[0-9]+)?"
 _GRES_RE = re.compile(rf"^{_GRES_ONE}(,{_GRES_ONE})*$")
 _OUTPUT_RE = re.compile(r"^[A-Za-z0-9_.%][A-Za-z0-9_.%/-]*$")
 RANKS_SIGNAL = {"srun": "USR2", "mpiexec": "TERM"}
+# srun --wait: once one task has ended, the others get this long before srun kills them.
+# Slurm's default (WaitTime=0) waits for ever, so a rank killed outright (the OOM killer, a
+# native abort in MPI or UCX) left its peers spinning in a collective until the time limit,
+# and the chain never learnt of it. A phase's ranks leave together: the last to exit after
+# the first is rank 0 finishing its writes (model, events), seconds at most.
+# scheduler.launcher_args come after it on the line, so a site can still pass its own --wait.
+SRUN_WAIT_S = 60
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,7 @@ def _body(command: BatchCommand, ranks: int, ranks_per_node: int) -> list[str]:
     """Return the shell lines that begin the phase, run its ranks, and hand the exit code on."""
     q = shlex.quote
     if command.launcher == "srun":
-        step = ["srun", "--mpi=pmi2"]
+        step = ["srun", "--mpi=pmi2", f"--wait={SRUN_WAIT_S}"]
     else:
         step = ['"$mpiexec"', "-n", str(ranks), "-ppn", str(ranks_per_node)]
     step += [q(a) for a in command.launcher_args] + ['"$python"', "-m", "fleetmpi.engine.worker", '"$job_dir"']
