@@ -125,7 +125,8 @@ class LocalBackend:
         self._standby: _Started | None = None     # the pre-started next phase, waiting for its word
         self._launch: tuple[list[str], str | None, int] = ([], None, 0)   # mpiexec, progress, running index
         self._prestart = "off"
-        self._signals: list[tuple[int, str]] = []   # (signal, how it was passed on), for the main loop
+        # (signal, how it was passed on, whether its event is written), for the main loop to say
+        self._signals: list[tuple[int, str, bool]] = []
         self._lock: JobLock | None = None
         self._signals_seen: list[int] = []
         self._skipped: list[tuple[str, str]] = []     # checkpoint_skipped events of the phase starting
@@ -342,20 +343,32 @@ class LocalBackend:
         self.jd.event("prestart_called_off", phase=sb.phase, reason=reason, exit_code=rc, log=str(sb.log))
 
     def _forward(self, signum: int, _frame: Any) -> None:
-        # Runs between bytecodes of the main loop: pass the signal on now, write and say
-        # it from the loop (writing a stream here could re-enter a write in progress).
-        how = "none running"
+        # Runs between bytecodes of the main loop. The event is written here, before the
+        # signal is passed on, so that events.jsonl has it ahead of what the ranks write
+        # about it (their checkpoint, phase_exit); from the loop it could land after them.
+        # jd.event is one os.write on a descriptor of its own: it cannot tear a line the
+        # interrupted loop is writing. The terminal line waits for the loop (a stream write
+        # here could re-enter one in progress), as does an event that could not be written.
+        def record(how: str) -> None:
+            try:
+                self.jd.event("driver_signal", signal=_signame(signum), passed_on=how)
+                self._signals.append((signum, how, True))
+            except Exception:   # a full disk, say: the loop writes it, or says why not
+                self._signals.append((signum, how, False))
+
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            how = _pass_on(proc, signum)
-        self._signals.append((signum, how))
+            _pass_on(proc, signum, record)
+        else:
+            record("none running")
         self._signals_seen.append(signum)
 
     def _report_signals(self) -> None:
         while self._signals:
-            signum, how = self._signals.pop(0)
+            signum, how, written = self._signals.pop(0)
             name = _signame(signum)
-            self.jd.event("driver_signal", signal=name, passed_on=how)
+            if not written:
+                self.jd.event("driver_signal", signal=name, passed_on=how)
             self._say(f"fleetmpi: received {name}; " + (f"passed on ({how}): the ranks checkpoint and stop"
                                                         if how != "none running" else "no phase is running"))
 
@@ -380,24 +393,26 @@ def _signame(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _pass_on(proc: subprocess.Popen[bytes], signum: int) -> str:
-    """Send ``signum`` to the ranks under mpiexec ``proc``; return how it went, in words."""
+def _pass_on(proc: subprocess.Popen[bytes], signum: int, announce: Callable[[str], None]) -> None:
+    """Send ``signum`` to the ranks under mpiexec ``proc``, calling ``announce(how)`` just before."""
     if signum != signal.SIGUSR2:
         # Hydra's mpiexec forwards SIGTERM and SIGINT to every rank as they are.
+        announce(f"{_signame(signum)} to mpiexec, which forwards it")
         proc.send_signal(signum)
-        return f"{_signame(signum)} to mpiexec, which forwards it"
+        return
     # Hydra dies on SIGUSR2 (killing the ranks), so it goes straight to the ranks, which
     # run on this host under mpiexec's proxies; before they exist, SIGTERM does the job.
     ranks = _ranks_under(proc.pid)
+    if not ranks:
+        announce("SIGTERM to mpiexec: no rank had started yet")
+        proc.send_signal(signal.SIGTERM)
+        return
+    announce(f"SIGUSR2 to {len(ranks)} rank(s)")
     for pid in ranks:
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
-    if ranks:
-        return f"SIGUSR2 to {len(ranks)} rank(s)"
-    proc.send_signal(signal.SIGTERM)
-    return "SIGTERM to mpiexec: no rank had started yet"
 
 
 def _ranks_under(pid: int) -> list[int]:
