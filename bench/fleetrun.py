@@ -19,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "data"
-# Thread settings of bench/run.py, so a bench run by hand measures what `make bench` does.
+# The environment `make bench` (bench/run.py) runs every benchmark in; a bench run by hand uses it too.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
        "NUMBA_NUM_THREADS": "1", "FLEETMPI_PROGRESS": "none"}

@@ -7,7 +7,6 @@ same mpiexec world). Not part of CI: timings are read by people, never asserted.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -18,9 +17,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
 MPIEXEC = str(Path(PY).parent / "mpiexec")
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-       "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-       "NUMBA_NUM_THREADS": "1", "FLEETMPI_PROGRESS": "none"}
+sys.path.insert(0, str(HERE))
+from fleetrun import ENV   # one place for the benchmarks' threads and PYTHONPATH
 
 BENCHES: list[tuple[str, list[str]]] = [
     ("kernels", [PY, str(HERE / "bench_kernels.py")]),
