@@ -18,7 +18,7 @@ ROOT = HERE.parent
 PY = sys.executable
 MPIEXEC = str(Path(PY).parent / "mpiexec")
 sys.path.insert(0, str(HERE))
-from fleetrun import ENV   # one place for the benchmarks' threads and PYTHONPATH
+from fleetrun import ENV  # one place for the benchmarks' threads and PYTHONPATH
 
 BENCHES: list[tuple[str, list[str]]] = [
     ("kernels", [PY, str(HERE / "bench_kernels.py")]),
