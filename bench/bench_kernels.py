@@ -17,7 +17,10 @@ would then ask the impossible of a float64 kernel; of_bound is what is left to w
 Linear and logistic run in both compute precisions ("f32" rows: ``compute="float32"``,
 kernels.cpu_glm). Sizes: 200000 x 128 (X from DRAM) and 1536 x 128 (768 KiB, fits in L2). Kernels on one
 numba thread. Timings are best-of, interleaved between the kernels, so a loaded machine
-hurts every row alike. ``--gradients-only`` prints just that table (no results file).
+hurts every row alike. X starts on a 64-byte boundary, as the engine's reader holds a
+batch (kernels.memory); the "(numpy-placed X)" rows run the float32 GLM kernels on the
+same values where numpy put them (x_offset: the start mod 64; 16 for a large array).
+``--gradients-only`` prints just that table (no results file).
 Also: the MLP training step (784-128-10, batch 128, one thread, float64 and float32
 compute) against PyTorch CPU in both dtypes, and one rank with 2 numba threads against
 1 thread (the 2-ranks-x-1-thread side is bench_scaling's).
@@ -40,6 +43,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import save, table
 
 from kernels import cpu, cpu_mlp, reference
+from kernels.memory import aligned_empty
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -87,22 +91,14 @@ def _best_interleaved(fns: dict, rounds: int, per: int) -> dict:
     return best
 
 
-def _aligned(a: np.ndarray, to: int = 64) -> np.ndarray:
-    """Return a copy of 1-D ``a`` whose data starts on a ``to``-byte boundary."""
-    raw = np.empty(a.nbytes + to, dtype=np.uint8)
-    start = -raw.ctypes.data % to
-    out = raw[start:start + a.nbytes].view(a.dtype)
-    out[:] = a
-    return out
-
-
 def fma_peak() -> dict[str, float]:
     """Return one core's FMA-loop GFLOP/s (2 flops per FMA) in float64 and float32."""
     out = {}
     for dt in (np.float64, np.float32):
         # 16 / 8 KiB: L1. Aligned to 64 bytes: numpy's 16-byte alignment let half the runs
         # split every vector load over two cache lines (measured 35 against 52 GFLOP/s).
-        x = _aligned(np.random.default_rng(1).random(2048).astype(dt))
+        x = aligned_empty(2048, dt)
+        x[:] = np.random.default_rng(1).random(2048)
         reps = 4000
         _fma_loop(x, 1)
         t = _best_interleaved({"f": lambda: _fma_loop(x, reps)}, 7, 1)["f"]
@@ -126,7 +122,13 @@ def attainable_GBps(read_GBps: float, peak_gflops: float, fpb: float) -> float:
 def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5, threads: int = 1,
               peak: dict[str, float] | None = None) -> list[dict]:
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((n, d), dtype=np.float32)
+    Xn = rng.standard_normal((n, d), dtype=np.float32)
+    # X where the engine's reader puts a batch: on a 64-byte boundary (kernels.memory). The
+    # float32 GLM kernels also run on Xn, the same values where numpy placed them (for
+    # large arrays 16 bytes past one: every 64-byte load then spans two cache lines), so
+    # the table shows what the placement is worth (x_offset: X's start, mod 64).
+    X = aligned_empty(Xn.shape, Xn.dtype)
+    X[...] = Xn
     yb = (rng.random(n) < 0.5).astype(np.float32)
     yk = rng.integers(0, k, n).astype(np.float32)
     w = 0.1 * rng.standard_normal(d + 1)
@@ -141,12 +143,15 @@ def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5, threads: int =
     # kernels on 2 threads against a 1-thread read; bench/run.py sets NUMBA_NUM_THREADS=1.)
     threads_before = numba.get_num_threads()
     numba.set_num_threads(threads)
+    numpy_placed = " (numpy-placed X)"
     fns = {"read": lambda: _read_all(X), "read f32": lambda: _read_all32(X),
            "logistic": lambda: cpu.logistic_grad(X, yb, w, g),
            "logistic f32": lambda: cpu.logistic_grad(X, yb, w, g, "float32"),
            "linear": lambda: cpu.linear_grad(X, yb, w, g),
            "linear f32": lambda: cpu.linear_grad(X, yb, w, g, "float32"),
-           "softmax k=10": lambda: cpu.softmax_grad(X, yk, W, k, G)}
+           "softmax k=10": lambda: cpu.softmax_grad(X, yk, W, k, G),
+           "logistic f32" + numpy_placed: lambda: cpu.logistic_grad(Xn, yb, w, g, "float32"),
+           "linear f32" + numpy_placed: lambda: cpu.linear_grad(Xn, yb, w, g, "float32")}
     t = _best_interleaved(fns, rounds, per)
     refs = {"logistic": lambda: reference.logistic_loss_grad_twopass(X, yb, w),
             "linear": lambda: reference.linear_loss_grad(X, yb, w),
@@ -161,12 +166,14 @@ def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5, threads: int =
     for name in fns:
         if name.startswith("read"):
             continue
-        base = name.removesuffix(" f32")
+        kernel = name.removesuffix(numpy_placed)
+        base = kernel.removesuffix(" f32")
         fpb = flops_per_byte(name, k)
         flops = fpb * X.nbytes
-        compute = "float32" if name.endswith("f32") else "float64"
+        compute = "float32" if kernel.endswith("f32") else "float64"
         bound = attainable_GBps(gb / t_read, peak[compute], fpb) if peak else None
         rows.append({"kernel": name, "compute": compute, "n": n,
+                     "x_offset": (Xn if name != kernel else X).ctypes.data % 64,
                      "fused_GBps": gb / t[name], "numpy_GBps": gb / tr[base],
                      "read64_GBps": gb / t["read"], "read32_GBps": gb / t["read f32"],
                      "vs_numpy": tr[base] / t[name], "of_read": t_read / t[name],
@@ -255,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
           f"float32 {peak['float32']:.1f} GFLOP/s")
     print(table(f"gradient kernels, X float32 n x 128, {args.threads} numba thread(s) (GB/s of X; ratios"
                 " measured in this run)", rows,
-                [("kernel", "s"), ("compute", "s"), ("n", "d"), ("fused_GBps", ".2f"), ("numpy_GBps", ".2f"),
+                [("kernel", "s"), ("compute", "s"), ("n", "d"), ("x_offset", "d"), ("fused_GBps", ".2f"), ("numpy_GBps", ".2f"),
                  ("read64_GBps", ".2f"), ("read32_GBps", ".2f"),
                  ("vs_numpy", ".2f"), ("of_read", ".2f"), ("GFLOPs", ".1f"), ("of_fma_peak_f64", ".2f"),
                  ("bound_GBps", ".2f"), ("of_bound", ".2f")]))

@@ -22,6 +22,7 @@ from h5py import h5s, h5t
 from fleetmpi.errors import BadInput, quote
 from fleetmpi.spec import MAX_CLASSES
 from kernels import lazy_njit
+from kernels.memory import aligned_empty
 
 if TYPE_CHECKING:
     from kernels.sparse import CsrBatch
@@ -485,7 +486,7 @@ class RankReader:
         self._f = open_h5(path)
         self.X, self.y = _datasets(self._f, path)
         self.n, self.d = self.X.shape
-        self._xbuf = np.empty((0, self.d), np.float32)
+        self._xbuf = aligned_empty((0, self.d), np.float32)
         self._ybuf = np.empty(0, np.float32)
         self._map: tuple[np.ndarray, np.ndarray] | None = None
         if direct:
@@ -508,7 +509,9 @@ class RankReader:
         ranges = sorted(ranges)
         total = sum(hi - lo for lo, hi in ranges)
         if self._xbuf.shape[0] < total:
-            self._xbuf = np.empty((total, self.d), np.float32)
+            # On a cache line: the kernels' vector loads then touch one line each
+            # (kernels.memory: 1.1-1.15x on the float32 GLM gradients at d = 128).
+            self._xbuf = aligned_empty((total, self.d), np.float32)
             self._ybuf = np.empty(total, np.float32)
         X, y = self._xbuf[:total], self._ybuf[:total]
         layers = _layers(ranges)
@@ -540,7 +543,7 @@ class RankReader:
 
     def read_contiguous(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """Return copies of rows [lo, hi) (a rank's fixed shard, e.g. validation data)."""
-        X = np.empty((hi - lo, self.d), np.float32)
+        X = aligned_empty((hi - lo, self.d), np.float32)
         if hi > lo:
             self.X.read_direct(X, np.s_[lo:hi], np.s_[0:hi - lo])
         return X, np.asarray(self.y[lo:hi], dtype=np.float32)

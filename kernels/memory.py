@@ -1,0 +1,37 @@
+"""Arrays whose data start on a cache-line boundary, for the kernels' row buffers.
+
+The GLM and softmax kernels read X a 64-byte vector at a time (``kernels.simd``: a zmm of
+float32, or two ymm). numpy puts a large array 16 bytes past a page boundary (glibc's
+mmap'ed chunk header), so with 512-byte rows (d = 128) every such load spans two cache
+lines and costs two L1 accesses. Allocated on a 64-byte boundary instead, each row of a
+d that is a multiple of 16 float32 starts on a line and each load touches one.
+
+Measured (one thread, Zen 4, X float32 x 128, best of 20 calls interleaved, of the bench's
+flat float32 read loop in the same run): 200k rows, from DRAM, float32 linear 0.83 -> 0.93,
+float32 logistic 0.77 -> 0.89, float64 linear 0.62 -> 0.65; 1536 rows (in L2), float32
+linear 34 -> 44 GB/s. The read loop itself moved by at most 6%. The kernels' results do
+not depend on where X starts (tests/unit/test_aligned.py compares them bit for bit).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ALIGN = 64   # bytes: one cache line, one AVX-512 vector
+
+
+def aligned_empty(shape: int | tuple[int, ...], dtype: np.dtype | type, align: int = ALIGN) -> np.ndarray:
+    """Return an uninitialised C-contiguous array whose data start on an ``align``-byte boundary.
+
+    A view into a slightly larger byte buffer (the view keeps it alive); writable, and
+    slices of its leading rows (``a[:m]``) start on the same boundary. (An empty array has
+    no data: numpy may report any address for it.)
+    """
+    if align < 1 or align & (align - 1):
+        raise ValueError(f"align must be a power of two, got {align}")
+    dt = np.dtype(dtype)
+    shape_t = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    count = int(np.prod(shape_t, dtype=np.int64))
+    raw = np.empty(count * dt.itemsize + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + count * dt.itemsize].view(dt).reshape(shape_t)
