@@ -152,6 +152,7 @@ class Phase:
         hosts = self.comm.gather(socket.gethostname(), root=0)
         if self.rank != 0:
             return None
+        _say_up()   # every rank is up, and nothing is written yet (the Slurm script's retry)
         from fleetmpi.engine.monitor import Monitor
         from fleetmpi.rules import parse_condition
         self.conditions = [parse_condition(r.when) for r in sp.fleet.rules]
@@ -173,13 +174,18 @@ class Phase:
             jd.event("resume", checkpoint=t.resumed_from, step=t.step, phase=t.phase_name)
         jd.event("phase_start", phase=t.phase_name, ranks=self.size, hosts=sorted(set(hosts)),
                  step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape(), device=t.device,
-                 startup=_startup_marks(self.marks), startup_cpu_s=round(self.cpu_ready, 3), compiled_kernels=cold)
+                 startup=_startup_marks(self.marks), startup_cpu_s=round(self.cpu_ready, 3), compiled_kernels=cold,
+                 **_step_try())
         mon.say(f"fleetmpi: phase {t.phase_name} on {self.size} rank(s) "
                 f"({', '.join(sorted(set(hosts)))}), step {t.step}, optimizer {t.optimizer}"
                 + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else "")
                 + f", device {t.device_detail}")
         for note in t.notes:
             mon.say(f"fleetmpi: note: {note}")
+        retried = _step_try()
+        if retried:
+            mon.say(f"fleetmpi: note: step started again (try {retried['step_try']}): the ranks of the try before "
+                    f"ended with exit code {retried['retried_after_exit_code']} before all of them were up")
         return mon
 
     def _loop(self, t: Trainer, mon: Any) -> int:
@@ -402,6 +408,29 @@ class Phase:
 
 def _fmt(v: float) -> str:
     return f"{v:g}"
+
+
+UP_FILE_ENV = "FLEETMPI_UP_FILE"     # created by rank 0 once every rank is up (the Slurm script)
+STEP_TRY_ENV = "FLEETMPI_STEP_TRY"   # which start of the step this is (the Slurm script's retry)
+
+
+def _say_up() -> None:
+    """Create $FLEETMPI_UP_FILE, if set: the batch script starts a step that died before it again."""
+    path = os.environ.get(UP_FILE_ENV)
+    if path:
+        # A flag for the batch shell alone, removed when the step ends: not a durable record.
+        with open(path, "wb"):
+            pass
+
+
+def _step_try() -> dict[str, int]:
+    """Return phase_start's fields for a step the batch script started again, else {}."""
+    try:
+        n = int(os.environ.get(STEP_TRY_ENV) or 1)
+        rc = int(os.environ.get("FLEETMPI_STEP_RETRY_RC") or -1)
+    except ValueError:
+        return {}
+    return {"step_try": n, "retried_after_exit_code": rc} if n > 1 else {}
 
 
 def _startup_marks(marks: dict[str, float]) -> dict[str, float]:

@@ -33,6 +33,12 @@ RANKS_SIGNAL = {"srun": "USR2", "mpiexec": "TERM"}
 # the first is rank 0 finishing its writes (model, events), seconds at most.
 # scheduler.launcher_args come after it on the line, so a site can still pass its own --wait.
 SRUN_WAIT_S = 60
+# Starts of a phase's step when its ranks die of a signal before they are all up (the
+# script's $up file): MPICH 5's PMI-2 client aborted in MPI_Init (SIGABRT after a malformed
+# request, "mpi/pmi2: value not properly terminated" in slurmd's log) in 5 of the ~8,400
+# tasks that the minicluster's slurmd logs record. Nothing was written then; a second
+# start loses nothing.
+STEP_TRIES = 2
 
 
 @dataclass(frozen=True)
@@ -118,15 +124,30 @@ def _body(command: BatchCommand, ranks: int, ranks_per_node: int) -> list[str]:
         "}",
         "trap 'on_stop USR2' USR2",
         "trap 'on_stop TERM' TERM",
+        "# Rank 0 creates $up once every rank is up (MPI started, data and checkpoint open), before",
+        "# it writes anything. A step whose ranks died of a signal before that (MPICH's PMI-2 client",
+        "# now and then aborts in MPI_Init under srun) wrote nothing, so it starts once more.",
+        'up="slurm/.$run.up"',
+        'export FLEETMPI_UP_FILE="$job_dir/$up" FLEETMPI_STEP_TRY=1',
         "rc=0",
         '"$python" -m fleetmpi.launch.slurm.batch begin "$job_dir" --phase "$phase" || rc=$?',
         'if ((rc == 0)) && [[ -z $stop_signal ]]; then',
-        f"    {' '.join(step)} &",
-        "    step=$!",
-        '    wait "$step"; rc=$?',
-        "    # A trapped signal interrupts wait; wait again until the step has really ended.",
-        '    while kill -0 "$step" 2>/dev/null; do wait "$step"; rc=$?; done',
-        '    wait "$step"; rc=$?',
+        "    while :; do",
+        '        rm -f -- "$up"',
+        f"        {' '.join(step)} &",
+        "        step=$!",
+        '        wait "$step"; rc=$?',
+        "        # A trapped signal interrupts wait; wait again until the step has really ended.",
+        '        while kill -0 "$step" 2>/dev/null; do wait "$step"; rc=$?; done',
+        '        wait "$step"; rc=$?',
+        f"        if ((rc > 128 && FLEETMPI_STEP_TRY < {STEP_TRIES})) && [[ -z $stop_signal && ! -e $up ]]; then",
+        '            echo "fleetmpi: the ranks ended with exit code $rc before all were up; starting the step once more" >&2',
+        "            export FLEETMPI_STEP_TRY=$((FLEETMPI_STEP_TRY + 1)) FLEETMPI_STEP_RETRY_RC=$rc",
+        "            continue",
+        "        fi",
+        "        break",
+        "    done",
+        '    rm -f -- "$up"',
         "fi",
         'printf \'%s\\n\' "$rc" >"slurm/.$run.exit.tmp" && mv -f "slurm/.$run.exit.tmp" "slurm/$run.exit"',
         "# The continuation must not be cut short: it ignores USR2 and TERM (inherited, so also",
