@@ -52,12 +52,11 @@ Tried and measured no better, so not done:
   ~2% on the kernel, and results further from libm's);
 - for float64: converting each block once into an L1 float64 buffer (the convert-and-
   store pass alone took 0.87 of the read loop's time: 64-byte stores).
-Where X starts matters as much as any of the above: on a 64-byte boundary (as the
-engine's reader holds a batch: kernels.memory) every 64-byte load touches one cache line;
-where numpy puts a large array (16 bytes past one) each spans two. Same bench, aligned
-against numpy-placed X, one run at load 0.3: 200k x 128 float32 linear 0.93 against
-0.86 of the read, float32 logistic 0.90 against 0.80; 1536 x 128 float32 linear 39
-against 32 GB/s. The results are the same bits either way (tests/unit/test_aligned.py).
+Where X starts matters too (kernels.memory): in L2, rows on a 64-byte boundary (as the
+engine's reader holds a batch) ran 1.2x rows 16 bytes past one (numpy's placement of a
+large array), because every 64-byte load then touches one cache line, not two. From DRAM
+the sign changed between runs on the bench VM (kernels.memory has the figures); the
+bench shows both placements. The results are the same bits either way.
 At L2 size the roofline bound is the FMA peak, not the read (bench_kernels' of_bound):
 0.85 of the read there would need ~0.9 of the float32 FMA peak, and 1.85x the float64 one.
 """

@@ -6,11 +6,17 @@ mmap'ed chunk header), so with 512-byte rows (d = 128) every such load spans two
 lines and costs two L1 accesses. Allocated on a 64-byte boundary instead, each row of a
 d that is a multiple of 16 float32 starts on a line and each load touches one.
 
-Measured (one thread, Zen 4, X float32 x 128, best of 20 calls interleaved, of the bench's
-flat float32 read loop in the same run): 200k rows, from DRAM, float32 linear 0.83 -> 0.93,
-float32 logistic 0.77 -> 0.89, float64 linear 0.62 -> 0.65; 1536 rows (in L2), float32
-linear 34 -> 44 GB/s. The read loop itself moved by at most 6%. The kernels' results do
-not depend on where X starts (tests/unit/test_aligned.py compares them bit for bit).
+Measured (one thread, Zen 4 VM, X float32 x 128, best of 20+ calls interleaved, of the
+bench's flat float32 read loop in the same run):
+- in L2 (1536 rows, what a batch is right after the reader wrote it): float32 linear 32 -> 39
+  GB/s and logistic 30 -> 36 (0.31 -> 0.38 and 0.29 -> 0.35 of the read), in every run;
+- from DRAM (200k rows) the placement moved the rate both ways on this VM: in the first
+  runs 0.83 -> 0.93 (linear) and 0.77 -> 0.89 (logistic); twenty minutes later, in every
+  run since, starts 16 or 48 bytes past a line ran 0.83-0.92 and starts on 0, 32 or 64
+  bytes 0.69-0.83, whatever the prefetch distance (32 to 192 rows). The rows-ahead
+  prefetch (kernels.cpu_glm) was tuned on numpy-placed arrays. Not understood yet.
+The reader's batches are aligned for the in-cache case. The kernels' results do not
+depend on where X starts (tests/unit/test_aligned.py compares them bit for bit).
 """
 
 from __future__ import annotations
