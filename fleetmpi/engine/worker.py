@@ -172,17 +172,17 @@ class Phase:
             jd.event("checkpoint_skipped", path=path, moved_to=aside, reason=why)
         if t.resumed_from:
             jd.event("resume", checkpoint=t.resumed_from, step=t.step, phase=t.phase_name)
+        retried = _step_try()
         jd.event("phase_start", phase=t.phase_name, ranks=self.size, hosts=sorted(set(hosts)),
                  step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape(), device=t.device,
                  startup=_startup_marks(self.marks), startup_cpu_s=round(self.cpu_ready, 3), compiled_kernels=cold,
-                 **_step_try())
+                 **retried)
         mon.say(f"fleetmpi: phase {t.phase_name} on {self.size} rank(s) "
                 f"({', '.join(sorted(set(hosts)))}), step {t.step}, optimizer {t.optimizer}"
                 + (f", resumed from {os.path.basename(t.resumed_from)}" if t.resumed_from else "")
                 + f", device {t.device_detail}")
         for note in t.notes:
             mon.say(f"fleetmpi: note: {note}")
-        retried = _step_try()
         if retried:
             mon.say(f"fleetmpi: note: step started again (try {retried['step_try']}): the ranks of the try before "
                     f"ended with exit code {retried['retried_after_exit_code']} before all of them were up")
@@ -419,8 +419,11 @@ def _say_up() -> None:
     path = os.environ.get(UP_FILE_ENV)
     if path:
         # A flag for the batch shell alone, removed when the step ends: not a durable record.
-        with open(path, "wb"):
-            pass
+        try:
+            with open(path, "wb"):
+                pass
+        except OSError as e:   # not worth the phase: without it, a crash may start the step again
+            print(f"fleetmpi: warning: could not create {path}: {e}", file=sys.stderr, flush=True)
 
 
 def _step_try() -> dict[str, int]:

@@ -22,16 +22,8 @@ import os
 import subprocess
 import sys
 
-
-def real_sbatch() -> str:
-    here = os.path.dirname(os.path.abspath(sys.argv[0]))
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        if not folder or os.path.abspath(folder) == here:
-            continue
-        cand = os.path.join(folder, "sbatch")
-        if os.access(cand, os.X_OK) and os.path.realpath(cand) != os.path.realpath(sys.argv[0]):
-            return cand
-    sys.exit("sbatch_fault_injector: no real sbatch on PATH")
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))   # the link's target folder
+from real_command import real_command
 
 
 def main() -> int:
@@ -52,9 +44,9 @@ def main() -> int:
         with open(log, "a") as f:
             f.write(json.dumps({"argv": args, "submission": submission, "fault": fault}) + "\n")
     if fault is None:
-        os.execv(real_sbatch(), ["sbatch", *args])
+        os.execv(real_command("sbatch"), ["sbatch", *args])
     if fault == "timeout-after-submit":
-        subprocess.run([real_sbatch(), *args], capture_output=True)  # the job is created; the answer is lost
+        subprocess.run([real_command("sbatch"), *args], capture_output=True)  # the job is created; the answer is lost
         print("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation", file=sys.stderr)
     elif fault == "transient":
         print("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)",

@@ -15,18 +15,10 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))   # the link's target folder
+from real_command import real_command
+
 WORKER = "fleetmpi.engine.worker"
-
-
-def real_srun() -> str:
-    here = os.path.dirname(os.path.abspath(sys.argv[0]))
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        if not folder or os.path.abspath(folder) == here:
-            continue
-        cand = os.path.join(folder, "srun")
-        if os.access(cand, os.X_OK) and os.path.realpath(cand) != os.path.realpath(sys.argv[0]):
-            return cand
-    sys.exit("srun_fault_injector: no real srun on PATH")
 
 
 def main() -> int:
@@ -45,7 +37,7 @@ def main() -> int:
     if log:
         with open(log, "a") as f:
             f.write(json.dumps({"argv": sys.argv[1:], "fault": fault}) + "\n")
-    os.execv(real_srun(), ["srun", *args])
+    os.execv(real_command("srun"), ["srun", *args])
     return 1
 
 
