@@ -27,7 +27,7 @@ from typing import Any
 from fleetmpi.errors import BadInput
 from fleetmpi.jobdir import JobDir, atomic_write_bytes
 
-__all__ = ["LOCK_FD_ENV", "JobDirBusy", "JobLock", "read_holder"]
+__all__ = ["LOCK_FD_ENV", "JobDirBusy", "JobLock", "read_holder", "writer_may_be_alive"]
 
 LOCK_FD_ENV = "FLEETMPI_LOCK_FD"
 
@@ -43,6 +43,22 @@ def read_holder(jd: JobDir) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     return rec if isinstance(rec, dict) else None
+
+
+def writer_may_be_alive(jd: JobDir) -> bool:
+    """Return whether a holder of ``jd``'s lock may still be writing (without touching the lock).
+
+    False when no holder is recorded, or the recorded holder is a dead pid of this host; a
+    holder on another host cannot be asked, so True. Readers only: taking even a shared
+    flock to find out could make a starting writer's non-blocking try fail.
+    """
+    holder = read_holder(jd)
+    if holder is None:
+        return False
+    pid = holder.get("pid")
+    if holder.get("host") == socket.gethostname() and isinstance(pid, int):
+        return _alive(pid)
+    return True
 
 
 class JobLock:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fleetmpi.jobdir import JobDir
+from fleetmpi.lock import writer_may_be_alive
 
 TAIL_BYTES = 65536
 ACTIVE = ("RUNNING", "RESCALING", "QUEUED", "STARTING")
@@ -100,12 +101,36 @@ def format_event(ev: dict[str, Any]) -> str:
     return f"{when} {kind:<18} " + " ".join(f"{k}={v}" for k, v in ev.items())
 
 
+# After state.json says the job ended, how long `events --follow` waits for the job dir's
+# writer to let go (its last events come after the status: the launcher's phase_exit).
+WRITER_GRACE_S = 10.0
+
+
+def job_over(jd: JobDir, grace_s: float = WRITER_GRACE_S) -> Callable[[], bool]:
+    """Return a check: the status says ended, and the job dir's writer has gone (or grace_s passed).
+
+    The ranks' rank 0 writes the final status (STOPPED, COMPLETED...) before the launcher
+    writes phase_exit and lets go of the lock; a follower that stopped at the status lost
+    those last lines (seen: tests/mpi/test_watch.py, under load).
+    """
+    since: list[float] = []
+
+    def check() -> bool:
+        if jd.read_state().get("status") in NOT_ENDED:
+            since.clear()
+            return False
+        if not since:
+            since.append(time.monotonic())
+        return not writer_may_be_alive(jd) or time.monotonic() - since[0] >= grace_s
+    return check
+
+
 def follow_events(jd: JobDir, as_json: bool, poll_s: float = 0.5,
                   done: Callable[[], bool] | None = None) -> None:
     """Print the job's events, then new ones as they are written, until the job ends (or Ctrl-C)."""
     offset = 0
     buf = b""
-    ended = done or (lambda: jd.read_state().get("status") not in NOT_ENDED)
+    ended = done or job_over(jd)
     while True:
         finished = ended()   # asked first: lines written before it ended are still read below
         try:
