@@ -11,10 +11,13 @@ bench's flat float32 read loop in the same run):
 - in L2 (1536 rows, what a batch is right after the reader wrote it): float32 linear 32 -> 39
   GB/s and logistic 30 -> 36 (0.31 -> 0.38 and 0.29 -> 0.35 of the read), in every run;
 - from DRAM (200k rows) the placement moved the rate both ways on this VM: in the first
-  runs 0.83 -> 0.93 (linear) and 0.77 -> 0.89 (logistic); twenty minutes later, in every
-  run since, starts 16 or 48 bytes past a line ran 0.83-0.92 and starts on 0, 32 or 64
-  bytes 0.69-0.83, whatever the prefetch distance (32 to 192 rows). The rows-ahead
+  runs 0.83 -> 0.93 (linear) and 0.77 -> 0.89 (logistic); for the next forty minutes
+  starts 16 or 48 bytes past a line ran 0.83-0.92 and starts on 0, 32 or 64 bytes
+  0.69-0.83, whatever the prefetch distance (32 to 192 rows); then the two kernels split
+  (aligned logistic 0.88 against 0.84, aligned linear 0.80 against 0.89). The rows-ahead
   prefetch (kernels.cpu_glm) was tuned on numpy-placed arrays. Not understood yet.
+  End to end (bench_throughput, d = 64, batches 256-4096) the reader's placement moved
+  samples/s by less than the run-to-run spread.
 The reader's batches are aligned for the in-cache case. The kernels' results do not
 depend on where X starts (tests/unit/test_aligned.py compares them bit for bit).
 """
