@@ -113,15 +113,16 @@ def job_over(jd: JobDir, grace_s: float = WRITER_GRACE_S) -> Callable[[], bool]:
     writes phase_exit and lets go of the lock; a follower that stopped at the status lost
     those last lines (seen: tests/mpi/test_watch.py, under load).
     """
-    since: list[float] = []
+    since: float | None = None   # when the status was first seen ended
 
     def check() -> bool:
+        nonlocal since
         if jd.read_state().get("status") in NOT_ENDED:
-            since.clear()
+            since = None
             return False
-        if not since:
-            since.append(time.monotonic())
-        return not writer_may_be_alive(jd) or time.monotonic() - since[0] >= grace_s
+        if since is None:
+            since = time.monotonic()
+        return not writer_may_be_alive(jd) or time.monotonic() - since >= grace_s
     return check
 
 

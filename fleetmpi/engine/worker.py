@@ -39,6 +39,7 @@ from fleetmpi.engine.technique import TECHNIQUES, StepRecord
 from fleetmpi.engine.trainer import Trainer, gc_after_startup
 from fleetmpi.errors import BadInput, DiskFull, ExitCode, TrainingFailed, disk_full
 from fleetmpi.jobdir import JobDir
+from fleetmpi.launch.slurm.script import say_up, step_try
 from kernels import lean_numba_start
 
 
@@ -152,7 +153,7 @@ class Phase:
         hosts = self.comm.gather(socket.gethostname(), root=0)
         if self.rank != 0:
             return None
-        _say_up()   # every rank is up, and nothing is written yet (the Slurm script's retry)
+        say_up()   # every rank is up, and nothing is written yet (the Slurm script's retry)
         from fleetmpi.engine.monitor import Monitor
         from fleetmpi.rules import parse_condition
         self.conditions = [parse_condition(r.when) for r in sp.fleet.rules]
@@ -172,7 +173,7 @@ class Phase:
             jd.event("checkpoint_skipped", path=path, moved_to=aside, reason=why)
         if t.resumed_from:
             jd.event("resume", checkpoint=t.resumed_from, step=t.step, phase=t.phase_name)
-        retried = _step_try()
+        retried = step_try()
         jd.event("phase_start", phase=t.phase_name, ranks=self.size, hosts=sorted(set(hosts)),
                  step=t.step, optimizer=t.optimizer, shape=sp.phase(t.phase_name).shape(), device=t.device,
                  startup=_startup_marks(self.marks), startup_cpu_s=round(self.cpu_ready, 3), compiled_kernels=cold,
@@ -408,32 +409,6 @@ class Phase:
 
 def _fmt(v: float) -> str:
     return f"{v:g}"
-
-
-UP_FILE_ENV = "FLEETMPI_UP_FILE"     # created by rank 0 once every rank is up (the Slurm script)
-STEP_TRY_ENV = "FLEETMPI_STEP_TRY"   # which start of the step this is (the Slurm script's retry)
-
-
-def _say_up() -> None:
-    """Create $FLEETMPI_UP_FILE, if set: the batch script starts a step that died before it again."""
-    path = os.environ.get(UP_FILE_ENV)
-    if path:
-        # A flag for the batch shell alone, removed when the step ends: not a durable record.
-        try:
-            with open(path, "wb"):
-                pass
-        except OSError as e:   # not worth the phase: without it, a crash may start the step again
-            print(f"fleetmpi: warning: could not create {path}: {e}", file=sys.stderr, flush=True)
-
-
-def _step_try() -> dict[str, int]:
-    """Return phase_start's fields for a step the batch script started again, else {}."""
-    try:
-        n = int(os.environ.get(STEP_TRY_ENV) or 1)
-        rc = int(os.environ.get("FLEETMPI_STEP_RETRY_RC") or -1)
-    except ValueError:
-        return {}
-    return {"step_try": n, "retried_after_exit_code": rc} if n > 1 else {}
 
 
 def _startup_marks(marks: dict[str, float]) -> dict[str, float]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
 import shlex
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,6 +41,36 @@ SRUN_WAIT_S = 60
 # tasks that the minicluster's slurmd logs record. Nothing was written then; a second
 # start loses nothing.
 STEP_TRIES = 2
+# The script's side of that contract with the ranks (read by the worker: ``say_up``, ``step_try``).
+UP_FILE_ENV = "FLEETMPI_UP_FILE"          # rank 0 creates it once every rank is up
+STEP_TRY_ENV = "FLEETMPI_STEP_TRY"        # which start of the step this is, from 1
+RETRY_RC_ENV = "FLEETMPI_STEP_RETRY_RC"   # the exit code of the start before
+
+
+def say_up() -> None:
+    """Create $FLEETMPI_UP_FILE, if set (rank 0, every rank up, nothing written yet).
+
+    A flag for the batch shell alone, removed when the step ends: not a durable record.
+    If it cannot be made, a warning: the phase matters more than the retry (without the
+    flag, a later crash may start the step again, which resumes from the checkpoint).
+    """
+    path = os.environ.get(UP_FILE_ENV)
+    if path:
+        try:
+            with open(path, "wb"):
+                pass
+        except OSError as e:
+            print(f"fleetmpi: warning: could not create {path}: {e}", file=sys.stderr, flush=True)
+
+
+def step_try() -> dict[str, int]:
+    """Return phase_start's fields for a step the batch script started again, else {}."""
+    try:
+        n = int(os.environ.get(STEP_TRY_ENV) or 1)
+        rc = int(os.environ.get(RETRY_RC_ENV) or -1)
+    except ValueError:
+        return {}
+    return {"step_try": n, "retried_after_exit_code": rc} if n > 1 else {}
 
 
 @dataclass(frozen=True)
@@ -128,7 +160,7 @@ def _body(command: BatchCommand, ranks: int, ranks_per_node: int) -> list[str]:
         "# it writes anything. A step whose ranks died of a signal before that (MPICH's PMI-2 client",
         "# now and then aborts in MPI_Init under srun) wrote nothing, so it starts once more.",
         'up="slurm/.$run.up"',
-        'export FLEETMPI_UP_FILE="$job_dir/$up" FLEETMPI_STEP_TRY=1',
+        f'export {UP_FILE_ENV}="$job_dir/$up" {STEP_TRY_ENV}=1',
         "rc=0",
         '"$python" -m fleetmpi.launch.slurm.batch begin "$job_dir" --phase "$phase" || rc=$?',
         'if ((rc == 0)) && [[ -z $stop_signal ]]; then',
@@ -140,9 +172,9 @@ def _body(command: BatchCommand, ranks: int, ranks_per_node: int) -> list[str]:
         "        # A trapped signal interrupts wait; wait again until the step has really ended.",
         '        while kill -0 "$step" 2>/dev/null; do wait "$step"; rc=$?; done',
         '        wait "$step"; rc=$?',
-        f"        if ((rc > 128 && FLEETMPI_STEP_TRY < {STEP_TRIES})) && [[ -z $stop_signal && ! -e $up ]]; then",
+        f"        if ((rc > 128 && {STEP_TRY_ENV} < {STEP_TRIES})) && [[ -z $stop_signal && ! -e $up ]]; then",
         '            echo "fleetmpi: the ranks ended with exit code $rc before all were up; starting the step once more" >&2',
-        "            export FLEETMPI_STEP_TRY=$((FLEETMPI_STEP_TRY + 1)) FLEETMPI_STEP_RETRY_RC=$rc",
+        f"            export {STEP_TRY_ENV}=$(({STEP_TRY_ENV} + 1)) {RETRY_RC_ENV}=$rc",
         "            continue",
         "        fi",
         "        break",
