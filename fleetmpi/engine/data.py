@@ -21,7 +21,7 @@ from h5py import h5s, h5t
 
 from fleetmpi.errors import BadInput, quote
 from fleetmpi.spec import MAX_CLASSES
-from kernels import lazy_njit
+from kernels import lazy_njit, num_threads
 from kernels.memory import aligned_empty
 
 if TYPE_CHECKING:
@@ -37,6 +37,11 @@ _FP_MASK = np.uint64(2**31 - 1)
 # The finite check reads this many bytes of X per block, so its memory stays bounded.
 CHECK_BLOCK_BYTES = 16 << 20
 
+# Batches of at least this many rows are copied out of a memory map on all of a rank's numba
+# threads (threads_per_rank > 1; kernels.gather); below it the copy is too short for the
+# threads' start to pay (the gradient kernels split from the same size).
+GATHER_THREADS_MIN_ROWS = 1024
+
 
 def row_fingerprint(lo: int, hi: int) -> float:
     """Return the sum of hash(i) over rows lo..hi-1 (exact in float64)."""
@@ -51,19 +56,6 @@ def _fingerprint(lo: np.ndarray, hi: np.ndarray) -> np.uint64:
         for i in range(lo[k], hi[k]):
             total += (np.uint64(i) * _FP_MULT) & _FP_MASK
     return total
-
-
-@lazy_njit(cache=True, nogil=True)
-def _gather(X: np.ndarray, y: np.ndarray, lo: np.ndarray, hi: np.ndarray, out_x: np.ndarray,
-            out_y: np.ndarray) -> None:
-    """Copy rows [lo[k], hi[k]) of X and y, k in order, to the front of out_x / out_y (y -> float32)."""
-    off = 0
-    for k in range(lo.size):
-        m = hi[k] - lo[k]
-        out_x[off:off + m, :] = X[lo[k]:hi[k], :]
-        for i in range(m):
-            out_y[off + i] = np.float32(y[lo[k] + i])
-        off += m
 
 
 def _mapped(path: Path, f: h5py.File, dset: h5py.Dataset) -> np.ndarray | None:
@@ -499,12 +491,15 @@ class RankReader:
         """Whether rows are read through a memory map of the file (else through HDF5)."""
         return self._map is not None
 
-    def read(self, ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, float]:
+    def read(self, ranges: list[tuple[int, int]], *, threads: bool | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         """Return (X rows, y rows, fingerprint) of the row ranges; views into reused buffers.
 
-        All ranges are read with ONE HDF5 read of a union of hyperslabs (one call per
-        block costs ~40 us each, 10x the data movement at typical batch sizes). Rows come
-        back in file order: deterministic, and a gradient sum does not depend on order.
+        Through the memory map, one copy kernel (``kernels.gather``) on all of the rank's
+        numba threads from GATHER_THREADS_MIN_ROWS rows (``threads`` True / False forces
+        it; the bits are the same either way); else ONE HDF5 read of a union of
+        hyperslabs (one call per block costs ~40 us each, 10x the data movement at
+        typical batch sizes). Rows come back in file order: deterministic, and a gradient
+        sum does not depend on order.
         """
         ranges = sorted(ranges)
         total = sum(hi - lo for lo, hi in ranges)
@@ -518,7 +513,13 @@ class RankReader:
         bounds = np.array([r for layer in layers for r in layer], np.int64).reshape(-1, 2)
         lo, hi = bounds[:, 0].copy(), bounds[:, 1].copy()
         if self._map is not None:
-            _gather(self._map[0], self._map[1], lo, hi, X, y)
+            # Imported here: it imports numba, which stays off the CLI's data checks (as lazy_njit).
+            from kernels import gather
+            parts = num_threads() if threads is None and total >= GATHER_THREADS_MIN_ROWS else 1
+            if threads or parts > 1:
+                gather.gather_rows_threads(self._map[0], self._map[1], lo, hi, X, y, max(2, parts))
+            else:
+                gather.gather_rows(self._map[0], self._map[1], lo, hi, X, y)
         else:
             off = 0
             for layer in layers:

@@ -49,14 +49,15 @@ class PinnedReader(RankReader):
         super().__init__(path)
         self._slots = [(place.pinned((rows, self.d), np.float32), place.pinned(rows, np.float32)) for _ in range(2)]
 
-    def read(self, ranges: list[tuple[int, int]], slot: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    def read(self, ranges: list[tuple[int, int]], slot: int | None = None, *,
+             threads: bool | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         """Read into pinned slot 0 or 1 (views valid until that slot is read again); None: unpinned buffers."""
         if slot is None:
-            return super().read(ranges)
+            return super().read(ranges, threads=threads)
         own = self._xbuf, self._ybuf
         self._xbuf, self._ybuf = self._slots[slot]
         try:
-            return super().read(ranges)
+            return super().read(ranges, threads=threads)
         finally:
             self._slots[slot] = (self._xbuf, self._ybuf)
             self._xbuf, self._ybuf = own

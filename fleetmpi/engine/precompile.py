@@ -33,7 +33,8 @@ Y_DTYPES = (np.float32, np.float64, np.int64, np.int32)
 
 
 def _data_kernels() -> None:
-    """Read a few rows of tiny HDF5 files through the engine's reader, one per y dtype."""
+    """Read a few rows of tiny HDF5 files through the engine's reader, one per y dtype, with
+    the one-thread and the threaded copy kernel (kernels.gather)."""
     import h5py
 
     from fleetmpi.engine.data import RankReader
@@ -47,7 +48,8 @@ def _data_kernels() -> None:
                 f.create_dataset("y", data=rng.integers(0, 3, 6).astype(dt))
             reader = RankReader(path)
             try:
-                reader.read([(0, 2), (3, 5)])
+                for threads in (False, True):   # the copy kernel of one thread and of threads_per_rank > 1
+                    reader.read([(0, 2), (3, 5)], threads=threads)
             finally:
                 reader.close()
 
