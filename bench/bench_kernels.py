@@ -23,15 +23,20 @@ same values where numpy put them (x_offset: the start mod 64; 16 for a large arr
 ``--gradients-only`` prints just that table (no results file).
 Also: the MLP training step (784-128-10, batch 128, one thread, float64 and float32
 compute) against PyTorch CPU in both dtypes, and one rank with 2 numba threads against
-1 thread (the 2-ranks-x-1-thread side is bench_scaling's).
+1 thread (the 2-ranks-x-1-thread side is bench_scaling's): the softmax gradient and the
+reader's batch copy (against numpy's copy of the same row ranges), run in a child process
+with NUMBA_NUM_THREADS=2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")   # one BLAS thread, as in a rank; before numpy loads
@@ -246,13 +251,85 @@ def threads(n: int = 200_000, d: int = 128, k: int = 10) -> list[dict]:
     return rows
 
 
+def batch_copy(n: int = 200_000, d: int = 128, batch: int = 4096, batches: int = 200) -> list[dict]:
+    """Return the engine's batch copy (RankReader.read through the file's memory map) at 1 and
+    2 numba threads against numpy's copy of the same row ranges, ms per batch.
+
+    The file is a make-data-sized HDF5 file (n x d float32, in the page cache); the batches'
+    row ranges come from the engine's SampleOrder (shuffled 32-row blocks).
+    """
+    import tempfile
+
+    import h5py
+
+    from fleetmpi.engine.data import RankReader, SampleOrder
+    rng = np.random.default_rng(5)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "train.h5")
+        with h5py.File(path, "w") as f:
+            f["X"] = rng.standard_normal((n, d), dtype=np.float32)
+            f["y"] = rng.integers(0, 2, n).astype(np.float32)
+        reader = RankReader(Path(path))
+        order = SampleOrder(n, batch, 0, 32)
+        plans = [sorted(order.ranges(s * batch, (s + 1) * batch)) for s in range(batches)]
+        X, y = reader._map   # the map the reader copies from: numpy's copy reads the same pages
+
+        def numpy_copy() -> None:
+            for p in plans:
+                np.concatenate([X[a:b] for a, b in p])
+                np.concatenate([y[a:b] for a, b in p])
+
+        fns = {"numpy": numpy_copy}
+        counts = sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+        def engine_copy(nt: int) -> None:
+            numba.set_num_threads(nt)   # as a rank with threads_per_rank nt; the reader picks its kernel
+            for p in plans:
+                reader.read(p)
+
+        for nt in counts:
+            fns[f"t{nt}"] = lambda nt=nt: engine_copy(nt)
+        for f in fns.values():
+            f()   # maps every page, loads the kernels
+        t = _best_interleaved(fns, 5, 1)
+        want = np.concatenate([X[a:b] for a, b in plans[-1]])
+        same = {}
+        for nt in counts:
+            engine_copy(nt)
+            same[nt] = (reader.read(plans[-1])[0] == want).all()
+        numba.set_num_threads(1)
+        reader.close()
+    mb = batch * d * 4 / 1e6
+    return [{"copy": "numpy (concatenate slices)", "threads": 1, "ms_per_batch": t["numpy"] / batches * 1e3,
+             "GBps": mb * batches / t["numpy"] / 1e3, "vs_numpy": 1.0, "rows_equal": True}] + [
+            {"copy": "fleetmpi reader (kernels.gather)", "threads": nt, "ms_per_batch": t[f"t{nt}"] / batches * 1e3,
+             "GBps": mb * batches / t[f"t{nt}"] / 1e3, "vs_numpy": t["numpy"] / t[f"t{nt}"], "rows_equal": bool(same[nt])}
+            for nt in counts]
+
+
+def _two_thread_tables() -> dict:
+    """Return threads() and batch_copy() as run in a child process with two numba threads.
+
+    numba fixes its thread count at import, and the benchmarks run with NUMBA_NUM_THREADS=1
+    (bench/fleetrun.ENV: every other row is per core), so the 2-thread rows come from a child.
+    """
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, __file__, "--two-thread-child"], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the two-thread child exited {proc.returncode}:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gradients-only", action="store_true",
                     help="only the FMA peak and the gradient table (no MLP, no threads); writes no results file")
+    ap.add_argument("--two-thread-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, choices=range(1, numba.config.NUMBA_NUM_THREADS + 1),
                     metavar="N", help="numba threads for the gradient table (default 1: ratios per core)")
     args = ap.parse_args(argv)
+    if args.two_thread_child:
+        print(json.dumps({"threads": threads(), "copy": batch_copy()}))
+        return
     peak = fma_peak()
     rows = (gradients(200_000, threads=args.threads, peak=peak)
             + gradients(1536, rounds=5, threads=args.threads, peak=peak))
@@ -273,11 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     print(table("MLP 784-128-10 training step (forward, backward, SGD update), batch 128, one thread;"
                 " vs_torch_float32 > 1: faster than torch float32", mlp,
                 [("step", "s"), ("compute_dtype", "s"), ("us", ".0f"), ("vs_torch_float32", ".2f")]))
-    thr = threads()
+    two = _two_thread_tables()
+    thr, copy = two["threads"], two["copy"]
     print(table("softmax k=10 gradient, 200000 x 128, numba threads in one rank", thr,
                 [("threads", "d"), ("ms", ".1f"), ("bitwise_equal_to_1", "")]))
-    save("kernels", rows, fma_peak_gflops=peak, mlp=mlp, threads=thr, threads_numba=numba.get_num_threads(),
-         loadavg=os.getloadavg())
+    print(table("batch copy, 4096 rows x 128 float32 a batch (shuffled 32-row blocks of a 200k-row file in the"
+                " page cache), numba threads in one rank", copy,
+                [("copy", "s"), ("threads", "d"), ("ms_per_batch", ".3f"), ("GBps", ".1f"), ("vs_numpy", ".2f"),
+                 ("rows_equal", "")]))
+    save("kernels", rows, fma_peak_gflops=peak, mlp=mlp, threads=thr, batch_copy=copy,
+         threads_numba=numba.get_num_threads(), loadavg=os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ kernel, sync, optimizer, rank-0 logging). Median of REPEAT runs.
 
 strong: global batch fixed at BATCH;      efficiency = sps(P) / (P * sps(1))
 weak:   global batch BATCH * P (fixed per rank);  efficiency = sps(P, BATCH * P) / (P * sps(1))
+threads: one rank with 2 numba kernel threads (the phase's threads_per_rank), global batch
+         BATCH, against the strong 2-rank row (vs_2x1: its samples/s over theirs); the same
+         cores, used by threads instead of ranks. Its model must be bitwise the 1-rank,
+         1-thread model (same_bits_1x1: the kernels' fixed row chunks), and with sync exact a
+         short run of 1 rank x 2 threads must give the bits of 2 ranks x 1 thread
+         (exact_1x2_eq_2x1, EXACT_STEPS steps).
 
 ``--max-ranks N`` goes to N ranks (powers of two and N; default min(cpu count, 16), at least
 2). With more ranks than free cores the ranks share cores and efficiency says so.
@@ -32,6 +38,8 @@ N_ROWS, D, CLASSES = 200_000, 128, 10
 BATCH = 4096
 STEPS = 150
 REPEAT = 3
+THREADS = 2
+EXACT_STEPS = 10
 MODELS = {"softmax": ("multiclass", {"kind": "softmax", "l2": 1e-5}),
           "logistic": ("binary", {"kind": "logistic", "l2": 1e-5})}
 
@@ -54,15 +62,32 @@ def make_data(task: str, out: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
 
 
-def measure(model: dict[str, Any], data: Path, ranks: int, batch: int, tmp: Path, tag: str) -> dict[str, float]:
-    """Return median samples/s and comm fraction of REPEAT runs at ``ranks`` and global ``batch``."""
+def _spec(model: dict[str, Any], data: Path, ranks: int, batch: int, tag: str, threads: int = 1,
+          steps: int = STEPS, sync: str = "dense") -> dict[str, Any]:
     opt = {"kind": "sgd", "lr": 0.1, "momentum": 0.9, "batch": batch}
-    spec = fleetrun.spec(f"scaling-{tag}", model, opt, {"max_steps": STEPS}, ranks, data=data,
-                         eval_every_steps=10 ** 9)
+    return fleetrun.spec(f"scaling-{tag}", model, opt, {"max_steps": steps}, ranks, data=data,
+                         eval_every_steps=10 ** 9, threads=threads, sync={"kind": sync})
+
+
+def measure(model: dict[str, Any], data: Path, ranks: int, batch: int, tmp: Path, tag: str,
+            threads: int = 1) -> dict[str, Any]:
+    """Return median samples/s and comm fraction of REPEAT runs at ``ranks`` x ``threads`` and
+    global ``batch``, and the first run's model bytes (``model_bytes``)."""
+    spec = _spec(model, data, ranks, batch, tag, threads)
     runs = [fleetrun.run(spec, tmp, f"{tag}-{k}") for k in range(REPEAT)]
     sps = [r.samples_per_s(batch) for r in runs]
     return {"samples_per_s": statistics.median(sps), "spread": (max(sps) - min(sps)) / statistics.median(sps),
-            "comm_fraction": statistics.median(r.comm_fraction for r in runs)}
+            "comm_fraction": statistics.median(r.comm_fraction for r in runs),
+            "model_bytes": fleetrun.model_bytes(runs[0].job)}
+
+
+def exact_same_bits(model: dict[str, Any], data: Path, tmp: Path, tag: str) -> bool:
+    """Return whether sync exact gives the same model bits on 1 rank x THREADS threads as on THREADS ranks x 1."""
+    a = fleetrun.run(_spec(model, data, 1, BATCH, f"{tag}-1x{THREADS}", THREADS, EXACT_STEPS, "exact"), tmp,
+                     f"{tag}-exact-1x{THREADS}")
+    b = fleetrun.run(_spec(model, data, THREADS, BATCH, f"{tag}-{THREADS}x1", 1, EXACT_STEPS, "exact"), tmp,
+                     f"{tag}-exact-{THREADS}x1")
+    return fleetrun.model_bytes(a.job) == fleetrun.model_bytes(b.job)
 
 
 def main() -> None:
@@ -81,18 +106,31 @@ def main() -> None:
             data = tmp / f"data-{task}"
             make_data(task, data)
             one = measure(model, data, 1, BATCH, tmp, f"{name}-1")
-            rows.append({"model": name, "mode": "baseline", "ranks": 1, "batch": BATCH, **one, "efficiency": 1.0})
+            rows.append({"model": name, "mode": "baseline", "ranks": 1, "threads": 1, "batch": BATCH, **one,
+                         "efficiency": 1.0})
+            strong2 = None
             for p in counts[1:]:
                 for mode, batch in (("strong", BATCH), ("weak", BATCH * p)):
                     r = measure(model, data, p, batch, tmp, f"{name}-{mode}-{p}")
-                    rows.append({"model": name, "mode": mode, "ranks": p, "batch": batch, **r,
+                    strong2 = r if (mode, p) == ("strong", THREADS) else strong2
+                    rows.append({"model": name, "mode": mode, "ranks": p, "threads": 1, "batch": batch, **r,
                                  "efficiency": r["samples_per_s"] / (p * one["samples_per_s"])})
+            r = measure(model, data, 1, BATCH, tmp, f"{name}-threads", THREADS)
+            rows.append({"model": name, "mode": "threads", "ranks": 1, "threads": THREADS, "batch": BATCH, **r,
+                         "efficiency": r["samples_per_s"] / (THREADS * one["samples_per_s"]),
+                         "vs_2x1": r["samples_per_s"] / strong2["samples_per_s"] if strong2 else None,
+                         "same_bits_1x1": r["model_bytes"] == one["model_bytes"],
+                         "exact_1x2_eq_2x1": exact_same_bits(model, data, tmp, name)})
+    for row in rows:
+        del row["model_bytes"]
     print(table(f"scaling efficiency, dense sync, synthetic {N_ROWS} x {D} (softmax: {CLASSES} classes), "
                 f"{STEPS} steps, median of {REPEAT}, {os.cpu_count()} cores; strong: global batch {BATCH}; "
-                f"weak: {BATCH} per rank; efficiency = samples/s at P / (P x samples/s at 1 rank); "
+                f"weak: {BATCH} per rank; threads: 1 rank x {THREADS} kernel threads, global batch {BATCH}; "
+                "efficiency = samples/s at P ranks or threads / (P x samples/s at 1 rank); "
                 "spread = (max - min) / median", rows,
-                [("model", "s"), ("mode", "s"), ("ranks", "d"), ("batch", "d"), ("samples_per_s", ".0f"),
-                 ("spread", ".2f"), ("comm_fraction", ".3f"), ("efficiency", ".2f")]))
+                [("model", "s"), ("mode", "s"), ("ranks", "d"), ("threads", "d"), ("batch", "d"),
+                 ("samples_per_s", ".0f"), ("spread", ".2f"), ("comm_fraction", ".3f"), ("efficiency", ".2f"),
+                 ("vs_2x1", ".2f"), ("same_bits_1x1", ""), ("exact_1x2_eq_2x1", "")]))
     save("scaling", rows, rows_data=N_ROWS, d=D, classes=CLASSES, steps=STEPS, repeat=REPEAT,
          cpu_count=os.cpu_count(), max_ranks=args.max_ranks)
 

@@ -39,6 +39,7 @@ class JobResult:
     first_step: int         # steps done at the first_step event (1 for a fresh job)
     steps_s: float          # metrics record of the first step -> that of the last step (no final eval)
     comm_fraction: float    # sum of comm_s / sum of (compute_s + comm_s) over every logged step
+    job: Path               # the job dir (model.h5: model_bytes)
 
     @property
     def reached(self) -> bool:
@@ -54,14 +55,27 @@ class JobResult:
 
 
 def spec(name: str, model: dict[str, Any], optimizer: dict[str, Any], goal: dict[str, Any], ranks: int,
-         sync: dict[str, Any] | None = None, data: Path = DIGITS, eval_every_steps: int = 2) -> dict[str, Any]:
-    """Return a one-phase spec dict: no checkpoints before the goal, metrics every step."""
+         sync: dict[str, Any] | None = None, data: Path = DIGITS, eval_every_steps: int = 2,
+         threads: int = 1) -> dict[str, Any]:
+    """Return a one-phase spec dict: no checkpoints before the goal, metrics every step.
+
+    ``threads``: the phase's threads_per_rank (numba kernel threads of each rank).
+    """
+    phase: dict[str, Any] = {"ranks_per_node": ranks, **({"threads_per_rank": threads} if threads > 1 else {})}
     return {"name": name, "seed": 0,
             "data": {"train": str(data / "train.h5"), "valid": str(data / "valid.h5")},
             "model": model, "optimizer": optimizer, "sync": sync or {"kind": "dense"}, "goal": goal,
             "checkpoint": {"every_steps": 10 ** 9},
             "monitor": {"log_every_steps": 1, "eval_every_steps": eval_every_steps, "progress": "none"},
-            "fleet": {"start": "p", "phases": {"p": {"ranks_per_node": ranks}}}}
+            "fleet": {"start": "p", "phases": {"p": phase}}}
+
+
+def model_bytes(job: Path) -> bytes:
+    """Return the final model's float64 arrays of a finished job dir, concatenated in name order."""
+    # The bench's own process imports fleetmpi only here.
+    from fleetmpi.h5store import read_h5_verified
+    arrays, _ = read_h5_verified(job / "model.h5", kind="model")
+    return b"".join(a.tobytes() for _, a in sorted(arrays.items()) if a.dtype.kind == "f")
 
 
 def throughput_spec(data: Path, batch: int, epochs: float, device: str = "cpu",
@@ -104,4 +118,4 @@ def run(spec_dict: dict[str, Any], tmp: Path, tag: str) -> JobResult:
                      sync_bytes_total=int(metrics[-1]["sync_bytes_total"]), train_s=goal["t"] - first["t"],
                      wall_s=wall, first_step=first["step"],
                      steps_s=t_step.get(goal["step"], goal["t"]) - t_step.get(first["step"], first["t"]),
-                     comm_fraction=sum(m["comm_s"] for m in steps) / busy if busy > 0 else 0.0)
+                     comm_fraction=sum(m["comm_s"] for m in steps) / busy if busy > 0 else 0.0, job=job)
