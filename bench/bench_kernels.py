@@ -270,6 +270,7 @@ def batch_copy(n: int = 200_000, d: int = 128, batch: int = 4096, batches: int =
             f["X"] = rng.standard_normal((n, d), dtype=np.float32)
             f["y"] = rng.integers(0, 2, n).astype(np.float32)
         reader = RankReader(Path(path))
+        assert reader.direct, "h5py wrote a contiguous dataset: the reader should map it"
         order = SampleOrder(n, batch, 0, 32)
         plans = [sorted(order.ranges(s * batch, (s + 1) * batch)) for s in range(batches)]
         X, y = reader._map   # the map the reader copies from: numpy's copy reads the same pages
