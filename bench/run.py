@@ -125,13 +125,15 @@ def plot_training(res: dict, bytes_ax: Any, time_ax: Any, scale_ax: Any) -> None
         rows = res["scaling"]["rows"]
         for model in dict.fromkeys(r["model"] for r in rows):
             base = [r for r in rows if r["model"] == model and r["mode"] == "baseline"]
-            for mode, style in (("strong", "o-"), ("weak", "s--")):
+            for mode, style in (("strong", "o-"), ("weak", "s--"), ("threads", "^:")):
                 pts = base + [r for r in rows if r["model"] == model and r["mode"] == mode]
-                scale_ax.plot([r["ranks"] for r in pts], [r["efficiency"] for r in pts], style, label=f"{model} {mode}")
+                label = f"{model} {mode}" if mode != "threads" else f"{model} 1 rank, N threads"
+                scale_ax.plot([r["ranks"] * r.get("threads", 1) for r in pts], [r["efficiency"] for r in pts], style,
+                              label=label)
         scale_ax.axhline(1.0, ls=":", c="gray")
         scale_ax.set_xscale("log", base=2)
         scale_ax.set_xticks(sorted({r["ranks"] for r in rows}), [str(p) for p in sorted({r["ranks"] for r in rows})])
-        scale_ax.set_xlabel("ranks")
+        scale_ax.set_xlabel("ranks (threads: of one rank)")
         scale_ax.set_ylabel("efficiency")
         scale_ax.set_ylim(0, 1.2)
         scale_ax.set_title("scaling, synthetic 200k x 128, dense sync")
