@@ -228,8 +228,19 @@ def test_kill9_during_a_checkpoint_write_leaves_a_temp_the_next_start_removes(tm
         with os.scandir(job / "ckpt") as entries:
             for entry in entries:
                 if entry.name.startswith(".step-") and ".h5.tmp." in entry.name:
-                    os.kill(int(entry.name.rsplit(".", 1)[1]), signal.SIGKILL)
-                    temp = Path(entry.path)
+                    # Freeze the writer first: a temp seen by scandir may be renamed before a
+                    # kill lands (a fast write then leaves nothing behind to test). Stopped,
+                    # it cannot rename; if the temp is already gone, let it run and look again.
+                    pid = int(entry.name.rsplit(".", 1)[1])
+                    try:
+                        os.kill(pid, signal.SIGSTOP)
+                    except ProcessLookupError:   # the writer has already ended
+                        break
+                    if os.path.exists(entry.path):
+                        os.kill(pid, signal.SIGKILL)
+                        temp = Path(entry.path)
+                    else:
+                        os.kill(pid, signal.SIGCONT)
                     break
     _, err = driver.communicate(timeout=60)
     assert temp is not None, "no checkpoint temp file was seen while the run wrote a checkpoint every step"
