@@ -12,6 +12,23 @@ Each chunk of rows runs in blocks of _BLOCK rows, X read from memory once a bloc
 3. the gradient, the block's rows times their residuals added into g while the rows are
    in L1 (``simd.add_rows``: g's columns held in registers as the rows stream past).
 From DRAM the kernels prefetch rows ahead into L2 as fast as they read them (_PF_ROWS).
+
+Float32 linear with d a multiple of 16 up to 128 (``simd.linear_rows_fit``) takes one pass
+a row instead (``simd.linear_rows``): the row's vectors are loaded once and stay in
+registers for both its logit and its gradient FMAs (w and the block's float32 gradient
+stay in registers too: 24 of AVX-512's 32), its residual needing only an add. So X is
+read once, in address order, with no second pass from L1: in L2 the loads and FMAs of one
+row overlap the next row's, and from DRAM the hardware prefetcher follows the one stream
+without help (no software prefetch). The blocks (_BLOCK rows of float32 gradient added
+into the float64 g) and chunks are as before; the logit's sum order is the instruction's
+(two FMA chains, even and odd vectors, then a halving tree over the lanes). Measured (one
+thread, of the bench's read loop in the same run; ``python bench/bench_kernels.py
+--gradients-only``): at 1536 x 128, 0.36-0.40 -> 0.44-0.45 through ``cpu.linear_grad``, whose
+argument checks are 3-6 us of its 15 us call (the chunk alone: 14.7-15.0 us, about 0.55);
+at 200k x 128, 0.75-0.94 over this session's runs -> 0.88-0.89 (aligned X) and 0.95-0.96
+(numpy-placed), two runs. The logistic needs exp and log1p per row,
+which run as SIMD over a block's rows (``vmath.logistic_rows32``), so it keeps the
+three-pass blocks.
 The order of every sum is fixed by the code (blocks, row order, chunk order), never by
 the thread count; only ``_dot2``'s vectorised reduction follows the node's vector width.
 
@@ -235,6 +252,15 @@ def _glm32_chunk(X: np.ndarray, y: np.ndarray, w32: np.ndarray, b: float, lo: in
     l32 = np.empty(blk, dtype=np.float32)
     loss = 0.0
     gb = 0.0
+    if not logistic and simd.linear_rows_fit(d):   # one pass a row, the row in registers (header)
+        sums = np.zeros(2)
+        for i in range(lo, hi, blk):
+            m = min(blk, hi - i)
+            simd.linear_rows(g32, X, i, m, w32, y, b, sums)
+            for j in range(d):
+                g[j] += float(g32[j])
+        g[d] = sums[1]
+        return sums[0]
     nxt = _first_prefetch(X, lo, pf)
     i = lo
     while i < hi:

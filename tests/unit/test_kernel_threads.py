@@ -20,7 +20,7 @@ import sys
 import numba
 import numpy as np
 from kernels import cpu
-n, d, k = int(sys.argv[1]), 37, 5
+n, d, k = int(sys.argv[1]), int(sys.argv[3]), 5
 rng = np.random.default_rng(7)
 X = rng.standard_normal((n, d)).astype(np.float32)
 yb = (rng.random(n) < 0.5).astype(np.float32)
@@ -40,17 +40,19 @@ np.save(sys.argv[2], np.stack(out))
 """
 
 
-@pytest.mark.parametrize("n", [5003, 1100, 8000])   # 8000 x 37: over 1 MiB, so the kernels prefetch
-def test_one_and_two_threads_are_bitwise_equal(tmp_path: Path, n: int) -> None:
+# 8000 x 37: over 1 MiB, so the kernels prefetch; d = 64: the float32 linear's one-pass rows
+# (simd.linear_rows), at 3001 x 64 under 1 MiB and 5000 x 64 over it.
+@pytest.mark.parametrize(("n", "d"), [(5003, 37), (1100, 37), (8000, 37), (3001, 64), (5000, 64)])
+def test_one_and_two_threads_are_bitwise_equal(tmp_path: Path, n: int, d: int) -> None:
     out = tmp_path / "g.npy"
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "NUMBA_NUM_THREADS": "2", "PYTHONPATH": root}
-    subprocess.run([sys.executable, "-c", _CHILD, str(n), str(out)], env=env, check=True, timeout=600)
+    subprocess.run([sys.executable, "-c", _CHILD, str(n), str(out), str(d)], env=env, check=True, timeout=600)
     one, two = np.load(out)
     assert np.all(np.isfinite(one)) and np.all(one != 0.0)
     assert one.tobytes() == two.tobytes()
     # The float32 rows differ from the float64 ones (another kernel ran), within float32 rounding.
-    f64, f32 = np.split(one[-4 * (37 + 1) - 4:], 2)   # per compute: 2 x (loss, d + 1 gradient)
+    f64, f32 = np.split(one[-4 * (d + 1) - 4:], 2)   # per compute: 2 x (loss, d + 1 gradient)
     assert not np.array_equal(f64, f32)
     np.testing.assert_allclose(f32, f64, rtol=1e-4, atol=1e-4 * np.abs(f64).max())
 

@@ -496,7 +496,7 @@ def test_mlp_rejects_unknown_compute_dtype() -> None:
 _GLM_GRAD = {"linear": cpu.linear_grad, "logistic": cpu.logistic_grad}
 
 
-@pytest.mark.parametrize("d", [D, 128])
+@pytest.mark.parametrize("d", [D, 48, 128])   # 48 and 128: the float32 linear's one-pass rows (3 and 8 vectors)
 @pytest.mark.parametrize("n", [2, 7, 15, 16, 17, 31, 32, 33, 47])
 @pytest.mark.parametrize("kind", ["linear", "logistic"])
 def test_glm_float32_compute_matches_reference_at_block_edges(kind: str, n: int, d: int) -> None:
