@@ -221,72 +221,78 @@ def dot_rows8(X: np.ndarray, i: int, w: np.ndarray, out: np.ndarray, oo: int) ->
             out[oo + q] = s
 
 
-def _make_linear_rows(nv: int):  # type: ignore[no-untyped-def]
-    """Return an intrinsic for the linear float32 gradient of rows whose d is nv vectors."""
-
-    @intrinsic
-    def linear_rows(typingctx, g, X, i, m, w, y, b, acc):  # type: ignore[no-untyped-def]
-        # For t < m in row order, row = i + t, d = nv * LANES: z = X[row] . w (float32
-        # FMAs: even vectors in one chain, odd in another, then a halving tree over the
-        # lanes); r = (z + b) - y[row] in float64; acc[0] += 0.5 r^2 and acc[1] += r in
-        # row order; g[:d] = sum of float32(r) * X[row] (float32 FMAs, from zero). Each
-        # row's vectors are loaded once and stay in registers for both of its FMAs.
-        if not (_c_array(g, (types.float32,)) and _c_array(X, (types.float32,), 2)
-                and _c_array(w, (types.float32,)) and _c_array(y, (types.float32,))
-                and _c_array(acc, (types.float64,))):
-            return None
-        sig = types.none(g, X, i, m, w, y, b, acc)
-
-        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-            ga, xa, wa, ya, aa = (context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 1, 4, 5, 7))
-            intp = context.get_value_type(types.intp)
-            i_, m_ = (context.cast(builder, args[k], sig.args[k], types.intp) for k in (2, 3))
-            bias = context.cast(builder, args[6], sig.args[6], types.float64)
-            f32, f64 = ir.FloatType(), ir.DoubleType()
-            vt = ir.VectorType(f32, LANES)
-            vp = vt.as_pointer()
-            d = cgutils.unpack_tuple(builder, xa.shape, 2)[1]
-            fma = _fma(builder, vt)
-            wv = [_load(builder, wa.data, intp(LANES * k), vp) for k in range(nv)]
-            gacc = [cgutils.alloca_once(builder, vt) for _ in range(nv)]
-            for a in gacc:
-                builder.store(ir.Constant(vt, [0.0] * LANES), a)
-            sums = [cgutils.gep(builder, aa.data, intp(k)) for k in (0, 1)]
-            loss, rsum = (cgutils.alloca_once(builder, f64) for _ in range(2))
-            builder.store(builder.load(sums[0]), loss)
-            builder.store(builder.load(sums[1]), rsum)
-            with cgutils.for_range(builder, m_) as rl:
-                row = builder.add(i_, rl.index)
-                base = builder.mul(row, d)
-                xv = [_load(builder, xa.data, builder.add(base, intp(LANES * k)), vp) for k in range(nv)]
-                chains = [builder.fmul(xv[k], wv[k]) for k in range(min(2, nv))]
-                for k in range(2, nv):
-                    chains[k % 2] = builder.call(fma, [xv[k], wv[k], chains[k % 2]])
-                z = chains[0] if nv == 1 else builder.fadd(chains[0], chains[1])
-                for half in (8, 4, 2, 1):   # lanes [0, half) + [half, 2 half)
-                    z = builder.fadd(_shuffle(builder, z, z, [*range(half), *range(LANES - half)]),
-                                     _shuffle(builder, z, z, [*range(half, 2 * half), *range(LANES - half)]))
-                yv = builder.fpext(builder.load(cgutils.gep(builder, ya.data, row)), f64)
-                r = builder.fsub(builder.fadd(builder.fpext(builder.extract_element(z, _I32(0)), f64), bias), yv)
-                builder.store(builder.fadd(builder.load(loss), builder.fmul(f64(0.5), builder.fmul(r, r))), loss)
-                builder.store(builder.fadd(builder.load(rsum), r), rsum)
-                rb = builder.insert_element(ir.Constant(vt, ir.Undefined), builder.fptrunc(r, f32), _I32(0))
-                rb = _shuffle(builder, rb, ir.Constant(vt, ir.Undefined), [0] * LANES)
-                for k in range(nv):
-                    builder.store(builder.call(fma, [rb, xv[k], builder.load(gacc[k])]), gacc[k])
-            for k in range(nv):
-                _store(builder, builder.load(gacc[k]), ga.data, intp(LANES * k))
-            builder.store(builder.load(loss), sums[0])
-            builder.store(builder.load(rsum), sums[1])
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return linear_rows
+def _emit_linear_rows(builder, intp, arrays, i_, m_, bias, d, nv):  # type: ignore[no-untyped-def]
+    """Emit ``linear_rows``' loop for rows of nv vectors (nv fixed: the row stays in registers)."""
+    ga, xa, wa, ya, aa = arrays
+    f32, f64 = ir.FloatType(), ir.DoubleType()
+    vt = ir.VectorType(f32, LANES)
+    vp = vt.as_pointer()
+    fma = _fma(builder, vt)
+    wv = [_load(builder, wa.data, intp(LANES * k), vp) for k in range(nv)]
+    gacc = [cgutils.alloca_once(builder, vt) for _ in range(nv)]
+    for a in gacc:
+        builder.store(ir.Constant(vt, [0.0] * LANES), a)
+    sums = [cgutils.gep(builder, aa.data, intp(k)) for k in (0, 1)]
+    loss, rsum = (cgutils.alloca_once(builder, f64) for _ in range(2))
+    builder.store(builder.load(sums[0]), loss)
+    builder.store(builder.load(sums[1]), rsum)
+    with cgutils.for_range(builder, m_) as rl:
+        row = builder.add(i_, rl.index)
+        base = builder.mul(row, d)
+        xv = [_load(builder, xa.data, builder.add(base, intp(LANES * k)), vp) for k in range(nv)]
+        chains = [builder.fmul(xv[k], wv[k]) for k in range(min(2, nv))]
+        for k in range(2, nv):
+            chains[k % 2] = builder.call(fma, [xv[k], wv[k], chains[k % 2]])
+        z = chains[0] if nv == 1 else builder.fadd(chains[0], chains[1])
+        for half in (8, 4, 2, 1):   # lanes [0, half) + [half, 2 half)
+            z = builder.fadd(_shuffle(builder, z, z, [*range(half), *range(LANES - half)]),
+                             _shuffle(builder, z, z, [*range(half, 2 * half), *range(LANES - half)]))
+        yv = builder.fpext(builder.load(cgutils.gep(builder, ya.data, row)), f64)
+        r = builder.fsub(builder.fadd(builder.fpext(builder.extract_element(z, _I32(0)), f64), bias), yv)
+        builder.store(builder.fadd(builder.load(loss), builder.fmul(f64(0.5), builder.fmul(r, r))), loss)
+        builder.store(builder.fadd(builder.load(rsum), r), rsum)
+        rb = builder.insert_element(ir.Constant(vt, ir.Undefined), builder.fptrunc(r, f32), _I32(0))
+        rb = _shuffle(builder, rb, ir.Constant(vt, ir.Undefined), [0] * LANES)
+        for k in range(nv):
+            builder.store(builder.call(fma, [rb, xv[k], builder.load(gacc[k])]), gacc[k])
+    for k in range(nv):
+        _store(builder, builder.load(gacc[k]), ga.data, intp(LANES * k))
+    builder.store(builder.load(loss), sums[0])
+    builder.store(builder.load(rsum), sums[1])
 
 
-_linear_rows = [_make_linear_rows(nv) for nv in range(1, TILE + 1)]
-_lr1, _lr2, _lr3, _lr4, _lr5, _lr6, _lr7, _lr8 = _linear_rows
+@intrinsic
+def _linear_rows(typingctx, g, X, i, m, w, y, b, acc):  # type: ignore[no-untyped-def]
+    # For t < m in row order, row = i + t, d = nv * LANES: z = X[row] . w (float32 FMAs:
+    # even vectors in one chain, odd in another, then a halving tree over the lanes);
+    # r = (z + b) - y[row] in float64; acc[0] += 0.5 r^2 and acc[1] += r in row order;
+    # g[:d] = sum of float32(r) * X[row] (float32 FMAs, from zero). Each row's vectors are
+    # loaded once and stay in registers for both of its FMAs, so the loop is emitted once
+    # per vector count (1..TILE) and the IR switches on d // LANES.
+    if not (_c_array(g, (types.float32,)) and _c_array(X, (types.float32,), 2)
+            and _c_array(w, (types.float32,)) and _c_array(y, (types.float32,))
+            and _c_array(acc, (types.float64,))):
+        return None
+    sig = types.none(g, X, i, m, w, y, b, acc)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        arrays = [context.make_array(sig.args[k])(context, builder, args[k]) for k in (0, 1, 4, 5, 7)]
+        intp = context.get_value_type(types.intp)
+        i_, m_ = (context.cast(builder, args[k], sig.args[k], types.intp) for k in (2, 3))
+        bias = context.cast(builder, args[6], sig.args[6], types.float64)
+        d = cgutils.unpack_tuple(builder, arrays[1].shape, 2)[1]
+        end = builder.append_basic_block("linear_rows.end")
+        switch = builder.switch(builder.sdiv(d, intp(LANES)), end)
+        for nv in range(1, TILE + 1):
+            block = builder.append_basic_block(f"linear_rows.{nv}")
+            switch.add_case(intp(nv), block)
+            builder.position_at_end(block)
+            _emit_linear_rows(builder, intp, arrays, i_, m_, bias, d, nv)
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -302,25 +308,10 @@ def linear_rows(g: np.ndarray, X: np.ndarray, i: int, m: int, w: np.ndarray, y: 
 
     g[:d] = sum of float32(r_t) * X[i + t] (float32, from zero), with r_t = (X[i + t] . w + b)
     - y[i + t] in float64; acc[0] += 0.5 r_t^2 and acc[1] += r_t, in row order. X float32
-    (n, d) with ``linear_rows_fit(d)``; w, g, y float32; acc float64 (2,). Unchecked.
+    (n, d) with ``linear_rows_fit(d)`` (other d: nothing is done); w, g, y float32; acc
+    float64 (2,). Unchecked.
     """
-    nv = X.shape[1] // LANES
-    if nv == 8:
-        _lr8(g, X, i, m, w, y, b, acc)
-    elif nv == 7:
-        _lr7(g, X, i, m, w, y, b, acc)
-    elif nv == 6:
-        _lr6(g, X, i, m, w, y, b, acc)
-    elif nv == 5:
-        _lr5(g, X, i, m, w, y, b, acc)
-    elif nv == 4:
-        _lr4(g, X, i, m, w, y, b, acc)
-    elif nv == 3:
-        _lr3(g, X, i, m, w, y, b, acc)
-    elif nv == 2:
-        _lr2(g, X, i, m, w, y, b, acc)
-    else:
-        _lr1(g, X, i, m, w, y, b, acc)
+    _linear_rows(g, X, i, m, w, y, b, acc)
 
 
 def _lanes8(context, builder, arr_ty, arr_val):  # type: ignore[no-untyped-def]
