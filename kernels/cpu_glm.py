@@ -25,8 +25,8 @@ into the float64 g) and chunks are as before; the logit's sum order is the instr
 thread, of the bench's read loop in the same run; ``python bench/bench_kernels.py
 --gradients-only``): at 1536 x 128, 0.36-0.40 -> 0.44-0.45 through ``cpu.linear_grad``, whose
 argument checks are 3-6 us of its 15 us call (the chunk alone: 14.7-15.0 us, about 0.55);
-at 200k x 128, 0.75-0.94 over this session's runs -> 0.88-0.89 (aligned X) and 0.95-0.96
-(numpy-placed), two runs. The logistic needs exp and log1p per row,
+at 200k x 128, 0.75-0.94 over nine runs of the three-pass kernel that day -> 0.88-0.89
+(aligned X) and 0.95-0.96 (numpy-placed), two runs. The logistic needs exp and log1p per row,
 which run as SIMD over a block's rows (``vmath.logistic_rows32``), so it keeps the
 three-pass blocks.
 The order of every sum is fixed by the code (blocks, row order, chunk order), never by

@@ -515,9 +515,10 @@ class RankReader:
         if self._map is not None:
             # Imported here: it imports numba, which stays off the CLI's data checks (as lazy_njit).
             from kernels import gather
-            parts = num_threads() if threads is None and total >= GATHER_THREADS_MIN_ROWS else 1
-            if threads or parts > 1:
-                gather.gather_rows_threads(self._map[0], self._map[1], lo, hi, X, y, max(2, parts))
+            if threads is None:
+                threads = total >= GATHER_THREADS_MIN_ROWS and num_threads() > 1
+            if threads:
+                gather.gather_rows_threads(self._map[0], self._map[1], lo, hi, X, y, num_threads())
             else:
                 gather.gather_rows(self._map[0], self._map[1], lo, hi, X, y)
         else:
