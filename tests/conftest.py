@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -128,6 +129,23 @@ def uninterrupted_params(base: Path, data: Path, **sections: Any) -> np.ndarray:
 
 def metrics(job: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (job / "metrics.jsonl").read_text().splitlines()]
+
+
+# Signals whose disposition code under test may change in this process: batch `continue`
+# ignores SIGTERM and SIGUSR2, the worker and the manager install handlers. Left behind, a
+# later test's forked children inherit them (a multiprocessing pool's workers that ignore
+# SIGTERM never end, and the xdist worker hangs until the timeout: CI saw it).
+_GUARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
+@pytest.fixture(autouse=True)
+def _signals_restored() -> Iterator[None]:
+    """Give every test the signal dispositions it started with back when it ends."""
+    saved = {s: signal.getsignal(s) for s in _GUARDED_SIGNALS}
+    yield
+    for s, handler in saved.items():
+        if signal.getsignal(s) is not handler and handler is not None:
+            signal.signal(s, handler)
 
 
 @pytest.fixture(scope="session")

@@ -134,6 +134,10 @@ def test_claims_from_racing_processes_never_overlap(tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(4) as pool:
         won = pool.map(_claim_all, [(str(ledger.path), f"m{i}", ids) for i in range(4)])
+        # Let the workers end on the pool's own sentinel: leaving it to __exit__'s terminate()
+        # (SIGTERM) races the sentinels and depends on the signal disposition they inherited.
+        pool.close()
+        pool.join()
     flat = [i for w in won for i in w]
     assert sorted(flat) == ids  # each job claimed exactly once, by one of the four
     assert all(ledger.get(i).attempts == 1 for i in ids)

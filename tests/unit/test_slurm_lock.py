@@ -6,7 +6,6 @@ job dir someone else holds is left untouched. Runs the real batch entry point; n
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -42,15 +41,8 @@ def _shell_fd(jd: JobDir) -> int:
 def _step(monkeypatch: pytest.MonkeyPatch, shell_fd: int, *argv: str) -> int:
     """Run one batch step as a child of the shell would: with its own copy of the shell's open lock file."""
     monkeypatch.setenv(LOCK_FD_ENV, str(os.dup(shell_fd)))   # a dup shares the open file, as fork does
-    # The continue step ignores SIGTERM and SIGUSR2 (its own process then exits): in this test
-    # process that would outlive the test, and a later multiprocessing pool in the same xdist
-    # worker could not terminate its children (they inherit SIG_IGN; the suite hung on it).
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
-    try:
-        return batch.main(list(argv))
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
+    # The continue step ignores SIGTERM and SIGUSR2; conftest's autouse fixture restores them.
+    return batch.main(list(argv))
 
 
 def test_begin_leaves_the_lock_held_by_the_shell_and_continue_releases_it(job: JobDir,
