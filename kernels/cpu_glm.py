@@ -69,6 +69,23 @@ Tried and measured no better, so not done:
   ~2% on the kernel, and results further from libm's);
 - for float64: converting each block once into an L1 float64 buffer (the convert-and-
   store pass alone took 0.87 of the read loop's time: 64-byte stores).
+- for the float32 logistic, one read of each row as the float32 linear does, in vector IR
+  with exp and the sigmoid repeated op for op from vmath (the residuals came out bit for
+  bit the same), three ways; each against this kernel back to back (``python
+  bench/bench_kernels.py --threads 1 --gradients-only``, 200k x 128 of the read / 1536 x
+  128 in GB/s):
+  - the residual per row, scalar, the row kept in registers for its gradient FMAs: 0.66-
+    0.67 against 0.71-0.79 / 18.9 against 32.5. A row's residual is a long chain of
+    dependent operations (the exp's polynomial, a divide), and the core overlaps too few
+    rows' chains to hide it (my reading of the figures, not a counter measurement);
+  - 16 rows' logits (a transpose tree into one vector), one SIMD residual for the 16,
+    then their FMAs from L1: 0.39-0.44, 0.45-0.51 with rows 64 ahead prefetched, against
+    0.76-0.88 / 29-31 against 33.5;
+  - the same, pipelined: each row's logit read in one stream while the previous group's
+    row (16 rows back, in L1) is added into g, in calls of 256 rows: 0.41-0.46, 0.59-0.65
+    with the prefetch, against 0.76-0.84 / 33.1 against 33.1.
+  From DRAM the three-pass blocks and their prefetch stay ahead: the residual has to be
+  SIMD over rows, and then the rows must be read twice.
 Where X starts matters too (kernels.memory): in L2, rows on a 64-byte boundary (as the
 engine's reader holds a batch) ran 1.2x rows 16 bytes past one (numpy's placement of a
 large array), because every 64-byte load then touches one cache line, not two. From DRAM

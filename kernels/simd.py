@@ -268,7 +268,7 @@ def _linear_rows(typingctx, g, X, i, m, w, y, b, acc):  # type: ignore[no-untype
     # r = (z + b) - y[row] in float64; acc[0] += 0.5 r^2 and acc[1] += r in row order;
     # g[:d] = sum of float32(r) * X[row] (float32 FMAs, from zero). Each row's vectors are
     # loaded once and stay in registers for both of its FMAs, so the loop is emitted once
-    # per vector count (1..TILE) and the IR switches on d // LANES.
+    # per vector count (1..TILE) and the IR switches on d.
     if not (_c_array(g, (types.float32,)) and _c_array(X, (types.float32,), 2)
             and _c_array(w, (types.float32,)) and _c_array(y, (types.float32,))
             and _c_array(acc, (types.float64,))):
@@ -282,10 +282,10 @@ def _linear_rows(typingctx, g, X, i, m, w, y, b, acc):  # type: ignore[no-untype
         bias = context.cast(builder, args[6], sig.args[6], types.float64)
         d = cgutils.unpack_tuple(builder, arrays[1].shape, 2)[1]
         end = builder.append_basic_block("linear_rows.end")
-        switch = builder.switch(builder.sdiv(d, intp(LANES)), end)
+        switch = builder.switch(d, end)   # d itself: a d with a partial vector runs nothing
         for nv in range(1, TILE + 1):
             block = builder.append_basic_block(f"linear_rows.{nv}")
-            switch.add_case(intp(nv), block)
+            switch.add_case(intp(nv * LANES), block)
             builder.position_at_end(block)
             _emit_linear_rows(builder, intp, arrays, i_, m_, bias, d, nv)
             builder.branch(end)

@@ -57,6 +57,45 @@ def test_dot_rows8_matches_reference(d: int) -> None:
     assert out[0] == -7.0 and out[11] == -7.0   # only out[3:11] written
 
 
+# d for linear_rows: one vector, three (an odd count: the two FMA chains differ in
+# length), eight (a whole tile); 20 and 144 do not fit (nothing is done: before the IR
+# switched on d itself, d = 20 ran as one vector and dropped its last 4 columns).
+ROW_DIMS = [16, 48, 128]
+
+
+def _rows_case(d: int, scale: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((50, d)).astype(np.float32)
+    w = (scale * rng.standard_normal(d) / np.sqrt(d)).astype(np.float32)
+    y = (rng.random(50) < 0.5).astype(np.float32)
+    return X, w, y
+
+
+@pytest.mark.parametrize("d", ROW_DIMS)
+def test_linear_rows_matches_reference(d: int) -> None:
+    X, w, y = _rows_case(d, 1.0, d)
+    y = y + np.float32(0.25)
+    g = np.full(d + 1, np.nan, np.float32)
+    acc = np.array([1.5, -2.0])
+    simd.linear_rows(g, X, 3, 33, w, y, 0.3, acc)
+    rows = X[3:36].astype(np.float64)
+    r = rows @ w.astype(np.float64) + 0.3 - y[3:36]
+    ref = rows.T @ r
+    np.testing.assert_allclose(g[:d], ref, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(ref))))
+    assert np.isnan(g[d])   # past d: untouched
+    np.testing.assert_allclose(acc, [1.5 + 0.5 * float(r @ r), -2.0 + float(r.sum())], rtol=1e-5)
+
+
+@pytest.mark.parametrize("d", [20, 144])
+def test_rows_that_do_not_fit_are_left_alone(d: int) -> None:
+    assert not simd.linear_rows_fit(d)
+    X, w, y = _rows_case(d, 1.0, d)
+    g = np.full(d, np.nan, np.float32)
+    acc = np.zeros(2)
+    simd.linear_rows(g, X, 0, 8, w, y, 0.0, acc)
+    assert np.isnan(g).all() and not acc.any()
+
+
 @njit(cache=False)
 def _shift_scale(Z: np.ndarray, D: np.ndarray, E: np.ndarray, s: np.ndarray) -> None:
     simd.softmax8_shift(Z, D)
