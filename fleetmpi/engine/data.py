@@ -13,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import h5py
 import numpy as np
@@ -26,6 +26,10 @@ from kernels.memory import aligned_empty
 
 if TYPE_CHECKING:
     from kernels.sparse import CsrBatch
+
+# Row ranges as readers take them: (lo, hi) pairs, a list or an int64 (k, 2) array
+# (``SampleOrder.bounds``, which RankReader takes without converting).
+Ranges: TypeAlias = "list[tuple[int, int]] | np.ndarray"
 
 # Multiplicative hash of a row index, summed per step into a fingerprint of the batch.
 # Each term is < 2**31, so the sum of up to 2**22 rows stays exact in float64.
@@ -364,9 +368,9 @@ class CsrReader:
         """Whether rows are read through memory maps of the file (else through HDF5)."""
         return self._direct
 
-    def read(self, ranges: list[tuple[int, int]]) -> tuple[CsrBatch, np.ndarray, float]:
+    def read(self, ranges: Ranges) -> tuple[CsrBatch, np.ndarray, float]:
         """Return (CSR rows, y rows, fingerprint) of the row ranges, in file order (as RankReader)."""
-        ranges = sorted(ranges)
+        ranges = sorted(range_list(ranges))
         indptr, indices, data, y = self._arrays
         ips, ixs, dvs, ys = [np.zeros(1, np.int64)], [], [], []
         off = 0
@@ -434,30 +438,31 @@ class SampleOrder:
         self._cum = np.concatenate(([0], np.cumsum(lens)))
         self._epoch = e
 
-    def ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
-        """Return the file row ranges [lo, hi) that stream positions [start, stop) visit, in order.
+    def bounds(self, start: int, stop: int) -> np.ndarray:
+        """Return the file row ranges that stream positions [start, stop) visit, in order, as an
+        int64 array of (lo, hi) rows (what ``RankReader.read`` takes without converting).
 
         Adjacent blocks are coalesced into one range (one copy, one hyperslab).
         """
-        out: list[tuple[int, int]] = []
+        parts: list[np.ndarray] = []
         pos = start
         while pos < stop:
             e, off = divmod(pos, self.n)
             self._load_epoch(e)
             end = min(self.n, off + stop - pos)            # this epoch's part: offsets [off, end)
-            b0, b1 = np.searchsorted(self._cum, (off, end - 1), side="right") - 1
-            lo = self._starts[b0:b1 + 1].copy()
-            hi = lo + np.diff(self._cum[b0:b1 + 2])
-            lo[0] += off - self._cum[b0]
-            hi[-1] = self._starts[b1] + end - self._cum[b1]
-            cut = np.flatnonzero(hi[:-1] != lo[1:]) + 1    # where the next block does not continue this one
-            los, his = lo[np.concatenate(([0], cut))].tolist(), hi[np.concatenate((cut - 1, [lo.size - 1]))].tolist()
-            if out and out[-1][1] == los[0]:
-                out[-1] = (out[-1][0], his[0])             # continues across the epoch boundary
-                los, his = los[1:], his[1:]
-            out.extend(zip(los, his))
+            part = _visit(self._starts, self._cum, off, end)
+            if parts and parts[-1][-1, 1] == part[0, 0]:   # continues across the epoch boundary
+                parts[-1][-1, 1] = part[0, 1]
+                part = part[1:]
+            parts.append(part)
             pos += end - off
-        return out
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.empty((0, 2), np.int64)
+
+    def ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """Return ``bounds(start, stop)`` as a list of (lo, hi) tuples."""
+        return list(map(tuple, self.bounds(start, stop).tolist()))
 
     def share(self, step: int, rank: int, size: int) -> tuple[int, int]:
         """Return the stream positions [start, stop) of ``rank``'s share of global batch ``step``."""
@@ -491,27 +496,25 @@ class RankReader:
         """Whether rows are read through a memory map of the file (else through HDF5)."""
         return self._map is not None
 
-    def read(self, ranges: list[tuple[int, int]], *, threads: bool | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    def read(self, ranges: Ranges, *, threads: bool | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         """Return (X rows, y rows, fingerprint) of the row ranges; views into reused buffers.
 
+        ``ranges``: (lo, hi) pairs, a list or an int64 (k, 2) array (``SampleOrder.bounds``).
         Through the memory map, one copy kernel (``kernels.gather``) on all of the rank's
         numba threads from GATHER_THREADS_MIN_ROWS rows (``threads`` True / False forces
         it; the bits are the same either way); else ONE HDF5 read of a union of
         hyperslabs (one call per block costs ~40 us each, 10x the data movement at
-        typical batch sizes). Rows come back in file order: deterministic, and a gradient
-        sum does not depend on order.
+        typical batch sizes). Rows come back in file order (``_file_order``): deterministic,
+        and a gradient sum does not depend on order.
         """
-        ranges = sorted(ranges)
-        total = sum(hi - lo for lo, hi in ranges)
+        lo, hi, cuts = _file_order(_as_bounds(ranges))
+        total = int(np.sum(hi - lo))
         if self._xbuf.shape[0] < total:
             # On a cache line: the kernels' vector loads then touch one line each
             # (kernels.memory: 1.2x on the float32 GLM gradients of an in-cache batch, d = 128).
             self._xbuf = aligned_empty((total, self.d), np.float32)
             self._ybuf = np.empty(total, np.float32)
         X, y = self._xbuf[:total], self._ybuf[:total]
-        layers = _layers(ranges)
-        bounds = np.array([r for layer in layers for r in layer], np.int64).reshape(-1, 2)
-        lo, hi = bounds[:, 0].copy(), bounds[:, 1].copy()
         if self._map is not None:
             # Imported here: it imports numba, which stays off the CLI's data checks (as lazy_njit).
             from kernels import gather
@@ -522,9 +525,10 @@ class RankReader:
             else:
                 gather.gather_rows(self._map[0], self._map[1], lo, hi, X, y)
         else:
-            off = 0
-            for layer in layers:
-                m = sum(b - a for a, b in layer)
+            pairs, off = list(zip(lo.tolist(), hi.tolist())), 0
+            for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+                layer = pairs[a:b]
+                m = sum(b1 - a1 for a1, b1 in layer)
                 self._read_union(self.X, layer, X[off:off + m], (self.d,))
                 self._read_union(self.y, layer, y[off:off + m], ())
                 off += m
@@ -555,20 +559,81 @@ class RankReader:
         self._f.close()
 
 
-def _layers(ranges: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
-    """Split sorted ranges into groups without overlaps (a union selection would merge them).
+def _as_bounds(ranges: Ranges) -> np.ndarray:
+    """Return ranges as an int64 (k, 2) array (an array of that type as it is)."""
+    if isinstance(ranges, np.ndarray) and ranges.dtype == np.int64 and ranges.ndim == 2:
+        return ranges
+    return np.array(ranges, np.int64).reshape(-1, 2)
 
-    Rows repeat only when a batch spans an epoch boundary, so there are one or two groups.
+
+def range_list(ranges: Ranges) -> list[tuple[int, int]]:
+    """Return ranges as a list of (lo, hi) int tuples."""
+    return list(map(tuple, _as_bounds(ranges).tolist()))
+
+
+@lazy_njit(cache=True, nogil=True)
+def _visit(starts: np.ndarray, cum: np.ndarray, off: int, end: int) -> np.ndarray:
+    """Return the (k, 2) file row ranges of epoch offsets [off, end) (off < end), in visiting order.
+
+    Block b of the epoch's order holds file rows starts[b] .. starts[b] + cum[b+1] - cum[b]
+    at offsets cum[b] .. cum[b+1]; a block that continues the previous one in the file
+    extends its range.
     """
-    layers: list[list[tuple[int, int]]] = []
-    for r in ranges:
-        for layer in layers:
-            if layer[-1][1] <= r[0]:
-                layer.append(r)
-                break
+    b0 = np.searchsorted(cum, off, side="right") - 1
+    b1 = np.searchsorted(cum, end - 1, side="right") - 1
+    out = np.empty((b1 - b0 + 1, 2), np.int64)
+    k = 0
+    for b in range(b0, b1 + 1):
+        lo = starts[b] + (off - cum[b] if b == b0 else 0)
+        hi = starts[b] + (end - cum[b] if b == b1 else cum[b + 1] - cum[b])
+        if k > 0 and out[k - 1, 1] == lo:
+            out[k - 1, 1] = hi
         else:
-            layers.append([r])
-    return layers
+            out[k, 0] = lo
+            out[k, 1] = hi
+            k += 1
+    return out[:k]
+
+
+@lazy_njit(cache=True, nogil=True)
+def _file_order(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (lo, hi, cuts): the ranges of b (k, 2) in the order a reader copies them.
+
+    Sorted by (lo, hi), then split into layers without overlaps (an HDF5 union selection
+    would merge overlapping ranges): each range joins the first layer whose last range
+    ends at or before its start. Rows repeat only when a batch spans an epoch boundary,
+    so there are one or two layers. Layer L is ranges cuts[L] .. cuts[L+1].
+    """
+    k = b.shape[0]
+    order = np.argsort(b[:, 1], kind="mergesort")
+    order = order[np.argsort(b[order, 0], kind="mergesort")]
+    layer = np.empty(k, np.int64)
+    last = np.empty(k, np.int64)
+    nl = 0
+    for j in range(k):
+        lo, hi = b[order[j], 0], b[order[j], 1]
+        found = -1
+        for q in range(nl):
+            if last[q] <= lo:
+                found = q
+                break
+        if found < 0:
+            found = nl
+            nl += 1
+        layer[j] = found
+        last[found] = hi
+    lo_out = np.empty(k, np.int64)
+    hi_out = np.empty(k, np.int64)
+    cuts = np.zeros(nl + 1, np.int64)
+    t = 0
+    for q in range(nl):
+        for j in range(k):
+            if layer[j] == q:
+                lo_out[t] = b[order[j], 0]
+                hi_out[t] = b[order[j], 1]
+                t += 1
+        cuts[q + 1] = t
+    return lo_out, hi_out, cuts
 
 
 def contiguous_share(n: int, rank: int, size: int) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from fleetmpi.engine.data import RankReader
+from fleetmpi.engine.data import Ranges, RankReader
 from fleetmpi.engine.device import Device, GpuMonitor, Placement
 from fleetmpi.engine.gradient import FlatState, Reduced, Rows
 from fleetmpi.engine.trainer import Trainer
@@ -49,7 +49,7 @@ class PinnedReader(RankReader):
         super().__init__(path)
         self._slots = [(place.pinned((rows, self.d), np.float32), place.pinned(rows, np.float32)) for _ in range(2)]
 
-    def read(self, ranges: list[tuple[int, int]], slot: int | None = None, *,
+    def read(self, ranges: Ranges, slot: int | None = None, *,
              threads: bool | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         """Read into pinned slot 0 or 1 (views valid until that slot is read again); None: unpinned buffers."""
         if slot is None:
@@ -161,14 +161,14 @@ class GpuFlatState(FlatState):
             return X, y, fp
         # The last step's stream was synchronised: no copy reads either slot now.
         self._slot = 1 - self._slot
-        return run.reader.read(run.order.ranges(*share), self._slot)
+        return run.reader.read(run.order.bounds(*share), self._slot)
 
     def _read_ahead(self, step: int) -> None:
         """Read ``step``'s rows into the slot the current copy does not use."""
         run = self.gpu_run
         share = run.order.share(step, run.rank, run.size)
         slot = 1 - self._slot
-        X, y, fp = run.reader.read(run.order.ranges(*share), slot)
+        X, y, fp = run.reader.read(run.order.bounds(*share), slot)
         self._ahead = (share, X, y, fp, slot)
 
     # -- steps ------------------------------------------------------------------------------

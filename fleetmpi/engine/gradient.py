@@ -122,7 +122,7 @@ class FlatState:
         """Return the global gradient sum of the run's current batch; collective."""
         run = self.run
         start, stop = run.order.share(run.step, run.rank, run.size)
-        X, y, fp = run.reader.read(run.order.ranges(start, stop))
+        X, y, fp = run.reader.read(run.order.bounds(start, stop))
         return self.global_grad(self.params, (X, y, fp, len(y)))
 
     def sgd_apply(self, g: Any, lr: float) -> None:
@@ -160,7 +160,7 @@ class FlatState:
             else:
                 # A fixed batch: the first ``batch`` positions of epoch 0's order.
                 order = type(run.order)(run.n, batch, run.spec.seed, run.spec.data.block_rows)
-                X, y, fp = run.reader.read(order.ranges(*order.share(0, run.rank, run.size)))
+                X, y, fp = run.reader.read(order.bounds(*order.share(0, run.rank, run.size)))
                 self.lbfgs_data = (X.copy(), y.copy(), fp, int(batch))
         return self.lbfgs_data
 

@@ -34,11 +34,12 @@ Y_DTYPES = (np.float32, np.float64, np.int64, np.int32)
 
 def _data_kernels() -> None:
     """Read a few rows of tiny HDF5 files through the engine's reader, one per y dtype, with
-    the one-thread and the threaded copy kernel (kernels.gather)."""
+    the one-thread and the threaded copy kernel (kernels.gather), and a batch's ranges."""
     import h5py
 
-    from fleetmpi.engine.data import RankReader
+    from fleetmpi.engine.data import RankReader, SampleOrder
 
+    SampleOrder(6, 4, 0, 2).bounds(2, 9)   # the sample order's ranges (an epoch boundary inside)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         for dt in Y_DTYPES:

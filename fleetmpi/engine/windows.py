@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fleetmpi.engine.data import _fingerprint, check_finite, contiguous_share, open_h5
+from fleetmpi.engine.data import Ranges, _fingerprint, check_finite, contiguous_share, open_h5, range_list
 from fleetmpi.errors import BadInput
 
 if TYPE_CHECKING:
@@ -143,9 +143,9 @@ class WindowReader:
             off += k
         return X, y
 
-    def read(self, ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray, float]:
+    def read(self, ranges: Ranges) -> tuple[np.ndarray, np.ndarray, float]:
         """Return (X, y, fingerprint) of the window ranges, in window order (a sum does not depend on order)."""
-        ranges = sorted(ranges)
+        ranges = sorted(range_list(ranges))
         parts = [self.read_contiguous(lo, hi) for lo, hi in ranges]
         X = np.concatenate([q[0] for q in parts]) if parts else np.empty((0, self.d), np.float32)
         y = np.concatenate([q[1] for q in parts]) if parts else np.empty(0, np.float32)
