@@ -73,6 +73,11 @@ class CsrBatch:
         """Return the count of stored entries."""
         return int(self.indices.size)
 
+    def copy(self) -> CsrBatch:
+        """Return a batch with its own copies of the arrays (a reader's batch is a view into
+        buffers its next read overwrites)."""
+        return CsrBatch(self.indptr.copy(), self.indices.copy(), self.data.copy(), self.d)
+
     def toarray(self) -> np.ndarray:
         """Return the rows as a dense float32 (n, d) array (tests and small batches)."""
         n = self.shape[0]

@@ -92,6 +92,19 @@ def test_sparse_sync_rescaled_2_to_3_follows_one_rank(tmp_path: Path, csr_data: 
     np.testing.assert_allclose(_params(rescaled), _params(solo), rtol=1e-8, atol=1e-10)
 
 
+def test_lbfgs_on_a_fixed_csr_batch_keeps_its_own_copy_of_the_rows(tmp_path: Path, csr_data: Path) -> None:
+    # L-BFGS reads its fixed batch once and keeps it while the reader's buffers are reused
+    # (CsrBatch.copy; it used to stop with AttributeError). Two ranks, each half the batch.
+    two = {"start": "two", "phases": {"two": {"ranks_per_node": 2}}}
+    spec = write_spec(tmp_path / "s.yaml", csr_data, fleet=two, model=COMMON["model"],
+                      optimizer={"kind": "lbfgs", "lbfgs": {"batch": 512}}, goal={"max_steps": 6})
+    proc = cli("run", str(spec), "--job-dir", str(tmp_path / "j"))
+    assert proc.returncode == 0, proc.stderr
+    losses = [m["loss"] for m in metrics(tmp_path / "j") if not m.get("eval")]
+    assert len(losses) >= 5 and losses[-1] < 0.8 * losses[0], losses
+    assert np.isfinite(_params(tmp_path / "j")).all()
+
+
 def test_sparse_sync_refuses_mlp(tmp_path: Path, csr_data: Path) -> None:
     spec = write_spec(tmp_path / "s.yaml", csr_data, sync={"kind": "sparse"},
                       **{**COMMON, "model": {"kind": "mlp", "hidden": [8]}})
