@@ -13,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 import h5py
 import numpy as np
@@ -357,6 +357,8 @@ class CsrReader:
         self._ds = _csr_datasets(self._f, path)
         self.n, self.d = self._ds[0].shape[0] - 1, self._ds[4]
         self._arrays: tuple[object, ...] = self._ds[:4]
+        self._bufs: list[np.ndarray] = [np.zeros(1, np.int64), np.empty(0, np.int32), np.empty(0, np.float32),
+                                        np.empty(0, np.float32)]
         self._direct = False
         if direct:
             maps = [_mapped(path, self._f, ds) for ds in self._ds[:4]]
@@ -369,7 +371,12 @@ class CsrReader:
         return self._direct
 
     def read(self, ranges: Ranges) -> tuple[CsrBatch, np.ndarray, float]:
-        """Return (CSR rows, y rows, fingerprint) of the row ranges, in file order (as RankReader)."""
+        """Return (CSR rows, y rows, fingerprint) of the row ranges, sorted (ranges that overlap
+        give their rows twice). Through the maps, one copy kernel (``kernels.gather.gather_csr``)
+        into reused buffers (the batch is a view the next read overwrites, as RankReader's);
+        else HDF5 reads of each range."""
+        if self._direct:
+            return self._read_mapped(ranges)
         ranges = sorted(range_list(ranges))
         indptr, indices, data, y = self._arrays
         ips, ixs, dvs, ys = [np.zeros(1, np.int64)], [], [], []
@@ -388,6 +395,25 @@ class CsrReader:
         yy = np.concatenate(ys) if ys else np.empty(0, np.float32)
         return X, yy, float(_fingerprint(lo_a, hi_a))
 
+    def _read_mapped(self, ranges: Ranges) -> tuple[CsrBatch, np.ndarray, float]:
+        from kernels.gather import csr_sizes, gather_csr, sort_ranges
+        from kernels.sparse import CsrBatch
+        lo, hi = sort_ranges(_as_bounds(ranges))
+        maps = cast("tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]", self._arrays)
+        rows, nnz, ok = csr_sizes(maps[0], maps[1].shape[0], lo, hi)
+        if not ok:
+            raise self._damaged()
+        # Reused buffers, grown with room to spare: fresh arrays of a batch's size came
+        # from new pages each read, and their first touch doubled the copy's time.
+        if self._bufs[0].size < rows + 1:
+            self._bufs[0], self._bufs[3] = np.empty(rows + 1 + rows // 4, np.int64), np.empty(rows + rows // 4, np.float32)
+        if self._bufs[1].size < nnz:
+            self._bufs[1], self._bufs[2] = np.empty(nnz + nnz // 4, np.int32), np.empty(nnz + nnz // 4, np.float32)
+        ip, ix, dv, yy = self._bufs[0][:rows + 1], self._bufs[1][:nnz], self._bufs[2][:nnz], self._bufs[3][:rows]
+        if not gather_csr(*maps, lo, hi, self.d, ip, ix, dv, yy):
+            raise self._damaged()
+        return CsrBatch(ip, ix, dv, self.d), yy, float(_fingerprint(lo, hi))
+
     def _batch(self, ip: np.ndarray, ixs: list[np.ndarray], dvs: list[np.ndarray]) -> CsrBatch:
         """Return the batch, refusing offsets or column ids that would index outside the model."""
         ix = np.concatenate(ixs) if ixs else np.empty(0, np.int32)
@@ -395,15 +421,18 @@ class CsrReader:
         # O(nnz) and cheap next to the kernels: a file changed after describe() must not
         # send a kernel outside the parameters.
         if (np.diff(ip) < 0).any() or ip[-1] != ix.size or (ix.size and (ix.min() < 0 or ix.max() >= self.d)):
-            raise BadInput(f"{self.path}: CSR rows hold offsets or column ids outside [0, {self.d}); "
-                           "the file is damaged or changed while the job ran")
+            raise self._damaged()
         from kernels.sparse import CsrBatch  # numba's: the CLI's describe() runs without it
         return CsrBatch(np.ascontiguousarray(ip), np.ascontiguousarray(ix), np.ascontiguousarray(dv), self.d)
+
+    def _damaged(self) -> BadInput:
+        return BadInput(f"{self.path}: CSR rows hold offsets or column ids outside [0, {self.d}); "
+                        "the file is damaged or changed while the job ran")
 
     def read_contiguous(self, lo: int, hi: int) -> tuple[CsrBatch, np.ndarray]:
         """Return copies of rows [lo, hi) (a rank's fixed shard, e.g. validation data)."""
         X, y, _ = self.read([(lo, hi)])
-        return X, y
+        return X.copy(), y.copy()
 
     def close(self) -> None:
         self._arrays = ()
@@ -444,13 +473,14 @@ class SampleOrder:
 
         Adjacent blocks are coalesced into one range (one copy, one hyperslab).
         """
+        from kernels.gather import visit_blocks  # numba's: the CLI's data checks run without it
         parts: list[np.ndarray] = []
         pos = start
         while pos < stop:
             e, off = divmod(pos, self.n)
             self._load_epoch(e)
             end = min(self.n, off + stop - pos)            # this epoch's part: offsets [off, end)
-            part = _visit(self._starts, self._cum, off, end)
+            part = visit_blocks(self._starts, self._cum, off, end)
             if parts and parts[-1][-1, 1] == part[0, 0]:   # continues across the epoch boundary
                 parts[-1][-1, 1] = part[0, 1]
                 part = part[1:]
@@ -504,10 +534,11 @@ class RankReader:
         numba threads from GATHER_THREADS_MIN_ROWS rows (``threads`` True / False forces
         it; the bits are the same either way); else ONE HDF5 read of a union of
         hyperslabs (one call per block costs ~40 us each, 10x the data movement at
-        typical batch sizes). Rows come back in file order (``_file_order``): deterministic,
+        typical batch sizes). Rows come back in file order (``kernels.gather.file_order``): deterministic,
         and a gradient sum does not depend on order.
         """
-        lo, hi, cuts = _file_order(_as_bounds(ranges))
+        from kernels.gather import file_order
+        lo, hi, cuts = file_order(_as_bounds(ranges))
         total = int(np.sum(hi - lo))
         if self._xbuf.shape[0] < total:
             # On a cache line: the kernels' vector loads then touch one line each
@@ -569,71 +600,6 @@ def _as_bounds(ranges: Ranges) -> np.ndarray:
 def range_list(ranges: Ranges) -> list[tuple[int, int]]:
     """Return ranges as a list of (lo, hi) int tuples."""
     return list(map(tuple, _as_bounds(ranges).tolist()))
-
-
-@lazy_njit(cache=True, nogil=True)
-def _visit(starts: np.ndarray, cum: np.ndarray, off: int, end: int) -> np.ndarray:
-    """Return the (k, 2) file row ranges of epoch offsets [off, end) (off < end), in visiting order.
-
-    Block b of the epoch's order holds file rows starts[b] .. starts[b] + cum[b+1] - cum[b]
-    at offsets cum[b] .. cum[b+1]; a block that continues the previous one in the file
-    extends its range.
-    """
-    b0 = np.searchsorted(cum, off, side="right") - 1
-    b1 = np.searchsorted(cum, end - 1, side="right") - 1
-    out = np.empty((b1 - b0 + 1, 2), np.int64)
-    k = 0
-    for b in range(b0, b1 + 1):
-        lo = starts[b] + (off - cum[b] if b == b0 else 0)
-        hi = starts[b] + (end - cum[b] if b == b1 else cum[b + 1] - cum[b])
-        if k > 0 and out[k - 1, 1] == lo:
-            out[k - 1, 1] = hi
-        else:
-            out[k, 0] = lo
-            out[k, 1] = hi
-            k += 1
-    return out[:k]
-
-
-@lazy_njit(cache=True, nogil=True)
-def _file_order(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (lo, hi, cuts): the ranges of b (k, 2) in the order a reader copies them.
-
-    Sorted by (lo, hi), then split into layers without overlaps (an HDF5 union selection
-    would merge overlapping ranges): each range joins the first layer whose last range
-    ends at or before its start. Rows repeat only when a batch spans an epoch boundary,
-    so there are one or two layers. Layer L is ranges cuts[L] .. cuts[L+1].
-    """
-    k = b.shape[0]
-    order = np.argsort(b[:, 1], kind="mergesort")
-    order = order[np.argsort(b[order, 0], kind="mergesort")]
-    layer = np.empty(k, np.int64)
-    last = np.empty(k, np.int64)
-    nl = 0
-    for j in range(k):
-        lo, hi = b[order[j], 0], b[order[j], 1]
-        found = -1
-        for q in range(nl):
-            if last[q] <= lo:
-                found = q
-                break
-        if found < 0:
-            found = nl
-            nl += 1
-        layer[j] = found
-        last[found] = hi
-    lo_out = np.empty(k, np.int64)
-    hi_out = np.empty(k, np.int64)
-    cuts = np.zeros(nl + 1, np.int64)
-    t = 0
-    for q in range(nl):
-        for j in range(k):
-            if layer[j] == q:
-                lo_out[t] = b[order[j], 0]
-                hi_out[t] = b[order[j], 1]
-                t += 1
-        cuts[q + 1] = t
-    return lo_out, hi_out, cuts
 
 
 def contiguous_share(n: int, rank: int, size: int) -> tuple[int, int]:

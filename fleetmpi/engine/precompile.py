@@ -34,10 +34,11 @@ Y_DTYPES = (np.float32, np.float64, np.int64, np.int32)
 
 def _data_kernels() -> None:
     """Read a few rows of tiny HDF5 files through the engine's reader, one per y dtype, with
-    the one-thread and the threaded copy kernel (kernels.gather), and a batch's ranges."""
+    the one-thread and the threaded copy kernel (kernels.gather), the same as CSR rows, and
+    a batch's ranges."""
     import h5py
 
-    from fleetmpi.engine.data import RankReader, SampleOrder
+    from fleetmpi.engine.data import CsrReader, RankReader, SampleOrder
 
     SampleOrder(6, 4, 0, 2).bounds(2, 9)   # the sample order's ranges (an epoch boundary inside)
     rng = np.random.default_rng(0)
@@ -53,6 +54,16 @@ def _data_kernels() -> None:
                     reader.read([(0, 2), (3, 5)], threads=threads)
             finally:
                 reader.close()
+            path = Path(tmp) / f"csr-y-{np.dtype(dt).name}.h5"   # make-data's CSR (text, libsvm)
+            with h5py.File(path, "w") as f:
+                f["indptr"], f["indices"] = np.array([0, 1, 1, 3], np.int64), np.array([2, 0, 1], np.int32)
+                f["data"], f["y"] = np.ones(3, np.float32), np.arange(3).astype(dt)
+                f.attrs["format"], f.attrs["n_features"] = "csr", 4
+            csr = CsrReader(path)
+            try:
+                csr.read([(0, 2), (2, 3)])
+            finally:
+                csr.close()
 
 
 def _text_kernels() -> None:

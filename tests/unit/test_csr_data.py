@@ -48,6 +48,70 @@ def test_reader_returns_the_rows_of_the_sample_order(tmp_path: Path, matrix: tup
         r.close()
 
 
+def test_mapped_and_hdf5_reads_agree_on_any_ranges_and_y_dtype(tmp_path: Path, matrix: tuple) -> None:
+    # The map path is one numba copy (kernels.gather.gather_csr); the HDF5 path reads each
+    # range. Random ranges, overlapping and repeated ones included, as a list or an array.
+    M, y = matrix
+    rng = np.random.default_rng(8)
+    for ydt in (np.float32, np.int64, np.float64, np.int32):
+        path = write(tmp_path / f"y-{np.dtype(ydt).name}.h5", M, y.astype(ydt))
+        fast, slow = CsrReader(path), CsrReader(path, direct=False)
+        assert fast.direct and not slow.direct
+        for _ in range(30):
+            lo = rng.integers(0, 195, int(rng.integers(1, 9)))
+            ranges = [(int(a), int(min(200, a + rng.integers(1, 30)))) for a in lo] + [(7, 7)]
+            (xa, ya, fa), (xb, yb, fb) = fast.read(ranges), slow.read(np.array(ranges[::-1], np.int64))
+            rows = np.concatenate([np.arange(a, b) for a, b in sorted(ranges)])
+            for X in (xa, xb):
+                assert X.indptr.dtype == np.int64 and X.indices.dtype == np.int32 and X.data.dtype == np.float32
+                assert np.array_equal(X.toarray(), M[rows].toarray())
+            assert np.array_equal(xa.indptr, xb.indptr) and np.array_equal(xa.indices, xb.indices)
+            assert ya.dtype == yb.dtype == np.float32 and np.array_equal(ya, yb) and np.array_equal(ya, y[rows])
+            assert fa == fb
+        fast.close()
+        slow.close()
+
+
+def test_a_batch_is_a_view_the_next_read_overwrites_and_copies_are_not(tmp_path: Path, matrix: tuple) -> None:
+    # As RankReader's: read() reuses its buffers; read_contiguous() and CsrBatch.copy() (what
+    # L-BFGS's fixed batch keeps) own their arrays.
+    M, y = matrix
+    r = CsrReader(write(tmp_path / "t.h5", M, y))
+    shard, shard_y = r.read_contiguous(0, 120)
+    first, first_y, _ = r.read([(0, 60)])
+    kept, kept_y = first.copy(), first_y.copy()
+    assert kept.indices is not first.indices and np.array_equal(kept.toarray(), first.toarray())
+    r.read([(100, 160)])   # as many rows: written over the same front of the buffers
+    assert np.array_equal(first_y, y[100:160])
+    assert np.array_equal(kept.toarray(), M[:60].toarray()) and np.array_equal(kept_y, y[:60])
+    assert np.array_equal(shard.toarray(), M[:120].toarray()) and np.array_equal(shard_y, y[:120])
+    r.close()
+
+
+@pytest.mark.parametrize("what", ["id-high", "id-negative", "indptr-down", "indptr-past-nnz"])
+def test_a_file_damaged_after_its_checks_is_refused_by_both_reads(tmp_path: Path, matrix: tuple, what: str) -> None:
+    # describe() checks the file once; a file changed while the job runs must not send a
+    # kernel outside the model, nor make the copy read out of bounds.
+    M, y = matrix
+    ip, ix = M.indptr.astype(np.int64), M.indices.astype(np.int32)
+    if what == "id-high":
+        ix = np.where(np.arange(M.nnz) == 40, 50, ix).astype(np.int32)
+    elif what == "id-negative":
+        ix = np.where(np.arange(M.nnz) == 40, -1, ix).astype(np.int32)
+    elif what == "indptr-down":
+        ip = ip.copy()
+        ip[20] = ip[18]   # row 19 running backwards
+    else:
+        ip = ip.copy()
+        ip[150:] = M.nnz + 1000
+    path = write(tmp_path / f"{what}.h5", M, y, indptr=ip, indices=ix)
+    for direct in (True, False):
+        r = CsrReader(path, direct)
+        with pytest.raises(BadInput, match="damaged or changed while the job ran"):
+            r.read([(0, 200)])
+        r.close()
+
+
 @pytest.mark.parametrize("what, fix, match", [
     ("id", lambda M: {"indices": np.where(np.arange(M.nnz) == 5, 50, M.indices).astype(np.int32)}, "outside"),
     ("order", lambda M: {"indices": np.concatenate(([M.indices[1], M.indices[0]], M.indices[2:])).astype(np.int32)},
