@@ -307,6 +307,63 @@ def batch_copy(n: int = 200_000, d: int = 128, batch: int = 4096, batches: int =
             for nt in counts]
 
 
+def csr_copy(n: int = 200_000, d: int = 1 << 18, batch: int = 4096, batches: int = 50) -> list[dict]:
+    """Return the engine's CSR batch copy (CsrReader.read through the file's memory maps)
+    against numpy doing what it did before (per range: slice indptr, indices, data and y,
+    then concatenate), ms per batch, one thread.
+
+    The file: n rows of 20-79 sorted column ids of d (a hashed text's shape), in the page
+    cache; the ranges from the engine's SampleOrder (shuffled 32-row blocks).
+    """
+    import tempfile
+
+    import h5py
+
+    from fleetmpi.engine.data import CsrReader, SampleOrder
+    rng = np.random.default_rng(6)
+    lens = rng.integers(20, 80, n)
+    indptr = np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
+    cols = (np.repeat(np.arange(n) * 7919, lens) + np.arange(indptr[-1]) * 3) % d   # any ids; sorted below
+    cols = np.concatenate([np.sort(cols[a:b]) for a, b in zip(indptr[:-1], indptr[1:])]).astype(np.int32)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "train.h5")
+        with h5py.File(path, "w") as f:
+            f["indptr"], f["indices"] = indptr, cols
+            f["data"], f["y"] = rng.standard_normal(cols.size).astype(np.float32), rng.integers(0, 2, n).astype(np.float32)
+            f.attrs["format"], f.attrs["n_features"] = "csr", d
+        reader = CsrReader(Path(path))
+        assert reader.direct, "h5py wrote contiguous datasets: the reader should map them"
+        order = SampleOrder(n, batch, 0, 32)
+        plans = [sorted(order.ranges(s * batch, (s + 1) * batch)) for s in range(batches)]
+        ip_m, ix_m, dv_m, y_m = reader._arrays
+
+        def numpy_copy(p: list) -> tuple:
+            ips, ixs, dvs, ys, off = [np.zeros(1, np.int64)], [], [], [], 0
+            for lo, hi in p:
+                ip = np.asarray(ip_m[lo:hi + 1], np.int64)
+                a, b = int(ip[0]), int(ip[-1])
+                ips.append(ip[1:] - a + off)
+                ixs.append(ix_m[a:b])
+                dvs.append(dv_m[a:b])
+                ys.append(y_m[lo:hi])
+                off += b - a
+            return np.concatenate(ips), np.concatenate(ixs), np.concatenate(dvs), np.concatenate(ys)
+
+        fns = {"numpy": lambda: [numpy_copy(p) for p in plans], "engine": lambda: [reader.read(p) for p in plans]}
+        for f in fns.values():
+            f()   # maps every page, loads the kernels
+        t = _best_interleaved(fns, 5, 1)
+        want = numpy_copy(plans[-1])
+        X, yy, _ = reader.read(plans[-1])
+        same = all(np.array_equal(a, b) for a, b in zip((X.indptr, X.indices, X.data, yy), want))
+        nnz = sum(int(ip_m[b] - ip_m[a]) for p in plans for a, b in p) / batches
+        reader.close()
+    return [{"copy": "numpy (slices a range, concatenate)", "ms_per_batch": t["numpy"] / batches * 1e3,
+             "entries_per_batch": nnz, "vs_numpy": 1.0, "rows_equal": True},
+            {"copy": "fleetmpi reader (kernels.gather.gather_csr)", "ms_per_batch": t["engine"] / batches * 1e3,
+             "entries_per_batch": nnz, "vs_numpy": t["numpy"] / t["engine"], "rows_equal": bool(same)}]
+
+
 def _two_thread_tables() -> dict:
     """Return threads() and batch_copy() as run in a child process with two numba threads.
 
@@ -359,7 +416,12 @@ def main(argv: list[str] | None = None) -> None:
                 " page cache), numba threads in one rank", copy,
                 [("copy", "s"), ("threads", "d"), ("ms_per_batch", ".3f"), ("GBps", ".1f"), ("vs_numpy", ".2f"),
                  ("rows_equal", "")]))
-    save("kernels", rows, fma_peak_gflops=peak, mlp=mlp, threads=thr, batch_copy=copy,
+    csr = csr_copy()
+    print(table("CSR batch copy, 4096 rows a batch (20-79 entries a row; shuffled 32-row blocks of a 200k-row"
+                " file in the page cache), one thread", csr,
+                [("copy", "s"), ("ms_per_batch", ".3f"), ("entries_per_batch", ".0f"), ("vs_numpy", ".2f"),
+                 ("rows_equal", "")]))
+    save("kernels", rows, fma_peak_gflops=peak, mlp=mlp, threads=thr, batch_copy=copy, csr_copy=csr,
          threads_numba=numba.get_num_threads(), loadavg=os.getloadavg())
 
 

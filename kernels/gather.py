@@ -21,6 +21,14 @@ range). 8 and 16 rows ahead measured the same. Through the reader (its Python in
 ``python bench/bench_kernels.py``'s batch-copy table. End to end (bench_scaling, logistic
 200k x 128, batch 4096, one rank) the step went from 0.65 to 0.56 ms; on one rank with two
 threads from 0.99 to 0.40 ms.
+
+CSR rows (``csr_sizes``, ``gather_csr``): one pass over the batch's rows copies their offsets
+and labels and each range's ids and values, checking the file's offsets and ids as it goes,
+into buffers the reader keeps; 4096-row batches of ~200k entries: 0.55-0.66 ms, against
+1.3 ms for numpy slicing each range and concatenating and 1.7-1.8 ms for the reader's old
+per-range loop (bench_kernels' CSR table). The batch's ranges themselves (``visit_blocks``,
+``sort_ranges``, ``file_order``) are worked out here too: a few us a batch, where the numpy
+and Python they replaced took ~60 us at 128 ranges.
 """
 
 from __future__ import annotations
