@@ -119,7 +119,7 @@ def gather_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, y: np.
     (entries) and yy (rows), sized by ``csr_sizes`` of a sound file; return whether the rows
     were sound: offsets that never decrease and column ids in [0, d) (a file changed after
     its checks must not send a kernel outside the model; nothing is read or written out of
-    bounds either way). No Python per range.
+    bounds either way, if ip, ix, dv and yy are at least that long). No Python per range.
 
     The outputs come from the caller (numpy's allocator reuses the last batch's freed
     pages; numba's took fresh ones, whose first touch cost 0.6 ms a batch of 200k entries).
@@ -131,6 +131,9 @@ def gather_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, y: np.
     off = 0
     for k in range(lo.size):
         a, b = indptr[lo[k]], indptr[hi[k]]
+        # Again, against these outputs: the file may have changed since csr_sizes.
+        if a < 0 or b < a or b > indices.shape[0] or off + b - a > ix.shape[0] or r + hi[k] - lo[k] > yy.shape[0]:
+            return False
         for i in range(lo[k], hi[k]):
             p = indptr[i + 1]
             bad += (p < indptr[i]) | (p > b)

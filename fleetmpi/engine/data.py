@@ -362,7 +362,7 @@ class CsrReader:
         self._direct = False
         if direct:
             maps = [_mapped(path, self._f, ds) for ds in self._ds[:4]]
-            if all(m is not None for m in maps):
+            if all(m is not None for m in maps) and _copy_kernel_y(self._ds[3].dtype):
                 self._arrays, self._direct = tuple(maps), True
 
     @property
@@ -378,6 +378,8 @@ class CsrReader:
         if self._direct:
             return self._read_mapped(ranges)
         ranges = sorted(range_list(ranges))
+        bounds = np.array(ranges, np.int64).reshape(-1, 2)
+        _check_ranges(self.path, self.n, bounds[:, 0], bounds[:, 1])
         indptr, indices, data, y = self._arrays
         ips, ixs, dvs, ys = [np.zeros(1, np.int64)], [], [], []
         off = 0
@@ -395,21 +397,28 @@ class CsrReader:
         yy = np.concatenate(ys) if ys else np.empty(0, np.float32)
         return X, yy, float(_fingerprint(lo_a, hi_a))
 
-    def _read_mapped(self, ranges: Ranges) -> tuple[CsrBatch, np.ndarray, float]:
+    def _read_mapped(self, ranges: Ranges, fresh: bool = False) -> tuple[CsrBatch, np.ndarray, float]:
+        """Copy the rows out of the maps: into the reused buffers, or (fresh) new arrays."""
         from kernels.gather import csr_sizes, gather_csr, sort_ranges
         from kernels.sparse import CsrBatch
         lo, hi = sort_ranges(_as_bounds(ranges))
+        _check_ranges(self.path, self.n, lo, hi)
         maps = cast("tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]", self._arrays)
         rows, nnz, ok = csr_sizes(maps[0], maps[1].shape[0], lo, hi)
         if not ok:
             raise self._damaged()
-        # Reused buffers, grown with room to spare: fresh arrays of a batch's size came
-        # from new pages each read, and their first touch doubled the copy's time.
-        if self._bufs[0].size < rows + 1:
-            self._bufs[0], self._bufs[3] = np.empty(rows + 1 + rows // 4, np.int64), np.empty(rows + rows // 4, np.float32)
-        if self._bufs[1].size < nnz:
-            self._bufs[1], self._bufs[2] = np.empty(nnz + nnz // 4, np.int32), np.empty(nnz + nnz // 4, np.float32)
-        ip, ix, dv, yy = self._bufs[0][:rows + 1], self._bufs[1][:nnz], self._bufs[2][:nnz], self._bufs[3][:rows]
+        if fresh:
+            ip, ix = np.empty(rows + 1, np.int64), np.empty(nnz, np.int32)
+            dv, yy = np.empty(nnz, np.float32), np.empty(rows, np.float32)
+        else:
+            # Reused buffers, grown with room to spare: fresh arrays of a batch's size came
+            # from new pages each read, and their first touch doubled the copy's time.
+            if self._bufs[0].size < rows + 1:
+                self._bufs[0] = np.empty(rows + 1 + rows // 4, np.int64)
+                self._bufs[3] = np.empty(rows + rows // 4, np.float32)
+            if self._bufs[1].size < nnz:
+                self._bufs[1], self._bufs[2] = np.empty(nnz + nnz // 4, np.int32), np.empty(nnz + nnz // 4, np.float32)
+            ip, ix, dv, yy = self._bufs[0][:rows + 1], self._bufs[1][:nnz], self._bufs[2][:nnz], self._bufs[3][:rows]
         if not gather_csr(*maps, lo, hi, self.d, ip, ix, dv, yy):
             raise self._damaged()
         return CsrBatch(ip, ix, dv, self.d), yy, float(_fingerprint(lo, hi))
@@ -430,9 +439,10 @@ class CsrReader:
                         "the file is damaged or changed while the job ran")
 
     def read_contiguous(self, lo: int, hi: int) -> tuple[CsrBatch, np.ndarray]:
-        """Return copies of rows [lo, hi) (a rank's fixed shard, e.g. validation data)."""
-        X, y, _ = self.read([(lo, hi)])
-        return X.copy(), y.copy()
+        """Return copies of rows [lo, hi) (a rank's fixed shard, e.g. validation data): arrays
+        of their own (not the reused buffers, which would keep a second shard's worth)."""
+        X, y, _ = self._read_mapped([(lo, hi)], fresh=True) if self._direct else self.read([(lo, hi)])
+        return X, y
 
     def close(self) -> None:
         self._arrays = ()
@@ -518,7 +528,7 @@ class RankReader:
         self._map: tuple[np.ndarray, np.ndarray] | None = None
         if direct:
             mx, my = _mapped(path, self._f, self.X), _mapped(path, self._f, self.y)
-            if mx is not None and my is not None:
+            if mx is not None and my is not None and _copy_kernel_y(my.dtype):
                 self._map = (mx, my)
 
     @property
@@ -539,6 +549,7 @@ class RankReader:
         """
         from kernels.gather import file_order
         lo, hi, cuts = file_order(_as_bounds(ranges))
+        _check_ranges(self.path, self.n, lo, hi)
         total = int(np.sum(hi - lo))
         if self._xbuf.shape[0] < total:
             # On a cache line: the kernels' vector loads then touch one line each
@@ -590,9 +601,31 @@ class RankReader:
         self._f.close()
 
 
+def _copy_kernel_y(dtype: np.dtype) -> bool:
+    """Return whether the copy kernels (kernels.gather, numba) take labels of this dtype:
+    signed or unsigned integers, float32 or float64. Others (float16, long double) are
+    read through HDF5, which converts them."""
+    return dtype.kind in "iu" or dtype in (np.float32, np.float64)
+
+
+def _check_ranges(path: Path, n: int, lo: np.ndarray, hi: np.ndarray) -> None:
+    """Raise BadInput unless every range [lo, hi) lies within the file's n rows.
+
+    The sample order comes from rank 0's look at the data; a rank whose copy of the file has
+    fewer rows (another node's copy, a file replaced while the job ran) must stop here, not
+    read past the end of a memory map.
+    """
+    if lo.size and (lo.min() < 0 or hi.max() > n or (hi < lo).any()):
+        k = int(np.flatnonzero((lo < 0) | (hi > n) | (hi < lo))[0])
+        raise BadInput(f"{path}: the job reads rows {lo[k]}..{hi[k]} but the file holds {n} rows; was it "
+                       "replaced or truncated while the job ran, or does this node see another copy?")
+
+
 def _as_bounds(ranges: Ranges) -> np.ndarray:
-    """Return ranges as an int64 (k, 2) array (an array of that type as it is)."""
-    if isinstance(ranges, np.ndarray) and ranges.dtype == np.int64 and ranges.ndim == 2:
+    """Return ranges as a C-contiguous int64 (k, 2) array (such an array as it is: the
+    numba functions then see one array type, compiled once at install)."""
+    if (isinstance(ranges, np.ndarray) and ranges.dtype == np.int64 and ranges.ndim == 2
+            and ranges.flags.c_contiguous):
         return ranges
     return np.array(ranges, np.int64).reshape(-1, 2)
 

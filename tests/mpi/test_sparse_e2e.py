@@ -92,9 +92,10 @@ def test_sparse_sync_rescaled_2_to_3_follows_one_rank(tmp_path: Path, csr_data: 
     np.testing.assert_allclose(_params(rescaled), _params(solo), rtol=1e-8, atol=1e-10)
 
 
-def test_lbfgs_on_a_fixed_csr_batch_keeps_its_own_copy_of_the_rows(tmp_path: Path, csr_data: Path) -> None:
-    # L-BFGS reads its fixed batch once and keeps it while the reader's buffers are reused
-    # (CsrBatch.copy; it used to stop with AttributeError). Two ranks, each half the batch.
+def test_lbfgs_on_a_fixed_csr_batch_trains(tmp_path: Path, csr_data: Path) -> None:
+    # L-BFGS keeps a copy of its fixed batch (CsrBatch.copy: it used to stop with
+    # AttributeError on every rank). Two ranks, each half the batch. (That the copy survives
+    # the reader's next read: test_csr_data's view test.)
     two = {"start": "two", "phases": {"two": {"ranks_per_node": 2}}}
     spec = write_spec(tmp_path / "s.yaml", csr_data, fleet=two, model=COMMON["model"],
                       optimizer={"kind": "lbfgs", "lbfgs": {"batch": 512}}, goal={"max_steps": 6})

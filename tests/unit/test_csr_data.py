@@ -88,7 +88,7 @@ def test_a_batch_is_a_view_the_next_read_overwrites_and_copies_are_not(tmp_path:
     r.close()
 
 
-@pytest.mark.parametrize("what", ["id-high", "id-negative", "indptr-down", "indptr-past-nnz"])
+@pytest.mark.parametrize("what", ["id-high", "id-negative", "indptr-down", "indptr-past-nnz", "indptr-spike"])
 def test_a_file_damaged_after_its_checks_is_refused_by_both_reads(tmp_path: Path, matrix: tuple, what: str) -> None:
     # describe() checks the file once; a file changed while the job runs must not send a
     # kernel outside the model, nor make the copy read out of bounds.
@@ -101,15 +101,36 @@ def test_a_file_damaged_after_its_checks_is_refused_by_both_reads(tmp_path: Path
     elif what == "indptr-down":
         ip = ip.copy()
         ip[20] = ip[18]   # row 19 running backwards
-    else:
+    elif what == "indptr-past-nnz":
         ip = ip.copy()
         ip[150:] = M.nnz + 1000
+    else:   # one offset past nnz inside a range whose ends are sound
+        ip = ip.copy()
+        ip[150] = M.nnz + 1000
     path = write(tmp_path / f"{what}.h5", M, y, indptr=ip, indices=ix)
     for direct in (True, False):
         r = CsrReader(path, direct)
-        with pytest.raises(BadInput, match="damaged or changed while the job ran"):
-            r.read([(0, 200)])
+        inner = {"indptr-down": (15, 25), "indptr-past-nnz": (140, 170), "indptr-spike": (140, 170)}.get(what, (0, 60))
+        for ranges in ([(0, 200)], [inner]):   # the whole file, and a range with the damage inside
+            with pytest.raises(BadInput, match="damaged or changed while the job ran"):
+                r.read(ranges)
         r.close()
+
+
+def test_csr_ranges_past_the_files_rows_are_refused_and_odd_labels_go_through_hdf5(tmp_path: Path,
+                                                                                  matrix: tuple) -> None:
+    M, y = matrix
+    for direct in (True, False):
+        r = CsrReader(write(tmp_path / f"t{direct}.h5", M, y), direct)
+        for ranges in ([(0, 201)], [(190, 205)], [(0, 10**6)]):
+            with pytest.raises(BadInput, match="holds 200 rows"):
+                r.read(ranges)
+        r.close()
+    r = CsrReader(write(tmp_path / "f16.h5", M, y.astype(np.float16)))
+    assert not r.direct   # numba's copy takes no float16: HDF5 converts it
+    X, yy, _ = r.read([(5, 25)])
+    assert np.array_equal(X.toarray(), M[5:25].toarray()) and np.array_equal(yy, y[5:25])
+    r.close()
 
 
 @pytest.mark.parametrize("what, fix, match", [
@@ -124,3 +145,18 @@ def test_describe_refuses_bad_csr(tmp_path: Path, matrix: tuple, what: str, fix,
     path = write(tmp_path / f"{what}.h5", M, y, **fix(M))
     with pytest.raises(BadInput, match=match):
         describe(path, "multiclass")
+
+
+def test_damaged_and_short_files_are_refused_with_numbas_bounds_checks_on(tmp_path: Path) -> None:
+    # The copy kernels check no bounds of their own: run the refusal tests above with
+    # numba's bounds checking on (fresh cache: it is a compile option), where an index past
+    # any array raises IndexError instead of reading memory that is not the file's.
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "NUMBA_BOUNDSCHECK": "1", "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+                           f"{__file__}::test_a_file_damaged_after_its_checks_is_refused_by_both_reads",
+                           f"{__file__}::test_csr_ranges_past_the_files_rows_are_refused_and_odd_labels_go_through_hdf5"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1].startswith("6 passed"), proc.stdout[-3000:] + proc.stderr[-2000:]

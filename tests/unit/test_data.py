@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fleetmpi.engine.data import RankReader, SampleOrder, contiguous_share, row_fingerprint
+from fleetmpi.errors import BadInput
 
 
 @pytest.fixture()
@@ -100,10 +101,11 @@ def test_overlapping_ranges_come_back_in_layer_order_from_a_list_or_an_array(h5f
     rng = np.random.default_rng(21)
     for trial in range(60):
         k = int(rng.integers(1, 12))
-        lo = rng.integers(0, 480, k)
-        ranges = [(int(a), int(a + rng.integers(1, 24))) for a in lo]
-        if trial % 3 == 0:   # a tie on the start, a nested range and an exact repeat
-            ranges += [(ranges[0][0], ranges[0][1] + 3), ranges[0], (ranges[0][0] + 1, ranges[0][0] + 2)]
+        lo = rng.integers(0, 475, k)
+        ranges = [(int(a), int(a + rng.integers(1, 24))) for a in lo]   # ends <= 498 of 503 rows
+        if trial % 3 == 0:   # a tie on the start, a nested range, an exact repeat, an empty range
+            ranges += [(ranges[0][0], ranges[0][1] + 3), ranges[0], (ranges[0][0] + 1, ranges[0][0] + 2),
+                       (ranges[0][0], ranges[0][0])]
         want = [i for a, b in _layered(ranges) for i in range(a, b)]
         xa, ya, fa = reader.read(ranges)
         xa, ya = xa.copy(), ya.copy()
@@ -163,3 +165,29 @@ def test_memory_mapped_reads_equal_hdf5_reads(tmp_path: Path, layout: str) -> No
     np.testing.assert_array_equal(fast.read(order.ranges(0, 100))[0], X[rows])
     fast.close()
     slow.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_ranges_past_the_files_rows_are_refused_not_read(h5file: tuple, direct: bool) -> None:
+    # The sample order comes from rank 0's look at the data: a rank whose copy has fewer rows
+    # must stop with BadInput, never read past the end of the memory map.
+    path, _, _ = h5file
+    reader = RankReader(path, direct=direct)
+    for ranges in ([(0, 504)], [(500, 510)], [(10, 20), (0, 10**6)], [(-1, 3)]):
+        with pytest.raises(BadInput, match="holds 503 rows"):
+            reader.read(ranges)
+    reader.read([(0, 503)])   # the whole file is fine
+    reader.close()
+
+
+def test_labels_the_copy_kernel_cannot_take_are_read_through_hdf5(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((64, 5)).astype(np.float32)
+    y = rng.integers(0, 4, 64).astype(np.float16)
+    path = _write(tmp_path / "f16.h5", X, y)
+    reader = RankReader(path)
+    assert not reader.direct
+    xr, yr, _ = reader.read([(3, 9), (40, 50)])
+    rows = [*range(3, 9), *range(40, 50)]
+    assert np.array_equal(xr, X[rows]) and np.array_equal(yr, y[rows].astype(np.float32))
+    reader.close()
