@@ -107,8 +107,8 @@ class Trainer:
     def warm_kernels(self) -> bool:
         """Load the kernels of the spec's model from numba's cache (local; no collective); return whether it did.
 
-        Only what this model's gradient and predictions call, on two of this rank's rows with
-        throwaway parameters: the first call of any numba kernel pays numba's own set-up
+        Only what this model's gradient and predictions and the reader's batch copy call, on
+        two of this rank's rows with throwaway parameters: the first call of any numba kernel pays numba's own set-up
         (most of a kernel load), the others a few ms each. The run's state is not touched,
         so results are the same with or without it. Trees, GP, custom models and GPU phases load theirs at
         their first step.
@@ -118,6 +118,7 @@ class Trainer:
         if self.device != "cpu" or sp.model.kind in (*TREE_KINDS, "gp", "custom") or sp.lags is not None:
             return False
         X, y = self.reader.read_contiguous(0, min(2, self.n))
+        self.reader.read(self.order.bounds(0, min(2, self.n)))   # the batch path's range and copy kernels
         model = build_model(sp.model, self.d, self.classes)
         model.eval_sums(X, y, model.init(np.random.default_rng(0), 0.01))
         return True
