@@ -379,7 +379,8 @@ class CsrReader:
             return self._read_mapped(ranges)
         ranges = sorted(range_list(ranges))
         bounds = np.array(ranges, np.int64).reshape(-1, 2)
-        _check_ranges(self.path, self.n, bounds[:, 0], bounds[:, 1])
+        lo_a, hi_a = bounds[:, 0].copy(), bounds[:, 1].copy()
+        _check_ranges(self.path, self.n, lo_a, hi_a)
         indptr, indices, data, y = self._arrays
         ips, ixs, dvs, ys = [np.zeros(1, np.int64)], [], [], []
         off = 0
@@ -392,8 +393,6 @@ class CsrReader:
             ys.append(np.asarray(y[lo:hi], np.float32))      # type: ignore[index]
             off += b - a
         X = self._batch(np.concatenate(ips), ixs, dvs)
-        lo_a = np.array([r[0] for r in ranges], np.int64)
-        hi_a = np.array([r[1] for r in ranges], np.int64)
         yy = np.concatenate(ys) if ys else np.empty(0, np.float32)
         return X, yy, float(_fingerprint(lo_a, hi_a))
 
