@@ -219,6 +219,8 @@ class LocalBackend:
                 if "no space left on" not in _tail(log):
                     self._say(f"fleetmpi: {full}")
                 return ExitCode.FAILED
+            if rc not in (0, ExitCode.RESCALE, ExitCode.STOPPED):
+                self._say_lost_errors(started, events_from, tee=progress != "bar")
             if rc == ExitCode.RESCALE:
                 if after["phase"] == phase:
                     self._say(f"fleetmpi: phase {phase} asked for a rescale but named no new phase; stopping")
@@ -316,6 +318,44 @@ class LocalBackend:
                     self._pre_start(str(ev["action"])[5:])
         return offset + end
 
+    def _say_lost_errors(self, started: _Started, events_from: int, tee: bool) -> None:
+        """Say the ranks' error lines of a failed phase that its output lacks, and add them to its log.
+
+        A rank that fails alone prints its line and calls MPI_Abort; hydra can end before it
+        has forwarded what the rank wrote last (CI saw exit 1 and no line). The ranks also
+        record the line in events.jsonl. Only with the output tee'd: on a terminal (progress
+        bar) this process cannot see what mpiexec showed.
+        """
+        if not tee:
+            return
+        try:
+            with open(self.jd.events, "rb") as f:
+                f.seek(events_from)
+                lines = f.read().splitlines()
+        except OSError:
+            return
+        messages: list[str] = []
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(ev, dict) and ev.get("event") == "error" and isinstance(ev.get("message"), str):
+                messages.append(ev["message"])
+        if not messages:
+            return
+        shown = _read_from(started.log, started.out_from)
+        lost = [m for m in dict.fromkeys(messages) if m not in shown]
+        if not lost:
+            return
+        try:
+            with open(started.log, "a", encoding="utf-8") as logf:
+                logf.write("".join(f"{m}\n" for m in lost))
+        except OSError:
+            pass
+        for m in lost:
+            self._say(m)
+
     def _pre_start(self, phase: str) -> None:
         """Pre-start ``phase`` as the next one (a CPU phase only), calling off one for another phase."""
         if self._standby is not None:
@@ -381,6 +421,17 @@ def _tail(path: Path, size: int = 8192) -> str:
     try:
         with open(path, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _read_from(path: Path, start: int, limit: int = 4 << 20) -> str:
+    """Return ``path``'s text from byte ``start`` on, its last ``limit`` bytes at most ("" if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(start, end - limit))
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
