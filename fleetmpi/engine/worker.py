@@ -39,7 +39,7 @@ from fleetmpi.engine.technique import TECHNIQUES, StepRecord
 from fleetmpi.engine.trainer import Trainer, gc_after_startup
 from fleetmpi.errors import BadInput, DiskFull, ExitCode, TrainingFailed, disk_full
 from fleetmpi.jobdir import JobDir
-from fleetmpi.launch.slurm.script import say_up, step_try
+from fleetmpi.launch.slurm.script import say_mpi_up, say_up, step_try
 from kernels import lean_numba_start
 
 
@@ -185,8 +185,10 @@ class Phase:
         for note in t.notes:
             mon.say(f"fleetmpi: note: {note}")
         if retried:
-            mon.say(f"fleetmpi: note: step started again (try {retried['step_try']}): the ranks of the try before "
-                    f"ended with exit code {retried['retried_after_exit_code']} before all of them were up")
+            why = (f"were not all through MPI_Init after {retried['retried_after_mpi_init_s']} s"
+                   if "retried_after_mpi_init_s" in retried else
+                   f"ended with exit code {retried['retried_after_exit_code']} before all of them were up")
+            mon.say(f"fleetmpi: note: step started again (try {retried['step_try']}): the ranks of the try before {why}")
         return mon
 
     def _loop(self, t: Trainer, mon: Any) -> int:
@@ -498,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     jd = JobDir(argv[0])
     phase = Phase(comm, jd)
     try:
+        say_mpi_up(comm)   # the Slurm script's deadline on MPI_Init
         phase.marks.update(imported=t_main, mpi_ready=time.time())
         code = phase.run()
         # The phase is over and its checkpoint or model is written: a stop signal now must

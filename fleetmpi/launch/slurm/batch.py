@@ -29,6 +29,7 @@ from fleetmpi.jobdir import JobDir
 from fleetmpi.launch.slurm import chain as chain_mod
 from fleetmpi.launch.slurm.chain import record, runs, sync_state
 from fleetmpi.launch.slurm.cmd import LOST_STATES, SlurmCommandError, run_slurm, squeue_states
+from fleetmpi.launch.slurm.script import MPI_INIT_DEADLINE_ENV
 from fleetmpi.launch.slurm.submit import SubmissionError, cancel, requeue
 from fleetmpi.lock import JobDirBusy, JobLock
 
@@ -160,8 +161,13 @@ def classify_exit(rc: int, stop_signal: str, goal_reached: bool, lost: str | Non
     return PhaseExit(action, cancelled, stopped)
 
 
-def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: float | None = None) -> int:
-    """Act on the phase's exit code: submit what comes next or end the chain; return the script's code."""
+def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: float | None = None,
+          stalled_s: int = 0) -> int:
+    """Act on the phase's exit code: submit what comes next or end the chain; return the script's code.
+
+    ``stalled_s``: the script ended the step because its ranks were not all through MPI_Init
+    after that many seconds (a crash, said as such).
+    """
     from fleetmpi.spec import load
     job_id, restart = _this_run()
     spec = load(jd.spec)
@@ -181,8 +187,15 @@ def after(jd: JobDir, phase: str, rc: int, stop_signal: str = "", signal_time: f
         stop = "cancelled"
     elif verdict.stopped:
         stop = _classify_stop(job_id, stop_signal, signal_time, spec, phase, this.get("started"))
-    record(jd, "exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
-    jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop)
+    stalled = {"mpi_init_deadline_s": stalled_s} if stalled_s > 0 else {}
+    record(jd, "exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop,
+           **stalled)
+    jd.event("slurm_exit", job_id=job_id, restart=restart, phase=phase, exit_code=rc, signal=stop_signal or None, stop=stop,
+             **stalled)
+    if stalled and verdict.action is Action.CRASHED:
+        return _end(jd, ExitCode.FAILED, "FAILED", f"phase {phase}: the ranks of its last start were not all through "
+                    f"MPI_Init after {stalled_s} s (a hang in MPI start-up; ${MPI_INIT_DEADLINE_ENV} sets the wait); "
+                    f"see {chain_mod.log_path(jd, job_id)}")
     return _act(jd, spec, phase, job_id, restart, rc, verdict.action, stop)
 
 
@@ -374,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--exit-code", type=int, required=True)
     c.add_argument("--signal", default="")
     c.add_argument("--signal-time", default="")
+    c.add_argument("--stalled-s", type=int, default=0)
     args = p.parse_args(argv)
     jd = JobDir(args.job_dir)
     if args.cmd == "continue":
@@ -404,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.cmd == "begin":
             return begin(jd, args.phase, time.time())
         when = float(args.signal_time) if args.signal_time else None
-        return after(jd, args.phase, args.exit_code, args.signal, when)
+        return after(jd, args.phase, args.exit_code, args.signal, when, args.stalled_s)
     except BadInput as e:
         print(f"fleetmpi: error: {e}", file=sys.stderr, flush=True)
         if args.cmd == "continue":

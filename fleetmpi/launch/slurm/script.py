@@ -41,10 +41,21 @@ SRUN_WAIT_S = 60
 # tasks that the minicluster's slurmd logs record. Nothing was written then; a second
 # start loses nothing.
 STEP_TRIES = 2
-# The script's side of that contract with the ranks (read by the worker: ``say_up``, ``step_try``).
+# Ranks can also hang in MPI_Init: 4 ranks under srun --mpi=pmi2 sat 30 minutes in a read()
+# inside libmpi, called from mpi4py's import, until scancel (the minicluster, once). A step
+# whose ranks are not all through MPI_Init this long after it started is ended and counts
+# as a death before start-up (started once more, or the chain ends as crashed). MPI start-up
+# takes well under a second here and seconds at scale; $FLEETMPI_MPI_INIT_DEADLINE_S, read
+# by the batch shell, changes it.
+MPI_INIT_DEADLINE_S = 180
+MPI_INIT_DEADLINE_ENV = "FLEETMPI_MPI_INIT_DEADLINE_S"
+# The script's side of that contract with the ranks (read by the worker: ``say_up``,
+# ``say_mpi_up``, ``step_try``).
 UP_FILE_ENV = "FLEETMPI_UP_FILE"          # rank 0 creates it once every rank is up
+MPI_UP_FILE_ENV = "FLEETMPI_MPI_UP_FILE"  # rank 0 creates it once every rank is through MPI_Init
 STEP_TRY_ENV = "FLEETMPI_STEP_TRY"        # which start of the step this is, from 1
 RETRY_RC_ENV = "FLEETMPI_STEP_RETRY_RC"   # the exit code of the start before
+RETRY_STALLED_ENV = "FLEETMPI_STEP_RETRY_STALLED_S"   # set if it was ended for its MPI start-up: the deadline
 
 
 def say_up() -> None:
@@ -63,14 +74,39 @@ def say_up() -> None:
             print(f"fleetmpi: warning: could not create {path}: {e}", file=sys.stderr, flush=True)
 
 
+def say_mpi_up(comm: Any) -> None:
+    """Create $FLEETMPI_MPI_UP_FILE, if set, once every rank is through MPI_Init (a barrier; rank 0).
+
+    The batch shell ends a step whose ranks have not all got this far by the deadline
+    (``MPI_INIT_DEADLINE_S``). Collective when set: every rank of the step sees the same
+    environment. Like ``say_up``, a flag for the shell alone, and a warning if it cannot be made.
+    """
+    path = os.environ.get(MPI_UP_FILE_ENV)
+    if not path:
+        return
+    comm.Barrier()
+    if comm.Get_rank() == 0:
+        try:
+            with open(path, "wb"):
+                pass
+        except OSError as e:
+            print(f"fleetmpi: warning: could not create {path}: {e}", file=sys.stderr, flush=True)
+
+
 def step_try() -> dict[str, int]:
     """Return phase_start's fields for a step the batch script started again, else {}."""
     try:
         n = int(os.environ.get(STEP_TRY_ENV) or 1)
         rc = int(os.environ.get(RETRY_RC_ENV) or -1)
+        stalled = int(os.environ.get(RETRY_STALLED_ENV) or 0)
     except ValueError:
         return {}
-    return {"step_try": n, "retried_after_exit_code": rc} if n > 1 else {}
+    if n <= 1:
+        return {}
+    out = {"step_try": n, "retried_after_exit_code": rc}
+    if stalled > 0:
+        out["retried_after_mpi_init_s"] = stalled
+    return out
 
 
 @dataclass(frozen=True)
@@ -159,34 +195,61 @@ def _body(command: BatchCommand, ranks: int, ranks_per_node: int) -> list[str]:
         "# Rank 0 creates $up once every rank is up (MPI started, data and checkpoint open), before",
         "# it writes anything. A step whose ranks died of a signal before that (MPICH's PMI-2 client",
         "# now and then aborts in MPI_Init under srun) wrote nothing, so it starts once more.",
-        'up="slurm/.$run.up"',
-        f'export {UP_FILE_ENV}="$job_dir/$up" {STEP_TRY_ENV}=1',
+        "# $mpi_up comes earlier, once every rank is through MPI_Init: ranks that hang there instead",
+        "# are ended after $mpi_wait s (watch_mpi, which leaves $stall) and count as such a death.",
+        'up="slurm/.$run.up" mpi_up="slurm/.$run.mpi" stall="slurm/.$run.stalled" stalled=0',
+        f'mpi_wait=${{{MPI_INIT_DEADLINE_ENV}:-{MPI_INIT_DEADLINE_S}}}',
+        f'[[ $mpi_wait =~ ^[1-9][0-9]*$ ]] || {{ echo "fleetmpi: warning: {MPI_INIT_DEADLINE_ENV}=$mpi_wait is not '
+        f'a whole number of seconds; using {MPI_INIT_DEADLINE_S}" >&2; mpi_wait={MPI_INIT_DEADLINE_S}; }}',
+        f'export {UP_FILE_ENV}="$job_dir/$up" {MPI_UP_FILE_ENV}="$job_dir/$mpi_up" {STEP_TRY_ENV}=1',
+        "watch_mpi() {",
+        "    local end=$((SECONDS + mpi_wait))",
+        "    while ((SECONDS < end)); do",
+        '        if [[ -e $mpi_up ]] || ! kill -0 "$step" 2>/dev/null; then return; fi',
+        "        sleep 1",
+        "    done",
+        "    [[ -e $mpi_up ]] && return",
+        '    echo "fleetmpi: the ranks were not all through MPI_Init after $mpi_wait s; ending the step" >&2',
+        '    : >"$stall"',
+        f'    kill -s {sig} "$step" 2>/dev/null',
+        "    end=$((SECONDS + 30))",
+        '    while ((SECONDS < end)) && kill -0 "$step" 2>/dev/null; do sleep 1; done',
+        '    kill -s KILL "$step" 2>/dev/null',
+        "}",
         "rc=0",
         '"$python" -m fleetmpi.launch.slurm.batch begin "$job_dir" --phase "$phase" || rc=$?',
         'if ((rc == 0)) && [[ -z $stop_signal ]]; then',
         "    while :; do",
-        '        rm -f -- "$up"',
+        '        rm -f -- "$up" "$mpi_up" "$stall"',
         f"        {' '.join(step)} &",
         "        step=$!",
+        "        watch_mpi &",
+        "        watcher=$!",
         '        wait "$step"; rc=$?',
         "        # A trapped signal interrupts wait; wait again until the step has really ended.",
         '        while kill -0 "$step" 2>/dev/null; do wait "$step"; rc=$?; done',
         '        wait "$step"; rc=$?',
+        '        kill "$watcher" 2>/dev/null; wait "$watcher" 2>/dev/null',
+        "        stalled=0",
+        '        if [[ -e $stall ]]; then',
+        "            stalled=$mpi_wait",
+        "            ((rc > 128)) || rc=$((128 + 15))   # ended by the watcher: a death, whatever srun said",
+        "        fi",
         f"        if ((rc > 128 && {STEP_TRY_ENV} < {STEP_TRIES})) && [[ -z $stop_signal && ! -e $up ]]; then",
         '            echo "fleetmpi: the ranks ended with exit code $rc before all were up; starting the step once more" >&2',
-        f"            export {STEP_TRY_ENV}=$(({STEP_TRY_ENV} + 1)) {RETRY_RC_ENV}=$rc",
+        f"            export {STEP_TRY_ENV}=$(({STEP_TRY_ENV} + 1)) {RETRY_RC_ENV}=$rc {RETRY_STALLED_ENV}=$stalled",
         "            continue",
         "        fi",
         "        break",
         "    done",
-        '    rm -f -- "$up"',
+        '    rm -f -- "$up" "$mpi_up" "$stall"',
         "fi",
         'printf \'%s\\n\' "$rc" >"slurm/.$run.exit.tmp" && mv -f "slurm/.$run.exit.tmp" "slurm/$run.exit"',
         "# The continuation must not be cut short: it ignores USR2 and TERM (inherited, so also",
         "# while Python starts; a TERM then comes e.g. from a node set DOWN). SIGKILL still ends it.",
         "trap '' USR2 TERM",
         'exec "$python" -m fleetmpi.launch.slurm.batch continue "$job_dir" --phase "$phase" --exit-code "$rc" \\',
-        '    --signal "$stop_signal" --signal-time "$stop_time"',
+        '    --signal "$stop_signal" --signal-time "$stop_time" --stalled-s "$stalled"',
         "",
     ]
 

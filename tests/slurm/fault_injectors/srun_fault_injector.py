@@ -6,8 +6,9 @@ is up); Slurm cannot be made to do that on demand. The Slurm tests put a link na
 ``srun`` to this file first on PATH (the batch script finds srun on the PATH that sbatch
 exported). With ``FLEETMPI_FAULT_SRUN=abort-start:N`` the first N steps of the job dir run
 through the real srun with the same options, but each task is a Python that aborts at once
-instead of the worker; later steps, and every other srun call, go to the real srun as
-written. Each call is logged as one JSON line to ``FLEETMPI_FAULT_SRUN_LOG`` (argv, what
+instead of the worker; with ``hang-start:N`` each task sleeps for an hour instead, as ranks
+that hang in MPI_Init do (never reaching the worker's MPI barrier). Later steps, and every
+other srun call, go to the real srun as written. Each call is logged as one JSON line to ``FLEETMPI_FAULT_SRUN_LOG`` (argv, what
 was injected). Standard library only: it runs under whichever python3 is on PATH.
 """
 
@@ -30,10 +31,11 @@ def main() -> int:
         with open(log) as f:
             earlier = sum(1 for line in f if json.loads(line)["fault"])
     fault = None
-    if mode == "abort-start" and WORKER in args and earlier < int(count or 1):
+    tasks = {"abort-start": "import os; os.abort()", "hang-start": "import time; time.sleep(3600)"}
+    if mode in tasks and WORKER in args and earlier < int(count or 1):
         fault = mode
         at = args.index(WORKER)   # ... PYTHON -m fleetmpi.engine.worker JOB_DIR
-        args = [*args[:at - 1], "-c", "import os; os.abort()"]
+        args = [*args[:at - 1], "-c", tasks[mode]]
     if log:
         with open(log, "a") as f:
             f.write(json.dumps({"argv": sys.argv[1:], "fault": fault}) + "\n")
