@@ -319,7 +319,8 @@ def csr_copy(n: int = 200_000, d: int = 1 << 18, batch: int = 4096, batches: int
 
     import h5py
 
-    from fleetmpi.engine.data import CsrReader, SampleOrder
+    from fleetmpi.engine.csr_data import CsrReader
+    from fleetmpi.engine.data import SampleOrder
     rng = np.random.default_rng(6)
     lens = rng.integers(20, 80, n)
     indptr = np.concatenate(([0], np.cumsum(lens))).astype(np.int64)

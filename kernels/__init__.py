@@ -108,7 +108,7 @@ def lazy_njit(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., An
     """Return a decorator like ``numba.njit(**options)`` that imports numba at the first call.
 
     For modules that a process may import without running their kernels: the CLI's data
-    checks import fleetmpi.engine.data before it spawns mpiexec, and numba's import (0.15-0.2 s)
+    checks import fleetmpi.engine.h5rows before it spawns mpiexec, and numba's import (0.15-0.2 s)
     sat on that path. The first call compiles or loads from numba's cache exactly as njit
     would (the cache is keyed by the function's file, name and line, the same either way).
     """

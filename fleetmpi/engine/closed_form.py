@@ -88,7 +88,7 @@ class ClosedForm(Technique):
         self.solved = False
 
     def step(self) -> StepRecord:
-        from fleetmpi.engine.data import contiguous_share, row_fingerprint
+        from fleetmpi.engine.h5rows import contiguous_share, row_fingerprint
         run = self.run
         t0 = time.perf_counter()
         lo, hi = contiguous_share(run.n, run.rank, run.size)

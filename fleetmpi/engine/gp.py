@@ -284,7 +284,7 @@ class Gp(Technique):
     def step(self) -> StepRecord:
         from mpi4py import MPI
 
-        from fleetmpi.engine.data import row_fingerprint
+        from fleetmpi.engine.h5rows import row_fingerprint
         run = self.run
         self._acc = {"passes": 0, "payload": 0, "compute_s": 0.0, "comm_s": 0.0}
         if self.theta is None:

@@ -31,9 +31,10 @@ from typing import Any, cast
 
 import numpy as np
 
-from fleetmpi.engine.data import Ranges, RankReader
+from fleetmpi.engine.data import RankReader
 from fleetmpi.engine.device import Device, GpuMonitor, Placement
 from fleetmpi.engine.gradient import FlatState, Reduced, Rows
+from fleetmpi.engine.h5rows import Ranges
 from fleetmpi.engine.trainer import Trainer
 from fleetmpi.jobdir import JobDir
 from fleetmpi.models.gpu import GpuModel

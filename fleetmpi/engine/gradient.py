@@ -150,7 +150,7 @@ class FlatState:
     def lbfgs_rows(self) -> Rows:
         """Return this rank's rows of L-BFGS's objective (read once: full data or a fixed batch)."""
         if self.lbfgs_data is None:
-            from fleetmpi.engine.data import contiguous_share, row_fingerprint
+            from fleetmpi.engine.h5rows import contiguous_share, row_fingerprint
             run = self.run
             batch = run.spec.optimizer.lbfgs.batch
             if batch == "full" or batch >= run.n:

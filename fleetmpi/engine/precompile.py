@@ -38,7 +38,8 @@ def _data_kernels() -> None:
     a batch's ranges."""
     import h5py
 
-    from fleetmpi.engine.data import CsrReader, RankReader, SampleOrder
+    from fleetmpi.engine.csr_data import CsrReader
+    from fleetmpi.engine.data import RankReader, SampleOrder
 
     SampleOrder(6, 4, 0, 2).bounds(2, 9)   # the sample order's ranges (an epoch boundary inside)
     rng = np.random.default_rng(0)

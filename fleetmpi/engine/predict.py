@@ -88,7 +88,7 @@ def is_text_input(data_path: Path, meta: dict[str, Any]) -> bool:
 
 def predict_file(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]:
     """Predict every row of ``data_path``'s X in chunks and write ``out`` atomically."""
-    from fleetmpi.engine.data import open_h5
+    from fleetmpi.engine.h5rows import open_h5
     arrays_in, meta = read_h5_verified(model_path, kind="model")
     if is_text_input(data_path, meta):
         return predict_text_file(model_path, data_path, out)
@@ -161,7 +161,7 @@ CSR_CHUNK_ROWS = 65536   # CSR rows predicted per step
 
 def _is_csr_file(path: Path) -> bool:
     """Return whether ``path`` is an HDF5 file of CSR rows (format csr); False for anything else."""
-    from fleetmpi.engine.data import is_csr
+    from fleetmpi.engine.h5rows import is_csr
     try:
         with h5py.File(path, "r", locking=False) as f:
             return is_csr(f)
@@ -206,7 +206,8 @@ def predict_csr_file(model_path: Path, data_path: Path, out: Path) -> dict[str, 
     ``out`` holds ``pred`` (and ``proba`` for classifiers) as ``predict_file`` writes them;
     where the file was hashed from text its ``class_names`` are kept in the attributes.
     """
-    from fleetmpi.engine.data import CsrReader, describe
+    from fleetmpi.engine.csr_data import CsrReader
+    from fleetmpi.engine.data import describe
     model, params, meta = _sparse_model(model_path)
     _check_out(out, model_path, data_path)
     info = describe(data_path, "regression", check=True)   # structure and finite values; labels are not needed
@@ -308,7 +309,7 @@ def forecast_file(model_path: Path, data_path: Path, out: Path, horizon: int) ->
     not yet seen; ``out`` holds ``forecast`` float64 (horizon, m). Computed in float64 from
     the linear parameters (kind ar, or linear trained on data.windows, whose d is the lags).
     """
-    from fleetmpi.engine.data import open_h5
+    from fleetmpi.engine.h5rows import open_h5
     from fleetmpi.engine.windows import series_dataset
     model, params, meta = load_model(model_path)
     if model.kind not in ("ar", "linear") and not (model.kind == "mlp" and model.task == "regression"):

@@ -76,7 +76,8 @@ class Trainer:
 
     def _open_data(self) -> None:
         """Describe the training data on rank 0, open this rank's reader and its validation rows."""
-        from fleetmpi.engine.data import SampleOrder, contiguous_share, describe, open_reader
+        from fleetmpi.engine.data import SampleOrder, describe, open_reader
+        from fleetmpi.engine.h5rows import contiguous_share
         from fleetmpi.models import task_of
         sp, comm = self.spec, self.comm
         if sp.lags is not None:   # series data: lag windows are the samples
@@ -125,7 +126,8 @@ class Trainer:
 
     def _open_reader(self, path: Any) -> Any:
         """Return this rank's reader of the training rows (a GPU phase reads into pinned buffers)."""
-        from fleetmpi.engine.data import CsrReader, open_reader
+        from fleetmpi.engine.csr_data import CsrReader
+        from fleetmpi.engine.data import open_reader
         reader = open_reader(path)
         kind = self.spec.model.kind
         if isinstance(reader, CsrReader) and kind not in SPARSE_MODEL_KINDS:

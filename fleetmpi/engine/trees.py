@@ -59,7 +59,7 @@ class Boost(Technique):
     name = "boost"
 
     def __init__(self, run: Trainer) -> None:
-        from fleetmpi.engine.data import contiguous_share, row_fingerprint
+        from fleetmpi.engine.h5rows import contiguous_share, row_fingerprint
         super().__init__(run)
         self.p = tree_params(run)
         lo, hi = contiguous_share(run.n, run.rank, run.size)

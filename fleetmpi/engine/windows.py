@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fleetmpi.engine.data import Ranges, _fingerprint, check_finite, contiguous_share, open_h5, range_list
+from fleetmpi.engine.h5rows import Ranges, check_finite, contiguous_share, open_h5, range_list, ranges_fingerprint
 from fleetmpi.errors import BadInput
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ class WindowReader:
         X = np.concatenate([q[0] for q in parts]) if parts else np.empty((0, self.d), np.float32)
         y = np.concatenate([q[1] for q in parts]) if parts else np.empty(0, np.float32)
         bounds = np.array(ranges, np.int64).reshape(-1, 2)
-        return X, y, float(_fingerprint(bounds[:, 0].copy(), bounds[:, 1].copy()))
+        return X, y, float(ranges_fingerprint(bounds[:, 0].copy(), bounds[:, 1].copy()))
 
     def close(self) -> None:
         self._f.close()

@@ -16,7 +16,8 @@ import psutil
 import pytest
 from conftest import ROOT, cli, events, metrics, model_params, run_rescaled_and_solo, wait_for_event, write_spec
 
-from fleetmpi.engine.data import SampleOrder, row_fingerprint
+from fleetmpi.engine.data import SampleOrder
+from fleetmpi.engine.h5rows import row_fingerprint
 from fleetmpi.h5store import read_h5_verified
 from kernels import reference
 

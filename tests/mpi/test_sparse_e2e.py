@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import cli, events, metrics, mpirun, run_rescaled_and_solo, write_spec
 
-from fleetmpi.engine.data import CsrReader, SampleOrder
+from fleetmpi.engine.csr_data import CsrReader
+from fleetmpi.engine.data import SampleOrder
 from fleetmpi.h5store import read_h5_verified
 
 pytestmark = pytest.mark.slow

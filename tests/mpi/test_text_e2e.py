@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import cli, events, metrics, write_spec
 
-from fleetmpi.engine.data import CsrReader
+from fleetmpi.engine.csr_data import CsrReader
 from fleetmpi.h5store import read_h5_verified
 
 pytestmark = pytest.mark.slow

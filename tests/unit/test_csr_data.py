@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from fleetmpi.engine.data import CsrReader, SampleOrder, describe
+from fleetmpi.engine.csr_data import CsrReader
+from fleetmpi.engine.data import SampleOrder, describe
 from fleetmpi.errors import BadInput
 
 

@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fleetmpi.engine.data import RankReader, SampleOrder, contiguous_share, row_fingerprint
+from fleetmpi.engine.data import RankReader, SampleOrder
+from fleetmpi.engine.h5rows import contiguous_share, row_fingerprint
 from fleetmpi.errors import BadInput
 
 

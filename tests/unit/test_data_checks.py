@@ -15,8 +15,9 @@ import h5py
 import numpy as np
 import pytest
 
-from fleetmpi.engine import data as datamod
-from fleetmpi.engine.data import describe, open_h5
+from fleetmpi.engine import h5rows
+from fleetmpi.engine.data import describe
+from fleetmpi.engine.h5rows import open_h5
 from fleetmpi.errors import BadInput
 from fleetmpi.makedata import check_room
 from fleetmpi.spec import MAX_CLASSES
@@ -84,7 +85,7 @@ def test_nonfinite_x_in_chunked_compressed_file(tmp_path: Path) -> None:
 
 def test_block_boundaries_do_not_hide_a_bad_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Small blocks (a real setting, not a fake) make the bad row fall in a later block.
-    monkeypatch.setattr(datamod, "CHECK_BLOCK_BYTES", 7 * D * 4)
+    monkeypatch.setattr(h5rows, "CHECK_BLOCK_BYTES", 7 * D * 4)
     X = rand_x()
     X[N - 1, D - 1] = np.nan
     assert_refused(write(tmp_path / "x.h5", X, labels()), "multiclass", f"row {N - 1}", f"column {D - 1}")

@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from fleetmpi.engine.data import SampleOrder, row_fingerprint
+from fleetmpi.engine.data import SampleOrder
+from fleetmpi.engine.h5rows import row_fingerprint
 from fleetmpi.engine.windows import WindowReader, describe_series, tail_points
 from fleetmpi.errors import BadInput
 
