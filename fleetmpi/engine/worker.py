@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from fleetmpi.engine.checkpoint import newest_valid_path
+from fleetmpi.engine.rank_end import abort_world, exit_now, fail
 from fleetmpi.engine.standby import STANDBY_ENV, Cancelled, Standby, await_go
 from fleetmpi.engine.standby import from_env as standby_from_env
 from fleetmpi.engine.technique import TECHNIQUES, StepRecord
@@ -495,7 +496,6 @@ def main(argv: list[str] | None = None) -> int:
     t_main = time.time()
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    rank, size, host = comm.Get_rank(), comm.Get_size(), socket.gethostname()
     debug = os.environ.get("FLEETMPI_DEBUG") == "1"
     jd = JobDir(argv[0])
     phase = Phase(comm, jd)
@@ -510,22 +510,18 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, signal.SIG_IGN)
         return code
     except BadInput as e:
-        return _fail(comm, _events_to(phase), ExitCode.BAD_INPUT, f"fleetmpi: error: {e}", debug)
+        return fail(comm, _events_to(phase), ExitCode.BAD_INPUT, f"fleetmpi: error: {e}", debug)
     except DiskFull as e:
-        return _fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: {e}", debug)
+        return fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: {e}", debug)
     except TrainingFailed as e:
-        return _fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: training failed: {e}", debug)
+        return fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: training failed: {e}", debug)
     except Exception as e:
         full = disk_full(e, jd.root, newest_valid_path(jd.ckpt))
         if full is not None:   # a write only this rank made: the others cannot be told, so the world ends
-            return _fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: {full}", debug)
-        msg = f"fleetmpi: rank {rank}/{size}@{host}: {type(e).__name__}: {e}".replace("\n", " ")
-        print(msg, file=sys.stderr, flush=True)
+            return fail(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: {full}", debug)
         if debug:
             traceback.print_exc()
-        _record_error(_events_to(phase), msg)
-        comm.Abort(ExitCode.FAILED)
-        return ExitCode.FAILED
+        return abort_world(comm, _events_to(phase), ExitCode.FAILED, f"fleetmpi: {type(e).__name__}: {e}")
 
 
 def _events_to(phase: Phase) -> JobDir | None:
@@ -537,69 +533,6 @@ def _events_to(phase: Phase) -> JobDir | None:
     return phase.jd if standby_from_env() is None or "go" in phase.marks else None
 
 
-def _fail(comm: Any, jd: JobDir | None, code: int, msg: str, debug: bool) -> int:
-    """End a phase on an error every rank raised alike, or abort the world if only some did."""
-    if debug:
-        traceback.print_exc()
-    # Errors from collective setup or from allreduced values arise on every rank alike;
-    # a rank-local one (a bad batch on one rank) must not leave the others waiting.
-    if _all_failed(comm):
-        if comm.Get_rank() == 0:
-            print(msg, file=sys.stderr, flush=True)
-            _record_error(jd, msg)
-        return code
-    rank, size, host = comm.Get_rank(), comm.Get_size(), socket.gethostname()
-    line = msg.replace("fleetmpi: ", f"fleetmpi: rank {rank}/{size}@{host}: ", 1)
-    print(line, file=sys.stderr, flush=True)
-    _record_error(jd, line)
-    comm.Abort(code)
-    return code
-
-
-def _all_failed(comm: Any) -> bool:
-    """Return whether every rank reached this point within a short wait (non-blocking poll)."""
-    req = comm.Ibarrier()
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        if req.Test():
-            return True
-        time.sleep(0.005)
-    return False
-
-
-def _record_error(jd: JobDir | None, msg: str) -> None:
-    if jd is None:
-        return
-    try:
-        jd.event("error", message=msg)
-    except OSError:
-        pass
-
-
-def _exit_now(code: int) -> None:
-    """End this rank with ``code`` right after MPI_Finalize, skipping the interpreter's teardown.
-
-    With numba and LLVM loaded, Python's own shutdown takes 0.3-2 s per rank and mpiexec
-    waits for the slowest: on a rescale that is most of the gap between the phases. By now
-    every durable write (checkpoint, model, events, state) is fsynced and closed.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    from mpi4py import MPI
-    if MPI.Is_initialized() and not MPI.Is_finalized():
-        MPI.Finalize()
-    # libc's exit, not os._exit: it runs the C atexit handlers (MPICH's among them; about
-    # 10 ms more). Without them hydra took 1 in 4 of such exits for a crash and SIGKILLed
-    # the ranks still exiting (mpiexec rc 9 after a clean phase end): with 3 ranks leaving
-    # 0.3 s apart, 11 of 36 runs were killed with os._exit, none of 10 with libc's exit.
-    try:
-        import ctypes
-        ctypes.CDLL(None).exit(code)
-    except (OSError, AttributeError):
-        pass
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    _exit_now(main())
+    exit_now(main())
 

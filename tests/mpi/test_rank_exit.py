@@ -1,4 +1,4 @@
-"""A rank's fast exit (worker._exit_now) must not look like a crash to mpiexec.
+"""A rank's fast exit (rank_end.exit_now) must not look like a crash to mpiexec.
 
 Ranks leave right after MPI_Finalize, skipping Python's teardown. Leaving by os._exit made
 hydra take some exits for crashes and SIGKILL the ranks still on their way out, so a
@@ -18,12 +18,12 @@ from conftest import MPIEXEC, ROOT
 SCRIPT = """
 import sys, time
 from mpi4py import MPI
-from fleetmpi.engine.worker import _exit_now
+from fleetmpi.engine.rank_end import exit_now
 rank = MPI.COMM_WORLD.Get_rank()
-MPI.Finalize()          # as _exit_now would; the spread comes after it, as between real ranks
+MPI.Finalize()          # as exit_now would; the spread comes after it, as between real ranks
 if rank != 0:
     time.sleep(0.3)
-_exit_now(int(sys.argv[1]))
+exit_now(int(sys.argv[1]))
 """
 
 
