@@ -190,6 +190,7 @@ class Manager:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.out = out
         self._warned: set[str] = set()
+        self._checked = False   # the ledger's integrity_check passed (once, before the first cycle acts)
 
     def say(self, line: str) -> None:
         if self.out is not None:
@@ -197,6 +198,9 @@ class Manager:
 
     # -- one cycle ------------------------------------------------------------------------
     def cycle(self) -> CycleReport:
+        if not self._checked:   # damage found half-way through a cycle would leave launches unrecorded
+            self.ledger.check()
+            self._checked = True
         rep = CycleReport()
         live = self.ledger.allocations(live=True)
         states: dict[int, AllocState] = {}

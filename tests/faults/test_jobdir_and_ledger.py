@@ -204,6 +204,47 @@ def test_byte_flipped_ledger_never_gives_a_traceback(ledger_home: tuple[Path, Pa
             assert p.returncode == 0 or _one_line_error(p, str(db), "ledger rebuild"), (p.returncode, p.stderr)
 
 
+def _index_only_damage(db: Path) -> bytes:
+    """Return ``db``'s bytes with one byte of the jobs_status index flipped such that SQLite's
+    quick_check (run on every open) passes and integrity_check does not."""
+    conn = sqlite3.connect(db)
+    page = conn.execute("SELECT pageno FROM dbstat WHERE name = 'jobs_status'").fetchone()[0]
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.close()
+    pristine = db.read_bytes()
+    probe = db.with_name("probe.db")
+    for at in range(page * size - 1, (page - 1) * size + 8, -1):   # cells sit at the page's end
+        if not pristine[at]:
+            continue
+        data = bytearray(pristine)
+        data[at] ^= 0x5A
+        probe.write_bytes(bytes(data))
+        conn = sqlite3.connect(probe)
+        try:
+            quick = conn.execute("PRAGMA quick_check").fetchall()
+            full = conn.execute("PRAGMA integrity_check").fetchall()
+        except sqlite3.DatabaseError:
+            continue
+        finally:
+            conn.close()
+        if quick == [("ok",)] and full != [("ok",)]:
+            probe.unlink()
+            return bytes(data)
+    raise AssertionError("no byte of the jobs_status index gives damage that only integrity_check finds")
+
+
+def test_index_damage_stops_the_manager_before_it_launches(ledger_home: tuple[Path, Path, dict[str, str]]) -> None:
+    # CI drew such a flip once: quick_check passed on open, the manager launched job 1, and the
+    # update of job 2's row found the index "malformed" and stopped the cycle half-way.
+    home, _spec, env = ledger_home
+    db = home / "ledger.db"
+    db.write_bytes(_index_only_damage(db))
+    proc = cli("manager", "--once", env=env)
+    _stop_launched(home)
+    # One line, so no "launched job" line before it.
+    assert _one_line_error(proc, str(db), "ledger rebuild", "integrity_check"), (proc.returncode, proc.stderr)
+
+
 def test_rebuild_restores_the_jobs_and_ids_continue(ledger_home: tuple[Path, Path, dict[str, str]],
                                                     campaign: Campaign) -> None:
     home, spec, env = ledger_home
