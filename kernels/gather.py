@@ -151,6 +151,19 @@ def gather_csr(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, y: np.
 
 
 @njit(cache=True, nogil=True)
+def span_rows(lo: np.ndarray, hi: np.ndarray, n: int) -> int:
+    """Return how many rows the ranges [lo[k], hi[k]) hold together, or -1 if one of them is
+    not within a file of n rows (the reader then says which). One pass; numpy's three
+    reductions and a sum took 7 us a batch."""
+    total = 0
+    for k in range(lo.size):
+        if lo[k] < 0 or hi[k] > n or hi[k] < lo[k]:
+            return -1
+        total += hi[k] - lo[k]
+    return total
+
+
+@njit(cache=True, nogil=True)
 def visit_blocks(starts: np.ndarray, cum: np.ndarray, off: int, end: int) -> np.ndarray:
     """Return the (k, 2) file row ranges of epoch offsets [off, end) (off < end), in visiting order.
 

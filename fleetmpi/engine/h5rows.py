@@ -170,9 +170,14 @@ def check_ranges(path: Path, n: int, lo: np.ndarray, hi: np.ndarray) -> None:
     read past the end of a memory map.
     """
     if lo.size and (lo.min() < 0 or hi.max() > n or (hi < lo).any()):
-        k = int(np.flatnonzero((lo < 0) | (hi > n) | (hi < lo))[0])
-        raise BadInput(f"{path}: the job reads rows {lo[k]}..{hi[k]} but the file holds {n} rows; was it "
-                       "replaced or truncated while the job ran, or does this node see another copy?")
+        raise ranges_error(path, n, lo, hi)
+
+
+def ranges_error(path: Path, n: int, lo: np.ndarray, hi: np.ndarray) -> BadInput:
+    """Return the error naming the first range [lo, hi) that is not within the file's n rows."""
+    k = int(np.flatnonzero((lo < 0) | (hi > n) | (hi < lo))[0])
+    return BadInput(f"{path}: the job reads rows {lo[k]}..{hi[k]} but the file holds {n} rows; was it "
+                    "replaced or truncated while the job ran, or does this node see another copy?")
 
 
 def as_bounds(ranges: Ranges) -> np.ndarray:

@@ -105,3 +105,26 @@ def test_reader_copies_on_the_phase_threads(tmp_path: Path) -> None:
     assert proc.stdout.strip() == "[2]"   # one threaded copy, in two parts; the small read was not
     half = GATHER_THREADS_MIN_ROWS // 2
     np.testing.assert_array_equal(np.load(out), np.concatenate([X[:half], X[2 * half:3 * half]]))
+
+
+def test_span_rows_counts_the_rows_or_refuses_a_range_outside_the_file() -> None:
+    # The reader's one-pass check: the rows a batch holds, or -1 where numpy's check
+    # (h5rows.check_ranges) would refuse the ranges; random ranges, some made bad.
+    rng = np.random.default_rng(5)
+    n = 1000
+    for trial in range(300):
+        lo, hi = _ranges(rng, n, int(rng.integers(1, 12)), 40)
+        if trial % 3 == 1:   # one range past the end, below 0, or reversed
+            k = int(rng.integers(lo.size))
+            how = trial % 9
+            if how < 3:
+                hi[k] = n + int(rng.integers(1, 50))
+            elif how < 6:
+                lo[k] = -int(rng.integers(1, 50))
+            else:
+                lo[k], hi[k] = hi[k] + 1, lo[k]
+        bad = bool((lo < 0).any() or (hi > n).any() or (hi < lo).any())
+        want = -1 if bad else int(np.sum(hi - lo))
+        assert gather.span_rows(lo, hi, n) == want, (lo, hi)
+    assert gather.span_rows(np.array([0], np.int64), np.array([n], np.int64), n) == n   # the whole file
+    assert gather.span_rows(np.empty(0, np.int64), np.empty(0, np.int64), n) == 0
