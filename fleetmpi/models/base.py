@@ -69,9 +69,19 @@ class Model(ABC):
         return {"kind": self.kind, "l2": self.l2}
 
     def check_labels(self, y: np.ndarray, k: int) -> None:
-        """Refuse labels outside class ids 0..k-1, which kernels would index out of range (one pass over y)."""
-        if y.size and (y.min() < 0 or y.max() >= k):
-            raise ValueError(f"labels must be class ids in 0..{k - 1}; batch holds [{y.min():g}, {y.max():g}]")
+        """Refuse labels outside class ids 0..k-1, which kernels would index out of range (one pass over y).
+
+        A training batch (float32, 1-D) is checked by one numba pass (NaN refused too); other arrays by numpy.
+        """
+        if not y.size:
+            return
+        if isinstance(y, np.ndarray) and y.dtype == np.float32 and y.ndim == 1:
+            from kernels.cpu import labels_within
+            if labels_within(y, k):
+                return
+        elif not (y.min() < 0 or y.max() >= k):
+            return
+        raise ValueError(f"labels must be class ids in 0..{k - 1}; batch holds [{np.min(y):g}, {np.max(y):g}]")
 
     def eval_sums(self, X: np.ndarray, y: np.ndarray, params: np.ndarray) -> tuple[float, float]:
         """Return (summed loss, count of correct predictions) over the rows; regression counts 0."""

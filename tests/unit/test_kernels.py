@@ -615,3 +615,27 @@ def test_glm_rejects_unknown_compute() -> None:
     for bad in ("float16", "f32", None):
         with pytest.raises(ValueError, match="compute must be one of float64, float32"):
             cpu.logistic_grad(X, y, p, np.empty_like(p), bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("k", [2, 3, 10])
+def test_label_check_refuses_what_the_kernels_would_index_out_of_range(k: int) -> None:
+    # models.base.check_labels on a float32 batch: one numba pass; against numpy's
+    # definition on random labels with bad ones planted (below 0, k or more, NaN).
+    from fleetmpi.models import build_model
+    from fleetmpi.spec import ModelSpec
+    rng = np.random.default_rng(k)
+    model = build_model(ModelSpec(kind="softmax"), 4, k)
+    for trial in range(200):
+        y = rng.integers(0, k, int(rng.integers(1, 300))).astype(np.float32)
+        if trial % 2:
+            y[int(rng.integers(y.size))] = [-1.0, float(k), k + 0.5, -0.25, np.nan][trial % 5]
+        bad = bool(np.isnan(y).any() or (y < 0).any() or (y >= k).any())
+        assert cpu.labels_within(y, k) is not bad, y
+        if bad:
+            with pytest.raises(ValueError, match=f"class ids in 0..{k - 1}"):
+                model.check_labels(y, k)
+        else:
+            model.check_labels(y, k)
+    model.check_labels(np.array([0, k - 1], np.float64), k)   # other dtypes: numpy's check
+    with pytest.raises(ValueError):
+        model.check_labels(np.array([0, k], np.float64), k)
