@@ -25,7 +25,6 @@ from fleetmpi.engine.h5rows import (
     map_dataset,
     open_h5,
     range_list,
-    ranges_error,
     ranges_fingerprint,
 )
 from fleetmpi.errors import BadInput, quote
@@ -172,11 +171,10 @@ class CsrReader:
 
     def _read_mapped(self, ranges: Ranges, fresh: bool = False) -> tuple[CsrBatch, np.ndarray, float]:
         """Copy the rows out of the maps: into the reused buffers, or (fresh) new arrays."""
-        from kernels.gather import csr_sizes, gather_csr, sort_ranges, span_rows
+        from kernels.gather import csr_sizes, gather_csr, sort_ranges
         from kernels.sparse import CsrBatch
         lo, hi = sort_ranges(as_bounds(ranges))
-        if span_rows(lo, hi, self.n) < 0:
-            raise ranges_error(self.path, self.n, lo, hi)
+        check_ranges(self.path, self.n, lo, hi)
         maps = cast("tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]", self._arrays)
         rows, nnz, ok = csr_sizes(maps[0], maps[1].shape[0], lo, hi)
         if not ok:

@@ -24,11 +24,11 @@ from fleetmpi.engine.h5rows import (
     as_int,
     check_extent,
     check_finite,
+    check_ranges,
     copy_kernel_y,
     is_csr,
     map_dataset,
     open_h5,
-    ranges_error,
     ranges_fingerprint,
 )
 from fleetmpi.errors import BadInput, quote
@@ -234,11 +234,9 @@ class RankReader:
         typical batch sizes). Rows come back in file order (``kernels.gather.file_order``): deterministic,
         and a gradient sum does not depend on order.
         """
-        from kernels.gather import file_order, span_rows
+        from kernels.gather import file_order
         lo, hi, cuts = file_order(as_bounds(ranges))
-        total = int(span_rows(lo, hi, self.n))
-        if total < 0:
-            raise ranges_error(self.path, self.n, lo, hi)
+        total = check_ranges(self.path, self.n, lo, hi)
         if self._xbuf.shape[0] < total:
             # On a cache line: the kernels' vector loads then touch one line each
             # (kernels.memory: 1.2x on the float32 GLM gradients of an in-cache batch, d = 128).

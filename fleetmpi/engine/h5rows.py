@@ -162,22 +162,21 @@ def copy_kernel_y(dtype: np.dtype) -> bool:
     return dtype.kind in "iu" or dtype in (np.float32, np.float64)
 
 
-def check_ranges(path: Path, n: int, lo: np.ndarray, hi: np.ndarray) -> None:
-    """Raise BadInput unless every range [lo, hi) lies within the file's n rows.
+def check_ranges(path: Path, n: int, lo: np.ndarray, hi: np.ndarray) -> int:
+    """Return how many rows the ranges [lo, hi) hold; BadInput unless each lies within the file's n rows.
 
     The sample order comes from rank 0's look at the data; a rank whose copy of the file has
     fewer rows (another node's copy, a file replaced while the job ran) must stop here, not
-    read past the end of a memory map.
+    read past the end of a memory map. One numba pass (``kernels.gather.span_rows``): numpy's
+    reductions and sum took 7 us a batch.
     """
-    if lo.size and (lo.min() < 0 or hi.max() > n or (hi < lo).any()):
-        raise ranges_error(path, n, lo, hi)
-
-
-def ranges_error(path: Path, n: int, lo: np.ndarray, hi: np.ndarray) -> BadInput:
-    """Return the error naming the first range [lo, hi) that is not within the file's n rows."""
-    k = int(np.flatnonzero((lo < 0) | (hi > n) | (hi < lo))[0])
-    return BadInput(f"{path}: the job reads rows {lo[k]}..{hi[k]} but the file holds {n} rows; was it "
-                    "replaced or truncated while the job ran, or does this node see another copy?")
+    from kernels.gather import span_rows  # numba: loaded by the first read, not by this module's import
+    total = int(span_rows(lo, hi, n))
+    if total < 0:
+        k = int(np.flatnonzero((lo < 0) | (hi > n) | (hi < lo))[0])
+        raise BadInput(f"{path}: the job reads rows {lo[k]}..{hi[k]} but the file holds {n} rows; was it "
+                       "replaced or truncated while the job ran, or does this node see another copy?")
+    return total
 
 
 def as_bounds(ranges: Ranges) -> np.ndarray:

@@ -108,8 +108,8 @@ def test_reader_copies_on_the_phase_threads(tmp_path: Path) -> None:
 
 
 def test_span_rows_counts_the_rows_or_refuses_a_range_outside_the_file() -> None:
-    # The reader's one-pass check: the rows a batch holds, or -1 where numpy's check
-    # (h5rows.check_ranges) would refuse the ranges; random ranges, some made bad.
+    # The readers' one-pass check (h5rows.check_ranges): the rows a batch holds, or -1 where
+    # numpy would refuse the ranges; random ranges, some made bad.
     rng = np.random.default_rng(5)
     n = 1000
     for trial in range(300):
