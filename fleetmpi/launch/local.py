@@ -130,6 +130,7 @@ class LocalBackend:
         self._lock: JobLock | None = None
         self._signals_seen: list[int] = []
         self._skipped: list[tuple[str, str]] = []     # checkpoint_skipped events of the phase starting
+        self._errors: list[str] = []                  # the running phase's error events (their lines)
 
     def run(self) -> int:
         """Run phases until the goal, a failure or a stop; return the exit code."""
@@ -220,7 +221,7 @@ class LocalBackend:
                     self._say(f"fleetmpi: {full}")
                 return ExitCode.FAILED
             if rc not in (0, ExitCode.RESCALE, ExitCode.STOPPED):
-                self._say_lost_errors(started, events_from, tee=progress != "bar")
+                self._say_lost_errors(started, tee=progress != "bar")
             if rc == ExitCode.RESCALE:
                 if after["phase"] == phase:
                     self._say(f"fleetmpi: phase {phase} asked for a rescale but named no new phase; stopping")
@@ -272,6 +273,7 @@ class LocalBackend:
         """Wait for a started phase's mpiexec, reading events from ``events_from``; with ``tee``, copy
         its output from the log to ``out`` as it comes."""
         had_checkpoints = bool(checkpoint.list_checkpoints(self.jd.ckpt))
+        self._errors = []
         self._proc = started.proc
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         with open(started.log, "rb") as follow:
@@ -306,7 +308,9 @@ class LocalBackend:
                 ev = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if ev.get("event") == "checkpoint_skipped":
+            if ev.get("event") == "error" and isinstance(ev.get("message"), str):
+                self._errors.append(ev["message"])
+            elif ev.get("event") == "checkpoint_skipped":
                 self._skipped.append((str(ev.get("path")), str(ev.get("reason"))))
             elif ev.get("event") == "phase_start" and ev.get("step") == 0 and had_checkpoints:
                 note = checkpoint.restart_note(False, self._skipped)
@@ -318,34 +322,19 @@ class LocalBackend:
                     self._pre_start(str(ev["action"])[5:])
         return offset + end
 
-    def _say_lost_errors(self, started: _Started, events_from: int, tee: bool) -> None:
+    def _say_lost_errors(self, started: _Started, tee: bool) -> None:
         """Say the ranks' error lines of a failed phase that its output lacks, and add them to its log.
 
         A rank that fails alone prints its line and calls MPI_Abort; hydra can end before it
         has forwarded what the rank wrote last (CI saw exit 1 and no line). The ranks also
-        record the line in events.jsonl. Only with the output tee'd: on a terminal (progress
-        bar) this process cannot see what mpiexec showed.
+        record the line in events.jsonl, which ``_watch_events`` read while the phase ran. Only
+        with the output tee'd: on a terminal (progress bar) this process cannot see what
+        mpiexec showed.
         """
-        if not tee:
-            return
-        try:
-            with open(self.jd.events, "rb") as f:
-                f.seek(events_from)
-                lines = f.read().splitlines()
-        except OSError:
-            return
-        messages: list[str] = []
-        for line in lines:
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(ev, dict) and ev.get("event") == "error" and isinstance(ev.get("message"), str):
-                messages.append(ev["message"])
-        if not messages:
+        if not tee or not self._errors:
             return
         shown = _read_from(started.log, started.out_from)
-        lost = [m for m in dict.fromkeys(messages) if m not in shown]
+        lost = [m for m in dict.fromkeys(self._errors) if m not in shown]
         if not lost:
             return
         try:
