@@ -86,6 +86,16 @@ Tried and measured no better, so not done:
     with the prefetch, against 0.76-0.84 / 33.1 against 33.1.
   From DRAM the three-pass blocks and their prefetch stay ahead: the residual has to be
   SIMD over rows, and then the rows must be read twice.
+- for the float32 logistic, later (kernels in one process against this one, interleaved,
+  a median over 4-6 processes each; between processes this VM's DRAM figures move by
+  +-5%, so only the in-process ratio says anything):
+  - each block's gradient pass one block behind its residuals, so the core runs it while
+    the residuals' chain completes (16-row blocks, two in L1): from DRAM 1.05x in one set
+    of 6 processes, 1.005x in the next 5; in L2 0.82x;
+  - the rows' losses and residuals added into one float64 sum per row slot, summed once
+    a chunk (no chain of 32 dependent adds a block): from DRAM 1.01x, in L2 0.95x.
+  The current kernel over the same day: 0.74-0.91 of the read, median 0.81, in 8 runs of
+  ``bench_kernels.py --gradients-only``; 0.85 in that day's ``make bench``.
 Where X starts matters too (kernels.memory): in L2, rows on a 64-byte boundary (as the
 engine's reader holds a batch) ran 1.2x rows 16 bytes past one (numpy's placement of a
 large array), because every 64-byte load then touches one cache line, not two. From DRAM
