@@ -55,3 +55,19 @@ def test_the_bar_shows_the_newest_valid_metrics_and_closes_before_the_final_line
     # The bar's last frame comes first and the line stands alone below it (not drawn over by the bar).
     assert out.getvalue().endswith("\n" + line + "\n"), repr(out.getvalue()[-300:])
     assert mon._bar is None
+
+
+def test_the_bar_redrawn_at_most_every_tenth_of_a_second_still_ends_on_the_last_step(tmp_path: Path) -> None:
+    # Steps come far faster than the bar is redrawn (the monitor skips the bar between redraws):
+    # closing it must still draw the last step's epoch and loss, not the last redraw's.
+    out = io.StringIO()
+    mon = _monitor(tmp_path, "bar", out)
+    for s in range(1, 400):
+        mon.step(_rec(compute_s=0.001), step=s, epoch=s / 1000, optimizer="sgd")
+    last = StepRecord(loss=0.1234, lr=0.1, samples=50, batch_fp=0.0, cursor=0, compute_s=0.001, comm_s=0.0,
+                      payload_bytes=400, wire_bytes=400.0, signal=0.0)
+    mon.step(last, step=400, epoch=0.4321, optimizer="sgd")
+    mon.end("fleetmpi: done")
+    frames = out.getvalue().removesuffix("fleetmpi: done\n").split("\r")
+    assert "0.43/" in frames[-1] and "loss 0.1234" in frames[-1], repr(frames[-1])
+    assert mon.last["step"] == 400 and mon.last["loss"] == 0.1234
