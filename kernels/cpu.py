@@ -131,6 +131,10 @@ def labels_within(y: np.ndarray, k: int) -> bool:
 
 def _check_array(a: np.ndarray, name: str, dtype: type, shape: tuple[int, ...]) -> None:
     """Raise TypeError / ValueError unless a is C-contiguous of dtype and shape."""
+    # The usual case in one expression (a kernel call checks 4 arrays a step): an ndarray
+    # compared with a dtype object, not a scalar type, which numpy would convert each time.
+    if type(a) is np.ndarray and a.shape == shape and a.dtype == _DTYPE.get(dtype, dtype) and a.flags.c_contiguous:
+        return
     if not isinstance(a, np.ndarray):
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
     if a.dtype != dtype:
@@ -139,6 +143,9 @@ def _check_array(a: np.ndarray, name: str, dtype: type, shape: tuple[int, ...]) 
         raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+
+
+_DTYPE: dict[type, np.dtype] = {t: np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int64)}
 
 
 def _check_rows(X: np.ndarray, y: np.ndarray | None) -> tuple[int, int]:
