@@ -94,6 +94,8 @@ Tried and measured no better, so not done:
     of 6 processes, 1.005x in the next 5; in L2 0.82x;
   - the rows' losses and residuals added into one float64 sum per row slot, summed once
     a chunk (no chain of 32 dependent adds a block): from DRAM 1.01x, in L2 0.95x.
+  - in L2, blocks of 64 to 512 rows (one block a chunk at 512), so that a residual pass
+    has more independent rows: 0.38-0.41 of the read against 0.40 for 32 rows.
   The current kernel over the same day: 0.74-0.91 of the read, median 0.81, in 8 runs of
   ``bench_kernels.py --gradients-only``; 0.85 in that day's ``make bench``.
 Where X starts matters too (kernels.memory): in L2, rows on a 64-byte boundary (as the
