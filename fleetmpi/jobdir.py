@@ -98,9 +98,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def json_line(record: dict[str, Any]) -> bytes:
+    """Return ``record`` as one compact JSON line, newline included (the JSON-lines files' format)."""
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+
 def append_line(path: Path, record: dict[str, Any], sync: bool = False) -> None:
     """Append one JSON line with a single write (O_APPEND keeps concurrent writers whole)."""
-    data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    data = json_line(record)
     fd = open_append(Path(path))
     try:
         os.write(fd, data)
@@ -176,7 +181,7 @@ class JobDir:
 
     def append_line(self, path: Path, record: dict[str, Any], sync: bool = False) -> None:
         """Append one JSON line to ``path`` inside the job dir (see :meth:`open_append`)."""
-        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        data = json_line(record)
         fd = self.open_append(path)
         try:
             os.write(fd, data)
