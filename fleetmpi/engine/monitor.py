@@ -52,6 +52,7 @@ class Monitor:
         self.valid: dict[str, float] = {}
         self.util: dict[str, float] = {}
         self._win = _Window()
+        self._shown_win = self._win   # the bar's sync bytes: the last window with steps in it
         self._log_win = _Window()
         self.stream = stream
         self.progress = progress
@@ -129,7 +130,7 @@ class Monitor:
         metrics = self.metrics()
         # Trackers get the evaluation's own values: the step's were sent with its step record.
         self._write(self._record(self._win, {"eval": True, **valid, **util}), track={**valid, **util})
-        self._win = _Window()
+        self._shown_win, self._win = self._win, _Window()
         if self._bar is not None:
             self._update_bar()   # the bar shows the newest valid metrics at once, not at the next step
         return metrics
@@ -211,7 +212,9 @@ class Monitor:
                              bar_format="{l_bar}{bar}| {n:.2f}/{total_fmt} ep [{elapsed}<{remaining}{postfix}]")
         epoch = float(self.last.get("epoch", 0.0))
         self._bar.update(epoch - self._bar.n)
-        m = self._win.rates()
+        if self._win.steps:
+            self._shown_win = self._win
+        m = self._shown_win.rates()
         self._bar.set_postfix_str(f"loss {self.last.get('loss', math.nan):.4f}{self._valid_text()} "
                                   f"sync {format_bytes(m['sync_bytes_per_step'])}/step", refresh=False)
 

@@ -65,7 +65,10 @@ def test_the_bar_redrawn_at_most_every_tenth_of_a_second_still_ends_on_the_last_
     for s in range(1, 400):
         mon.step(_rec(compute_s=0.001), step=s, epoch=s / 1000, optimizer="sgd")
     mon.step(_rec(compute_s=0.001)._replace(loss=0.1234), step=400, epoch=0.4321, optimizer="sgd")
+    mon.evaluated({"valid_loss": 0.25}, {})   # the goal's evaluation, which opens a new window
     mon.end("fleetmpi: done")
     frames = out.getvalue().removesuffix("fleetmpi: done\n").split("\r")
     assert "0.43/" in frames[-1] and "loss 0.1234" in frames[-1], repr(frames[-1])
+    # The sync bytes of the steps before the evaluation, not of the empty window after it.
+    assert "sync 400 B/step" in frames[-1], repr(frames[-1])
     assert mon.last["step"] == 400 and mon.last["loss"] == 0.1234
