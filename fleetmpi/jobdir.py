@@ -103,18 +103,6 @@ def json_line(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, separators=(",", ":")) + "\n").encode()
 
 
-def append_line(path: Path, record: dict[str, Any], sync: bool = False) -> None:
-    """Append one JSON line with a single write (O_APPEND keeps concurrent writers whole)."""
-    data = json_line(record)
-    fd = open_append(Path(path))
-    try:
-        os.write(fd, data)
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_lines(path: Path) -> Iterator[dict[str, Any]]:
     """Yield the records of a JSON-lines file, skipping a torn last line from a crash."""
     try:
@@ -180,7 +168,8 @@ class JobDir:
         return open_append(path)
 
     def append_line(self, path: Path, record: dict[str, Any], sync: bool = False) -> None:
-        """Append one JSON line to ``path`` inside the job dir (see :meth:`open_append`)."""
+        """Append one JSON line to ``path`` inside the job dir in one write (O_APPEND keeps concurrent
+        writers whole; see :meth:`open_append`)."""
         data = json_line(record)
         fd = self.open_append(path)
         try:
