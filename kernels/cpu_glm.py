@@ -98,6 +98,20 @@ Tried and measured no better, so not done:
     has more independent rows: 0.38-0.41 of the read against 0.40 for 32 rows.
   The current kernel over the same day: 0.74-0.91 of the read, median 0.81, in 8 runs of
   ``bench_kernels.py --gradients-only``; 0.85 in that day's ``make bench``.
+- for the float32 logistic from DRAM, later still (same method, 4-5 processes each):
+  - what the gap to the linear kernel is made of: the residual replaced by z - y (no exp,
+    no log1p) ran 1.03x, the log1p alone dropped 1.00x. So the logistic's math costs ~3%;
+    the rest is the three passes (the linear's one-pass kernel ran 1.09x the logistic in
+    the same processes). In L1 (32 rows repeated): ``_dot2`` 4.9 ns a row, ``dot_rows8``
+    3.9, the float32 residual 1.6, ``add_rows`` 2.8 (about the FMA peak), ``linear_rows``
+    8.2; from DRAM a row takes 17.7 ns at the read rate.
+  - the logits one row at a time in address order (a row's vectors in registers, as
+    ``linear_rows`` reads them), with the same prefetch: 0.90x;
+  - super-blocks of 128 or 256 rows (in L2): their logits streamed one row at a time for
+    the hardware prefetcher, then their residuals, then their gradient from L2 while the
+    next super-block's first rows are prefetched (2 or 4 rows per 8): 0.71-0.85x;
+  - the prefetch as prefetcht2: 0.98x; as prefetchnta: 0.49x.
+  The current kernel in those processes: a median of 0.79-0.82 of the read.
 Where X starts matters too (kernels.memory): in L2, rows on a 64-byte boundary (as the
 engine's reader holds a batch) ran 1.2x rows 16 bytes past one (numpy's placement of a
 large array), because every 64-byte load then touches one cache line, not two. From DRAM
@@ -105,6 +119,8 @@ the sign changed between runs on the bench VM (kernels.memory has the figures); 
 bench shows both placements. The results are the same bits either way.
 At L2 size the roofline bound is the FMA peak, not the read (bench_kernels' of_bound):
 0.85 of the read there would need ~0.9 of the float32 FMA peak, and 1.85x the float64 one.
+And any kernel that reads a row twice stays under half the read there: the logits pass
+alone (``dot_rows8`` over 1536 x 128) ran at 90 GB/s against the read loop's ~100.
 """
 
 from __future__ import annotations
