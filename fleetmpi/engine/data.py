@@ -19,6 +19,8 @@ import numpy as np
 from h5py import h5s, h5t
 
 from fleetmpi.engine.h5rows import (
+    FP_MASK,
+    FP_MULT,
     Ranges,
     as_bounds,
     as_int,
@@ -29,6 +31,7 @@ from fleetmpi.engine.h5rows import (
     is_csr,
     map_dataset,
     open_h5,
+    outside_file,
     ranges_fingerprint,
 )
 from fleetmpi.errors import BadInput, quote
@@ -229,29 +232,25 @@ class RankReader:
         ``ranges``: (lo, hi) pairs, a list or an int64 (k, 2) array (``SampleOrder.bounds``).
         Through the memory map, one copy kernel (``kernels.gather``) on all of the rank's
         numba threads from GATHER_THREADS_MIN_ROWS rows (``threads`` True / False forces
-        it; the bits are the same either way); else ONE HDF5 read of a union of
-        hyperslabs (one call per block costs ~40 us each, 10x the data movement at
-        typical batch sizes). Rows come back in file order (``kernels.gather.file_order``): deterministic,
-        and a gradient sum does not depend on order.
+        it; the bits are the same either way), below that one kernel call for the whole
+        read (``gather_batch``); else ONE HDF5 read of a union of hyperslabs (one call per
+        block costs ~40 us each, 10x the data movement at typical batch sizes). Rows come
+        back in file order (``kernels.gather.file_order``): deterministic, and a gradient
+        sum does not depend on order.
         """
-        from kernels.gather import file_order
-        lo, hi, cuts = file_order(as_bounds(ranges))
+        bounds = as_bounds(ranges)
+        if self._map is not None and not threads and (
+                threads is False or num_threads() == 1
+                or int((bounds[:, 1] - bounds[:, 0]).sum()) < GATHER_THREADS_MIN_ROWS):
+            return self._read_one_call(self._map, bounds)
+        # Imported here: it imports numba, which stays off the CLI's data checks (as lazy_njit).
+        from kernels import gather
+        lo, hi, cuts = gather.file_order(bounds)
         total = check_ranges(self.path, self.n, lo, hi)
-        if self._xbuf.shape[0] < total:
-            # On a cache line: the kernels' vector loads then touch one line each
-            # (kernels.memory: 1.2x on the float32 GLM gradients of an in-cache batch, d = 128).
-            self._xbuf = aligned_empty((total, self.d), np.float32)
-            self._ybuf = np.empty(total, np.float32)
+        self._buffers(total)
         X, y = self._xbuf[:total], self._ybuf[:total]
-        if self._map is not None:
-            # Imported here: it imports numba, which stays off the CLI's data checks (as lazy_njit).
-            from kernels import gather
-            if threads is None:
-                threads = total >= GATHER_THREADS_MIN_ROWS and num_threads() > 1
-            if threads:
-                gather.gather_rows_threads(self._map[0], self._map[1], lo, hi, X, y, num_threads())
-            else:
-                gather.gather_rows(self._map[0], self._map[1], lo, hi, X, y)
+        if self._map is not None:   # threads asked for, or a big batch on a rank with threads
+            gather.gather_rows_threads(self._map[0], self._map[1], lo, hi, X, y, num_threads())
         else:
             pairs, off = list(zip(lo.tolist(), hi.tolist())), 0
             for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
@@ -261,6 +260,27 @@ class RankReader:
                 self._read_union(self.y, layer, y[off:off + m], ())
                 off += m
         return X, y, float(ranges_fingerprint(lo, hi))
+
+    def _buffers(self, rows: int) -> None:
+        """Make the reused buffers hold at least ``rows`` rows."""
+        if self._xbuf.shape[0] < rows:
+            # On a cache line: the kernels' vector loads then touch one line each
+            # (kernels.memory: 1.2x on the float32 GLM gradients of an in-cache batch, d = 128).
+            self._xbuf = aligned_empty((rows, self.d), np.float32)
+            self._ybuf = np.empty(rows, np.float32)
+
+    def _read_one_call(self, mapped: tuple[np.ndarray, np.ndarray], b: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """``read`` through the memory maps ``mapped`` (X, y) on one thread: the ranges b put in
+        order, checked, copied and fingerprinted by one kernel call (``kernels.gather.gather_batch``)."""
+        from kernels.gather import gather_batch  # numba: off the CLI's data checks, as lazy_njit
+        mx, my = mapped
+        while True:
+            status, rows, lo, hi, fp = gather_batch(mx, my, b, self._xbuf, self._ybuf, FP_MULT, FP_MASK)
+            if status == 0:
+                return self._xbuf[:rows], self._ybuf[:rows], float(fp)
+            if status == 1:
+                raise outside_file(self.path, self.n, lo, hi)
+            self._buffers(rows)   # the first read, or a bigger batch than any before
 
     @staticmethod
     def _read_union(dset: h5py.Dataset, ranges: list[tuple[int, int]], out: np.ndarray,

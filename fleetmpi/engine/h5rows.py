@@ -25,8 +25,8 @@ Ranges: TypeAlias = "list[tuple[int, int]] | np.ndarray"
 
 # Multiplicative hash of a row index, summed per step into a fingerprint of the batch.
 # Each term is < 2**31, so the sum of up to 2**22 rows stays exact in float64.
-_FP_MULT = np.uint64(2654435761)
-_FP_MASK = np.uint64(2**31 - 1)
+FP_MULT = np.uint64(2654435761)
+FP_MASK = np.uint64(2**31 - 1)
 
 # The finite check reads this many bytes of X per block, so its memory stays bounded.
 CHECK_BLOCK_BYTES = 16 << 20
@@ -43,7 +43,7 @@ def ranges_fingerprint(lo: np.ndarray, hi: np.ndarray) -> np.uint64:
     total = np.uint64(0)
     for k in range(lo.size):
         for i in range(lo[k], hi[k]):
-            total += (np.uint64(i) * _FP_MULT) & _FP_MASK
+            total += (np.uint64(i) * FP_MULT) & FP_MASK
     return total
 
 
@@ -173,10 +173,15 @@ def check_ranges(path: Path, n: int, lo: np.ndarray, hi: np.ndarray) -> int:
     from kernels.gather import span_rows  # numba: loaded by the first read, not by this module's import
     total = int(span_rows(lo, hi, n))
     if total < 0:
-        k = int(np.flatnonzero((lo < 0) | (hi > n) | (hi < lo))[0])
-        raise BadInput(f"{path}: the job reads rows {lo[k]}..{hi[k]} but the file holds {n} rows; was it "
-                       "replaced or truncated while the job ran, or does this node see another copy?")
+        raise outside_file(path, n, lo, hi)
     return total
+
+
+def outside_file(path: Path, n: int, lo: np.ndarray, hi: np.ndarray) -> BadInput:
+    """Return the BadInput for ranges [lo, hi) of which one lies outside a file of n rows (naming the first)."""
+    k = int(np.flatnonzero((lo < 0) | (hi > n) | (hi < lo))[0])
+    return BadInput(f"{path}: the job reads rows {lo[k]}..{hi[k]} but the file holds {n} rows; was it "
+                    "replaced or truncated while the job ran, or does this node see another copy?")
 
 
 def as_bounds(ranges: Ranges) -> np.ndarray:

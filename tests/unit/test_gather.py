@@ -128,3 +128,37 @@ def test_span_rows_counts_the_rows_or_refuses_a_range_outside_the_file() -> None
         assert gather.span_rows(lo, hi, n) == want, (lo, hi)
     assert gather.span_rows(np.array([0], np.int64), np.array([n], np.int64), n) == n   # the whole file
     assert gather.span_rows(np.empty(0, np.int64), np.empty(0, np.int64), n) == 0
+
+
+def test_gather_batch_orders_checks_copies_and_fingerprints_in_one_call() -> None:
+    # The reader's one-thread read (kernels.gather.gather_batch) against its four steps run
+    # apart: file_order, span_rows, gather_rows and the fingerprint of h5rows; random ranges
+    # in any order, with the repeats of a batch across an epoch boundary.
+    from fleetmpi.engine.h5rows import FP_MASK, FP_MULT, ranges_fingerprint
+    rng = np.random.default_rng(8)
+    n, d = 2000, 20
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    y = rng.integers(0, 5, n).astype(np.int64)
+    for trial in range(40):
+        lo, hi = _ranges(rng, n, int(rng.integers(1, 30)), 50)
+        b = np.stack([lo, hi], axis=1)[rng.permutation(lo.size)].copy()
+        slo, shi, _ = gather.file_order(b)
+        m = int(gather.span_rows(slo, shi, n))
+        want_x, want_y = np.empty((m, d), np.float32), np.empty(m, np.float32)
+        gather.gather_rows(X, y, slo, shi, want_x, want_y)
+        out_x = np.full((m + 3, d), -7.0, np.float32)
+        out_y = np.full(m + 3, -7.0, np.float32)
+        status, rows, olo, ohi, fp = gather.gather_batch(X, y, b, out_x, out_y, FP_MULT, FP_MASK)
+        assert (status, rows) == (0, m)
+        assert np.array_equal(olo, slo) and np.array_equal(ohi, shi)
+        np.testing.assert_array_equal(out_x[:m], want_x)
+        np.testing.assert_array_equal(out_y[:m], want_y)
+        assert (out_x[m:] == -7.0).all() and (out_y[m:] == -7.0).all()
+        assert int(fp) == int(ranges_fingerprint(slo, shi)) > 0
+        # A buffer one row short, or a range past the file's end: status only, nothing written.
+        short_x, short_y = np.full((m - 1, d), -7.0, np.float32), np.full(m - 1, -7.0, np.float32)
+        assert gather.gather_batch(X, y, b, short_x, short_y, FP_MULT, FP_MASK)[:2] == (2, m)
+        assert (short_x == -7.0).all() and (short_y == -7.0).all()
+        bad = b.copy()
+        bad[int(rng.integers(b.shape[0])), 1] = n + 1
+        assert gather.gather_batch(X, y, bad, out_x, out_y, FP_MULT, FP_MASK)[:2] == (1, -1)
