@@ -139,7 +139,7 @@ def test_gather_batch_orders_checks_copies_and_fingerprints_in_one_call() -> Non
     n, d = 2000, 20
     X = rng.standard_normal((n, d)).astype(np.float32)
     y = rng.integers(0, 5, n).astype(np.int64)
-    for trial in range(40):
+    for _ in range(40):
         lo, hi = _ranges(rng, n, int(rng.integers(1, 30)), 50)
         b = np.stack([lo, hi], axis=1)[rng.permutation(lo.size)].copy()
         slo, shi, _ = gather.file_order(b)
