@@ -108,8 +108,9 @@ class Trainer:
     def warm_kernels(self) -> bool:
         """Load the kernels of the spec's model from numba's cache (local; no collective); return whether it did.
 
-        Only what this model's gradient and predictions and the reader's batch copy call, on
-        two of this rank's rows with throwaway parameters: the first call of any numba kernel pays numba's own set-up
+        Only what this model's gradient and predictions, the reader's batch copy and the
+        optimizer's dense update (SGD, AdaGrad) call, on two of this rank's rows with throwaway
+        parameters: the first call of any numba kernel pays numba's own set-up
         (most of a kernel load), the others a few ms each. The run's state is not touched,
         so results are the same with or without it. Trees, GP, custom models and GPU phases load theirs at
         their first step.
@@ -122,6 +123,9 @@ class Trainer:
         self.reader.read(self.order.bounds(0, min(2, self.n)))   # the batch path's range and copy kernels
         model = build_model(sp.model, self.d, self.classes)
         model.eval_sums(X, y, model.init(np.random.default_rng(0), 0.01))
+        if sp.optimizer.kind in ("sgd", "adagrad"):
+            from kernels import update
+            update.warmup(sp.optimizer.kind)
         return True
 
     def _open_reader(self, path: Any) -> Any:
