@@ -111,6 +111,10 @@ Tried and measured no better, so not done:
     the hardware prefetcher, then their residuals, then their gradient from L2 while the
     next super-block's first rows are prefetched (2 or 4 rows per 8): 0.71-0.85x;
   - the prefetch as prefetcht2: 0.98x; as prefetchnta: 0.49x.
+  - two rows' logits in vector IR (four FMA chains, w loaded once a pair, one reduction
+    tree for both rows): 3.8 against 4.2 ns a row in L1, but 0.93x from DRAM. (``_dot2``
+    with numba's inline="always" ran at 45 ns a row: inlined, its fastmath flags no longer
+    let LLVM vectorise the sums.)
   The current kernel in those processes: a median of 0.79-0.82 of the read.
 Where X starts matters too (kernels.memory): in L2, rows on a 64-byte boundary (as the
 engine's reader holds a batch) ran 1.2x rows 16 bytes past one (numpy's placement of a
