@@ -189,36 +189,13 @@ def gradients(n: int, d: int = 128, k: int = 10, rounds: int = 5, threads: int =
     return rows
 
 
-def glm32_of_read(n: int = 200_000, d: int = 128, rounds: int = 7) -> dict[str, float]:
-    """Return the float32 GLM gradients' of_read at n x d (as ``gradients``' rows, without the
-    numpy references): kernel -> read limit / kernel time, best of interleaved calls."""
-    rng = np.random.default_rng(0)
-    Xn = rng.standard_normal((n, d), dtype=np.float32)
-    X = aligned_empty(Xn.shape, Xn.dtype)
-    X[...] = Xn
-    yb = (rng.random(n) < 0.5).astype(np.float32)
-    w = 0.1 * rng.standard_normal(d + 1)
-    g = np.empty(d + 1)
-    cpu.warmup()
-    _read_all(X[:10])
-    _read_all32(X[:10])
-    numba.set_num_threads(1)
-    fns = {"read": lambda: _read_all(X), "read f32": lambda: _read_all32(X),
-           "logistic f32": lambda: cpu.logistic_grad(X, yb, w, g, "float32"),
-           "linear f32": lambda: cpu.linear_grad(X, yb, w, g, "float32"),
-           "logistic f32 (numpy-placed X)": lambda: cpu.logistic_grad(Xn, yb, w, g, "float32"),
-           "linear f32 (numpy-placed X)": lambda: cpu.linear_grad(Xn, yb, w, g, "float32")}
-    t = _best_interleaved(fns, rounds, max(1, 200_000 // n * 4))
-    t_read = min(t["read"], t["read f32"])
-    return {k: t_read / v for k, v in t.items() if not k.startswith("read")}
-
-
 def dram_spread(procs: int = 5) -> list[dict]:
     """Return the float32 GLM gradients' of_read from DRAM in ``procs`` fresh processes: median, min, max.
 
-    On the bench VM one process's figure for the same kernel moved by +-5-10% from the next
-    (where its pages landed, the host's other work); the in-process ratio against the read
-    loop does not remove that. So item 1's DRAM rows are judged by the median over processes.
+    Each process runs ``gradients`` at 200000 x 128 (``dram_child``). On the bench VM one
+    process's figure for the same kernel moved by +-5-10% from the next (where its pages
+    landed, the host's other work); the in-process ratio against the read loop does not
+    remove that. So item 1's DRAM rows are judged by the median over processes.
     """
     runs = []
     for _ in range(procs):
@@ -434,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"threads": threads(), "copy": batch_copy()}))
         return
     if args.dram_child:
-        print(json.dumps(glm32_of_read()))
+        print(json.dumps({r["kernel"]: r["of_read"] for r in gradients(200_000) if " f32" in r["kernel"]}))
         return
     peak = fma_peak()
     rows = (gradients(200_000, threads=args.threads, peak=peak)
