@@ -36,7 +36,7 @@ from fleetmpi.engine.h5rows import (
 )
 from fleetmpi.errors import BadInput, quote
 from fleetmpi.spec import MAX_CLASSES
-from kernels import num_threads
+from kernels import lazy_function, num_threads
 from kernels.memory import aligned_empty
 
 if TYPE_CHECKING:
@@ -46,6 +46,11 @@ if TYPE_CHECKING:
 # threads (threads_per_rank > 1; kernels.gather); below it the copy is too short for the
 # threads' start to pay (the gradient kernels split from the same size).
 GATHER_THREADS_MIN_ROWS = 1024
+
+# kernels.gather's, imported at their first call: the CLI's data checks import this module
+# and run without numba.
+_visit_blocks = lazy_function("kernels.gather", "visit_blocks")
+_gather_batch = lazy_function("kernels.gather", "gather_batch")
 
 
 @dataclass(frozen=True)
@@ -173,14 +178,13 @@ class SampleOrder:
 
         Adjacent blocks are coalesced into one range (one copy, one hyperslab).
         """
-        from kernels.gather import visit_blocks  # numba's: the CLI's data checks run without it
         parts: list[np.ndarray] = []
         pos = start
         while pos < stop:
             e, off = divmod(pos, self.n)
             self._load_epoch(e)
             end = min(self.n, off + stop - pos)            # this epoch's part: offsets [off, end)
-            part = visit_blocks(self._starts, self._cum, off, end)
+            part = _visit_blocks(self._starts, self._cum, off, end)
             if parts and parts[-1][-1, 1] == part[0, 0]:   # continues across the epoch boundary
                 parts[-1][-1, 1] = part[0, 1]
                 part = part[1:]
@@ -272,10 +276,9 @@ class RankReader:
     def _read_one_call(self, mapped: tuple[np.ndarray, np.ndarray], b: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """``read`` through the memory maps ``mapped`` (X, y) on one thread: the ranges b put in
         order, checked, copied and fingerprinted by one kernel call (``kernels.gather.gather_batch``)."""
-        from kernels.gather import gather_batch  # numba: off the CLI's data checks, as lazy_njit
         mx, my = mapped
         while True:
-            status, rows, lo, hi, fp = gather_batch(mx, my, b, self._xbuf, self._ybuf, FP_MULT, FP_MASK)
+            status, rows, lo, hi, fp = _gather_batch(mx, my, b, self._xbuf, self._ybuf, FP_MULT, FP_MASK)
             if status == 0:
                 return self._xbuf[:rows], self._ybuf[:rows], float(fp)
             if status == 1:

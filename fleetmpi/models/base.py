@@ -15,6 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from kernels import lazy_function
+
+# kernels.cpu's (numba), imported at its first call: this module is imported without numba.
+_labels_within = lazy_function("kernels.cpu", "labels_within")
+
 
 class Model(ABC):
     """A model over a flat float64 parameter vector; gradients are sums over rows."""
@@ -76,8 +81,7 @@ class Model(ABC):
         if not y.size:
             return
         if isinstance(y, np.ndarray) and y.dtype == np.float32 and y.ndim == 1:
-            from kernels.cpu import labels_within
-            if labels_within(y, k):
+            if _labels_within(y, k):
                 return
         elif not (y.min() < 0 or y.max() >= k):
             return

@@ -12,6 +12,11 @@ import numpy as np
 
 from fleetmpi.optim.sgd import learning_rate
 from fleetmpi.spec import OptimizerSpec
+from kernels import lazy_function
+
+# kernels.update's (numba), imported at the first step: the CLI imports this module.
+_adagrad_dense = lazy_function("kernels.update", "adagrad_dense")
+_adagrad_rows = lazy_function("kernels.update", "adagrad_rows")
 
 # Keeps the first step of a coordinate finite (its accumulator starts at 0); as PyTorch's default.
 EPS = 1e-10
@@ -36,11 +41,10 @@ class Adagrad:
 
         ``rows`` as in ``SGD.apply_sum``: without L2 only they and the bias row are updated.
         """
-        from kernels import update
         if rows is not None and not l2:
-            update.adagrad_rows(params, g, rows, k, batch, self.acc, lr, EPS)
+            _adagrad_rows(params, g, rows, k, batch, self.acc, lr, EPS)
         else:
-            update.adagrad_dense(params, g, batch, l2, mask, self.acc, lr, EPS)
+            _adagrad_dense(params, g, batch, l2, mask, self.acc, lr, EPS)
 
     def state(self) -> dict[str, np.ndarray]:
         """Return the accumulator under its checkpoint name."""

@@ -7,6 +7,11 @@ import math
 import numpy as np
 
 from fleetmpi.spec import OptimizerSpec, ScheduleSpec
+from kernels import lazy_function
+
+# kernels.update's (numba), imported at the first step: the CLI imports this module.
+_sgd_dense = lazy_function("kernels.update", "sgd_dense")
+_sgd_rows = lazy_function("kernels.update", "sgd_rows")
 
 
 def learning_rate(base: float, sched: ScheduleSpec, step: int) -> float:
@@ -61,11 +66,10 @@ class SGD:
         features, ``Sync.touched``); where the update is exactly sparse (no momentum, no L2)
         only they and the bias row are updated, with the same result.
         """
-        from kernels import update
         if rows is not None and not self.spec.momentum and not l2:
-            update.sgd_rows(params, g, rows, k, batch, lr)
+            _sgd_rows(params, g, rows, k, batch, lr)
         else:
-            update.sgd_dense(params, g, batch, l2, mask, self.velocity, self.spec.momentum, lr)
+            _sgd_dense(params, g, batch, l2, mask, self.velocity, self.spec.momentum, lr)
 
     def state(self) -> dict[str, np.ndarray]:
         """Return the velocity under its checkpoint name; {} while it is all zero (never stepped with momentum).

@@ -93,3 +93,26 @@ def test_cffi_already_imported_leaves_numba_cffi_support_on() -> None:
 
 def test_a_numba_that_needs_cffi_gets_it() -> None:
     assert _run(OTHER) == "True True"
+
+
+LAZY = """
+import sys
+import numpy as np
+import fleetmpi.engine.data, fleetmpi.models.base, fleetmpi.optim, fleetmpi.sync.base
+from kernels import lazy_function
+assert "numba" not in sys.modules, "importing the step's modules imported numba"
+within = lazy_function("kernels.cpu", "labels_within")
+assert within.__name__ == "labels_within" and "numba" not in sys.modules
+y = np.array([0, 1, 2, 1], np.float32)
+print(within(y, 3), within(y, k=2), "numba" in sys.modules)
+"""
+
+
+def test_the_steps_kernels_load_at_their_first_call_not_at_import() -> None:
+    # The CLI's checks import the reader, models, optimizers and syncs, and run without numba
+    # (0.15-0.2 s); the step calls their kernels through kernels.lazy_function, which imports
+    # at the first call and forwards positional and keyword arguments.
+    proc = subprocess.run([sys.executable, "-c", LAZY], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False", "True"]
