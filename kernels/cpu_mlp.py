@@ -25,12 +25,15 @@ from kernels.cpu import _check_array, _check_labels, _check_out, _check_rows, _s
 __all__ = ["DTYPES", "mlp_grad", "mlp_predict_proba", "mlp_regression_grad", "mlp_regression_predict"]
 
 DTYPES = ("float64", "float32")
+_BY_NAME = {name: np.dtype(name) for name in DTYPES}
 
 _Layers = list[tuple[np.ndarray, np.ndarray]]
 
 
 def _compute_dtype(dtype: str | type | np.dtype) -> np.dtype:
     """Return np.float64 or np.float32 for dtype, or raise ValueError naming the valid ones."""
+    if type(dtype) is str and dtype in _BY_NAME:   # each step's case: no dtype.name (an import in numpy)
+        return _BY_NAME[dtype]
     try:
         # np.dtype(None) would be float64: a missing dtype is an error, not the default.
         dt = None if dtype is None else np.dtype(dtype)
