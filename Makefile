@@ -8,7 +8,7 @@ STAMP     := $(VENV)/.fleetmpi-installed
 DEV_STAMP := $(VENV)/.fleetmpi-dev-installed
 # numba keys its cache by source file and mtime, not by the files a kernel calls into:
 # when any kernel source changes, precompile --fresh drops the cache and compiles it all.
-KERNEL_SRC := $(wildcard kernels/*.py) fleetmpi/engine/h5rows.py fleetmpi/texthash.py
+KERNEL_SRC := $(wildcard kernels/*.py) fleetmpi/texthash.py
 PRECOMPILED := kernels/__pycache__/.fleetmpi-precompiled
 PYTEST_ARGS ?=
 # make test runs on two pytest-xdist workers: half the suite's wall time is spent waiting (Slurm,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -114,10 +113,11 @@ _ONE_THREAD = False
 def lazy_function(module: str, name: str) -> Callable[..., Any]:
     """Return a stand-in for ``module.name`` that imports ``module`` at its first call.
 
-    For the training step's hot path in modules that must import without numba (the CLI's
-    checks import them): an import statement in a function costs 0.4-0.6 us a call even
-    with the module loaded, five of them about 10% of a batch-256 logistic step; this
-    stand-in's call costs ~0.1 us more than the function's own.
+    For modules that must import without numba (the CLI's checks import the reader, models,
+    optimizers and syncs before they spawn mpiexec; numba's import takes 0.15-0.2 s) but call
+    kernels on the training step's hot path: an import statement in a function costs
+    0.4-0.6 us a call even with the module loaded, five of them about 10% of a batch-256
+    logistic step; this stand-in's call costs ~0.1 us more than the function's own.
     """
     target: list[Callable[..., Any]] = []
 
@@ -128,26 +128,3 @@ def lazy_function(module: str, name: str) -> Callable[..., Any]:
 
     call.__name__ = call.__qualname__ = name
     return call
-
-
-def lazy_njit(**options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Return a decorator like ``numba.njit(**options)`` that imports numba at the first call.
-
-    For modules that a process may import without running their kernels: the CLI's data
-    checks import fleetmpi.engine.h5rows before it spawns mpiexec, and numba's import (0.15-0.2 s)
-    sat on that path. The first call compiles or loads from numba's cache exactly as njit
-    would (the cache is keyed by the function's file, name and line, the same either way).
-    """
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        compiled: list[Callable[..., Any]] = []
-
-        @functools.wraps(fn)
-        def call(*args: Any) -> Any:
-            if not compiled:
-                import numba
-                compiled.append(numba.njit(**options)(fn))
-            return compiled[0](*args)
-
-        return call
-
-    return wrap

@@ -235,14 +235,24 @@ def file_order(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True)
+def ranges_fingerprint(lo: np.ndarray, hi: np.ndarray, mult: np.uint64, mask: np.uint64) -> np.uint64:
+    """Return the sum of (i * mult) & mask over the rows i of every range [lo[k], hi[k]) (integers, exact)."""
+    total = np.uint64(0)
+    for k in range(lo.size):
+        for i in range(lo[k], hi[k]):
+            total += (np.uint64(i) * mult) & mask
+    return total
+
+
+@njit(cache=True, nogil=True)
 def gather_batch(X: np.ndarray, y: np.ndarray, b: np.ndarray, out_x: np.ndarray, out_y: np.ndarray,
                  fp_mult: np.uint64, fp_mask: np.uint64) -> tuple[int, int, np.ndarray, np.ndarray, np.uint64]:
     """A one-thread batch read in one call: the ranges b (k, 2) put in file order
     (``file_order``), checked against X's rows (``span_rows``), copied to the front of out_x /
-    out_y (``gather_rows``) and fingerprinted (the sum of (row * fp_mult) & fp_mask over the
-    rows, in integers). Return (status, rows, lo, hi, fingerprint), lo and hi the ranges in
-    file order: status 0 when copied; 1 when a range lies outside X (rows -1); 2 when out_x or
-    out_y holds fewer than the batch's rows. Nothing is written unless status is 0.
+    out_y (``gather_rows``) and fingerprinted (``ranges_fingerprint``). Return (status, rows,
+    lo, hi, fingerprint), lo and hi the ranges in file order: status 0 when copied; 1 when a
+    range lies outside X (rows -1); 2 when out_x or out_y holds fewer than the batch's rows.
+    Nothing is written unless status is 0.
 
     The engine's reader made four kernel calls for this (order, check, copy, fingerprint),
     each with its dispatch and the Python between them. Measured through the reader (256 rows
@@ -256,8 +266,4 @@ def gather_batch(X: np.ndarray, y: np.ndarray, b: np.ndarray, out_x: np.ndarray,
     if total > out_x.shape[0] or total > out_y.shape[0]:
         return 2, total, lo, hi, np.uint64(0)
     gather_rows(X, y, lo, hi, out_x, out_y)
-    fp = np.uint64(0)
-    for k in range(lo.size):
-        for i in range(lo[k], hi[k]):
-            fp += (np.uint64(i) * fp_mult) & fp_mask
-    return 0, total, lo, hi, fp
+    return 0, total, lo, hi, ranges_fingerprint(lo, hi, fp_mult, fp_mask)

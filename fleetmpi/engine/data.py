@@ -247,7 +247,7 @@ class RankReader:
                 threads is False or num_threads() == 1
                 or int((bounds[:, 1] - bounds[:, 0]).sum()) < GATHER_THREADS_MIN_ROWS):
             return self._read_one_call(self._map, bounds)
-        # Imported here: it imports numba, which stays off the CLI's data checks (as lazy_njit).
+        # Imported here: it imports numba, which stays off the CLI's data checks (as kernels.lazy_function).
         from kernels import gather
         lo, hi, cuts = gather.file_order(bounds)
         total = check_ranges(self.path, self.n, lo, hi)

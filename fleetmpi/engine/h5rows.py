@@ -2,7 +2,7 @@
 they declare, and row ranges with their fingerprint.
 
 ``fleetmpi.engine.data`` (dense X, the sample order) and ``fleetmpi.engine.csr_data`` (CSR
-rows) build on it. numba stays unimported until a kernel runs (``lazy_njit``): the CLI's
+rows) build on it. numba stays unimported until a kernel runs (``kernels.lazy_function``): the CLI's
 data checks import this before they spawn mpiexec.
 """
 
@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from fleetmpi.errors import BadInput
-from kernels import lazy_njit
+from kernels import lazy_function
 
 # Row ranges as readers take them: (lo, hi) pairs, a list or an int64 (k, 2) array
 # (``SampleOrder.bounds``, which RankReader takes without converting).
@@ -37,14 +37,12 @@ def row_fingerprint(lo: int, hi: int) -> float:
     return float(ranges_fingerprint(np.array([lo], np.int64), np.array([hi], np.int64)))
 
 
-@lazy_njit(cache=True, nogil=True)
+_fingerprint = lazy_function("kernels.gather", "ranges_fingerprint")   # numba's, at the first call
+
+
 def ranges_fingerprint(lo: np.ndarray, hi: np.ndarray) -> np.uint64:
     """Return the sum of hash(i) over the rows of every range [lo[k], hi[k]) (integer, exact)."""
-    total = np.uint64(0)
-    for k in range(lo.size):
-        for i in range(lo[k], hi[k]):
-            total += (np.uint64(i) * FP_MULT) & FP_MASK
-    return total
+    return _fingerprint(lo, hi, FP_MULT, FP_MASK)
 
 
 def map_dataset(path: Path, f: h5py.File, dset: h5py.Dataset) -> np.ndarray | None:
