@@ -117,14 +117,10 @@ def fleetmpi_fit(work: Path, name: str, Xt: np.ndarray, yt: np.ndarray, Xv: np.n
             "reason": goal["reason"], "passes": int(round(last["epoch"]))}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="diabetes and the 5k set only")
-    args = ap.parse_args()
-    import tempfile
-
+def _runs(work: Path, quick: bool) -> list[dict[str, Any]]:
+    """Fit both on diabetes and the synthetic sets, fleetmpi's jobs under work; return the rows."""
     from sklearn.datasets import load_diabetes
-    work = Path(tempfile.mkdtemp(prefix="bench_gp_"))
+
     rows: list[dict[str, Any]] = []
     X, y = load_diabetes(return_X_y=True)
     Xt, yt, Xv, yv = split(X, y)
@@ -137,7 +133,7 @@ def main() -> None:
                  "sk_nlpd": sk["nlpd"], "fm_nlpd": fm["nlpd"], "sk_fit_s": sk["fit_s"], "fm_fit_s": fm["fit_s"],
                  "fit_ratio": fm["fit_s"] / sk["fit_s"], "fm_wall_s": fm["wall_s"], "fm_steps": fm["steps"],
                  "fm_passes": fm["passes"]})
-    sizes = [(5_000, 1)] if args.quick else [(5_000, 1), (20_000, 1), (100_000, 2)]
+    sizes = [(5_000, 1)] if quick else [(5_000, 1), (20_000, 1), (100_000, 2)]
     for n, ranks in sizes:
         Xs, ys = synthetic(n + n // 4)
         Xt, yt, Xv, yv = split(Xs, ys)
@@ -151,6 +147,17 @@ def main() -> None:
                      "sk_nlpd": sk["nlpd"], "fm_nlpd": fm["nlpd"], "sk_fit_s": sk["fit_s"], "fm_fit_s": fm["fit_s"],
                      "fit_ratio": fm["fit_s"] / sk["fit_s"] if sk["fit_s"] else None,
                      "fm_wall_s": fm["wall_s"], "fm_steps": fm["steps"], "fm_passes": fm["passes"]})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="diabetes and the 5k set only")
+    args = ap.parse_args()
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench_gp_") as tmp:
+        rows = _runs(Path(tmp), args.quick)
     cols = [("set", "s"), ("ranks", "d"), ("features", "d"), ("sk_mse", ".4g"), ("fm_mse", ".4g"),
             ("mse_ratio", ".3f"), ("sk_nlpd", ".4f"), ("fm_nlpd", ".4f"), ("sk_fit_s", ".2f"), ("fm_fit_s", ".2f"),
             ("fit_ratio", ".2f"), ("fm_wall_s", ".1f"), ("fm_steps", "d"), ("fm_passes", "d")]

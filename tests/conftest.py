@@ -22,9 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 # Multi-rank tests run 3 ranks on 2-core CI machines; a test of the refusal sets it to 0.
 os.environ.setdefault("FLEETMPI_OVERSUBSCRIBE", "1")
 # `fleetmpi run` and `submit` record their jobs in the ledger: never in the user's own ~/.fleetmpi.
+# The process that makes the directory removes it when it exits (xdist's workers inherit it).
 if "FLEETMPI_HOME" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
     os.environ["FLEETMPI_HOME"] = tempfile.mkdtemp(prefix="fleetmpi-test-home-")
+    atexit.register(shutil.rmtree, os.environ["FLEETMPI_HOME"], ignore_errors=True)
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
