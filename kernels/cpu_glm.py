@@ -116,6 +116,19 @@ Tried and measured no better, so not done:
     with numba's inline="always" ran at 45 ns a row: inlined, its fastmath flags no longer
     let LLVM vectorise the sums.)
   The current kernel in those processes: a median of 0.79-0.82 of the read.
+- why one stream loses from DRAM (the float32 logistic, one loop in vector IR: each row's
+  logit read in address order as ``linear_rows`` reads it, while the previous 32-row
+  block's rows, in L1, get their gradient FMAs with the residuals computed between
+  blocks; three processes, of the read against this kernel's 0.78-0.88 in the same
+  processes): the loop ran 0.57-0.61, though in L2 it beat this kernel (12.6 against 15.8
+  ns a row). Taken apart: its logits alone 0.80-0.88; with the gradient FMAs on rows
+  reloaded from L1 0.62-0.64 (a plain z - y residual) and 0.59 with the same 32 rows
+  reloaded every block (always in L1); with the FMAs on the row already in registers
+  (wrong rows' residuals, as a probe) 0.86-0.90. So the eight reloads a row cost the
+  stream its overlap, not the residual's math nor the reloaded rows' addresses. The
+  rows 64 rows ahead prefetched into L2 from the loop made it 0.54-0.59. My reading
+  (no counters on this VM): the core's load window holds fewer rows of the stream when a
+  row brings eight more loads, and software prefetches do not make up for it here.
 Where X starts matters too (kernels.memory): in L2, rows on a 64-byte boundary (as the
 engine's reader holds a batch) ran 1.2x rows 16 bytes past one (numpy's placement of a
 large array), because every 64-byte load then touches one cache line, not two. From DRAM
