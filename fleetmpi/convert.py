@@ -39,10 +39,6 @@ class Source:
     seed: int = 0
 
 
-def _take(chunk: Chunk, mask: np.ndarray) -> Chunk:
-    return Chunk(chunk.start, {c: v[mask] for c, v in chunk.cols.items()})
-
-
 def _progress(path: Path, desc: str) -> Any:
     """Return a tqdm bar over ``path``'s bytes on a terminal, else None."""
     if not sys.stderr.isatty() or os.environ.get("FLEETMPI_PROGRESS") == "none":
@@ -80,7 +76,7 @@ class Reader:
                 continue
             # One draw per row in file order: the split does not depend on the chunk size.
             is_valid = rng.random(chunk.rows) < self.src.valid_fraction
-            yield _take(chunk, ~is_valid), _take(chunk, is_valid)
+            yield chunk.take(~is_valid), chunk.take(is_valid)
 
     def valid(self, desc: str) -> Iterator[Chunk]:
         """Yield the rows of the separate --valid file (none when there is none)."""
@@ -136,7 +132,11 @@ def _open_out(stack: ExitStack, path: Path, n: int, rec: Record, attrs: dict[str
 
 def convert(src: Source, out: Path, task: str = "auto", standardize: bool = False,
             categorical: tuple[str, ...] = (), fill: bool = False) -> dict[str, int]:
-    """Write ``out/train.h5`` (and ``out/valid.h5`` when there are validation rows); return {path: rows}."""
+    """Write ``out/train.h5`` (and ``out/valid.h5`` when there are validation rows); return {path: rows}.
+
+    Without validation rows an ``out/valid.h5`` of an earlier conversion is removed, so that
+    the folder never holds a pair from two conversions.
+    """
     if not 0.0 <= src.valid_fraction < 1.0:
         raise BadInput(f"--valid-fraction {src.valid_fraction}: expected a number in [0, 1)")
     if src.fmt in ("csv", "parquet") and src.label is None:
@@ -148,6 +148,8 @@ def convert(src: Source, out: Path, task: str = "auto", standardize: bool = Fals
     text = frozenset(categorical)
     reader = Reader(src, text)
     scan, n_valid = _scan(reader, src, set(categorical))
+    if src.valid is not None and n_valid == 0:
+        raise BadInput(f"--valid {src.valid}: no data rows (a header only?); give validation rows or leave --valid out")
     rec = scan.record(task, standardize, fill, str(src.path), f"{src.fmt}:{src.path.name}")
     n_train = scan.rows
     try:
@@ -173,6 +175,8 @@ def convert(src: Source, out: Path, task: str = "auto", standardize: bool = Fals
                 os.fsync(fh.fileno())
         for name, tmp in zip(paths, tmps, strict=True):
             os.replace(tmp, out / name)
+        if "valid.h5" not in paths:   # an earlier conversion's: it would pass for this data's validation part
+            (out / "valid.h5").unlink(missing_ok=True)
         from fleetmpi.jobdir import fsync_dir
         fsync_dir(out)
     finally:

@@ -98,7 +98,7 @@ def bundled(name: str) -> tuple[np.ndarray, np.ndarray, str]:
 
 def make_data(source: str, task: str, n: int, d: int, classes: int, noise: float,
               valid_fraction: float, seed: int, out: Path) -> dict[str, int]:
-    """Write ``out/train.h5`` and ``out/valid.h5``; return {path: rows}."""
+    """Write ``out/train.h5`` and ``out/valid.h5`` (none without validation rows: an old one goes); return {path: rows}."""
     if not 0.0 <= valid_fraction < 1.0:
         raise BadInput(f"--valid-fraction {valid_fraction}: expected a number in [0, 1)")
     if source == "synthetic":
@@ -131,4 +131,6 @@ def make_data(source: str, task: str, n: int, d: int, classes: int, noise: float
             attrs["classes"] = k
         _write(out / fname, X[idx], y[idx], attrs)
         written[str(out / fname)] = len(idx)
+    if not n_valid:   # an earlier run's valid.h5 would pass for this data's validation part
+        (out / "valid.h5").unlink(missing_ok=True)
     return written

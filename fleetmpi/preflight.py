@@ -25,8 +25,10 @@ def check_inputs(spec: Any) -> None:
         v = describe(spec.data_path(spec.data.valid), task, spec.model.classes or info.classes, check=spec.data.check)
         if v.d != info.d:
             raise BadInput(f"{v.path}: validation X has {v.d} columns but training X has {info.d}")
+        _check_same_preparation(info.path, v.path)
     _check_bfgs_size(spec, info.d, info.classes)
-    if spec.optimizer.batch > info.n:
+    # Tree kinds and gp take no optimizer section (their steps read every row): no batch to check.
+    if not spec.model.is_tree and spec.model.kind != "gp" and spec.optimizer.batch > info.n:
         raise BadInput(f"{spec.data.train}: optimizer.batch {spec.optimizer.batch} exceeds the {info.n} training rows")
 
 
@@ -43,3 +45,34 @@ def _check_bfgs_size(spec: Any, d: int, classes: int | None) -> None:
     refusal = size_refusal(model.n_params)
     if refusal:
         raise BadInput(f"{where}: {refusal}")
+
+
+# What make-data's record fixes about X and y: two files that differ here hold other columns,
+# scales or class ids under the same positions (the record's source may differ).
+_PREPARATION = ("columns", "features", "label", "task", "classes", "label_values", "categorical", "fill", "mean", "std")
+
+
+def _check_same_preparation(train: Any, valid: Any) -> None:
+    """Refuse a validation file that make-data prepared apart from the training file."""
+    import json
+
+    from fleetmpi.engine.h5rows import open_h5
+    from fleetmpi.preprocess import ATTR
+    records: list[dict[str, Any]] = []
+    for path in (train, valid):
+        with open_h5(path) as f:
+            raw = f.attrs.get(ATTR)
+        if raw is None:   # a file not from make-data's tables: nothing to compare
+            return
+        try:
+            record = json.loads(raw)
+        except (TypeError, ValueError):
+            record = None
+        if not isinstance(record, dict):
+            raise BadInput(f"{path}: attribute {ATTR!r} is not the JSON make-data writes; remake the file")
+        records.append(record)
+    differ = [k for k in _PREPARATION if records[0].get(k) != records[1].get(k)]
+    if differ:
+        raise BadInput(f"{valid}: was prepared apart from {train} (its {', '.join(differ)} differ), so its columns "
+                       "or class ids need not mean the same; make both in one make-data run (--valid FILE or "
+                       "--valid-fraction)")

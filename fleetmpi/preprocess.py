@@ -27,8 +27,11 @@ MAX_LEVELS = 1000
 
 
 def first_non_number(cells: np.ndarray) -> int | None:
-    """Return the index of the first cell of a text column that is not a number (numbers read as text skipped)."""
-    first = None
+    """Return the index of the first cell of a text column that is not a number; None where all are.
+
+    A column of a chunk holds text where any of its cells is not a number; the part of it
+    that a validation split leaves may then hold numbers only (``as_numbers`` reads them).
+    """
     for i, t in enumerate(cells):
         if t is None:
             continue
@@ -36,8 +39,14 @@ def first_non_number(cells: np.ndarray) -> int | None:
             float(t)
         except (TypeError, ValueError):
             return i
-        first = i if first is None else first
-    return first
+    return None
+
+
+def as_numbers(cells: np.ndarray) -> np.ndarray | None:
+    """Return a text column's cells as float64 (NaN where missing), or None if one is not a number."""
+    if first_non_number(cells) is not None:
+        return None
+    return np.asarray([np.nan if t is None else float(t) for t in cells], dtype=np.float64)
 
 
 @dataclass
@@ -70,8 +79,12 @@ class Record:
             raise BadInput(f"preprocessing record has format {raw.get('format')!r}; expected {FORMAT!r}")
         return cls(**raw)
 
-    def features_of(self, chunk: Chunk, where: str) -> np.ndarray:
-        """Return the chunk's X (float32, rows x len(features)) by column name; BadInput on bad cells."""
+    def features_of(self, chunk: Chunk, where: str, predicting: bool = False) -> np.ndarray:
+        """Return the chunk's X (float32, rows x len(features)) by column name; BadInput on bad cells.
+
+        ``predicting``: the chunk is new data for a trained model, and a refusal's advice is
+        predict's (make-data's options cannot change a trained model's record).
+        """
         missing = [c for c in self.columns if c not in chunk.cols]
         if missing:
             raise BadInput(f"{where}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; "
@@ -84,7 +97,7 @@ class Record:
                 text = v if v.dtype == object else np.asarray([None if np.isnan(x) else _num_text(x) for x in v],
                                                              dtype=object)
                 if c not in self.fill:
-                    _refuse_missing(where, chunk, c, np.asarray([t is None for t in text]))
+                    _refuse_missing(where, chunk, c, np.asarray([t is None for t in text]), _fill_hint(predicting))
                 onehot = np.zeros((len(text), len(levels)))
                 index = {lv: i for i, lv in enumerate(levels)}
                 for r, t in enumerate(text):
@@ -94,48 +107,59 @@ class Record:
                 parts.append(onehot)
                 continue
             if v.dtype == object:
+                nums = as_numbers(v)
+                v = v if nums is None else nums
+            if v.dtype == object:
                 bad = first_non_number(v)
                 bad = 0 if bad is None else bad
-                raise BadInput(f"{where}: column {c!r} is not numeric (data row {chunk.start + bad + 1} holds "
-                               f"{str(v[bad])[:40]!r}); give numbers, or one-hot encode it with --categorical {c}")
+                raise BadInput(f"{where}: column {c!r} is not numeric (data row {chunk.row(bad)} holds "
+                               f"{str(v[bad])[:40]!r}); " + ("the model was trained on numbers there" if predicting
+                                                              else f"give numbers, or one-hot encode it with --categorical {c}"))
             nan = np.isnan(v)
             if nan.any():
                 if c not in self.fill:
-                    _refuse_missing(where, chunk, c, nan)
+                    _refuse_missing(where, chunk, c, nan, _fill_hint(predicting))
                 v = np.where(nan, self.fill[c], v)
             inf = np.isinf(v)
             if inf.any():
                 r = int(np.flatnonzero(inf)[0])
-                raise BadInput(f"{where}: column {c!r} holds inf at data row {chunk.start + r + 1}; features must be finite")
+                raise BadInput(f"{where}: column {c!r} holds inf at data row {chunk.row(r)}; features must be finite")
             parts.append(v[:, None])
         X = np.hstack(parts) if parts else np.zeros((chunk.rows, 0))
         if self.mean is not None and self.std is not None:
             X = (X - np.asarray(self.mean)) / np.asarray(self.std)
         return X.astype(np.float32)
 
-    def labels_of(self, chunk: Chunk, where: str) -> np.ndarray:
-        """Return the chunk's labels as float32 (class ids, or values for regression); BadInput on unknown classes."""
+    def labels_of(self, chunk: Chunk, where: str, missing_ok: bool = False) -> np.ndarray:
+        """Return the chunk's labels as float32 (class ids, or values for regression); BadInput on unknown classes.
+
+        A missing label is refused, or NaN with ``missing_ok`` (predict scores the labelled rows).
+        """
         assert self.label is not None, "labels_of needs a label column"   # caller checked: programming error
         v = chunk.cols[self.label]
         if self.task == "regression":
             if v.dtype == object:
                 bad = next(i for i, t in enumerate(v) if t is not None and _float(t) is None)
-                raise BadInput(f"{where}: label {self.label!r} at data row {chunk.start + bad + 1} is "
+                raise BadInput(f"{where}: label {self.label!r} at data row {chunk.row(bad)} is "
                                f"{str(v[bad])[:40]!r}; a regression needs numbers")
-            _refuse_missing(where, chunk, self.label, ~np.isfinite(v))
+            _refuse_missing(where, chunk, self.label, np.isinf(v) if missing_ok else ~np.isfinite(v), _LABEL_HINT)
             return v.astype(np.float32)
         keys = _label_keys(v)
         if self.label_values is None:   # text classes: a chunk that parsed as numbers names them as text
             keys = [k if k is None or isinstance(k, str) else _num_text(k) for k in keys]
         else:                           # number classes: a text cell may still spell a number
             keys = [_float(k) if isinstance(k, str) else k for k in keys]
-        _refuse_missing(where, chunk, self.label, np.asarray([k is None for k in keys]))
+        if not missing_ok:
+            _refuse_missing(where, chunk, self.label, np.asarray([k is None for k in keys]), _LABEL_HINT)
         index = {k: i for i, k in enumerate(self.label_values if self.label_values is not None else self.classes or [])}
         out = np.empty(len(keys), np.float32)
         for r, k in enumerate(keys):
+            if k is None:   # missing_ok
+                out[r] = np.nan
+                continue
             i = index.get(k)
             if i is None:
-                raise BadInput(f"{where}: label {self.label!r} at data row {chunk.start + r + 1} is {k!r}, a class the "
+                raise BadInput(f"{where}: label {self.label!r} at data row {chunk.row(r)} is {k!r}, a class the "
                                f"training data does not have; known classes: {', '.join(self.classes or [])[:200]}")
             out[r] = i
         return out
@@ -159,11 +183,21 @@ def _label_keys(v: np.ndarray) -> list[Any]:
     return [None if t is None else str(t) for t in v]
 
 
-def _refuse_missing(where: str, chunk: Chunk, col: str, mask: np.ndarray) -> None:
+_LABEL_HINT = "labels are never filled: give a finite label or drop the row"
+
+
+def _fill_hint(predicting: bool) -> str:
+    """Return the advice for a missing feature cell, at make-data or at predict."""
+    if predicting:
+        return "the model has no fill value for this column (make-data --fill mean gives it one): fill or drop the row"
+    return "fill or drop the row, or pass --fill mean"
+
+
+def _refuse_missing(where: str, chunk: Chunk, col: str, mask: np.ndarray, hint: str) -> None:
     if mask.any():
         r = int(np.flatnonzero(mask)[0])
-        raise BadInput(f"{where}: missing value at data row {chunk.start + r + 1}, column {col!r}; "
-                       "fill or drop the row, or pass --fill mean")
+        value = "inf" if chunk.cols[col].dtype != object and np.isinf(chunk.cols[col][r]) else "missing value"
+        raise BadInput(f"{where}: {value} at data row {chunk.row(r)}, column {col!r}; {hint}")
 
 
 class Scan:
@@ -202,11 +236,14 @@ class Scan:
                     raise BadInput(f"--categorical {c}: column has more than {MAX_LEVELS} distinct values in {where}; "
                                    "one-hot encoding it would be too wide")
             elif v.dtype == object:
-                if c not in self.first_text:
+                nums = as_numbers(v)   # numbers as text: a split put the chunk's text cells in the other part
+                if nums is not None:
+                    self._add_stats(c, nums)
+                elif c not in self.first_text:
                     i = first_non_number(v)
-                    if i is not None:
-                        self.first_text[c] = (chunk.start + i + 1, str(v[i])[:40])
-                        self.text.add(c)
+                    assert i is not None
+                    self.first_text[c] = (chunk.row(i), str(v[i])[:40])
+                    self.text.add(c)
             else:
                 self._add_stats(c, v)
 

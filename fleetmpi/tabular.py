@@ -34,10 +34,20 @@ MAX_LIBSVM_FEATURES = 1 << 20
 class Chunk:
     start: int                       # data row number of the first row (0-based)
     cols: dict[str, np.ndarray]      # column name -> float64 (NaN missing) or object (str / None)
+    index: np.ndarray | None = None  # each row's data row number (0-based) where rows were taken out
 
     @property
     def rows(self) -> int:
         return len(next(iter(self.cols.values()))) if self.cols else 0
+
+    def row(self, i: int) -> int:
+        """Return the data row number (1-based, as messages give it) of the chunk's row ``i``."""
+        return int(self.index[i]) + 1 if self.index is not None else self.start + i + 1
+
+    def take(self, mask: np.ndarray) -> Chunk:
+        """Return the rows where ``mask`` is True, keeping their data row numbers."""
+        index = self.index if self.index is not None else np.arange(self.start, self.start + self.rows)
+        return Chunk(self.start, {c: v[mask] for c, v in self.cols.items()}, index[mask])
 
 
 def format_of(path: Path, given: str | None = None) -> str:
@@ -79,7 +89,7 @@ def to_numbers(values: list[str] | np.ndarray) -> np.ndarray | None:
         return None
 
 
-def _as_text(values: list[str]) -> np.ndarray:
+def _as_text(values: list[str] | list[str | None]) -> np.ndarray:
     arr = np.asarray(values, dtype=object)
     arr[np.isin(arr, MISSING)] = None
     return arr
@@ -129,17 +139,23 @@ def _csv(path: Path, text: frozenset[str], progress: object) -> Iterator[Chunk]:
     step = chunk_rows(len(names))
     raw = open(path, "rb")
     with raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as fh:
-        reader = csv.reader(fh)
+        # strict: a quote left open (or text after a closing quote) is an error, where the
+        # lenient reader would read the rest of the file into one cell.
+        reader = csv.reader(fh, strict=True)
         next(reader)
         start, seen = 0, 0
         while True:
+            rows: list[list[str]] = []
             try:
-                rows = list(itertools.islice(reader, step))
+                for r in itertools.islice(reader, step):
+                    if r:   # blank lines carry no row
+                        rows.append(r)
             except (csv.Error, UnicodeDecodeError) as e:
-                raise BadInput(f"{path}: CSV unreadable near data row {start + 1} ({e})") from None
+                raise BadInput(f"{path}: data row {start + len(rows) + 1} (line {reader.line_num}) is not readable "
+                               f"as CSV ({e}); a quoted field must end with a quote followed by a comma or the "
+                               "end of the line") from None
             if not rows:
                 break
-            rows = [r for r in rows if r]   # blank lines carry no row
             bad = next((i for i, r in enumerate(rows) if len(r) != len(names)), None)
             if bad is not None:
                 raise BadInput(f"{path}: data row {start + bad + 1} has {len(rows[bad])} fields but the header has "
@@ -176,8 +192,10 @@ def _parquet(path: Path, text: frozenset[str], progress: object) -> Iterator[Chu
             if numeric and name not in text:
                 cols[name] = col.cast("float64").to_numpy(zero_copy_only=False)
             else:
-                vals = col.to_pylist()
-                cols[name] = np.asarray([None if v is None else _level(v) for v in vals], dtype=object)
+                vals = [None if v is None else _level(v) for v in col.to_pylist()]
+                # Numbers stored as strings read as numbers, as the same cells of a CSV do.
+                num = None if name in text else to_numbers(["nan" if v is None else v for v in vals])
+                cols[name] = num if num is not None else _as_text(vals)
         yield Chunk(start, cols)
         start += batch.num_rows
         if progress is not None:
@@ -231,7 +249,10 @@ def libsvm_scan(path: Path) -> int:
     hi = -1
     with open(path, "rb") as fh:
         for line_no, line in enumerate(fh, 1):
-            for tok in line.split(b"#", 1)[0].split()[1:]:
+            toks = line.split(b"#", 1)[0].split()
+            if toks:
+                _check_label_field(path, line_no, toks[0])
+            for tok in toks[1:]:
                 idx, sep, _ = tok.partition(b":")
                 if idx == b"qid":
                     continue
@@ -251,7 +272,15 @@ def libsvm_scan(path: Path) -> int:
     return hi + 1
 
 
+def _check_label_field(path: Path, line_no: int, tok: bytes) -> None:
+    """Refuse a row whose first field is INDEX:VALUE: a row without its label."""
+    if b":" in tok:
+        raise BadInput(f"{path}: line {line_no} starts with {tok.decode(errors='replace')!r}, not a label; LIBSVM "
+                       "rows are 'LABEL INDEX:VALUE ...' (give any label, such as 0, where it is unknown)")
+
+
 def _libsvm(path: Path, d: int, progress: object) -> Iterator[Chunk]:
+    """Read a LIBSVM file densified to d columns f0..f{d-1}; an index outside them is refused."""
     names = [f"f{j}" for j in range(d)]
     step = chunk_rows(d)
     with open(path, "rb") as fh:
@@ -268,16 +297,21 @@ def _libsvm(path: Path, d: int, progress: object) -> Iterator[Chunk]:
                 toks = line.split(b"#", 1)[0].split()
                 if not toks:
                     continue
+                _check_label_field(path, line_no, toks[0])
                 y.append(toks[0].decode(errors="replace"))
                 for tok in toks[1:]:
                     idx, _, val = tok.partition(b":")
                     if idx == b"qid":
                         continue
                     try:
-                        X[r, int(idx)] = float(val)
+                        j, v = int(idx), float(val)
                     except ValueError:
                         raise BadInput(f"{path}: line {line_no}: {tok.decode(errors='replace')!r} is not "
                                        "index:value with a number value") from None
+                    if not 0 <= j < d:
+                        raise BadInput(f"{path}: line {line_no}: feature index {j} is outside the {d} features "
+                                       f"f0..f{d - 1} (of the training data); indices must be 0..{d - 1}")
+                    X[r, j] = v
                 r += 1
             if r:
                 cols = {name: X[:r, j] for j, name in enumerate(names)}

@@ -450,13 +450,47 @@ class Scores:
         return {"accuracy": self.correct / self.n, "log_loss": self.loss / self.n, "labelled_rows": self.n}
 
 
+class _GpRows:
+    """A gp model as predict_table calls a model: ``predict`` gives the mean and keeps the std."""
+
+    task = "regression"
+
+    def __init__(self, gp: Any) -> None:
+        self.gp = gp
+        self.std: list[np.ndarray] = []
+
+    def meta(self) -> dict[str, Any]:
+        return dict(self.gp.meta())
+
+    def predict(self, X: np.ndarray, params: np.ndarray) -> np.ndarray:
+        mean, std = self.gp.predict(np.ascontiguousarray(X, dtype=np.float32))
+        self.std.append(std)
+        return np.asarray(mean)
+
+
+def _check_npy_width(data_path: Path, chunk: Any, rec: Any) -> None:
+    """Refuse an .npy whose column count is not the model's (its columns have no names to match)."""
+    given = [c for c in chunk.cols if c != "label"]
+    if rec is not None and rec.columns and len(given) != len(rec.columns):
+        raise BadInput(f"{data_path}: has {len(given)} columns but the model takes {len(rec.columns)} "
+                       f"({', '.join(rec.columns)[:200]}); an .npy's columns are matched by position")
+
+
 def predict_table(model_path: Path, data_path: Path, out: Path) -> dict[str, Any]:
     """Predict a CSV, Parquet, NPY or LIBSVM file in chunks through the model's preprocessing; write ``out``."""
     from fleetmpi.preprocess import Record
     from fleetmpi.tabular import format_of, read_chunks
-    if is_text_input(data_path, read_h5_verified(model_path, kind="model")[1]):
+    arrays_in, meta = read_h5_verified(model_path, kind="model")
+    if is_text_input(data_path, meta):
         return predict_text_file(model_path, data_path, out)   # a .csv of raw text for a hashed-text model
-    model, params, meta = load_model(model_path)
+    gp = _gp_model(model_path, arrays_in, meta) if meta.get("kind") == "gp" else None
+    model: Any
+    if gp is not None:
+        if out.suffix.lower() == ".csv":
+            raise BadInput(f"--out {out}: a gp's predictions (mean, std) are written as HDF5; give a .h5 file")
+        model, params = _GpRows(gp), np.empty(0)
+    else:
+        model, params, meta = _flat_model(model_path, arrays_in, meta)
     check_out(out, model_path, data_path)
     fmt = format_of(data_path)
     rec = Record.from_meta(meta.get("preprocess"))
@@ -472,13 +506,17 @@ def predict_table(model_path: Path, data_path: Path, out: Path) -> dict[str, Any
             if rec is None:   # no make-data record: every column, in file order, is a feature
                 rec = Record(columns=[c for c in chunk.cols if c != "label"], features=[], label=None,
                              task=model.task)
-            X = rec.features_of(chunk, str(data_path))
+            if fmt == "npy":   # columns by position: one more or fewer is another layout
+                _check_npy_width(data_path, chunk, rec)
+            X = rec.features_of(chunk, str(data_path), predicting=True)
             if X.shape[1] != d:
                 raise BadInput(f"{data_path}: gives {X.shape[1]} features but the model takes {d} "
                                f"({', '.join(rec.features or rec.columns)[:200]})")
             raw = model.predict(X, params)
             if rec.label is not None and rec.label in chunk.cols:
-                scores.add(raw, rec.labels_of(chunk, str(data_path)))
+                y = rec.labels_of(chunk, str(data_path), missing_ok=True)
+                known = ~np.isnan(y)   # rows without a label are predicted, not scored
+                scores.add(raw[known], y[known])
             if sink is not None:
                 sink.add(raw)
             else:
@@ -488,7 +526,8 @@ def predict_table(model_path: Path, data_path: Path, out: Path) -> dict[str, Any
             raise BadInput(f"{data_path}: no rows to predict")
         if sink is None:
             raw = np.concatenate(parts)
-            arrays = {"pred": raw} if model.task == "regression" else {
+            arrays = {"mean": raw, "std": np.concatenate(model.std), "pred": raw} if gp is not None else {
+                "pred": raw} if model.task == "regression" else {
                 "proba": raw, "pred": (raw >= 0.5 if model.task == "binary" else raw.argmax(axis=1)).astype(np.int64)}
             write_h5_atomic(out, arrays, {"model": str(model_path), "data": str(data_path), "model_meta": meta,
                                           "classes": classes}, kind="predictions")

@@ -90,10 +90,105 @@ def test_predict_table_bad_input_exits_2(tmp_path: Path, datasets: dict) -> None
     new.drop(columns="beak").to_csv(tmp_path / "nobeak.csv", index=False)
     new.loc[5, "wing"] = np.nan
     new.to_csv(tmp_path / "nan.csv", index=False)
+    (tmp_path / "quote.csv").write_text('wing,beak,habitat,weight\n50,12,"marsh,2.5\n51,11,coast,2.4\n')
     for data, out, expect in (("nobeak.csv", "p.csv", ["nobeak.csv", "'beak'", "wing, beak"]),
-                              ("nan.csv", "p.csv", ["nan.csv", "data row 6", "'wing'"]),
+                              ("nan.csv", "p.csv", ["nan.csv", "data row 6", "'wing'", "make-data --fill mean"]),
+                              ("quote.csv", "p.csv", ["quote.csv", "data row 1", "not readable as CSV"]),
                               ("birds.csv", "/proc/p.csv", ["--out /proc/p.csv", "writable"])):
         proc = cli("predict", model, str(tmp_path / data), "--out", str(tmp_path / out))
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and all(e in proc.stderr for e in expect), proc.stderr
         assert not (tmp_path / "p.csv").exists()
+
+    assert "pass --fill mean" not in cli("predict", model, str(tmp_path / "nan.csv"), "--out", str(tmp_path / "p.csv")).stderr
+    # Rows without a label are predicted, and scored only where labelled.
+    new = _table(30, 5)
+    new["bird"] = new["bird"].astype(object)
+    new.loc[[2, 11, 17], "bird"] = None
+    new.to_csv(tmp_path / "some.csv", index=False)
+    proc = cli("predict", model, str(tmp_path / "some.csv"), "--out", str(tmp_path / "p.csv"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    pred = pd.read_csv(tmp_path / "p.csv")["class"].to_numpy()
+    known = new["bird"].notna().to_numpy()
+    assert res["rows"] == 30 and res["labelled_rows"] == 27 and len(pred) == 30
+    assert res["accuracy"] == pytest.approx(float(np.mean(pred[known] == new["bird"].to_numpy()[known])))
+
+
+def test_gp_predicts_tables_and_npy_columns_go_by_position(tmp_path: Path) -> None:
+    """A gp (150 rows: fewer than the default batch it does not use) predicts an .npy as it does the HDF5."""
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(150, 3))
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", np.sin(X @ [1.0, -0.5, 0.25]) + 0.05 * rng.normal(size=150))
+    np.save(tmp_path / "X4.npy", np.hstack([np.arange(150.0)[:, None], X]))
+    assert cli("make-data", "--from", "npy", str(tmp_path / "X.npy"), "--labels", str(tmp_path / "y.npy"),
+               "--out", str(tmp_path / "d")).returncode == 0
+    spec = tmp_path / "gp.yaml"
+    spec.write_text(json.dumps({"name": "gp", "seed": 0, "model": {"kind": "gp", "features": 64},
+                                "data": {"train": str(tmp_path / "d" / "train.h5")}, "goal": {"max_steps": 4},
+                                "fleet": {"start": "p", "phases": {"p": {"ranks_per_node": 2}}}}))
+    proc = cli("run", str(spec), "--job-dir", str(tmp_path / "job"))
+    assert proc.returncode == 0, proc.stderr
+    model = str(tmp_path / "job" / "model.h5")
+    import h5py
+    with h5py.File(tmp_path / "X.h5", "w") as f:
+        f["X"] = X.astype(np.float32)
+    for data, out in (("X.npy", "a.h5"), ("X.h5", "b.h5")):
+        proc = cli("predict", model, str(tmp_path / data), "--out", str(tmp_path / out))
+        assert proc.returncode == 0, proc.stderr
+    a, b = (read_h5_verified(tmp_path / out, kind="predictions")[0] for out in ("a.h5", "b.h5"))
+    for name in ("mean", "std", "pred"):
+        assert a[name].shape == (150,) and np.array_equal(a[name], b[name]), name
+    assert np.all(a["std"] > 0)
+    for data, out, expect in (("X4.npy", "c.h5", ["X4.npy", "4 columns", "takes 3", "by position"]),
+                              ("X.npy", "c.csv", ["--out", "c.csv", "HDF5"])):
+        proc = cli("predict", model, str(tmp_path / data), "--out", str(tmp_path / out))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert all(e in proc.stderr for e in expect), proc.stderr
+        assert not (tmp_path / out).exists()
+
+
+def test_libsvm_predict_refuses_indices_the_model_lacks(tmp_path: Path) -> None:
+    """A boosted model on 120 LIBSVM rows (no optimizer, so no batch to fit); predict checks each index."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(120, 4))
+    lines = [f"{'+1' if x[0] - x[2] > 0 else '-1'} " + " ".join(f"{j + 1}:{x[j]:.5f}" for j in range(4)) for x in X]
+    (tmp_path / "t.svm").write_text("\n".join(lines) + "\n")
+    assert cli("make-data", "--from", "libsvm", str(tmp_path / "t.svm"), "--valid-fraction", "0",
+               "--out", str(tmp_path / "d")).returncode == 0
+    spec = tmp_path / "gb.yaml"
+    spec.write_text(json.dumps({"name": "gb", "seed": 0, "model": {"kind": "gbdt", "trees": 4, "depth": 2},
+                                "data": {"train": str(tmp_path / "d" / "train.h5")}, "goal": {"max_steps": 4},
+                                "fleet": {"start": "p", "phases": {"p": {"ranks_per_node": 1}}}}))
+    proc = cli("run", str(spec), "--job-dir", str(tmp_path / "job"))
+    assert proc.returncode == 0, proc.stderr
+    model = str(tmp_path / "job" / "model.h5")
+    (tmp_path / "ok.svm").write_text("+1 1:0.5 4:-1\n")
+    assert cli("predict", model, str(tmp_path / "ok.svm"), "--out", str(tmp_path / "ok.csv")).returncode == 0
+    for row, expect in (("+1 1:0.5 9:1", ["line 1", "feature index 9", "0..4"]),
+                        ("+1 -1:0.5", ["line 1", "feature index -1", "0..4"]),
+                        ("1:0.5 2:1", ["line 1", "not a label"])):
+        (tmp_path / "p.svm").write_text(row + "\n")
+        proc = cli("predict", model, str(tmp_path / "p.svm"), "--out", str(tmp_path / "p.csv"))
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "p.svm" in proc.stderr and all(e in proc.stderr for e in expect), proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "p.csv").exists()
+
+
+def test_run_refuses_train_and_valid_made_apart(tmp_path: Path) -> None:
+    """Two make-data runs standardise (and number classes) apart: the pair would not mean the same."""
+    _table(200, 6).to_csv(tmp_path / "a.csv", index=False)
+    _table(90, 7).to_csv(tmp_path / "b.csv", index=False)
+    for name in ("a", "b"):
+        assert cli("make-data", "--from", "csv", str(tmp_path / f"{name}.csv"), "--label", "bird", "--categorical",
+                   "habitat", "--standardize", "--valid-fraction", "0", "--out", str(tmp_path / name)).returncode == 0
+    import shutil
+
+    from conftest import write_spec
+    shutil.copy(tmp_path / "b" / "train.h5", tmp_path / "a" / "valid.h5")   # a pair by hand
+    spec = write_spec(tmp_path / "s.yaml", tmp_path / "a", goal={"max_steps": 3})
+    proc = cli("run", str(spec), "--job-dir", str(tmp_path / "job"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "prepared apart" in proc.stderr and "mean, std" in proc.stderr, proc.stderr
+    assert not (tmp_path / "job").exists()

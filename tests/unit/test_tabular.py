@@ -177,6 +177,9 @@ def _bad(tmp_path: Path, *args: str) -> str:
     ("a,b,y\n1,2,x\n3,oops,y\n", [], ["t.csv", "data row 2 of 'b' holds 'oops'"]),    # the cell that is text
     ("a,b,y\n1,2,x\n3,,y\n5,nan,y\n", [], ["t.csv", "missing value", "data row 2", "'b'", "--fill mean"]),
     ("a,b,y\n1,2,x\n3,4,y\n", ["--task", "regression"], ["t.csv", "'y'", "text", "regression"]),
+    # a quote left open would read the rest of the file into one cell
+    ("a,b,y\n1,2,x\n3,\"4,y\n5,6,x\n", [], ["t.csv", "data row 2", "not readable as CSV", "quote"]),
+    ("a,b,y\n1,\"2\"z,x\n", [], ["t.csv", "data row 1", "not readable as CSV"]),
 ])
 def test_bad_csv_exits_2_naming_it(tmp_path: Path, content: str, extra: list[str], expect: list[str]) -> None:
     (tmp_path / "t.csv").write_text(content)
@@ -211,3 +214,64 @@ def test_unwritable_out_and_unknown_source(tmp_path: Path) -> None:
 def test_record_json_round_trip() -> None:
     rec = Record(columns=["a"], features=["a"], label="y", task="binary", classes=["n", "y"], mean=[0.5], std=[2.0])
     assert Record.from_meta(json.loads(rec.to_json())) == rec
+
+
+def test_rows_are_numbered_in_the_file_after_the_validation_split(tmp_path: Path) -> None:
+    """A refusal names the row of the file, not of the training part the split left."""
+    df = _frame(200, seed=3).drop(columns="colour")
+    df["width"] = df["width"].astype(object)
+    df.loc[150, "width"] = ""            # data row 151
+    df.to_csv(tmp_path / "t.csv", index=False)
+    for fraction in ("0", "0.5"):
+        line = _bad(tmp_path, "--from", "csv", str(tmp_path / "t.csv"), "--label", "species", "--valid-fraction",
+                    fraction, "--out", str(tmp_path / "d"))
+        assert "missing value at data row 151, column 'width'" in line, (fraction, line)
+
+
+def test_libsvm_row_without_label_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "t.svm").write_text("1 1:0.5 2:1\n-1 1:0.1\n1:0.3 2:0.4\n1 2:2\n")
+    line = _bad(tmp_path, "--from", "libsvm", str(tmp_path / "t.svm"), "--out", str(tmp_path / "d"))
+    assert "t.svm: line 3 starts with '1:0.3', not a label" in line, line
+
+
+def test_header_only_valid_file_is_refused(tmp_path: Path) -> None:
+    _frame(50).to_csv(tmp_path / "t.csv", index=False)
+    (tmp_path / "v.csv").write_text((tmp_path / "t.csv").read_text().splitlines()[0] + "\n")
+    line = _bad(tmp_path, "--from", "csv", str(tmp_path / "t.csv"), "--label", "species", "--categorical", "colour",
+                "--valid", str(tmp_path / "v.csv"), "--out", str(tmp_path / "d"))
+    assert "--valid" in line and "v.csv" in line and "no data rows" in line, line
+
+
+def test_without_a_validation_part_an_old_valid_file_goes(tmp_path: Path) -> None:
+    """A folder never holds train.h5 and valid.h5 of two conversions."""
+    _frame(300).to_csv(tmp_path / "t.csv", index=False)
+    base = ["--from", "csv", str(tmp_path / "t.csv"), "--label", "species", "--categorical", "colour",
+            "--out", str(tmp_path / "d")]
+    _make(*base)
+    assert (tmp_path / "d" / "valid.h5").exists()
+    _make(*base, "--valid-fraction", "0")
+    assert (tmp_path / "d" / "train.h5").exists() and not (tmp_path / "d" / "valid.h5").exists()
+    for fraction in ("0.2", "0"):   # the built-in sets alike
+        _make("--from", "synthetic", "--n", "100", "--d", "3", "--valid-fraction", fraction, "--out", str(tmp_path / "s"))
+    assert not (tmp_path / "s" / "valid.h5").exists()
+
+
+def test_parquet_numbers_stored_as_text_read_as_numbers(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow", reason="Parquet needs pyarrow (pip install 'fleetmpi[parquet]')")
+    df = _frame(80, seed=9).drop(columns="colour")
+    as_text = df.assign(width=df["width"].map(repr).astype(object))
+    as_text.loc[7, "width"] = None
+    as_text.to_parquet(tmp_path / "t.parquet", index=False)
+    _make("--from", "parquet", str(tmp_path / "t.parquet"), "--label", "species", "--fill", "mean",
+          "--valid-fraction", "0", "--out", str(tmp_path / "d"))
+    X, _, rec = _read(tmp_path / "d" / "train.h5")
+    width = df["width"].to_numpy(np.float64)
+    fill = np.delete(width, 7).mean()
+    np.testing.assert_allclose(X[:, 1], np.where(np.arange(80) == 7, fill, width), rtol=1e-6)
+    assert rec.features == ["petal length", "width", "mass"]
+    as_text.loc[7, "width"] = "wide"
+    as_text.to_parquet(tmp_path / "u.parquet", index=False)
+    for fraction in ("0", "0.2"):   # with the split, row 8 falls in the validation part (seed 0)
+        line = _bad(tmp_path, "--from", "parquet", str(tmp_path / "u.parquet"), "--label", "species",
+                    "--valid-fraction", fraction, "--out", str(tmp_path / "e"))
+        assert "'width'" in line and "not numeric" in line and "data row 8" in line and "'wide'" in line, line
