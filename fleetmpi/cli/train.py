@@ -113,7 +113,10 @@ def open_job(given: Path, job_dir: str | None, overrides: list[str], verb: str,
             raise BadInput(f"{given}: not a fleetmpi job dir (no spec.yaml and state.json); pass a spec file")
         spec = specmod.load(jd.spec)
         if overrides:
-            spec = raise_budget(jd, spec, overrides, verb)
+            from fleetmpi.lock import JobLock
+            # Under the job dir's lock: a command refused as the job is in use changes nothing.
+            with JobLock(jd, f"fleetmpi {verb} --set"):
+                spec = raise_budget(jd, spec, overrides, verb)
     else:
         spec = specmod.load(given, overrides)
         jd = JobDir(job_dir or Path("runs") / spec.name)
@@ -159,7 +162,10 @@ def raise_budget(jd: Any, old: Any, overrides: list[str], verb: str) -> Any:
         before, after = getattr(old.goal, name), getattr(new.goal, name)
         if before == after:
             continue
-        if before is not None and (after is None or after < before):
+        if before is None:   # no limit (no early stopping) is more than any value
+            raise BadInput(f"{verb} {jd.root}: --set {key}={after} would limit a job that has no {key}; "
+                           f"only a larger value continues a job")
+        if after is None or after < before:
             raise BadInput(f"{verb} {jd.root}: --set {key}={after} is below the job's {before}; "
                            f"only a larger value continues a job")
         changes[name] = {"old": before, "new": after}

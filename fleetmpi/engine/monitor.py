@@ -26,7 +26,7 @@ class Monitor:
     def __init__(self, jd: JobDir, spec: Spec, phase: str, ranks: int, n_train: int,
                  carried: dict[str, Any], job_start: float, progress: str,
                  stream: TextIO = sys.stderr, idle_nodes: Callable[[], dict[str, float]] | None = None,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, start_epoch: float = 0.0) -> None:
         """Start the phase's metrics; ``idle_nodes`` returns the scheduler's idle_nodes metrics (None: none)."""
         self.jd, self.spec, self.phase, self.ranks, self.n = jd, spec, phase, ranks, n_train
         self.sync_total = int(carried.get("sync_bytes_total", 0))
@@ -44,6 +44,7 @@ class Monitor:
         self.job_start = job_start
         self.phase_start = time.time()
         self.phase_start_step: int | None = None
+        self.start_step, self.start_epoch = start_step, start_epoch   # where the phase begins (before a step)
         # The newest step's (step, epoch, loss, lr, optimizer, cursor, batch_fp, t): a tuple a
         # step, made a dict (``last``) only when a record, line or metric needs it.
         self._last: tuple[Any, ...] | None = None
@@ -150,9 +151,9 @@ class Monitor:
         """Return the metric mapping rules and goals are judged on."""
         now = time.time()
         rates = self._win.rates()
-        step = int(self.last.get("step", 0))
+        step = int(self.last.get("step", self.start_step))
         m: dict[str, float] = {
-            "step": step, "epoch": float(self.last.get("epoch", 0.0)),
+            "step": step, "epoch": float(self.last.get("epoch", self.start_epoch)),
             "loss": float(self.ema if self.ema is not None else math.nan),
             "loss_plateau_steps": step - self.best_step,
             "sync_bytes_total": self.sync_total,
@@ -163,7 +164,7 @@ class Monitor:
             "comm_fraction": rates["comm_fraction"],
             "elapsed_s": now - self.job_start,
             "phase_elapsed_s": now - self.phase_start,
-            "phase_steps": step - (self.phase_start_step or 0),
+            "phase_steps": step - (self.start_step if self.phase_start_step is None else self.phase_start_step),
             "ranks": self.ranks,
         }
         m.update(self.valid)

@@ -161,7 +161,7 @@ class Phase:
         self.conditions = [parse_condition(r.when) for r in sp.fleet.rules]
         progress = _progress_mode(sp.monitor.progress)
         mon = Monitor(jd, sp, t.phase_name, self.size, t.n, t.carried, t.job_start, progress,
-                      idle_nodes=_idle_nodes(sp), start_step=t.step)
+                      idle_nodes=_idle_nodes(sp), start_step=t.step, start_epoch=t.samples_seen / t.n)
         state = jd.read_state()
         runs = state.get("phases_run", [])
         runs.append({"phase": t.phase_name, "ranks": self.size, "start": time.time(), "step": t.step,
@@ -196,12 +196,16 @@ class Phase:
     def _loop(self, t: Trainer, mon: Any) -> int:
         """Step until the goal, a rescale, a stop rule or a signal; return the exit code (collective)."""
         import psutil
-        sp, jd, comm = t.spec, self.jd, self.comm
+        sp, jd = t.spec, self.jd
         proc = psutil.Process()
         goal, ev = sp.goal, sp.monitor.eval_every_steps
         fault = _test_fault(self.rank)
         first_step = True
         decision = np.zeros(2, dtype=np.int64)
+        if _budget_spent(goal, t.step, t.samples_seen / t.n):
+            # Resumed with nothing left (stopped after its last step, or only patience was raised):
+            # judge the goal at this step rather than take one past the budget.
+            return self._at_evaluation(t, mon, proc, decision, budget_done=True)
         while True:
             t.stop_signal = 1 if self.stop_flag["n"] else 0   # summed over ranks: a count, not a number
             rec: StepRecord = t.train_step()
@@ -224,32 +228,38 @@ class Phase:
             if rec.signal:
                 return self._stopped(t, mon, self.stop_flag["n"])
             self.solved = rec.solved
-            budget_done = ((goal.max_steps is not None and t.step >= goal.max_steps)
-                           or (goal.max_epochs is not None and epoch >= goal.max_epochs - 1e-12) or rec.solved)
+            budget_done = _budget_spent(goal, t.step, epoch) or rec.solved
             if t.step % ev == 0 or budget_done:
-                valid = t.evaluate()
-                util = t.utilisation(proc)
-                if mon is not None:
-                    metrics = mon.evaluated(valid, util)
-                    with self._disk_guard():
-                        decision[:] = self._decide(t, metrics, budget_done, mon)
-                    if self.disk_error is not None:
-                        decision[:] = (Decision.FAIL, 0)
-                comm.Bcast(decision, root=0)
-                code, arg = Decision(int(decision[0])), int(decision[1])
-                if code == Decision.FAIL:
-                    raise DiskFull(comm.bcast(self.disk_error, root=0))
-                if code == Decision.GOAL:
-                    return self._goal(t, mon)
-                if code == Decision.STOP:
-                    t.checkpoint("stop rule", mon.summary() if mon else {})
-                    return self._goal(t, mon)
-                if code == Decision.SWITCH:
-                    t.switch(list(TECHNIQUES)[arg])
-                if code == Decision.GOTO:
-                    return self._rescale(t, mon, list(sp.fleet.phases)[arg])
+                code = self._at_evaluation(t, mon, proc, decision, budget_done)
+                if code is not None:
+                    return code
             if t.step % sp.checkpoint.every_steps == 0:
                 t.checkpoint("schedule", mon.summary() if mon else {})
+
+    def _at_evaluation(self, t: Trainer, mon: Any, proc: Any, decision: np.ndarray, budget_done: bool) -> Any:
+        """Evaluate, decide on rank 0 and act on it; return the phase's exit code, or None to go on (collective)."""
+        valid = t.evaluate()
+        util = t.utilisation(proc)
+        if mon is not None:
+            metrics = mon.evaluated(valid, util)
+            with self._disk_guard():
+                decision[:] = self._decide(t, metrics, budget_done, mon)
+            if self.disk_error is not None:
+                decision[:] = (Decision.FAIL, 0)
+        self.comm.Bcast(decision, root=0)
+        code, arg = Decision(int(decision[0])), int(decision[1])
+        if code == Decision.FAIL:
+            raise DiskFull(self.comm.bcast(self.disk_error, root=0))
+        if code == Decision.GOAL:
+            return self._goal(t, mon)
+        if code == Decision.STOP:
+            t.checkpoint("stop rule", mon.summary() if mon else {})
+            return self._goal(t, mon)
+        if code == Decision.SWITCH:
+            t.switch(list(TECHNIQUES)[arg])
+        if code == Decision.GOTO:
+            return self._rescale(t, mon, list(t.spec.fleet.phases)[arg])
+        return None
 
     def _judge_best(self, t: Trainer, mon: Any, metrics: dict[str, float]) -> None:
         """Count the evaluation for patience; on a better valid_loss write best.h5 (keep_best, rank 0)."""
@@ -482,6 +492,12 @@ def cold_kernels() -> bool:
     except Exception:  # a guess about a pause must never stop a run
         return False
     return False
+
+
+def _budget_spent(goal: Any, step: int, epoch: float) -> bool:
+    """Return whether the goal's max_steps or max_epochs is reached at ``step`` / ``epoch``."""
+    return ((goal.max_steps is not None and step >= goal.max_steps)
+            or (goal.max_epochs is not None and epoch >= goal.max_epochs - 1e-12))
 
 
 def _progress_mode(setting: str) -> str:

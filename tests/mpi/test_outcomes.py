@@ -130,9 +130,32 @@ def test_a_raised_budget_continues_a_finished_job_like_one_long_run(tmp_path: Pa
     assert all(np.array_equal(a[k], b[k]) for k in b)
 
     for bad, says in (("model.l2=0.5", "--set model.l2 cannot change a job that exists"),
-                      ("goal.max_steps=10", "--set goal.max_steps=10 is below the job's 45")):
+                      ("goal.max_steps=10", "--set goal.max_steps=10 is below the job's 45"),
+                      ("goal.max_epochs=50", "would limit a job that has no goal.max_epochs")):
         proc = cli("run", str(tmp_path / "job"), "--set", bad)
         assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr
+
+    # A job in use refuses, and changes nothing: no spec written, no event.
+    from fleetmpi.jobdir import JobDir
+    from fleetmpi.lock import JobLock
+    before = [(p.name, p.read_bytes()) for p in sorted((tmp_path / "job").glob("*.*")) if p.is_file()]
+    with JobLock(JobDir(tmp_path / "job"), "test holder"):
+        proc = cli("run", str(tmp_path / "job"), "--set", "goal.max_steps=90")
+        assert proc.returncode == 2 and "in use" in proc.stderr, proc.stderr
+        after = [(p.name, p.read_bytes()) for p in sorted((tmp_path / "job").glob("*.*"))
+                 if p.is_file() and p.name != "lock.holder"]
+    assert after == before
+
+
+def test_raising_only_patience_after_the_budget_takes_no_step_past_it(tmp_path: Path, overfit: Path) -> None:
+    spec = spec_on(tmp_path, overfit, "pat", 1, goal={"max_steps": 20, "patience": 50},
+                   checkpoint={"every_steps": 50, "keep": 2, "keep_best": False})
+    assert cli("run", str(spec), "--job-dir", str(tmp_path / "job")).returncode == 0
+    rc, out, err = run_json(str(tmp_path / "job"), "--set", "goal.patience=60")
+    assert rc == 0, err
+    assert out["status"] == "COMPLETED" and out["metrics"]["step"] == 20 and out["outcome"] == "budget spent"
+    assert sorted(p.name for p in (tmp_path / "job" / "ckpt").glob("step-*.h5"))[-1] == "step-00000020.h5"
+    assert read_h5_verified(tmp_path / "job" / "model.h5")[1]["step"] == 20
 
 
 def test_ledger_and_result_carry_target_met_and_exit_5_is_not_retried(tmp_path: Path, overfit: Path,
