@@ -92,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fleetmpi: error: {_short(e)} (expected a path whose names fit the file system, "
                   "commonly 255 bytes each)", file=sys.stderr)
             return ExitCode.BAD_INPUT
+        if e.errno == errno.EROFS:   # a job dir or --out on a read-only mount: as a folder without write permission
+            if debug:
+                traceback.print_exc()
+            print(f"fleetmpi: error: {e.filename or _short(e)}: on a read-only file system; give a path on a "
+                  "writable one (or remount it read-write)", file=sys.stderr)
+            return ExitCode.BAD_INPUT
         full = disk_full(e, getattr(e, "filename", None) or ".")
         if full is None:
             raise

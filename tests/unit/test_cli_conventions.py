@@ -168,3 +168,22 @@ def test_demo_installs_no_gpu_compiler_wheels(tmp_path: Path) -> None:
     assert installs and all("gpu-compile" not in ln and "dev" not in ln for ln in installs), installs
     for target in ("test", "lint"):
         assert "[mpich,dev,gpu-compile]" in _make_dry_run(target, tmp_path)
+
+
+def test_a_read_only_job_dir_is_one_line_not_a_traceback(tmp_path: Path, datasets: dict[str, Path],
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The OSError a read-only mount gives (EROFS, not a PermissionError) names the path, exit 2."""
+    import errno
+
+    from fleetmpi.cli import main
+
+    def read_only(self: JobDir, *args: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self.root / "ckpt"))
+
+    monkeypatch.setattr(JobDir, "create", read_only)
+    spec = write_spec(tmp_path / "s.yaml", datasets["multiclass"])
+    assert main(["run", str(spec), "--job-dir", str(tmp_path / "job")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "read-only file system" in err[0] and str(tmp_path / "job" / "ckpt") in err[0], err
+    assert "Traceback" not in "".join(err)
