@@ -27,8 +27,12 @@ def check_inputs(spec: Any) -> None:
             raise BadInput(f"{v.path}: validation X has {v.d} columns but training X has {info.d}")
         _check_same_preparation(info.path, v.path)
     _check_bfgs_size(spec, info.d, info.classes)
-    # Tree kinds and gp take no optimizer section (their steps read every row): no batch to check.
-    if not spec.model.is_tree and spec.model.kind != "gp" and spec.optimizer.batch > info.n:
+    # Only SGD and AdaGrad read optimizer.batch (as the run's optimizer or one a rule switches to):
+    # tree kinds and gp take no optimizer section, L-BFGS and BFGS read lbfgs.batch.
+    minibatch = ("sgd", "adagrad")
+    uses_batch = (not spec.model.is_tree and spec.model.kind != "gp"
+                  and (spec.optimizer.kind in minibatch or any(r.then.optimizer in minibatch for r in spec.fleet.rules)))
+    if uses_batch and spec.optimizer.batch > info.n:
         raise BadInput(f"{spec.data.train}: optimizer.batch {spec.optimizer.batch} exceeds the {info.n} training rows")
 
 

@@ -283,13 +283,16 @@ class LineSearchTechnique(GradientTechnique):
 
         flat.sync.defer_extras = False   # every objective needs its own loss
         flat.to_host()
-        loss, _moved = opt.step(flat.params, objective)
+        loss, moved = opt.step(flat.params, objective)
         flat.from_host()
         evals = int(acc["evals"])
         run.samples_seen += evals * N
+        # Converged: the gradient is within tol_grad, so every further step would evaluate
+        # nothing (no epoch passes, no stop signal travels): the fit is solved and the run ends.
+        converged = not moved and opt.g is not None and float(np.linalg.norm(opt.g)) <= opt.spec.tol_grad
         return StepRecord(loss=loss, lr=opt.last_step, samples=evals * N, batch_fp=fp, cursor=run.cursor,
                           compute_s=acc["compute_s"], comm_s=acc["comm_s"], payload_bytes=int(acc["payload"]),
-                          wire_bytes=acc["wire"], signal=acc["signal"])
+                          wire_bytes=acc["wire"], signal=acc["signal"], solved=converged)
 
 
 class Lbfgs(LineSearchTechnique):

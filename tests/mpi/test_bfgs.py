@@ -164,3 +164,21 @@ def test_bfgs_over_the_size_limit_exits_2_with_one_line(tmp_path: Path, wide: Pa
     assert lines[0].endswith(f"{where}: bfgs keeps a d x d matrix: 5001 parameters need 200.1 MB "
                              "(limit 200 MB); use optimizer lbfgs"), lines[0]
     assert not job.exists()
+
+
+@pytest.mark.parametrize("kind", ["lbfgs", "bfgs"])
+def test_a_converged_quasi_newton_fit_ends_as_solved(tmp_path: Path, kind: str) -> None:
+    """Past tol_grad a step evaluates nothing, so no epoch passes: the run must end there, not spin.
+
+    192 training rows, fewer than optimizer.batch's default 256, which these optimizers do not read.
+    """
+    data = tmp_path / "d"
+    cli("make-data", "--task", "binary", "--n", "240", "--d", "5", "--seed", "2", "--out", str(data), check=True)
+    spec = write_spec(tmp_path / "s.yaml", data, model={"kind": "logistic", "l2": 1e-3},
+                      optimizer={"kind": kind}, goal={"max_epochs": 1000},
+                      fleet={"start": "p", "phases": {"p": {"ranks_per_node": 2}}})
+    proc = cli("run", str(spec), "--job-dir", str(tmp_path / "job"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    goal = next(e for e in events(tmp_path / "job") if e["event"] == "goal")
+    assert goal["outcome"] == "solved" and goal["step"] < 200, goal
+    assert len(metrics(tmp_path / "job")) <= goal["step"] + 5
