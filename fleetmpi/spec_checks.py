@@ -282,6 +282,10 @@ def _check_sparse_sync(spec: Spec) -> tuple[str, str] | None:
     if spec.sync.kind == "sparse" and spec.model.kind not in ("linear", "logistic", "softmax"):
         return "sync.kind", (f"sparse sends the gradient rows of the features a batch touched; model kind "
                              f"{spec.model.kind!r} has no such rows: use dense, threshold or exact")
+    if spec.sync.kind == "exact" and spec.model.kind == "ar" and spec.model.trend == "none":
+        # exact sums per-row factors that always carry a bias row, which would move the held-at-0 intercept
+        return "sync.kind", ("exact has no per-row factors for kind ar with trend none; use sync dense, "
+                             "or trend const")
     return None
 
 

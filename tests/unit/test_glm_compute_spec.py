@@ -54,3 +54,18 @@ def test_exact_sync_refuses_compute_float32(tmp_path: Path, kind: str) -> None:
 def test_other_kinds_still_refuse_compute_float32(tmp_path: Path, model: dict[str, object]) -> None:
     with pytest.raises(BadInput, match=r"model\.compute: only kinds mlp, linear and logistic take compute"):
         _load(tmp_path, {**model, "compute": "float32"}, "d.yaml", "dense")
+
+
+def test_exact_sync_refuses_ar_without_intercept_and_takes_it_with_one(tmp_path: Path) -> None:
+    """Exact's row factors carry a bias row: refused before a job dir, not an abort mid-run."""
+    def load(name: str, trend: str, sync: str) -> specmod.Spec:
+        raw = yaml.safe_load(EXAMPLE.read_text())
+        raw["model"], raw["sync"] = {"kind": "ar", "lags": 2, "trend": trend}, {"kind": sync}
+        raw["data"] = {"train": "series.h5", "valid_tail": 0.2}
+        (tmp_path / name).write_text(yaml.safe_dump(raw))
+        return specmod.load(tmp_path / name)
+
+    with pytest.raises(BadInput, match=r"sync\.kind: exact has no per-row factors for kind ar with trend none"):
+        load("e.yaml", "none", "exact")
+    assert load("f.yaml", "const", "exact").sync.kind == "exact"
+    assert load("g.yaml", "none", "dense").model.trend == "none"
