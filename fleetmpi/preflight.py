@@ -19,7 +19,8 @@ def check_inputs(spec: Any) -> None:
                            "training windows")
         return
     task = task_of(spec.model)
-    info = describe(spec.data_path(spec.data.train), task, spec.model.classes, check=spec.data.check)
+    settable = spec.model.kind if spec.model.is_tree or spec.model.kind == "mlp" else None   # model.task chooses
+    info = describe(spec.data_path(spec.data.train), task, spec.model.classes, check=spec.data.check, kind=settable)
     preflight(spec.model, spec.sync.kind, info.d, info.classes)   # a user's model class, before a job dir exists
     if spec.data.valid:
         v = describe(spec.data_path(spec.data.valid), task, spec.model.classes or info.classes, check=spec.data.check)

@@ -61,7 +61,8 @@ class DataInfo:
     classes: int | None   # label count for classification, None for regression
 
 
-def describe(path: Path, task: str, classes: int | None = None, check: bool = True) -> DataInfo:
+def describe(path: Path, task: str, classes: int | None = None, check: bool = True,
+             kind: str | None = None) -> DataInfo:
     """Check a dataset file's layout for ``task`` and return its shape; BadInput on problems.
 
     ``task`` is 'regression', 'binary' or 'multiclass'. A file with attribute
@@ -70,7 +71,8 @@ def describe(path: Path, task: str, classes: int | None = None, check: bool = Tr
     values for NaN/inf with ``check``. Labels are scanned in chunks to
     check that they are valid class ids. With ``check`` (the spec's ``data.check``), X and
     y are also read once, in blocks of bounded memory, and NaN or inf is refused naming the
-    first bad row and column.
+    first bad row and column. ``kind``: a model kind whose task ``model.task`` sets (tree
+    kinds, mlp): a label refusal then says to set it, not to change the kind.
     """
     with open_h5(path) as f:
         if is_csr(f):
@@ -102,8 +104,12 @@ def describe(path: Path, task: str, classes: int | None = None, check: bool = Tr
             integral &= bool(np.all(chunk == np.round(chunk)))
         if not integral or lo < 0:
             raise BadInput(f"{path}: y must hold class ids 0, 1, ... for a {task} model; found values in [{lo:g}, {hi:g}]"
-                           f"{'' if integral else ' that are not whole numbers'}")
+                           f"{'' if integral else ' that are not whole numbers'}"
+                           + (f"; for kind {kind} set model.task: regression to fit real values" if kind else ""))
         if task == "binary":
+            if hi > 1 and kind:
+                raise BadInput(f"{path}: y holds labels up to {hi:g}, but kind {kind} trains binary (labels 0/1) "
+                               "unless told: set model.task: multiclass")
             if hi > 1:
                 raise BadInput(f"{path}: logistic needs labels 0/1 in y, found labels up to {hi:g}; "
                                "use kind softmax for more classes")

@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 
 from fleetmpi.engine import h5rows
 from fleetmpi.engine.data import describe
@@ -175,3 +176,25 @@ def test_make_data_room_check() -> None:
     with pytest.raises(BadInput, match=r"--n 99999999999999 .* memory"):
         check_room("multiclass", 99_999_999_999_999, 20, 4, Path("/tmp/never-made"))
     check_room("multiclass", 1000, 20, 4, Path("/tmp/never-made"))
+
+
+@pytest.mark.parametrize(("model", "data", "says"), [
+    ({"kind": "forest", "trees": 3}, "multiclass", "kind forest trains binary (labels 0/1) unless told: set model.task: multiclass"),
+    ({"kind": "gbdt", "trees": 3}, "regression", "for kind gbdt set model.task: regression"),
+    ({"kind": "mlp", "hidden": [4]}, "regression", "for kind mlp set model.task: regression"),
+])
+def test_kinds_with_a_task_key_name_it_when_the_labels_do_not_fit(tmp_path: Path, datasets: dict[str, Path],
+                                                                  model: dict, data: str, says: str) -> None:
+    """A tree or MLP spec on labels of another task points at model.task, not at another model kind."""
+    from conftest import write_spec
+
+    from fleetmpi import spec as specmod
+    from fleetmpi.errors import BadInput
+    from fleetmpi.preflight import check_inputs
+    raw = yaml.safe_load(write_spec(tmp_path / "s.yaml", datasets[data], model=model, goal={"max_steps": 3}).read_text())
+    if model["kind"] != "mlp":
+        raw.pop("optimizer")   # tree kinds take none
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(BadInput) as e:
+        check_inputs(specmod.load(tmp_path / "s.yaml"))
+    assert says in str(e.value) and "kind softmax" not in str(e.value), str(e.value)
