@@ -179,7 +179,8 @@ def test_make_data_room_check() -> None:
 
 
 @pytest.mark.parametrize(("model", "data", "says"), [
-    ({"kind": "forest", "trees": 3}, "multiclass", "kind forest trains binary (labels 0/1) unless told: set model.task: multiclass"),
+    ({"kind": "forest", "trees": 3}, "multiclass",
+     "kind forest trains binary (labels 0/1) unless told: set model.task: multiclass"),
     ({"kind": "gbdt", "trees": 3}, "regression", "for kind gbdt set model.task: regression"),
     ({"kind": "mlp", "hidden": [4]}, "regression", "for kind mlp set model.task: regression"),
 ])
