@@ -113,10 +113,12 @@ def open_job(given: Path, job_dir: str | None, overrides: list[str], verb: str,
             raise BadInput(f"{given}: not a fleetmpi job dir (no spec.yaml and state.json); pass a spec file")
         spec = specmod.load(jd.spec)
         if overrides:
-            from fleetmpi.lock import JobLock
-            # Under the job dir's lock: a command refused as the job is in use changes nothing.
-            with JobLock(jd, f"fleetmpi {verb} --set"):
+            from fleetmpi.lock import LOCK_FD_ENV, JobLock
+            if os.environ.get(LOCK_FD_ENV):   # a parent handed this process the lock: it holds it already
                 spec = raise_budget(jd, spec, overrides, verb)
+            else:   # under the job dir's lock: a command refused as the job is in use changes nothing
+                with JobLock(jd, f"fleetmpi {verb} --set"):
+                    spec = raise_budget(jd, spec, overrides, verb)
     else:
         spec = specmod.load(given, overrides)
         jd = JobDir(job_dir or Path("runs") / spec.name)
