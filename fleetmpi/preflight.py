@@ -52,31 +52,20 @@ def _check_bfgs_size(spec: Any, d: int, classes: int | None) -> None:
         raise BadInput(f"{where}: {refusal}")
 
 
-# What make-data's record fixes about X and y: two files that differ here hold other columns,
-# scales or class ids under the same positions (the record's source may differ).
-_PREPARATION = ("columns", "features", "label", "task", "classes", "label_values", "categorical", "fill", "mean", "std")
-
-
 def _check_same_preparation(train: Any, valid: Any) -> None:
-    """Refuse a validation file that make-data prepared apart from the training file."""
-    import json
+    """Refuse a validation file that make-data prepared apart from the training file.
 
-    from fleetmpi.engine.h5rows import open_h5
-    from fleetmpi.preprocess import ATTR
-    records: list[dict[str, Any]] = []
-    for path in (train, valid):
-        with open_h5(path) as f:
-            raw = f.attrs.get(ATTR)
-        if raw is None:   # a file not from make-data's tables: nothing to compare
-            return
-        try:
-            record = json.loads(raw)
-        except (TypeError, ValueError):
-            record = None
-        if not isinstance(record, dict):
-            raise BadInput(f"{path}: attribute {ATTR!r} is not the JSON make-data writes; remake the file")
-        records.append(record)
-    differ = [k for k in _PREPARATION if records[0].get(k) != records[1].get(k)]
+    Two records that differ in anything but their source hold other columns, scales or
+    class ids under the same positions.
+    """
+    from dataclasses import asdict
+
+    from fleetmpi.preprocess import read_record
+    a, b = read_record(train), read_record(valid)
+    if a is None or b is None:   # a file not from make-data's tables: nothing to compare
+        return
+    ra, rb = asdict(a), asdict(b)
+    differ = [k for k in ra if k != "source" and ra[k] != rb[k]]
     if differ:
         raise BadInput(f"{valid}: was prepared apart from {train} (its {', '.join(differ)} differ), so its columns "
                        "or class ids need not mean the same; make both in one make-data run (--valid FILE or "
